@@ -1,0 +1,327 @@
+"""Trace a denoiser into a graph of *blocks* with torch.fx.
+
+Plain ``torch.fx.symbolic_trace`` fails on diffusers denoisers: their top-level ``forward``
+branches on shapes. Here proxies carry ``meta`` tensors (``torch.fx.experimental.meta_tracer``),
+so shapes are concrete and those branches specialise to the traced call. Blocks (see
+:mod:`asyncdiff.partition.blocks`) are leaves. The trace runs on a weight-free ``meta`` copy of
+the denoiser, so it costs no memory and works on models whose weights were released or never
+materialized; the graph refers to blocks by qualified name and runs on the real module.
+
+Note [specialised trace]: a trace holds for one *call signature*: the shapes and dtypes of the
+tensor arguments and the values of the other arguments (``return_dict``, ``None`` inputs).
+:class:`CallSignature` is that key; callers re-trace when it changes.
+
+Example:
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    >>> traced = trace_denoiser(net, (torch.randn(3, 4),), {})
+    >>> traced.blocks
+    ('0', '1', '2')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+from torch.fx.experimental.meta_tracer import MetaTracer
+
+from asyncdiff.partition.blocks import BlockPolicy
+
+__all__ = ["CallSignature", "TensorSpec", "TraceError", "TracedDenoiser", "meta_copy", "trace_denoiser"]
+
+ROOT = "denoiser"  # attribute under which the traced root holds the denoiser
+
+
+class TraceError(RuntimeError):
+    """The denoiser could not be traced at the requested block granularity."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: str
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> TensorSpec:
+        return cls(tuple(t.shape), str(t.dtype).removeprefix("torch."))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.torch_dtype).element_size()
+
+
+@dataclass(frozen=True)
+class CallSignature:
+    """What a trace is specialised on (Note [specialised trace])."""
+
+    tree: pytree.TreeSpec
+    leaves: tuple[Any, ...]  # TensorSpec for tensors, the value itself otherwise
+
+    @classmethod
+    def of(cls, arguments: dict[str, Any]) -> tuple[CallSignature, list[torch.Tensor]]:
+        leaves, tree = pytree.tree_flatten(arguments)
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        keys = tuple(TensorSpec.of(x) if isinstance(x, torch.Tensor) else _constant_key(x) for x in leaves)
+        return cls(tree, keys), tensors
+
+
+def _constant_key(x: Any) -> Any:
+    try:
+        hash(x)
+        return x
+    except TypeError:
+        return ("unhashable", type(x).__name__, id(x))
+
+
+def meta_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A structural copy of ``module`` whose parameters and buffers live on ``meta`` (no memory)."""
+    memo: dict[int, Any] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = torch.nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else meta
+    return copy.deepcopy(module, memo)
+
+
+def _identifier(path: tuple[Any, ...]) -> str:
+    parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+    name = re.sub(r"\W", "_", "_".join(parts)) or "arg"
+    return name if not name[0].isdigit() else f"arg_{name}"
+
+
+class _Root(torch.nn.Module):
+    """Holds the denoiser; its generated ``forward`` takes the tensor leaves of one call signature."""
+
+    def __init__(self, denoiser: torch.nn.Module, signature: inspect.Signature, template: list[Any],
+                 tree: pytree.TreeSpec, tensor_slots: list[int]) -> None:
+        super().__init__()
+        setattr(self, ROOT, denoiser)
+        self._signature, self._template, self._tree, self._slots = signature, template, tree, tensor_slots
+        self.out_spec: pytree.TreeSpec | None = None
+
+    def _run(self, tensors: tuple[Any, ...]) -> tuple[Any, ...]:
+        leaves = list(self._template)
+        for slot, t in zip(self._slots, tensors):
+            leaves[slot] = t
+        bound = inspect.BoundArguments(self._signature, pytree.tree_unflatten(leaves, self._tree))
+        flat, self.out_spec = pytree.tree_flatten(getattr(self, ROOT)(*bound.args, **bound.kwargs))
+        return tuple(flat)
+
+
+def _make_root(denoiser: torch.nn.Module, arguments: dict[str, Any]) -> tuple[_Root, list[str]]:
+    with_path, tree = pytree.tree_flatten_with_path(arguments)
+    template = [None if isinstance(v, torch.Tensor) else v for _, v in with_path]
+    slots = [i for i, (_, v) in enumerate(with_path) if isinstance(v, torch.Tensor)]
+    names: list[str] = []
+    for i in slots:
+        name = _identifier(with_path[i][0])
+        while name in names:
+            name += "_"
+        names.append(name)
+    params = ", ".join(names)
+    namespace: dict[str, Any] = {}
+    exec(f"def forward(self, {params}):\n    return self._run(({params}{',' if names else ''}))\n", namespace)
+    cls = type(f"Traced{type(denoiser).__name__}", (_Root,), {"forward": namespace["forward"]})
+    return cls(denoiser, inspect.signature(denoiser.forward), template, tree, slots), names
+
+
+class _BlockTracer(MetaTracer):
+    def __init__(self, blocks: set[str]) -> None:
+        super().__init__()
+        self.block_paths = {f"{ROOT}.{b}" for b in blocks}
+        self.node_meta: dict[torch.fx.Node, Any] = {}
+
+    def create_proxy(self, *args: Any, **kwargs: Any) -> Any:
+        # MetaTracer keeps each node's meta value on the proxy only; keep it per node.
+        proxy = super().create_proxy(*args, **kwargs)
+        meta = getattr(proxy, "_tensor_meta", None)
+        if meta is not None:
+            self.node_meta[proxy.node] = meta
+        return proxy
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self.block_paths
+
+
+@contextlib.contextmanager
+def _proxies_are_tensors() -> Iterator[None]:
+    # diffusers takes a `torch.tensor([timesteps])` path when `torch.is_tensor(t)` is False.
+    original = torch.is_tensor
+    torch.is_tensor = lambda obj: isinstance(obj, (torch.Tensor, torch.fx.Proxy))  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.is_tensor = original
+
+
+class TracedDenoiser:
+    """A denoiser's top-level graph at block granularity, for one call signature.
+
+    ``graph`` calls blocks as ``call_module`` nodes with targets ``denoiser.<block name>``.
+    ``blocks`` are the blocks that depend on the latent, in program order: the units to
+    partition. Blocks that depend only on the timestep and conditioning (time embedding, ...)
+    are *replicated*: every stage that needs them computes them with the current step's values.
+    """
+
+    def __init__(self, root: _Root, graph: torch.fx.Graph, input_names: list[str], latent: str,
+                 signature: CallSignature) -> None:
+        self.root = root
+        self.graph = graph
+        self.input_names = tuple(input_names)
+        self.latent = latent
+        self.signature = signature
+        self.out_spec = root.out_spec
+        self.specs: dict[str, TensorSpec] = {}
+        for node in graph.nodes:
+            meta = node.meta.get("asyncdiff_value")
+            if isinstance(meta, torch.Tensor):
+                self.specs[node.name] = TensorSpec.of(meta)
+        self.latent_nodes = _latent_dependent(graph, latent)
+        calls = [n for n in graph.nodes if n.op == "call_module"]
+        self.block_node = {n.target.removeprefix(f"{ROOT}."): n.name for n in calls if n.name in self.latent_nodes}
+        self.blocks = tuple(self.block_node)
+        self.replicated = tuple(n.target.removeprefix(f"{ROOT}.") for n in calls if n.name not in self.latent_nodes)
+        repeated = [b for b in self.blocks if sum(n.target == f"{ROOT}.{b}" for n in calls) > 1]
+        if repeated:
+            raise TraceError(
+                f"blocks {repeated} are called more than once per denoiser call; a block must run on "
+                "one stage once per step: use a coarser block policy that contains the repeated calls"
+            )
+
+    def graph_module(self, denoiser: torch.nn.Module) -> torch.fx.GraphModule:
+        """The traced graph bound to ``denoiser``'s real modules (same structure as traced)."""
+        holder = torch.nn.Module()
+        setattr(holder, ROOT, denoiser)
+        return torch.fx.GraphModule(holder, self.graph, f"Traced{type(denoiser).__name__}")
+
+    def flatten_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+        """Tensor leaves of a call, checked against the traced signature."""
+        signature, tensors = call_signature(self.root, args, kwargs)
+        if signature != self.signature:
+            raise ValueError("call signature differs from the traced one; re-trace for this call")
+        return tensors
+
+    def unflatten_output(self, leaves: list[Any]) -> Any:
+        return pytree.tree_unflatten(leaves, self.out_spec)
+
+
+def call_signature(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):
+    """``(CallSignature, tensor leaves)`` of calling ``denoiser(*args, **kwargs)``."""
+    module = getattr(denoiser, ROOT) if isinstance(denoiser, _Root) else denoiser
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    return CallSignature.of(dict(bound.arguments))
+
+
+def _latent_dependent(graph: torch.fx.Graph, latent: str) -> set[str]:
+    found: set[str] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if node.target == latent:
+                found.add(node.name)
+        elif _is_device_read(node):
+            continue  # metadata, not data: every rank reads it from its own inputs
+        elif node.op != "output" and any(i.name in found for i in node.all_input_nodes):
+            found.add(node.name)
+    return found
+
+
+def _is_device_read(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target is getattr and node.args[1:] == ("device",)
+
+
+def _share_device_nodes(graph: torch.fx.Graph, first_input: torch.fx.Node | None) -> None:
+    # All tensors of one rank live on one device; reading it from an input (present on every
+    # rank) instead of from an intermediate keeps `.device` from becoming a cross-stage edge.
+    devices = [n for n in graph.nodes if _is_device_read(n)]
+    if not devices or first_input is None:
+        return
+    with graph.inserting_after(first_input):
+        shared = graph.call_function(getattr, (first_input, "device"))
+    for node in devices:
+        node.replace_all_uses_with(shared)
+        graph.erase_node(node)
+
+
+def trace_denoiser(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *,
+                   policy: str | BlockPolicy = "fine", latent: str | None = None,
+                   skeleton: torch.nn.Module | None = None) -> TracedDenoiser:
+    """Trace ``denoiser(*args, **kwargs)`` at block granularity.
+
+    ``latent`` names the argument that carries the noisy latent (default: the first tensor
+    argument). ``skeleton`` is a :func:`meta_copy` of the denoiser to trace on (made here if
+    not given; pass one when the denoiser's weights were released).
+    """
+    policy = BlockPolicy.parse(policy)
+    skeleton = skeleton if skeleton is not None else meta_copy(denoiser)
+    bound = inspect.signature(denoiser.forward).bind(*args, **kwargs)
+    arguments = dict(bound.arguments)
+    signature, tensors = CallSignature.of(arguments)
+    root, names = _make_root(skeleton, arguments)
+    if not names:
+        raise ValueError(f"{type(denoiser).__name__} was called without tensor arguments; nothing to trace")
+    if latent is None:
+        latent = names[0]
+    elif latent not in names:
+        raise ValueError(f"latent={latent!r} is not a tensor argument of this call; tensor arguments: {names}")
+    blocks = policy.blocks(skeleton)
+    tracer = _BlockTracer(blocks)
+    meta_args = {n: torch.empty_like(t, device="meta") for n, t in zip(names, tensors)}
+    try:
+        with _proxies_are_tensors(), torch.no_grad(), _quiet_meta_warnings() as caught:
+            graph = tracer.trace(root, meta_args=meta_args)
+    except Exception as err:
+        where = _innermost_module(err, skeleton)
+        raise TraceError(
+            f"tracing {type(denoiser).__name__} at {'predicate' if policy.predicate else f'depth={policy.depth}'} "
+            f"granularity failed{f' inside {where}' if where else ''}: {type(err).__name__}: {err}. "
+            "Control flow that depends on tensor values cannot be traced: make the module that "
+            "contains it a block (policy='coarse', or a predicate that returns True for it)"
+        ) from err
+    if caught:
+        raise TraceError(f"tracing {type(denoiser).__name__}: could not infer shapes: {caught[0]}. "
+                         "Make the module that computes it a block (policy='coarse' or a predicate)")
+    for node, meta in tracer.node_meta.items():
+        node.meta["asyncdiff_value"] = meta
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    _share_device_nodes(graph, placeholders[0] if placeholders else None)
+    graph.lint()
+    return TracedDenoiser(root, graph, names, latent, signature)
+
+
+@contextlib.contextmanager
+def _quiet_meta_warnings() -> Iterator[list[str]]:
+    import warnings
+
+    caught: list[str] = []
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        yield caught
+    caught.extend(str(r.message) for r in records if "Could not compute metadata" in str(r.message))
+
+
+def _innermost_module(err: BaseException, root: torch.nn.Module) -> str | None:
+    by_code = {}
+    for name, module in root.named_modules():
+        code = getattr(type(module).forward, "__code__", None)
+        if code is not None and name:
+            by_code.setdefault(code, f"{name} ({type(module).__name__})")
+    tb, where = err.__traceback__, None
+    while tb is not None:
+        where = by_code.get(tb.tb_frame.f_code, where)
+        tb = tb.tb_next
+    return where
