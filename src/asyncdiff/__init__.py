@@ -1,0 +1,47 @@
+"""asyncdiff: model-parallel diffusion inference with asynchronous denoising (AsyncDiff).
+
+Glossary, used everywhere in this package:
+
+- *block*: the unit the tracer sees, a module called from the denoiser's top-level graph
+  (a resnet, an attention block, ``conv_in``...); see :mod:`asyncdiff.partition.blocks`.
+- *stage*: a set of blocks that runs on one rank.
+- *step*: one denoising step (one call of the denoiser by the pipeline's loop).
+- *stale*: an input a stage takes from another stage's computation at an earlier step.
+- *warm-up*: the first steps of a pipeline call, run sequentially (stage after stage, exact).
+- *stride*: how many denoising steps one parallel round advances.
+
+Example (under ``torchrun --nproc_per_node=2``)::
+
+    from asyncdiff import AsyncDiff
+    async_diff = AsyncDiff(pipeline, model_n=2, stride=1, warm_up=1, time_shift=False)
+    async_diff.reset_state(warm_up=1)
+    image = pipeline(prompt).images[0]
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__all__ = ["AsyncDiff", "EngineConfig", "Plan"]
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from asyncdiff.adapters.api import AsyncDiff
+    from asyncdiff.engine.runtime import EngineConfig
+    from asyncdiff.partition.plan import Plan
+
+
+def __getattr__(name: str) -> Any:  # lazy: `import asyncdiff` stays cheap for the CLI
+    if name == "AsyncDiff":
+        from asyncdiff.adapters.api import AsyncDiff
+
+        return AsyncDiff
+    if name == "EngineConfig":
+        from asyncdiff.engine.runtime import EngineConfig
+
+        return EngineConfig
+    if name == "Plan":
+        from asyncdiff.partition.plan import Plan
+
+        return Plan
+    raise AttributeError(f"module 'asyncdiff' has no attribute {name!r}")

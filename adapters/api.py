@@ -1,0 +1,87 @@
+"""The two-line API of the AsyncDiff seed.
+
+Example (under ``torchrun --nproc_per_node=2``)::
+
+    from asyncdiff import AsyncDiff
+    async_diff = AsyncDiff(pipeline, model_n=2, stride=1, warm_up=1, time_shift=False)
+    async_diff.reset_state(warm_up=1)
+    image = pipeline(prompt).images[0]
+    async_diff.remove()   # the plain pipeline again
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.distributed as dist
+
+from asyncdiff.adapters.hooks import attach, detach
+from asyncdiff.adapters.registry import Adapter, adapter_for
+from asyncdiff.engine.launch import init_from_env, local_device, under_torchrun
+from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
+from asyncdiff.partition.blocks import BlockPolicy
+from asyncdiff.partition.plan import Plan
+
+__all__ = ["AsyncDiff"]
+
+
+class AsyncDiff:
+    """Split ``pipeline``'s denoiser into ``model_n`` stages, one per process, and run it
+    asynchronously after ``warm_up`` sequential steps of every pipeline call.
+
+    Every process builds the same pipeline and calls it the same way; each holds only its
+    stage's weights once the first call has planned the split. ``plan`` fixes the split instead
+    of planning it; ``policy`` and ``cost`` steer the automatic planner.
+    """
+
+    def __init__(self, pipeline: Any, model_n: int = 2, stride: int = 1, warm_up: int = 1,
+                 time_shift: bool = False, *, plan: Plan | None = None, policy: str | BlockPolicy = "fine",
+                 cost: str = "time", adapter: Adapter | None = None) -> None:
+        config = EngineConfig(model_n=model_n, stride=stride, warm_up=warm_up, time_shift=time_shift,
+                              policy=policy, cost=cost)
+        if config.world_size > 1 and not dist.is_initialized():
+            if not under_torchrun():
+                raise RuntimeError(f"model_n={model_n}, stride={stride} need {config.world_size} processes; "
+                                   f"start with torchrun --nproc_per_node={config.world_size}")
+            init_from_env()
+        self.pipeline = pipeline
+        self.adapter = adapter or adapter_for(pipeline)
+        self.denoiser = getattr(pipeline, self.adapter.denoiser)
+        device = local_device()
+        if device.type == "cuda" and getattr(self.denoiser, "device", device).type != "cuda":
+            pipeline.to(device)
+        self.engine = AsyncEngine(self.denoiser, config, plan=plan, latent=self.adapter.latent)
+        attach(self.denoiser, self.engine)
+        self._original_class = type(pipeline)
+        pipeline.__class__ = _resetting_subclass(self._original_class)
+        pipeline._asyncdiff = self
+
+    def reset_state(self, warm_up: int | None = None) -> None:
+        """Forget all stale state; a new ``warm_up`` applies from the next pipeline call on."""
+        self.engine.reset_state(warm_up)
+
+    @property
+    def plan(self) -> Plan | None:
+        return self.engine.plan
+
+    def remove(self) -> None:
+        """Detach the engine; released weights come back from their owners (all ranks call it)."""
+        self.engine.reset_state()
+        self.engine.restore_weights()
+        detach(self.denoiser)
+        self.pipeline.__class__ = self._original_class
+        del self.pipeline._asyncdiff
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def _resetting_subclass(cls: type) -> type:
+    """``cls`` with a ``__call__`` that resets the engine's state first: state lives per call."""
+    if cls not in _SUBCLASSES:
+        def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+            self._asyncdiff.engine.reset_state()
+            return cls.__call__(self, *args, **kwargs)
+
+        _SUBCLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
+    return _SUBCLASSES[cls]

@@ -1,0 +1,84 @@
+"""Process groups and local launch, on top of torch.distributed and torchrun's launcher.
+
+``launch(fn, nprocs, *args)`` starts ``nprocs`` local workers through torchrun's own launcher
+(``torch.distributed.launcher``), so a failing worker makes torchrun stop the others and the
+error reaches the caller; under ``torchrun`` itself, use :func:`init_from_env` directly. For
+several machines, start the program with ``torchrun --nnodes ...``: nothing here is
+single-machine except :func:`launch`.
+
+Example:
+    >>> results = launch(_rank_and_world, 2)   # doctest: +SKIP
+    >>> results
+    {0: (0, 2), 1: (1, 2)}
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
+
+__all__ = ["init_from_env", "launch", "local_device", "under_torchrun"]
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def local_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def init_from_env(timeout_s: float = 300.0) -> None:
+    """Join the process group torchrun described in the environment (NCCL on CUDA, else gloo)."""
+    if dist.is_initialized():
+        return
+    if not under_torchrun():
+        raise RuntimeError("no process group: start this program with torchrun --nproc_per_node=N "
+                           "(or asyncdiff generate --devices N)")
+    device = local_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
+@record  # the failing rank's traceback reaches the launcher's error
+def _worker(fn: Callable[..., Any], threads: int, timeout_s: float, args: tuple[Any, ...]) -> Any:
+    torch.set_num_threads(threads)
+    init_from_env(timeout_s)
+    try:
+        return fn(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(fn: Callable[..., Any], nprocs: int, *args: Any, threads: int = 1,
+           timeout_s: float = 300.0) -> dict[int, Any]:
+    """Run ``fn(*args)`` on ``nprocs`` local processes in one process group; ``{rank: result}``.
+
+    ``fn`` must be importable (a module-level function). Each process uses ``threads`` threads.
+    """
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if nprocs < 1:
+        raise ValueError(f"nprocs={nprocs} must be >= 1")
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
+        start_method="spawn", local_addr="localhost",
+    )
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    return elastic_launch(config, _worker)(fn, threads, timeout_s, args)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    return dist.get_rank(), dist.get_world_size()

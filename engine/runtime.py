@@ -1,0 +1,313 @@
+"""The engine: runs one stage of a planned denoiser per rank, with stale inputs after warm-up.
+
+:class:`AsyncEngine` stands in for the denoiser's ``forward`` on every rank. Per call (one
+denoising step) it runs this rank's stage program, exchanges boundary values point to point
+(Note [stale inputs] in :mod:`asyncdiff.engine.schedule`), and broadcasts the final output so
+that the pipeline's own loop (scheduler, guidance, decoding) runs unchanged on every rank.
+
+The first call of a new call signature traces the denoiser (Note [specialised trace]); the very
+first one also makes the plan: rank 0 profiles the blocks, plans, and broadcasts the plan so
+that every rank uses the same cuts. After planning, each rank releases the weights of blocks
+that other stages own (:meth:`AsyncEngine.restore_weights` brings them back).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.fx
+
+from asyncdiff.engine.comm import PendingRecv, StageChannel
+from asyncdiff.engine.schedule import Schedule
+from asyncdiff.kernels.pack import PackLayout, pack, unpack
+from asyncdiff.partition.auto import COSTS, auto_plan
+from asyncdiff.partition.blocks import BlockPolicy
+from asyncdiff.partition.plan import Plan
+from asyncdiff.partition.profile import profile_blocks
+from asyncdiff.partition.split import SplitDenoiser, StageProgram, split_graph
+from asyncdiff.partition.trace import CallSignature, TracedDenoiser, call_signature, meta_copy, trace_denoiser
+
+__all__ = ["AsyncEngine", "EngineConfig", "StageError", "StageState"]
+
+
+class StageError(RuntimeError):
+    """An error inside the engine, prefixed with where it happened: ``[stage k | step t]``."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to split and run a denoiser. Validated here; no side effects.
+
+    ``model_n``: number of stages; ``stride``: denoising steps per parallel round; ``warm_up``:
+    sequential steps at the start of every pipeline call; ``policy``: block granularity;
+    ``cost``: what the planner balances (``"time"`` measured on rank 0, or ``"flops"``);
+    ``bandwidth``: bytes per cost unit for the planner's communication term (None: ignore).
+    """
+
+    model_n: int
+    stride: int = 1
+    warm_up: int = 1
+    time_shift: bool = False
+    policy: str | BlockPolicy = "fine"
+    cost: str = "time"
+    bandwidth: float | None = None
+    profile_repeats: int = 3
+    timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_n, int) or self.model_n < 1:
+            raise ValueError(f"model_n={self.model_n!r} must be an integer >= 1 (the number of stages)")
+        if self.stride not in (1, 2):
+            raise ValueError(f"stride={self.stride!r} must be 1 or 2")
+        if self.stride == 2:
+            raise ValueError("stride=2 is not implemented in this version of asyncdiff; use stride=1")
+        if not isinstance(self.warm_up, int) or self.warm_up < 0:
+            raise ValueError(f"warm_up={self.warm_up!r} must be an integer >= 0 (sequential steps per call)")
+        if self.time_shift:
+            raise ValueError("time_shift=True is not implemented in this version of asyncdiff; "
+                             "use time_shift=False")
+        if self.cost not in COSTS:
+            raise ValueError(f"cost={self.cost!r} must be one of {COSTS}")
+        if self.profile_repeats < 1:
+            raise ValueError(f"profile_repeats={self.profile_repeats} must be >= 1")
+        BlockPolicy.parse(self.policy)
+
+    @property
+    def world_size(self) -> int:
+        """Processes this configuration needs: ``model_n`` for stride 1, ``model_n + 1`` for stride 2."""
+        return self.model_n + self.stride - 1
+
+    def check_world_size(self, world_size: int) -> None:
+        if world_size != self.world_size:
+            raise ValueError(
+                f"world size is {world_size} but model_n={self.model_n}, stride={self.stride} need "
+                f"{self.world_size} processes; launch with --nproc_per_node={self.world_size} "
+                f"or use model_n={world_size - self.stride + 1}"
+            )
+
+
+@dataclass
+class StageState:
+    """What lives across the steps of one pipeline call; :meth:`reset` at every call."""
+
+    step: int = 0
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # received values, possibly stale
+    pending: PendingRecv | None = None
+    inflight: list[tuple[dist.Work, torch.Tensor]] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.step, self.inputs, self.pending, self.inflight = 0, {}, None, []
+
+
+@dataclass
+class _Compiled:
+    """Everything this rank needs for one call signature."""
+
+    traced: TracedDenoiser
+    split: SplitDenoiser
+    program: StageProgram
+    module: torch.fx.GraphModule
+    channel: StageChannel
+    output_layout: PackLayout
+
+
+class AsyncEngine:
+    """Runs this rank's stage of ``denoiser``; call it like the denoiser.
+
+    Example (under ``torchrun --nproc_per_node=2``, see ``examples/``)::
+
+        engine = AsyncEngine(unet, EngineConfig(model_n=2, warm_up=1))
+        noise = engine(latents, t, encoder_hidden_states=emb, return_dict=False)[0]
+    """
+
+    def __init__(self, denoiser: torch.nn.Module, config: EngineConfig, *, plan: Plan | None = None,
+                 latent: str | None = None, group: dist.ProcessGroup | None = None) -> None:
+        self.denoiser, self.config, self.plan, self.latent = denoiser, config, plan, latent
+        self.distributed = dist.is_available() and dist.is_initialized()
+        world = dist.get_world_size(group) if self.distributed else 1
+        config.check_world_size(world)
+        if plan is not None and plan.n_stages != config.model_n:
+            raise ValueError(f"plan has {plan.n_stages} stages but model_n={config.model_n}; "
+                             "pass a plan with model_n stages")
+        self.rank = dist.get_rank(group) if self.distributed else 0
+        self.stage = self.rank
+        self.ranks = list(range(world))
+        self.group = group
+        # Collectives (plan, final output) on their own group, apart from point-to-point traffic.
+        self.collective = dist.new_group(
+            self.ranks, timeout=datetime.timedelta(seconds=config.timeout_s)) if world > 1 else None
+        self.schedule = Schedule(config.model_n, config.warm_up, config.stride)
+        self.skeleton = meta_copy(denoiser)
+        self.state = StageState()
+        self._compiled: dict[CallSignature, _Compiled] = {}
+        self._released: dict[str, tuple[torch.Size, torch.dtype, torch.device]] = {}
+
+    # -- per call ---------------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        step = self.state.step
+        with self._where(step):
+            compiled = self._compile(args, kwargs)
+            tensors = compiled.traced.flatten_call(args, kwargs)
+            if self.config.model_n == 1:
+                _, leaves = compiled.module(*tensors)
+                self.state.step += 1
+                return compiled.traced.unflatten_output(list(leaves))
+            received = self._receive(compiled, step)
+            sends, leaves = compiled.module(*tensors, *[received[t.value] for t in compiled.program.recv])
+            self._send(compiled, step, sends)
+            output = self._share_output(compiled, leaves)
+        self.state.step += 1
+        return output
+
+    def _receive(self, compiled: _Compiled, step: int) -> dict[str, torch.Tensor]:
+        state, channel = self.state, compiled.channel
+        if state.pending is not None:  # values of step - 1, posted after the previous compute
+            state.inputs = channel.wait(state.pending)
+            state.pending = None
+        if self.schedule.synchronous(step) and channel.recv_from:
+            state.inputs = channel.wait(channel.irecv())  # values of this very step
+        return state.inputs
+
+    def _send(self, compiled: _Compiled, step: int, sends: tuple[torch.Tensor, ...]) -> None:
+        state, channel = self.state, compiled.channel
+        for work, _ in state.inflight:
+            work.wait()
+        state.inflight = channel.isend({t.value: v for t, v in zip(compiled.program.send, sends)})
+        if not self.schedule.synchronous(step) and channel.recv_from:
+            state.pending = channel.irecv()  # this step's values, consumed at the next step
+
+    def _share_output(self, compiled: _Compiled, leaves: tuple[Any, ...]) -> Any:
+        owner = self.ranks[compiled.split.output_stage]
+        template = _output_template(compiled.traced)
+        mine = self.rank == owner
+        if mine:
+            buffer = pack([x for x in leaves if isinstance(x, torch.Tensor)], compiled.output_layout)
+        else:
+            buffer = torch.empty(compiled.output_layout.nbytes, dtype=torch.uint8, device=compiled.channel.device)
+        dist.broadcast(buffer, src=owner, group=self.collective)
+        if mine:
+            return compiled.traced.unflatten_output(list(leaves))
+        received = iter(unpack(buffer, compiled.output_layout))
+        return compiled.traced.unflatten_output(
+            [next(received) if isinstance(x, torch.fx.Node) else x for x in template])
+
+    def reset_state(self, warm_up: int | None = None) -> None:
+        """Start a new pipeline call (optionally with a new ``warm_up``); drains pending transfers."""
+        if warm_up is not None:
+            self.schedule = Schedule(self.config.model_n, _check_warm_up(warm_up), self.config.stride)
+        state = self.state
+        if state.pending is not None:
+            for work in state.pending.works:
+                work.wait()
+        for work, _ in state.inflight:
+            work.wait()
+        state.reset()
+
+    # -- planning ---------------------------------------------------------------------------
+    def _compile(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Compiled:
+        signature, _ = call_signature(self.denoiser, args, kwargs)
+        compiled = self._compiled.get(signature)
+        if compiled is not None:
+            return compiled
+        traced = trace_denoiser(self.denoiser, args, kwargs, policy=self.config.policy, latent=self.latent,
+                                skeleton=self.skeleton)
+        if self.plan is None:
+            self.plan = self._make_plan(traced, args, kwargs)
+        split = split_graph(traced, self.plan)
+        program = split.stages[self.stage]
+        module = program.module(self.denoiser)
+        self._release_foreign_weights(module)
+        device = _device_of(traced.flatten_call(args, kwargs))
+        out_specs = [traced.specs[n.name] for n in _output_template(traced) if isinstance(n, torch.fx.Node)]
+        compiled = _Compiled(traced, split, program, module,
+                             StageChannel(program, self.ranks, self.group, device),
+                             PackLayout.of([(s.shape, s.torch_dtype) for s in out_specs]))
+        self._compiled[signature] = compiled
+        return compiled
+
+    def _make_plan(self, traced: TracedDenoiser, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Plan:
+        text = None
+        if self.rank == 0:
+            costs = profile_blocks(traced, self.denoiser, args, kwargs, repeats=self.config.profile_repeats,
+                                   measure_time=self.config.cost == "time")
+            text = auto_plan(traced, costs, self.config.model_n, cost=self.config.cost,
+                             bandwidth=self.config.bandwidth).to_json()
+        if self.collective is not None:
+            box = [text]
+            dist.broadcast_object_list(box, src=0, group=self.collective)
+            text = box[0]
+        return Plan.from_json(text)
+
+    # -- weights ----------------------------------------------------------------------------
+    def _release_foreign_weights(self, module: torch.fx.GraphModule) -> None:
+        """Free parameters and buffers of blocks other stages own (kept: anything ``module`` uses)."""
+        assert self.plan is not None
+        keep = {id(t) for t in (*module.parameters(), *module.buffers())}
+        for k, stage in enumerate(self.plan.stages):
+            if k == self.stage:
+                continue
+            for block in stage:
+                for name, t in _block_tensors(self.denoiser, block):
+                    if id(t) not in keep and name not in self._released:
+                        self._released[name] = (t.shape, t.dtype, t.device)
+                        t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+
+    @property
+    def bytes_sent_per_step(self) -> int:
+        """Point-to-point bytes this rank sends per step (boundary values only)."""
+        return max((c.channel.bytes_sent_per_step for c in self._compiled.values()), default=0)
+
+    @property
+    def released_weights(self) -> list[str]:
+        return sorted(self._released)
+
+    def restore_weights(self) -> None:
+        """Bring back released weights from the ranks that own them (collective: all ranks call it)."""
+        if self.plan is None or self.collective is None:
+            return
+        for k, stage in enumerate(self.plan.stages):
+            for block in stage:
+                for name, t in _block_tensors(self.denoiser, block):
+                    if name in self._released:
+                        shape, dtype, device = self._released.pop(name)
+                        t.data = torch.empty(shape, dtype=dtype, device=device)
+                    dist.broadcast(t.data, src=self.ranks[k], group=self.collective)
+
+    # -- helpers ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _where(self, step: int) -> Iterator[None]:
+        try:
+            yield
+        except StageError:
+            raise
+        except Exception as err:
+            raise StageError(f"[stage {self.stage} | step {step}] {type(err).__name__}: {err}") from err
+
+
+def _check_warm_up(warm_up: int) -> int:
+    if not isinstance(warm_up, int) or warm_up < 0:
+        raise ValueError(f"warm_up={warm_up!r} must be an integer >= 0 (sequential steps per call)")
+    return warm_up
+
+
+def _output_template(traced: TracedDenoiser) -> tuple[Any, ...]:
+    output = next(n for n in traced.graph.nodes if n.op == "output")
+    return tuple(output.args[0])
+
+
+def _block_tensors(denoiser: torch.nn.Module, block: str) -> Iterator[tuple[str, torch.Tensor]]:
+    module = denoiser.get_submodule(block)
+    for name, t in (*module.named_parameters(), *module.named_buffers()):
+        yield f"{block}.{name}", t
+
+
+def _device_of(tensors: list[torch.Tensor]) -> torch.device:
+    return tensors[0].device if tensors else torch.device("cpu")
+
+

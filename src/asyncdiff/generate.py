@@ -1,0 +1,161 @@
+"""One generation run on N processes: what ``asyncdiff generate`` and the tests execute.
+
+Example:
+    >>> spec = GenerateSpec(devices=1, steps=2, size="tiny")
+    >>> result = run(spec)            # doctest: +SKIP
+    >>> sorted(result)[:3]            # doctest: +SKIP
+    ['denoise_s', 'devices', 'latents']
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["GenerateSpec", "run", "worker"]
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    pipeline: str = "sd15"
+    size: str = "tiny"
+    model: str | None = None
+    devices: int = 2
+    stride: int = 1
+    steps: int = 20
+    warm_up: int = 1
+    seed: int = 0
+    prompt: str = "a photo of a cat"
+    out: str | None = None
+    threads_per_device: int = 1
+    policy: str = "fine"
+    cost: str = "time"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from asyncdiff.adapters.registry import ADAPTERS
+        from asyncdiff.models.sd import SIZES
+
+        if self.pipeline not in ADAPTERS:
+            raise ValueError(f"pipeline={self.pipeline!r} is not a built-in pipeline; use one of {sorted(ADAPTERS)}")
+        if self.size not in SIZES:
+            raise ValueError(f"size={self.size!r} is not a built-in size; use one of {sorted(SIZES)}")
+        for name in ("devices", "steps", "threads_per_device"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
+        if self.warm_up < 0:
+            raise ValueError(f"warm-up={self.warm_up} must be >= 0")
+        if self.stride not in (1, 2):
+            raise ValueError(f"stride={self.stride} must be 1 or 2")
+        if self.devices > 1 and self.devices - self.stride + 1 < 1:
+            raise ValueError(f"devices={self.devices} is too few for stride={self.stride}")
+
+    @property
+    def stages(self) -> int:
+        return self.devices - self.stride + 1 if self.devices > 1 else 1
+
+
+def _load_pipeline(spec: GenerateSpec) -> Any:
+    from asyncdiff.adapters.registry import ADAPTERS
+
+    if spec.model is not None:
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(spec.model)
+    else:
+        build = ADAPTERS[spec.pipeline].build
+        assert build is not None
+        pipe = build(spec.size, spec.seed)
+    return pipe
+
+
+class _StepTimer:
+    """Wall time of the denoising loop: first denoiser call's start to the last one's end."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.first: float | None = None
+        self.last = 0.0
+        self.calls = 0
+        self._handles = [module.register_forward_pre_hook(self._pre), module.register_forward_hook(self._post)]
+
+    def _pre(self, *_: Any) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
+
+    def _post(self, *_: Any) -> None:
+        self.last = time.perf_counter()
+        self.calls += 1
+
+    @property
+    def seconds(self) -> float:
+        return self.last - (self.first or self.last)
+
+
+def worker(spec: GenerateSpec) -> dict[str, Any]:
+    """Build, (maybe) parallelize and run the pipeline on this process; rank 0 returns results."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    pipe = _load_pipeline(spec)
+    pipe.set_progress_bar_config(disable=rank != 0, leave=False)
+    async_diff = None
+    if spec.devices > 1:
+        from asyncdiff.adapters.api import AsyncDiff
+
+        async_diff = AsyncDiff(pipe, model_n=spec.stages, stride=spec.stride, warm_up=spec.warm_up,
+                               policy=spec.policy, cost=spec.cost)
+        async_diff.reset_state(warm_up=spec.warm_up)
+    denoiser = getattr(pipe, (async_diff.adapter if async_diff else _adapter(pipe)).denoiser)
+    timer = _StepTimer(denoiser)
+    final: dict[str, torch.Tensor] = {}
+
+    def keep_latents(_pipe: Any, _i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        final["latents"] = kwargs["latents"]
+        return kwargs
+
+    generator = torch.Generator().manual_seed(spec.seed)
+    with torch.no_grad():
+        output = pipe(spec.prompt, num_inference_steps=spec.steps, generator=generator,
+                      callback_on_step_end=keep_latents, callback_on_step_end_tensor_inputs=["latents"])
+    result: dict[str, Any] = {
+        "pipeline": spec.pipeline, "size": spec.size, "devices": spec.devices, "stride": spec.stride,
+        "stages": spec.stages, "steps": spec.steps, "warm_up": spec.warm_up, "seed": spec.seed,
+        "denoise_s": round(timer.seconds, 4), "denoiser_calls": timer.calls, "out": spec.out,
+    }
+    if async_diff is not None and async_diff.plan is not None:
+        result["plan"] = [len(s) for s in async_diff.plan.stages]
+        result["bytes_sent_per_step"] = async_diff.engine.bytes_sent_per_step
+        result["released_weights"] = len(async_diff.engine.released_weights)
+    if rank == 0 and spec.out:
+        output.images[0].save(spec.out)
+    result["latents"] = final["latents"].cpu()
+    return result
+
+
+def _adapter(pipe: Any) -> Any:
+    from asyncdiff.adapters.registry import adapter_for
+
+    return adapter_for(pipe)
+
+
+def run(spec: GenerateSpec) -> dict[str, Any]:
+    """Run ``spec`` on ``spec.devices`` local processes (or in this process for one device, or
+    on the current process group under torchrun); returns rank 0's result."""
+    from asyncdiff.engine.launch import init_from_env, launch, under_torchrun
+
+    if under_torchrun():
+        init_from_env()
+        return worker(spec)
+    if spec.devices == 1:
+        torch.set_num_threads(spec.threads_per_device)
+        return worker(spec)
+    results = launch(worker, spec.devices, spec, threads=spec.threads_per_device)
+    return results[0]
+
+
+def summary(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if k != "latents"}
+
+
