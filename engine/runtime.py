@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -147,6 +148,7 @@ class AsyncEngine:
         self.state = StageState()
         self._compiled: dict[CallSignature, _Compiled] = {}
         self._released: dict[str, tuple[torch.Size, torch.dtype, torch.device]] = {}
+        self.compile_seconds = 0.0  # tracing, profiling, planning and splitting, all signatures
 
     # -- per call ---------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -215,6 +217,7 @@ class AsyncEngine:
         compiled = self._compiled.get(signature)
         if compiled is not None:
             return compiled
+        start = time.perf_counter()
         traced = trace_denoiser(self.denoiser, args, kwargs, policy=self.config.policy, latent=self.latent,
                                 skeleton=self.skeleton)
         if self.plan is None:
@@ -229,6 +232,7 @@ class AsyncEngine:
                              StageChannel(program, self.ranks, self.group, device),
                              PackLayout.of([(s.shape, s.torch_dtype) for s in out_specs]))
         self._compiled[signature] = compiled
+        self.compile_seconds += time.perf_counter() - start
         return compiled
 
     def _make_plan(self, traced: TracedDenoiser, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Plan:

@@ -315,13 +315,11 @@ def _quiet_meta_warnings() -> Iterator[list[str]]:
 
 
 def _innermost_module(err: BaseException, root: torch.nn.Module) -> str | None:
-    by_code = {}
-    for name, module in root.named_modules():
-        code = getattr(type(module).forward, "__code__", None)
-        if code is not None and name:
-            by_code.setdefault(code, f"{name} ({type(module).__name__})")
+    names = {id(m): f"{name} ({type(m).__name__})" for name, m in root.named_modules() if name}
     tb, where = err.__traceback__, None
     while tb is not None:
-        where = by_code.get(tb.tb_frame.f_code, where)
+        owner = tb.tb_frame.f_locals.get("self")
+        if owner is not None and id(owner) in names and tb.tb_frame.f_code.co_name == "forward":
+            where = names[id(owner)]
         tb = tb.tb_next
     return where

@@ -1,0 +1,117 @@
+"""Tracing at block granularity and running the split stage by stage in one process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from asyncdiff.models.sd import build_sd15
+from asyncdiff.partition.auto import auto_plan, block_values
+from asyncdiff.partition.blocks import BlockPolicy
+from asyncdiff.partition.plan import Plan
+from asyncdiff.partition.profile import profile_blocks
+from asyncdiff.partition.split import split_graph
+from asyncdiff.partition.trace import TraceError, trace_denoiser
+from toys import ToyDenoiser, WithBranchy
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return build_sd15("tiny", seed=0).unet
+
+
+@pytest.fixture(scope="module")
+def unet_call():
+    torch.manual_seed(1)
+    return (torch.randn(2, 4, 8, 8), torch.tensor(981), torch.randn(2, 77, 32)), {"return_dict": False}
+
+
+def run_stages(split, module, tensors):
+    values = {}
+    for stage in split.stages:
+        sends, leaves = stage.module(module)(*tensors, *[values[t.value] for t in stage.recv])
+        assert len(sends) == len(stage.send)
+        for transfer, value in zip(stage.send, sends):
+            assert transfer.spec.shape == tuple(value.shape)
+            values[transfer.value] = value
+    return leaves
+
+
+@pytest.mark.parametrize("policy, n_blocks", [("coarse", 13), ("fine", 48)])
+def test_trace_reproduces_unet_exactly(unet, unet_call, policy, n_blocks):
+    args, kwargs = unet_call
+    traced = trace_denoiser(unet, args, kwargs, policy=policy)
+    assert len(traced.blocks) == n_blocks
+    assert traced.blocks[0] == "conv_in" and traced.blocks[-1] == "conv_out"
+    # timestep-only work is replicated, never partitioned
+    assert all(b.startswith(("time_proj", "time_embedding")) for b in traced.replicated)
+    with torch.no_grad():
+        expected = unet(*args, **kwargs)[0]
+        got = traced.unflatten_output(list(traced.graph_module(unet)(*traced.flatten_call(args, kwargs))))[0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_skip_connections_are_block_edges(unet, unet_call):
+    args, kwargs = unet_call
+    traced = trace_denoiser(unet, args, kwargs)
+    costs = profile_blocks(traced, unet, args, kwargs, measure_time=False)
+    values = {traced.blocks[v.producer]: [traced.blocks[c] for c in v.consumers] for v in block_values(traced, costs)}
+    # conv_in feeds the first resnet and, through torch.cat, the last up block's last resnet
+    assert values["conv_in"] == ["down_blocks.0.resnets.0", "up_blocks.3.resnets.2"]
+
+
+@pytest.mark.parametrize("n_stages", [2, 3, 4])
+def test_split_runs_stage_by_stage_exactly(unet, unet_call, n_stages):
+    args, kwargs = unet_call
+    traced = trace_denoiser(unet, args, kwargs)
+    costs = profile_blocks(traced, unet, args, kwargs, measure_time=False)
+    plan = auto_plan(traced, costs, n_stages, cost="flops")
+    split = split_graph(traced, plan)
+    # every block in exactly one stage, in program order
+    assert [b for stage in plan.stages for b in stage] == list(traced.blocks)
+    assert all(t.src < t.dst for t in split.transfers)
+    assert split.output_stage == n_stages - 1
+    with torch.no_grad():
+        expected = unet(*args, **kwargs)[0]
+        leaves = run_stages(split, unet, traced.flatten_call(args, kwargs))
+    torch.testing.assert_close(leaves[0], expected, rtol=0, atol=0)
+    assert "recv" in split.describe()
+
+
+def test_plain_user_module_and_dict_output():
+    torch.manual_seed(0)
+    toy = ToyDenoiser()
+    args = (torch.randn(2, 4, 8, 8), torch.tensor([1.0, 2.0]))
+    traced = trace_denoiser(toy, args, {})
+    assert traced.blocks == ("conv_in", "body.0", "body.1", "body.2", "body.3", "conv_out")
+    assert traced.replicated == ("embed",)
+    split = split_graph(traced, Plan(stages=(("conv_in", "body.0", "body.1"), ("body.2", "body.3", "conv_out"))))
+    # the skip connection travels once, with the main path
+    assert sorted(t.value for t in split.transfers) == ["denoiser_body_1", "denoiser_conv_in"] or \
+        len(split.transfers) == 2
+    with torch.no_grad():
+        leaves = run_stages(split, toy, traced.flatten_call(args, {}))
+        torch.testing.assert_close(traced.unflatten_output(list(leaves))["sample"], toy(*args)["sample"],
+                                   rtol=0, atol=0)
+
+
+def test_untraceable_module_names_module_and_policy():
+    module = WithBranchy()
+    with pytest.raises(TraceError, match=r"inside block\.branchy \(Branchy\).*policy='coarse'"):
+        trace_denoiser(module, (torch.randn(2, 4),), {}, policy="fine")
+    traced = trace_denoiser(module, (torch.randn(2, 4),), {}, policy="coarse")
+    assert traced.blocks == ("pre", "block.branchy")
+
+
+def test_policy_predicate_and_bad_policy():
+    toy = ToyDenoiser()
+    policy = BlockPolicy(predicate=lambda name, m: name == "body")
+    assert "body" not in policy.blocks(toy)  # containers are transparent: their children are blocks
+    with pytest.raises(ValueError, match="block policy 'medium' is unknown"):
+        BlockPolicy.parse("medium")
+
+
+def test_latent_must_be_a_tensor_argument():
+    toy = ToyDenoiser()
+    with pytest.raises(ValueError, match="latent='x' is not a tensor argument"):
+        trace_denoiser(toy, (torch.randn(1, 4, 8, 8), torch.tensor([1.0])), {}, latent="x")

@@ -1,0 +1,112 @@
+"""Toy models and multi-process workers shared by the tests (importable by spawned workers)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+class ToyDenoiser(torch.nn.Module):
+    """A denoiser-shaped module: latent in, conditioning embedding, a skip connection."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.embed = torch.nn.Linear(1, width)
+        self.conv_in = torch.nn.Conv2d(4, width, 3, padding=1)
+        self.body = torch.nn.ModuleList([torch.nn.Conv2d(width, width, 3, padding=1) for _ in range(4)])
+        self.conv_out = torch.nn.Conv2d(2 * width, 4, 3, padding=1)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, return_dict: bool = True) -> Any:
+        emb = self.embed(timestep.reshape(-1, 1).float())[:, :, None, None]
+        h = skip = self.conv_in(sample)
+        for layer in self.body:
+            h = torch.tanh(layer(h) + emb)
+        out = self.conv_out(torch.cat([h, skip], dim=1))
+        return {"sample": out} if return_dict else (out,)
+
+
+class Branchy(torch.nn.Module):
+    """Control flow on tensor values: untraceable unless the module holding it is a block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.gate(x)
+        if y.sum() > 0:
+            return y
+        return -y
+
+
+class WithBranchy(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = torch.nn.Linear(4, 4)
+        self.unused = torch.nn.Sequential(Branchy())  # same forward code as block.branchy
+        self.block = torch.nn.ModuleDict({"branchy": Branchy()})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block["branchy"](self.pre(x))
+
+
+def pipeline_scenarios(steps: int, stale_warm_up: int) -> dict[str, Any]:
+    """On every rank: the plain pipeline's latents, then the same under AsyncDiff with every
+    step a warm-up step, then with ``stale_warm_up``, then after ``remove()``."""
+    from asyncdiff import AsyncDiff
+    from asyncdiff.models.sd import build_sd15
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    pipe = build_sd15("tiny", seed=0)
+    unet_params = {name: p.numel() for name, p in pipe.unet.named_parameters()}
+
+    def latents() -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        return pipe("a photo of a cat", num_inference_steps=steps, generator=generator, output_type="latent").images
+
+    with torch.no_grad():
+        reference = latents()
+        async_diff = AsyncDiff(pipe, model_n=world, stride=1, warm_up=steps)
+        exact = latents()
+        plan = async_diff.plan
+        held = {name: p.numel() for name, p in pipe.unet.named_parameters() if p.numel() > 0}
+        async_diff.reset_state(warm_up=stale_warm_up)
+        stale = latents()
+        async_diff.remove()
+        after_remove = latents()
+    return {"rank": rank, "reference": reference, "exact": exact, "stale": stale, "after_remove": after_remove,
+            "plan": plan, "held": held, "unet_params": unet_params,
+            "bytes_sent": async_diff.engine.bytes_sent_per_step}
+
+
+def toy_engine(model_n: int) -> Any:
+    """Run the toy denoiser under an engine with ``model_n`` stages on this process group."""
+    from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
+
+    torch.manual_seed(0)
+    toy = ToyDenoiser()
+    engine = AsyncEngine(toy, EngineConfig(model_n=model_n, warm_up=1, cost="flops"), latent="sample")
+    return engine(torch.randn(1, 4, 8, 8), torch.tensor([3.0]), return_dict=False)[0]
+
+
+def failing_stage(fail_rank: int, fail_step: int) -> None:
+    """Generation where one block on ``fail_rank`` raises at ``fail_step``."""
+    from asyncdiff import AsyncDiff
+    from asyncdiff.models.sd import build_sd15
+
+    pipe = build_sd15("tiny", seed=0)
+    async_diff = AsyncDiff(pipe, model_n=dist.get_world_size(), warm_up=1)
+    calls = {"n": 0}
+
+    def boom(*_: Any) -> None:
+        calls["n"] += 1
+        if dist.get_rank() == fail_rank and calls["n"] > fail_step:
+            raise RuntimeError("injected failure")
+
+    pipe.unet.conv_out.register_forward_pre_hook(boom)
+    pipe.unet.conv_in.register_forward_pre_hook(boom)
+    with torch.no_grad():
+        pipe("a cat", num_inference_steps=6, output_type="latent")
+    _ = async_diff
