@@ -25,6 +25,7 @@ import contextlib
 import copy
 import inspect
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -293,8 +294,13 @@ def trace_denoiser(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: dic
             "contains it a block (policy='coarse', or a predicate that returns True for it)"
         ) from err
     if caught:
-        raise TraceError(f"tracing {type(denoiser).__name__}: could not infer shapes: {caught[0]}. "
-                         "Make the module that computes it a block (policy='coarse' or a predicate)")
+        target, reason = caught[0]
+        raise TraceError(
+            f"tracing {type(denoiser).__name__}: block {target.removeprefix(f'{ROOT}.')!r} cannot run on meta "
+            f"tensors to infer its output shape ({reason}); it branches on tensor values, which asyncdiff "
+            "cannot partition around: make the branch depend on shapes only, or use a policy where it "
+            "sits inside a larger block that does not"
+        )
     for node, meta in tracer.node_meta.items():
         node.meta["asyncdiff_value"] = meta
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -304,14 +310,16 @@ def trace_denoiser(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: dic
 
 
 @contextlib.contextmanager
-def _quiet_meta_warnings() -> Iterator[list[str]]:
-    import warnings
-
-    caught: list[str] = []
+def _quiet_meta_warnings() -> Iterator[list[tuple[str, str]]]:
+    """Collect MetaTracer's "could not compute metadata" warnings as (target, reason)."""
+    caught: list[tuple[str, str]] = []
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
         yield caught
-    caught.extend(str(r.message) for r in records if "Could not compute metadata" in str(r.message))
+    for record in records:
+        found = re.match(r"Could not compute metadata for \w+ target (\S+): (.*)", str(record.message), re.S)
+        if found:
+            caught.append((found.group(1), found.group(2)))
 
 
 def _innermost_module(err: BaseException, root: torch.nn.Module) -> str | None:
