@@ -88,7 +88,8 @@ def toy_engine(model_n: int) -> Any:
     torch.manual_seed(0)
     toy = ToyDenoiser()
     engine = AsyncEngine(toy, EngineConfig(model_n=model_n, warm_up=1, cost="flops"), latent="sample")
-    return engine(torch.randn(1, 4, 8, 8), torch.tensor([3.0]), return_dict=False)[0]
+    with torch.no_grad():
+        return engine(torch.randn(1, 4, 8, 8), torch.tensor([3.0]), return_dict=False)[0]
 
 
 def failing_stage(fail_rank: int, fail_step: int) -> None:

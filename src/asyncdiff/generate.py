@@ -49,10 +49,14 @@ class GenerateSpec:
                 raise ValueError(f"{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
         if self.warm_up < 0:
             raise ValueError(f"warm-up={self.warm_up} must be >= 0")
-        if self.stride not in (1, 2):
-            raise ValueError(f"stride={self.stride} must be 1 or 2")
-        if self.devices > 1 and self.devices - self.stride + 1 < 1:
-            raise ValueError(f"devices={self.devices} is too few for stride={self.stride}")
+        if self.devices > 1:
+            from asyncdiff.engine.runtime import EngineConfig
+
+            if self.devices - self.stride + 1 < 2:
+                raise ValueError(f"devices={self.devices} with stride={self.stride} leaves fewer than 2 stages; "
+                                 f"use devices >= {self.stride + 1}")
+            EngineConfig(model_n=self.stages, stride=self.stride, warm_up=self.warm_up, policy=self.policy,
+                         cost=self.cost)
 
     @property
     def stages(self) -> int:
