@@ -32,7 +32,14 @@ from asyncdiff.partition.blocks import BlockPolicy
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.profile import profile_blocks
 from asyncdiff.partition.split import SplitDenoiser, StageProgram, split_graph
-from asyncdiff.partition.trace import CallSignature, TracedDenoiser, call_signature, meta_copy, trace_denoiser
+from asyncdiff.partition.trace import (
+    CallSignature,
+    TracedDenoiser,
+    call_signature,
+    meta_copy,
+    module_of,
+    trace_denoiser,
+)
 
 __all__ = ["AsyncEngine", "EngineConfig", "StageError", "StageState"]
 
@@ -306,9 +313,9 @@ def _output_template(traced: TracedDenoiser) -> tuple[Any, ...]:
 
 
 def _block_tensors(denoiser: torch.nn.Module, block: str) -> Iterator[tuple[str, torch.Tensor]]:
-    module = denoiser.get_submodule(block)
+    module = denoiser.get_submodule(module_of(block))
     for name, t in (*module.named_parameters(), *module.named_buffers()):
-        yield f"{block}.{name}", t
+        yield f"{module_of(block)}.{name}", t
 
 
 def _device_of(tensors: list[torch.Tensor]) -> torch.device:

@@ -3,7 +3,9 @@
 A block is the unit the planner moves between stages. ``coarse`` keeps the denoiser's direct
 children (in a UNet: ``conv_in``, each down/up block, the mid block, ...). ``fine`` goes one level
 deeper (each resnet, attention/transformer block, down/upsampler), which SD-shaped UNets need to
-balance: their full-resolution blocks dominate the cost. Containers (``ModuleList``,
+balance: their full-resolution blocks dominate the cost. ``finer`` splits once more (each
+transformer layer inside an attention block), for models whose large blocks still limit the
+balance (many-layer SDXL attention blocks). Containers (``ModuleList``,
 ``ModuleDict``, ``Sequential``) are transparent and do not count as a level.
 
 Example:
@@ -49,6 +51,10 @@ class BlockPolicy:
         return cls(depth=2)
 
     @classmethod
+    def finer(cls) -> BlockPolicy:
+        return cls(depth=3)
+
+    @classmethod
     def parse(cls, policy: str | BlockPolicy | Callable[[str, torch.nn.Module], bool]) -> BlockPolicy:
         if isinstance(policy, BlockPolicy):
             return policy
@@ -58,8 +64,10 @@ class BlockPolicy:
             return cls.coarse()
         if policy == "fine":
             return cls.fine()
+        if policy == "finer":
+            return cls.finer()
         raise ValueError(
-            f"block policy {policy!r} is unknown; use 'coarse', 'fine', a BlockPolicy, "
+            f"block policy {policy!r} is unknown; use 'coarse', 'fine', 'finer', a BlockPolicy, "
             "or a predicate (name, module) -> bool"
         )
 

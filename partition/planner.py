@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,26 @@ class Value:
 def _recv_bytes(values: Sequence[Value], start: int, stop: int) -> int:
     return sum(v.nbytes for v in values
                if 0 <= v.producer < start and any(start <= c < stop for c in v.consumers))
+
+
+class _RecvTable:
+    """``recv(start, stop)`` in O(log V): for each ``start``, the values produced before it, sorted
+    by their first consumer at or after ``start``, with prefix sums of their bytes."""
+
+    def __init__(self, values: Sequence[Value], n: int) -> None:
+        self.firsts: list[list[int]] = []
+        self.sums: list[list[int]] = []
+        for start in range(n + 1):
+            pairs = sorted((min(c for c in v.consumers if c >= start), v.nbytes) for v in values
+                           if 0 <= v.producer < start and any(c >= start for c in v.consumers))
+            sums = [0]
+            for _, nbytes in pairs:
+                sums.append(sums[-1] + nbytes)
+            self.firsts.append([first for first, _ in pairs])
+            self.sums.append(sums)
+
+    def __call__(self, start: int, stop: int) -> int:
+        return self.sums[start][bisect.bisect_left(self.firsts[start], stop)]
 
 
 def stage_times(costs: Sequence[float], values: Sequence[Value], starts: Sequence[int],
@@ -69,11 +90,12 @@ def best_contiguous(costs: Sequence[float], values: Sequence[Value], n_stages: i
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + float(c))
+    recv = _RecvTable(values, n) if bandwidth else None
 
     def cost(i: int, j: int) -> float:
         t = prefix[j] - prefix[i]
-        if bandwidth:
-            t += _recv_bytes(values, i, j) / bandwidth
+        if recv is not None:
+            t += recv(i, j) / bandwidth
         return t
 
     inf = float("inf")

@@ -26,7 +26,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
-from asyncdiff.partition.trace import ROOT, TracedDenoiser
+from asyncdiff.partition.trace import ROOT, TracedDenoiser, module_of
 
 __all__ = ["BlockCost", "profile_blocks"]
 
@@ -50,15 +50,19 @@ def _sync(device: torch.device) -> None:
 
 
 class _Recorder(torch.fx.Interpreter):
-    def __init__(self, module: torch.fx.GraphModule, timed: bool) -> None:
+    def __init__(self, module: torch.fx.GraphModule, timed: bool, names: dict[str, str]) -> None:
         super().__init__(module)
-        self.timed = timed
+        self.timed, self.names = timed, names  # names: call node -> block name
         self.seconds: dict[str, float] = {}
         self.flops: dict[str, int] = {}
         self.out_bytes: dict[str, int] = {}
 
+    def run_node(self, n: torch.fx.Node) -> Any:
+        self.node_name = n.name
+        return super().run_node(n)
+
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        name = str(target).removeprefix(f"{ROOT}.")
+        name = self.names[self.node_name]
         counter = FlopCounterMode(display=False)
         leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         device = leaves[0].device if leaves else torch.device("cpu")
@@ -86,12 +90,12 @@ def profile_blocks(traced: TracedDenoiser, denoiser: torch.nn.Module, args: tupl
         module = traced.graph_module(getattr(traced.root, ROOT))
         tensors = [torch.empty_like(t, device="meta") for t in traced.flatten_call(args, kwargs)]
     with torch.no_grad():
-        flops_run = _Recorder(module, timed=False)
+        flops_run = _Recorder(module, timed=False, names=traced.node_block)
         flops_run.run(*tensors)
         times: dict[str, list[float]] = {}
         if measure_time:
             for i in range(warmup + repeats):
-                run = _Recorder(module, timed=True)
+                run = _Recorder(module, timed=True, names=traced.node_block)
                 run.run(*tensors)
                 if i >= warmup:
                     for name, s in run.seconds.items():
@@ -99,7 +103,7 @@ def profile_blocks(traced: TracedDenoiser, denoiser: torch.nn.Module, args: tupl
     skeleton = getattr(traced.root, ROOT)
     costs = {}
     for name, flops in flops_run.flops.items():
-        block = skeleton.get_submodule(name)
+        block = skeleton.get_submodule(module_of(name))
         params = sum(p.numel() * p.element_size() for p in block.parameters())
         costs[name] = BlockCost(name, statistics.median(times[name]) if name in times else 0.0, flops,
                                 params, flops_run.out_bytes[name])

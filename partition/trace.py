@@ -33,11 +33,11 @@ from typing import Any
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
-from torch.fx.experimental.meta_tracer import MetaTracer
+from torch.fx.experimental.meta_tracer import MetaProxy, MetaTracer
 
 from asyncdiff.partition.blocks import BlockPolicy
 
-__all__ = ["CallSignature", "TensorSpec", "TraceError", "TracedDenoiser", "meta_copy", "trace_denoiser"]
+__all__ = ["CallSignature", "TensorSpec", "TraceError", "TracedDenoiser", "meta_copy", "module_of", "trace_denoiser"]
 
 ROOT = "denoiser"  # attribute under which the traced root holds the denoiser
 
@@ -141,6 +141,16 @@ def _make_root(denoiser: torch.nn.Module, arguments: dict[str, Any]) -> tuple[_R
     return cls(denoiser, inspect.signature(denoiser.forward), template, tree, slots), names
 
 
+class _ShapeProxy(MetaProxy):
+    """Answers ``numel()`` from the meta value, as MetaProxy does for ``size()``/``dim()``."""
+
+    def numel(self) -> Any:
+        meta = getattr(self, "_tensor_meta", None)
+        if meta is not None:
+            return meta.numel()
+        return self.tracer.create_proxy("call_method", "numel", (self,), {})
+
+
 class _BlockTracer(MetaTracer):
     def __init__(self, blocks: set[str]) -> None:
         super().__init__()
@@ -154,6 +164,9 @@ class _BlockTracer(MetaTracer):
         if meta is not None:
             self.node_meta[proxy.node] = meta
         return proxy
+
+    def proxy(self, node: torch.fx.Node) -> _ShapeProxy:
+        return _ShapeProxy(node, self)
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name in self.block_paths
@@ -194,14 +207,29 @@ class TracedDenoiser:
                 self.specs[node.name] = TensorSpec.of(meta)
         self.latent_nodes = _latent_dependent(graph, latent)
         calls = [n for n in graph.nodes if n.op == "call_module"]
-        self.block_node = {n.target.removeprefix(f"{ROOT}."): n.name for n in calls if n.name in self.latent_nodes}
+        # Note [block names]: a block is named by its module's qualified name; a module without
+        # weights called several times (an activation) gives one block per call, "name#1", "name#2".
+        counts: dict[str, int] = {}
+        for n in calls:
+            counts[n.target] = counts.get(n.target, 0) + 1
+        seen: dict[str, int] = {}
+        self.node_block: dict[str, str] = {}
+        for n in calls:
+            name = n.target.removeprefix(f"{ROOT}.")
+            if counts[n.target] > 1:
+                seen[name] = seen.get(name, 0) + 1
+                name = f"{name}#{seen[name]}"
+            self.node_block[n.name] = name
+        self.block_node = {b: n for n, b in self.node_block.items() if n in self.latent_nodes}
         self.blocks = tuple(self.block_node)
-        self.replicated = tuple(n.target.removeprefix(f"{ROOT}.") for n in calls if n.name not in self.latent_nodes)
-        repeated = [b for b in self.blocks if sum(n.target == f"{ROOT}.{b}" for n in calls) > 1]
+        self.replicated = tuple(b for n, b in self.node_block.items() if n not in self.latent_nodes)
+        skeleton = getattr(root, ROOT)
+        repeated = sorted({module_of(b) for b in self.blocks if "#" in b
+                           if next(iter(_tensors(skeleton.get_submodule(module_of(b)))), None) is not None})
         if repeated:
             raise TraceError(
-                f"blocks {repeated} are called more than once per denoiser call; a block must run on "
-                "one stage once per step: use a coarser block policy that contains the repeated calls"
+                f"blocks {repeated[:5]} hold weights and are called more than once per denoiser call; such a "
+                "block must run on one stage: use a coarser block policy that contains the repeated calls"
             )
 
     def graph_module(self, denoiser: torch.nn.Module) -> torch.fx.GraphModule:
@@ -219,6 +247,16 @@ class TracedDenoiser:
 
     def unflatten_output(self, leaves: list[Any]) -> Any:
         return pytree.tree_unflatten(leaves, self.out_spec)
+
+
+def module_of(block: str) -> str:
+    """The qualified module name of a block (Note [block names])."""
+    return block.split("#", 1)[0]
+
+
+def _tensors(module: torch.nn.Module) -> Iterator[torch.Tensor]:
+    yield from module.parameters()
+    yield from module.buffers()
 
 
 def call_signature(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):

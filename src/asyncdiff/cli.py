@@ -32,6 +32,7 @@ def _non_negative(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     from asyncdiff.adapters.registry import ADAPTERS
     from asyncdiff.models.sd import SIZES
+    from asyncdiff.partition.report import LINKS
 
     parser = argparse.ArgumentParser(prog="asyncdiff", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -49,7 +50,38 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--threads-per-device", type=_positive, default=1)
     gen.add_argument("--policy", default="fine", choices=("fine", "coarse"), help="block granularity")
     gen.add_argument("--cost", default="time", choices=("time", "flops"), help="what the planner balances")
+
+    ins = commands.add_parser("inspect", help="plan a split and show it, without running anything in parallel")
+    source = ins.add_mutually_exclusive_group()
+    source.add_argument("--pipeline", default="sd15", choices=sorted(ADAPTERS))
+    source.add_argument("--model", default=None, help="local folder or hub id of a diffusers pipeline")
+    ins.add_argument("--size", default="tiny", choices=sorted(SIZES), help="built-in model size")
+    ins.add_argument("--stages", type=_positive, required=True)
+    ins.add_argument("--cost", default="flops", choices=("time", "flops"),
+                     help="flops: on meta tensors, no weights needed; time: measured on this machine")
+    ins.add_argument("--bandwidth", default="nvlink", choices=sorted(LINKS), help="link preset for the step model")
+    ins.add_argument("--policy", default="fine", choices=("coarse", "fine", "finer"), help="block granularity")
+    ins.add_argument("--prompt", default="a photo of a cat")
+    ins.add_argument("--json", dest="json_path", default=None, help="write the report as JSON")
+    ins.add_argument("--html", dest="html_path", default=None, help="write the plan as an HTML picture")
     return parser
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from asyncdiff.inspection import load_for_inspection, pipeline_report
+
+    pipe = load_for_inspection(args.pipeline, args.size, args.model, on_meta=args.cost == "flops")
+    _, report = pipeline_report(pipe, stages=args.stages, cost=args.cost, link=args.bandwidth, policy=args.policy,
+                                name=f"{args.model or args.pipeline} ({args.size if not args.model else 'loaded'})",
+                                prompt=args.prompt)
+    print(report.table())
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            f.write(report.to_json())
+    if args.html_path:
+        with open(args.html_path, "w") as f:
+            f.write(report.html())
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -71,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "inspect":
+            return _inspect(args)
     except ValueError as err:
         print(f"asyncdiff {args.command}: error: {err}", file=sys.stderr)
         return 2

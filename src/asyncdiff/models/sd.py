@@ -15,12 +15,17 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from asyncdiff.models.common import autoencoder_kl, check_size, clip_text_encoder, finish
 from asyncdiff.models.tokenizer import load_clip_tokenizer
 
-__all__ = ["SIZES", "SDSize", "build_sd15"]
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+__all__ = ["SIZES", "SDSize", "build_sd15", "sd15_unet"]
 
 
 @dataclass(frozen=True)
@@ -46,54 +51,39 @@ SIZES: dict[str, SDSize] = {
 
 
 def _check_size(size: str) -> SDSize:
-    if size not in SIZES:
-        raise ValueError(f"size={size!r} is not a built-in size; use one of {sorted(SIZES)}")
-    return SIZES[size]
+    return check_size(size, SIZES)
 
 
-def build_sd15(size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32):
+def sd15_unet(spec: SDSize, **config: Any) -> UNet2DConditionModel:
+    """SD 1.5's UNet topology at ``spec``'s widths; ``config`` overrides ``UNet2DConditionModel`` options."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**{
+        "sample_size": spec.resolution // 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": spec.unet_channels,
+        "layers_per_block": spec.layers_per_block,
+        "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        "cross_attention_dim": spec.text_width,
+        "attention_head_dim": spec.head_dim,
+        "norm_num_groups": spec.norm_groups,
+        **config,
+    })
+
+
+def build_sd15(size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
     """Build a ``StableDiffusionPipeline`` with SD 1.5's architecture and seeded random weights."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     spec = _check_size(size)
     tokenizer = load_clip_tokenizer()
     torch.manual_seed(seed)
     full = size == "full"
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408 if full else len(tokenizer),
-        hidden_size=spec.text_width,
-        intermediate_size=4 * spec.text_width,
-        num_hidden_layers=spec.text_layers,
-        num_attention_heads=max(1, spec.text_width // 64) if full else 4,
-        max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
-    unet = UNet2DConditionModel(
-        sample_size=spec.resolution // 8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=spec.unet_channels,
-        layers_per_block=spec.layers_per_block,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=spec.text_width,
-        attention_head_dim=spec.head_dim,
-        norm_num_groups=spec.norm_groups,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(spec.vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(spec.vae_channels),
-        block_out_channels=spec.vae_channels,
-        layers_per_block=2 if full else 1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=spec.resolution,
-    )
+    text_encoder = clip_text_encoder(tokenizer, spec.text_width, spec.text_layers, full=full)
+    unet = sd15_unet(spec)
+    vae = autoencoder_kl(spec.vae_channels, resolution=spec.resolution, full=full)
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         clip_sample=False, set_alpha_to_one=False, steps_offset=1,
@@ -102,5 +92,4 @@ def build_sd15(size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.flo
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+    return finish(pipe, dtype)

@@ -1,0 +1,77 @@
+"""Plan a denoiser and report the partition, for ``asyncdiff inspect`` and for Python users.
+
+Example (a new architecture, no adapter needed):
+    >>> import torch
+    >>> net = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(6)])
+    >>> plan, report = partition_report(net, (torch.randn(8, 64),), {}, stages=3, cost="flops")
+    >>> [len(s) for s in plan.stages], round(report.imbalance, 3)
+    ([2, 2, 2], 1.0)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from asyncdiff.partition.auto import auto_plan
+from asyncdiff.partition.blocks import BlockPolicy
+from asyncdiff.partition.plan import Plan
+from asyncdiff.partition.profile import profile_blocks
+from asyncdiff.partition.report import LINKS, PartitionReport, build_report
+from asyncdiff.partition.split import split_graph
+from asyncdiff.partition.trace import trace_denoiser
+
+__all__ = ["load_for_inspection", "partition_report", "pipeline_report"]
+
+
+def partition_report(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, stages: int,
+                     cost: str = "flops", link: str = "gloo", policy: str | BlockPolicy = "fine",
+                     latent: str | None = None, plan: Plan | None = None, name: str | None = None,
+                     ) -> tuple[Plan, PartitionReport]:
+    """Trace ``denoiser(*args, **kwargs)``, profile its blocks, plan ``stages`` stages (or use
+    ``plan``) and report. ``cost="flops"`` works on ``meta`` tensors (no weights needed)."""
+    if link not in LINKS:
+        raise ValueError(f"link={link!r} is not a preset; use one of {sorted(LINKS)}")
+    on_meta = any(isinstance(t, torch.Tensor) and t.is_meta for t in (*denoiser.parameters(), *args))
+    if cost == "time" and on_meta:
+        raise ValueError("cost='time' measures the blocks and needs real weights; use cost='flops' "
+                         "for a model on the meta device")
+    traced = trace_denoiser(denoiser, args, kwargs, policy=policy, latent=latent)
+    costs = profile_blocks(traced, denoiser, args, kwargs, measure_time=cost == "time")
+    unit = "s" if cost == "time" else "flop"
+    if plan is None:
+        plan = auto_plan(traced, costs, stages, cost=cost, bandwidth=LINKS[link].planner_bandwidth(unit))
+    split = split_graph(traced, plan)
+    return plan, build_report(name or type(denoiser).__name__, traced, costs, plan, split, LINKS[link])
+
+
+def pipeline_report(pipeline: Any, *, stages: int, cost: str = "flops", link: str = "gloo",
+                    policy: str | BlockPolicy = "fine", name: str | None = None,
+                    **call_kwargs: Any) -> tuple[Plan, PartitionReport]:
+    """:func:`partition_report` for a diffusers pipeline's denoiser, called as the pipeline calls it."""
+    from asyncdiff.adapters.capture import capture_denoiser_call
+    from asyncdiff.adapters.registry import adapter_for
+
+    adapter = adapter_for(pipeline)
+    args, kwargs = capture_denoiser_call(pipeline, adapter.denoiser, **call_kwargs)
+    denoiser = getattr(pipeline, adapter.denoiser)
+    return partition_report(denoiser, args, kwargs, stages=stages, cost=cost, link=link, policy=policy,
+                            latent=adapter.latent, name=name or adapter.name)
+
+
+def load_for_inspection(pipeline: str, size: str, model: str | None, *, on_meta: bool) -> Any:
+    """A built-in pipeline (on ``meta`` when only FLOPs are needed) or one loaded from ``model``."""
+    if model is not None:
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline.from_pretrained(model)
+    from asyncdiff.adapters.registry import ADAPTERS
+
+    build = ADAPTERS[pipeline].build
+    if build is None:
+        raise ValueError(f"pipeline={pipeline!r} has no built-in model; pass --model PATH")
+    if on_meta:
+        with torch.device("meta"):
+            return build(size, 0)
+    return build(size, 0)
