@@ -1,19 +1,23 @@
-"""Point-to-point transfer of a stage's boundary values: one packed message per peer per step.
+"""Point-to-point transfer of a stage's boundary values: one packed message per segment pair per step.
 
 Only the values a peer needs travel, and only to that peer (no broadcast of every block's
-output). Layouts (shapes and dtypes per peer) are fixed from the traced specs before the first
-step, so both sides agree on message sizes without a handshake; a mismatch is an error.
+output). All values one segment sends to one other segment in a step share one message (one per
+peer per step for a contiguous plan). Layouts (shapes and dtypes per message) are fixed from the
+traced specs before the first step, so both sides agree on sizes without a handshake; a mismatch
+is an error. Each message has its own tag, so messages between the same two ranks never mix.
+Operations are posted with ``batch_isend_irecv``, which NCCL needs when two ranks send to each
+other in the same step.
 
 Example (not run here: needs a process group):
-    channel = StageChannel(program, ranks=[0, 1], group=group, device=torch.device("cpu"))
-    works = channel.isend({name: tensor, ...})
-    pending = channel.irecv()
+    channel = StageChannel(program, n_segments, ranks=[0, 1], group=group, device=torch.device("cpu"))
+    pending = channel.post(sends={key: values}, recvs=channel.recv_keys)
     received = channel.wait(pending)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -21,54 +25,77 @@ import torch.distributed as dist
 from asyncdiff.kernels.pack import PackLayout, pack, unpack
 from asyncdiff.partition.split import StageProgram, Transfer
 
-__all__ = ["PendingRecv", "StageChannel"]
+__all__ = ["Pending", "StageChannel"]
+
+Key = tuple[int, int]  # (source segment, destination segment)
 
 
 @dataclass
-class PendingRecv:
-    works: list[dist.Work]
-    buffers: dict[int, torch.Tensor]  # source stage -> receive buffer
+class Pending:
+    works: list[dist.Work] = field(default_factory=list)
+    recvs: list[Key] = field(default_factory=list)
+    keep_alive: list[torch.Tensor] = field(default_factory=list)  # send buffers in flight
 
 
 class StageChannel:
-    def __init__(self, program: StageProgram, ranks: list[int], group: dist.ProcessGroup | None,
-                 device: torch.device) -> None:
-        self.program, self.ranks, self.group, self.device = program, ranks, group, device
-        self.recv_from = {src: [t for t in program.recv if t.src == src] for src in program.peers("recv")}
-        self.send_to = {dst: [t for t in program.send if t.dst == dst] for dst in program.peers("send")}
-        self.recv_layout = {src: _layout(ts) for src, ts in self.recv_from.items()}
-        self.send_layout = {dst: _layout(ts) for dst, ts in self.send_to.items()}
-        # One receive buffer per peer suffices: a step's received views are consumed by its
-        # compute before the next receive is posted (Note [stale inputs] in schedule.py).
-        self.recv_buffers = {src: torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
-                             for src, layout in self.recv_layout.items()}
+    def __init__(self, program: StageProgram, n_segments: int, ranks: list[int],
+                 group: dist.ProcessGroup | None, device: torch.device) -> None:
+        self.ranks, self.group, self.device, self.n_segments = ranks, group, device, n_segments
+        self.recv_groups = _grouped(program.recv)
+        self.send_groups = _grouped(program.send)
+        self.layouts = {key: PackLayout.of([(t.spec.shape, t.spec.torch_dtype) for t in ts])
+                        for key, ts in {**self.recv_groups, **self.send_groups}.items()}
+        # One receive buffer per message suffices: a step's received views are consumed by its
+        # compute before the next receive into the same buffer is posted (Note [stale inputs]).
+        self.buffers = {key: torch.empty(self.layouts[key].nbytes, dtype=torch.uint8, device=device)
+                        for key in self.recv_groups}
+
+    @property
+    def recv_keys(self) -> list[Key]:
+        return list(self.recv_groups)
 
     @property
     def bytes_sent_per_step(self) -> int:
-        return sum(layout.nbytes for layout in self.send_layout.values())
+        return sum(self.layouts[key].nbytes for key in self.send_groups)
 
-    def isend(self, values: dict[str, torch.Tensor]) -> list[tuple[dist.Work, torch.Tensor]]:
-        """Send this step's values; keep the returned pairs (work, buffer) alive until waited."""
-        sent = []
-        for dst, transfers in self.send_to.items():
-            buffer = pack([values[t.value] for t in transfers], self.send_layout[dst])
-            sent.append((dist.isend(buffer, self.ranks[dst], group=self.group), buffer))
-        return sent
+    def sends_from(self, segment: int) -> list[Key]:
+        return [key for key in self.send_groups if key[0] == segment]
 
-    def irecv(self) -> PendingRecv:
-        works = [dist.irecv(self.recv_buffers[src], self.ranks[src], group=self.group)
-                 for src in self.recv_from]
-        return PendingRecv(works, self.recv_buffers)
+    def recvs_into(self, segment: int) -> list[Key]:
+        return [key for key in self.recv_groups if key[1] == segment]
 
-    def wait(self, pending: PendingRecv) -> dict[str, torch.Tensor]:
+    def post(self, values: Mapping[str, torch.Tensor], sends: Iterable[Key], recvs: Iterable[Key]) -> Pending:
+        """Start sending ``sends`` (packed from ``values``) and receiving ``recvs``."""
+        ops, pending = [], Pending()
+        for key in sends:
+            transfers = self.send_groups[key]
+            buffer = pack([values[t.value] for t in transfers], self.layouts[key])
+            ops.append(dist.P2POp(dist.isend, buffer, self.ranks[transfers[0].dst], self.group, self._tag(key)))
+            pending.keep_alive.append(buffer)
+        for key in recvs:
+            src = self.ranks[self.recv_groups[key][0].src]
+            ops.append(dist.P2POp(dist.irecv, self.buffers[key], src, self.group, self._tag(key)))
+            pending.recvs.append(key)
+        if ops:
+            pending.works = dist.batch_isend_irecv(ops)
+        return pending
+
+    def wait(self, pending: Pending) -> dict[str, torch.Tensor]:
+        """Finish ``pending``; the received values, as views into the receive buffers."""
         for work in pending.works:
             work.wait()
         values: dict[str, torch.Tensor] = {}
-        for src, transfers in self.recv_from.items():
-            for t, view in zip(transfers, unpack(pending.buffers[src], self.recv_layout[src])):
+        for key in pending.recvs:
+            for t, view in zip(self.recv_groups[key], unpack(self.buffers[key], self.layouts[key])):
                 values[t.value] = view
         return values
 
+    def _tag(self, key: Key) -> int:
+        return key[0] * self.n_segments + key[1]
 
-def _layout(transfers: list[Transfer]) -> PackLayout:
-    return PackLayout.of([(t.spec.shape, t.spec.torch_dtype) for t in transfers])
+
+def _grouped(transfers: Iterable[Transfer]) -> dict[Key, list[Transfer]]:
+    groups: dict[Key, list[Transfer]] = {}
+    for t in transfers:
+        groups.setdefault((t.src_segment, t.dst_segment), []).append(t)
+    return dict(sorted(groups.items()))

@@ -24,12 +24,13 @@ import torch
 import torch.distributed as dist
 import torch.fx
 
-from asyncdiff.engine.comm import PendingRecv, StageChannel
+from asyncdiff.engine.comm import Pending, StageChannel
 from asyncdiff.engine.schedule import Schedule
 from asyncdiff.kernels.pack import PackLayout, pack, unpack
 from asyncdiff.partition.auto import COSTS, auto_plan
 from asyncdiff.partition.blocks import BlockPolicy
 from asyncdiff.partition.plan import Plan
+from asyncdiff.partition.planner import LAYOUTS
 from asyncdiff.partition.profile import profile_blocks
 from asyncdiff.partition.split import SplitDenoiser, StageProgram, split_graph
 from asyncdiff.partition.trace import (
@@ -55,7 +56,8 @@ class EngineConfig:
     ``model_n``: number of stages; ``stride``: denoising steps per parallel round; ``warm_up``:
     sequential steps at the start of every pipeline call; ``policy``: block granularity;
     ``cost``: what the planner balances (``"time"`` measured on rank 0, or ``"flops"``);
-    ``bandwidth``: bytes per cost unit for the planner's communication term (None: ignore).
+    ``bandwidth``: bytes per cost unit for the planner's communication term (None: ignore);
+    ``layouts``: which plan shapes the planner may choose (``"contiguous"``, ``"wrapped"``).
     """
 
     model_n: int
@@ -67,6 +69,7 @@ class EngineConfig:
     bandwidth: float | None = None
     profile_repeats: int = 3
     timeout_s: float = 300.0
+    layouts: tuple[str, ...] = LAYOUTS
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_n, int) or self.model_n < 1:
@@ -82,6 +85,8 @@ class EngineConfig:
                              "use time_shift=False")
         if self.cost not in COSTS:
             raise ValueError(f"cost={self.cost!r} must be one of {COSTS}")
+        if not self.layouts or set(self.layouts) - set(LAYOUTS):
+            raise ValueError(f"layouts={self.layouts!r} must be a non-empty subset of {LAYOUTS}")
         if self.profile_repeats < 1:
             raise ValueError(f"profile_repeats={self.profile_repeats} must be >= 1")
         BlockPolicy.parse(self.policy)
@@ -105,12 +110,20 @@ class StageState:
     """What lives across the steps of one pipeline call; :meth:`reset` at every call."""
 
     step: int = 0
-    inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # received values, possibly stale
-    pending: PendingRecv | None = None
-    inflight: list[tuple[dist.Work, torch.Tensor]] = field(default_factory=list)
+    stale: dict[str, torch.Tensor] = field(default_factory=dict)  # values received for use at `step`
+    pending: Pending | None = None  # an asynchronous step's sends, and receives for the next step
+    inflight: list[Pending] = field(default_factory=list)  # a warm-up step's sends
+
+    def drain(self, channel: StageChannel | None) -> None:
+        if self.pending is not None and channel is not None:
+            self.stale = channel.wait(self.pending)
+        for pending in self.inflight:
+            for work in pending.works:
+                work.wait()
+        self.pending, self.inflight = None, []
 
     def reset(self) -> None:
-        self.step, self.inputs, self.pending, self.inflight = 0, {}, None, []
+        self.step, self.stale, self.pending, self.inflight = 0, {}, None, []
 
 
 @dataclass
@@ -120,7 +133,7 @@ class _Compiled:
     traced: TracedDenoiser
     split: SplitDenoiser
     program: StageProgram
-    module: torch.fx.GraphModule
+    modules: list[torch.fx.GraphModule]  # one per segment of this stage
     channel: StageChannel
     output_layout: PackLayout
 
@@ -156,6 +169,7 @@ class AsyncEngine:
         self._compiled: dict[CallSignature, _Compiled] = {}
         self._released: dict[str, tuple[torch.Size, torch.dtype, torch.device]] = {}
         self.compile_seconds = 0.0  # tracing, profiling, planning and splitting, all signatures
+        self._active: StageChannel | None = None  # the channel of the last step, to drain on reset
 
     # -- per call ---------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -163,33 +177,40 @@ class AsyncEngine:
         with self._where(step):
             compiled = self._compile(args, kwargs)
             tensors = compiled.traced.flatten_call(args, kwargs)
-            if self.config.model_n == 1:
-                _, leaves = compiled.module(*tensors)
-                self.state.step += 1
-                return compiled.traced.unflatten_output(list(leaves))
-            received = self._receive(compiled, step)
-            sends, leaves = compiled.module(*tensors, *[received[t.value] for t in compiled.program.recv])
-            self._send(compiled, step, sends)
-            output = self._share_output(compiled, leaves)
+            leaves = self._run_stage(compiled, tensors, self.schedule.synchronous(step))
+            output = self._share_output(compiled, leaves) if self.config.model_n > 1 else \
+                compiled.traced.unflatten_output(list(leaves))
         self.state.step += 1
         return output
 
-    def _receive(self, compiled: _Compiled, step: int) -> dict[str, torch.Tensor]:
-        state, channel = self.state, compiled.channel
-        if state.pending is not None:  # values of step - 1, posted after the previous compute
-            state.inputs = channel.wait(state.pending)
-            state.pending = None
-        if self.schedule.synchronous(step) and channel.recv_from:
-            state.inputs = channel.wait(channel.irecv())  # values of this very step
-        return state.inputs
+    def _run_stage(self, compiled: _Compiled, tensors: list[torch.Tensor], sync: bool) -> tuple[Any, ...]:
+        """This rank's segments for one step (Note [stale inputs] in schedule.py).
 
-    def _send(self, compiled: _Compiled, step: int, sends: tuple[torch.Tensor, ...]) -> None:
-        state, channel = self.state, compiled.channel
-        for work, _ in state.inflight:
-            work.wait()
-        state.inflight = channel.isend({t.value: v for t, v in zip(compiled.program.send, sends)})
-        if not self.schedule.synchronous(step) and channel.recv_from:
-            state.pending = channel.irecv()  # this step's values, consumed at the next step
+        Warm-up: before each segment, wait for this step's values from other stages; after it,
+        send. Asynchronous: run every segment on the values received for this step during the
+        previous one, then send this step's values and post the receives for the next step.
+        """
+        state, channel, split = self.state, compiled.channel, compiled.split
+        self._active = channel
+        state.drain(channel)  # the previous step's sends, and an asynchronous step's receives
+        env: dict[str, torch.Tensor] = {}
+        received: dict[str, torch.Tensor] = {}
+        leaves: tuple[Any, ...] = ()
+        for seg, module in zip(compiled.program.segments, compiled.modules):
+            if sync and channel.recvs_into(seg.index):
+                received.update(channel.wait(channel.post({}, [], channel.recvs_into(seg.index))))
+            fresh = {**received, **env} if sync else {**state.stale, **env}
+            outputs, seg_leaves = module(*tensors, *[fresh[v] for v in seg.inputs])
+            env.update(zip(seg.outputs, outputs))
+            if seg.index == split.output_segment:
+                leaves = seg_leaves
+            if sync and channel.sends_from(seg.index):
+                state.inflight.append(channel.post(env, channel.sends_from(seg.index), []))
+        if sync:
+            state.stale = received  # what the first asynchronous step after warm-up consumes
+        elif channel.send_groups or channel.recv_groups:
+            state.pending = channel.post(env, list(channel.send_groups), channel.recv_keys)
+        return leaves
 
     def _share_output(self, compiled: _Compiled, leaves: tuple[Any, ...]) -> Any:
         owner = self.ranks[compiled.split.output_stage]
@@ -210,13 +231,8 @@ class AsyncEngine:
         """Start a new pipeline call (optionally with a new ``warm_up``); drains pending transfers."""
         if warm_up is not None:
             self.schedule = Schedule(self.config.model_n, _check_warm_up(warm_up), self.config.stride)
-        state = self.state
-        if state.pending is not None:
-            for work in state.pending.works:
-                work.wait()
-        for work, _ in state.inflight:
-            work.wait()
-        state.reset()
+        self.state.drain(self._active)
+        self.state.reset()
 
     # -- planning ---------------------------------------------------------------------------
     def _compile(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Compiled:
@@ -231,35 +247,41 @@ class AsyncEngine:
             self.plan = self._make_plan(traced, args, kwargs)
         split = split_graph(traced, self.plan)
         program = split.stages[self.stage]
-        module = program.module(self.denoiser)
-        self._release_foreign_weights(module)
+        modules = [seg.module(self.denoiser) for seg in program.segments]
+        self._release_foreign_weights(modules)
         device = _device_of(traced.flatten_call(args, kwargs))
         out_specs = [traced.specs[n.name] for n in _output_template(traced) if isinstance(n, torch.fx.Node)]
-        compiled = _Compiled(traced, split, program, module,
-                             StageChannel(program, self.ranks, self.group, device),
+        compiled = _Compiled(traced, split, program, modules,
+                             StageChannel(program, len(split.segments), self.ranks, self.group, device),
                              PackLayout.of([(s.shape, s.torch_dtype) for s in out_specs]))
         self._compiled[signature] = compiled
         self.compile_seconds += time.perf_counter() - start
         return compiled
 
     def _make_plan(self, traced: TracedDenoiser, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Plan:
-        text = None
+        """Rank 0 profiles and plans; every rank gets the same plan, or the same planning error."""
+        text, error = None, None
         if self.rank == 0:
-            costs = profile_blocks(traced, self.denoiser, args, kwargs, repeats=self.config.profile_repeats,
-                                   measure_time=self.config.cost == "time")
-            text = auto_plan(traced, costs, self.config.model_n, cost=self.config.cost,
-                             bandwidth=self.config.bandwidth).to_json()
+            try:
+                costs = profile_blocks(traced, self.denoiser, args, kwargs, repeats=self.config.profile_repeats,
+                                       measure_time=self.config.cost == "time")
+                text = auto_plan(traced, costs, self.config.model_n, cost=self.config.cost,
+                                 bandwidth=self.config.bandwidth, layouts=self.config.layouts).to_json()
+            except ValueError as err:
+                error = str(err)
         if self.collective is not None:
-            box = [text]
+            box = [(text, error)]
             dist.broadcast_object_list(box, src=0, group=self.collective)
-            text = box[0]
+            text, error = box[0]
+        if error is not None:
+            raise ValueError(error)
         return Plan.from_json(text)
 
     # -- weights ----------------------------------------------------------------------------
-    def _release_foreign_weights(self, module: torch.fx.GraphModule) -> None:
-        """Free parameters and buffers of blocks other stages own (kept: anything ``module`` uses)."""
+    def _release_foreign_weights(self, modules: list[torch.fx.GraphModule]) -> None:
+        """Free parameters and buffers of blocks other stages own (kept: anything ``modules`` use)."""
         assert self.plan is not None
-        keep = {id(t) for t in (*module.parameters(), *module.buffers())}
+        keep = {id(t) for m in modules for t in (*m.parameters(), *m.buffers())}
         for k, stage in enumerate(self.plan.stages):
             if k == self.stage:
                 continue

@@ -14,12 +14,12 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch.fx
 
 from asyncdiff.partition.plan import Plan
-from asyncdiff.partition.planner import Value, best_contiguous
+from asyncdiff.partition.planner import LAYOUTS, Value, best_assignment, stage_times
 from asyncdiff.partition.profile import BlockCost
 from asyncdiff.partition.trace import TracedDenoiser
 
@@ -52,17 +52,19 @@ def block_values(traced: TracedDenoiser, costs: Mapping[str, BlockCost]) -> list
 
 
 def auto_plan(traced: TracedDenoiser, costs: Mapping[str, BlockCost], n_stages: int, *,
-              cost: str = "time", bandwidth: float | None = None) -> Plan:
-    """The best contiguous plan of ``traced``'s blocks into ``n_stages`` stages.
+              cost: str = "time", bandwidth: float | None = None, layouts: Sequence[str] = LAYOUTS) -> Plan:
+    """The best plan of ``traced``'s blocks into ``n_stages`` stages over ``layouts``.
 
-    ``cost``: ``"time"`` (measured seconds) or ``"flops"``; ``bandwidth`` in bytes per cost unit.
+    ``cost``: ``"time"`` (measured seconds) or ``"flops"``; ``bandwidth`` in bytes per cost unit
+    (None: plan for compute only).
     """
     if cost not in COSTS:
         raise ValueError(f"cost={cost!r} is not a cost model; use one of {COSTS}")
     per_block = [costs[b].seconds if cost == "time" else float(costs[b].flops) for b in traced.blocks]
-    values = block_values(traced, costs) if bandwidth else []
-    starts = best_contiguous(per_block, values, n_stages, bandwidth)
-    bounds = list(starts) + [len(traced.blocks)]
-    stages = tuple(tuple(traced.blocks[i:j]) for i, j in zip(bounds, bounds[1:]))
-    stage_costs = tuple(float(sum(per_block[i:j])) for i, j in zip(bounds, bounds[1:]))
-    return Plan(stages=stages, costs=stage_costs, cost_unit="s" if cost == "time" else "flop")
+    values = block_values(traced, costs)
+    assignment = best_assignment(per_block, values, n_stages, bandwidth, layouts)
+    stages = tuple(tuple(b for b, s in zip(traced.blocks, assignment) if s == k) for k in range(n_stages))
+    stage_costs = tuple(sum(c for c, s in zip(per_block, assignment) if s == k) for k in range(n_stages))
+    modeled = stage_times(per_block, values, assignment, bandwidth)
+    return Plan(stages=stages, costs=stage_costs, cost_unit="s" if cost == "time" else "flop",
+                notes={"modeled_step": max(modeled)})

@@ -1,27 +1,38 @@
-"""The planner: a pure function from block costs and tensor edges to stage cuts.
+"""The planner: a pure function from block costs and tensor edges to a stage per block.
 
 Given blocks in program order with costs ``c[i]`` and the values that flow between blocks
-(``Value(producer, consumers, nbytes)``), choose ``n_stages`` contiguous runs of blocks that
+(``Value(producer, consumers, nbytes)``), assign every block to one of ``n_stages`` stages so as to
 minimise the modelled step time::
 
     step_time = max over stages s of ( sum(c[i] for i in s) + recv_bytes(s) / bandwidth )
 
-``recv_bytes(s)`` counts each value produced before ``s`` and consumed in ``s`` once (a skip
-connection is received once even if several blocks of the stage read it). The optimum over all
-contiguous cuts is found by dynamic programming in O(n_stages * n_blocks^2).
+``recv_bytes(s)`` counts each value produced on another stage and read in ``s`` once (a skip
+connection is received once even if several blocks of the stage read it).
+
+Two layouts are searched, both exactly, by dynamic programming over a cost matrix:
+
+- *contiguous*: stage k runs the k-th run of blocks;
+- *wrapped*: stage 0 runs the first blocks and the last blocks, the other stages split the middle.
+  A UNet's long skip connections (``conv_in`` to the last up block) then stay on one device, as
+  the reference implementation's hand-written SDXL split does.
 
 Example:
     >>> best_contiguous([1, 1, 1, 1, 4], [], 2)
     (0, 4)
+    >>> best_assignment([4, 1, 1, 1, 1, 4], [], 3)
+    (0, 1, 1, 2, 2, 0)
 """
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Value", "best_contiguous", "stage_times"]
+import numpy as np
+
+__all__ = ["LAYOUTS", "Value", "best_assignment", "best_contiguous", "best_wrapped", "stage_times"]
+
+LAYOUTS = ("contiguous", "wrapped")
 
 
 @dataclass(frozen=True)
@@ -33,42 +44,78 @@ class Value:
     nbytes: int
 
 
-def _recv_bytes(values: Sequence[Value], start: int, stop: int) -> int:
-    return sum(v.nbytes for v in values
-               if 0 <= v.producer < start and any(start <= c < stop for c in v.consumers))
-
-
-class _RecvTable:
-    """``recv(start, stop)`` in O(log V): for each ``start``, the values produced before it, sorted
-    by their first consumer at or after ``start``, with prefix sums of their bytes."""
-
-    def __init__(self, values: Sequence[Value], n: int) -> None:
-        self.firsts: list[list[int]] = []
-        self.sums: list[list[int]] = []
-        for start in range(n + 1):
-            pairs = sorted((min(c for c in v.consumers if c >= start), v.nbytes) for v in values
-                           if 0 <= v.producer < start and any(c >= start for c in v.consumers))
-            sums = [0]
-            for _, nbytes in pairs:
-                sums.append(sums[-1] + nbytes)
-            self.firsts.append([first for first, _ in pairs])
-            self.sums.append(sums)
-
-    def __call__(self, start: int, stop: int) -> int:
-        return self.sums[start][bisect.bisect_left(self.firsts[start], stop)]
-
-
-def stage_times(costs: Sequence[float], values: Sequence[Value], starts: Sequence[int],
+def stage_times(costs: Sequence[float], values: Sequence[Value], assignment: Sequence[int],
                 bandwidth: float | None = None) -> list[float]:
-    """Modelled time of each stage for the cut ``starts`` (index of each stage's first block)."""
-    bounds = list(starts) + [len(costs)]
-    times = []
-    for start, stop in zip(bounds, bounds[1:]):
-        t = float(sum(costs[start:stop]))
-        if bandwidth:
-            t += _recv_bytes(values, start, stop) / bandwidth
-        times.append(t)
+    """Modelled time of each stage when block ``i`` runs on stage ``assignment[i]``."""
+    n_stages = max(assignment) + 1
+    times = [0.0] * n_stages
+    for cost, stage in zip(costs, assignment):
+        times[stage] += float(cost)
+    if bandwidth:
+        for v in values:
+            if v.producer < 0:
+                continue
+            for stage in {assignment[c] for c in v.consumers} - {assignment[v.producer]}:
+                times[stage] += v.nbytes / bandwidth
     return times
+
+
+def _check(costs: Sequence[float], n_stages: int) -> None:
+    n = len(costs)
+    if n_stages < 1:
+        raise ValueError(f"n_stages={n_stages} must be >= 1")
+    if n_stages > n:
+        raise ValueError(f"stages={n_stages} but the traced denoiser has only {n} blocks; "
+                         f"use stages <= {n} or a finer block policy")
+    if any(c < 0 for c in costs):
+        raise ValueError("block costs must be >= 0")
+
+
+def _span_costs(costs: Sequence[float], values: Sequence[Value], bandwidth: float | None) -> np.ndarray:
+    """``C[i, j]``: modelled time of a stage running blocks ``[i, j)`` (``inf`` unless i < j)."""
+    n = len(costs)
+    prefix = np.concatenate([[0.0], np.cumsum(np.asarray(costs, dtype=np.float64))])
+    span = prefix[None, :] - prefix[:, None]
+    if bandwidth:
+        # recv[i, j]: values produced before i whose first consumer at or after i is before j.
+        # Per value, rows i in (c_{k-1}, c_k] see first consumer c_k: add over columns j > c_k.
+        diff = np.zeros((n + 2, n + 2))
+        for v in values:
+            if v.producer < 0:
+                continue
+            previous = v.producer
+            for c in sorted(set(c for c in v.consumers if c > v.producer)):
+                diff[previous + 1, c + 1] += v.nbytes
+                diff[c + 1, c + 1] -= v.nbytes
+                previous = c
+        recv = diff.cumsum(axis=0).cumsum(axis=1)[: n + 1, : n + 1]
+        span = span + recv / bandwidth
+    rows, cols = np.indices(span.shape)
+    span[rows >= cols] = np.inf
+    return span
+
+
+def _dp(span: np.ndarray, start: int, n_stages: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Best slowest-stage time of ``n_stages`` stages covering ``[start, j)``, for every ``j``."""
+    size = span.shape[0]
+    best = np.full(size, np.inf)
+    best[start] = 0.0
+    args = []
+    for _ in range(n_stages):
+        grid = np.maximum(best[:, None], span)
+        # ties go to the later cut: it keeps the last stage (which also sends the output) lighter
+        arg = size - 1 - grid[::-1].argmin(axis=0)
+        best = grid[arg, np.arange(size)]
+        args.append(arg)
+    return best, args
+
+
+def _starts(args: list[np.ndarray], stop: int) -> list[int]:
+    starts, j = [], stop
+    for arg in reversed(args):
+        j = int(arg[j])
+        starts.append(j)
+    return list(reversed(starts))
 
 
 def best_contiguous(costs: Sequence[float], values: Sequence[Value], n_stages: int,
@@ -77,43 +124,76 @@ def best_contiguous(costs: Sequence[float], values: Sequence[Value], n_stages: i
 
     ``bandwidth`` in bytes per cost unit; ``None`` ignores communication.
     """
+    _check(costs, n_stages)
+    _, args = _dp(_span_costs(costs, values, bandwidth), 0, n_stages)
+    return tuple(_starts(args, len(costs)))
+
+
+def _wrapped_recv(values: Sequence[Value], n: int) -> np.ndarray:
+    """``R[a, b]``: bytes stage 0 receives when it runs ``[0, a)`` and ``[b, n)``: values
+    produced in ``[a, b)`` and read at or after ``b``."""
+    diff = np.zeros((n + 2, n + 2))
+    for v in values:
+        last = max(v.consumers, default=-1)
+        if v.producer < 0 or last <= v.producer:
+            continue
+        # a in [0, producer], b in [producer + 1, last]
+        diff[0, v.producer + 1] += v.nbytes
+        diff[0, last + 1] -= v.nbytes
+        diff[v.producer + 1, v.producer + 1] -= v.nbytes
+        diff[v.producer + 1, last + 1] += v.nbytes
+    return diff.cumsum(axis=0).cumsum(axis=1)[: n + 1, : n + 1]
+
+
+def best_wrapped(costs: Sequence[float], values: Sequence[Value], n_stages: int,
+                 bandwidth: float | None = None) -> tuple[float, tuple[int, ...]] | None:
+    """The best wrapped layout: ``(slowest stage time, stage per block)``; None if impossible
+    (fewer than 2 stages or 3 blocks)."""
+    _check(costs, n_stages)
     n = len(costs)
-    if n_stages < 1:
-        raise ValueError(f"n_stages={n_stages} must be >= 1")
-    if n_stages > n:
-        raise ValueError(
-            f"stages={n_stages} but the traced denoiser has only {n} blocks; "
-            f"use stages <= {n} or a finer block policy"
-        )
-    if any(c < 0 for c in costs):
-        raise ValueError("block costs must be >= 0")
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + float(c))
-    recv = _RecvTable(values, n) if bandwidth else None
+    if n_stages < 2 or n < n_stages + 1:
+        return None
+    span = _span_costs(costs, values, bandwidth)
+    prefix = np.concatenate([[0.0], np.cumsum(np.asarray(costs, dtype=np.float64))])
+    recv0 = _wrapped_recv(values, n) / bandwidth if bandwidth else np.zeros((n + 1, n + 1))
+    bound = float(_dp(span, 0, n_stages)[0][n])  # a head slower than the best contiguous plan cannot win
+    best: tuple[float, int, int, list[np.ndarray]] | None = None
+    for a in range(1, n - n_stages + 1):
+        if prefix[a] > bound:
+            break
+        middle, args = _dp(span, a, n_stages - 1)
+        tails = np.arange(a + n_stages - 1, n)  # the tail [b, n) is not empty
+        stage0 = prefix[a] + prefix[n] - prefix[tails] + recv0[a, tails]
+        worst = np.maximum(middle[tails], stage0)
+        k = int(worst.argmin())
+        if best is None or worst[k] < best[0]:
+            best = (float(worst[k]), a, int(tails[k]), args)
+    if best is None:
+        return None
+    time, a, b, args = best
+    assignment = [0] * n
+    starts = _starts(args, b) + [b]
+    for stage, (i, j) in enumerate(zip(starts, starts[1:]), start=1):
+        assignment[i:j] = [stage] * (j - i)
+    return time, tuple(assignment)
 
-    def cost(i: int, j: int) -> float:
-        t = prefix[j] - prefix[i]
-        if recv is not None:
-            t += recv(i, j) / bandwidth
-        return t
 
-    inf = float("inf")
-    # best[k][j]: the slowest stage when blocks [0, j) form k stages; arg[k][j]: start of the last one.
-    best = [[inf] * (n + 1) for _ in range(n_stages + 1)]
-    arg = [[0] * (n + 1) for _ in range(n_stages + 1)]
-    best[0][0] = 0.0
-    for k in range(1, n_stages + 1):
-        for j in range(k, n - (n_stages - k) + 1):
-            for i in range(k - 1, j):
-                if best[k - 1][i] == inf:
-                    continue
-                candidate = max(best[k - 1][i], cost(i, j))
-                # ties go to the later cut: it keeps the last stage (which also sends the output) lighter
-                if candidate <= best[k][j]:
-                    best[k][j], arg[k][j] = candidate, i
-    starts, j = [], n
-    for k in range(n_stages, 0, -1):
-        starts.append(arg[k][j])
-        j = arg[k][j]
-    return tuple(reversed(starts))
+def best_assignment(costs: Sequence[float], values: Sequence[Value], n_stages: int,
+                    bandwidth: float | None = None, layouts: Sequence[str] = LAYOUTS) -> tuple[int, ...]:
+    """Stage per block for the best plan over ``layouts``; ties keep the contiguous plan."""
+    unknown = set(layouts) - set(LAYOUTS)
+    if unknown or not layouts:
+        raise ValueError(f"layouts={tuple(layouts)!r}: use a non-empty subset of {LAYOUTS}")
+    _check(costs, n_stages)
+    candidates: list[tuple[float, tuple[int, ...]]] = []
+    if "contiguous" in layouts:
+        starts = list(best_contiguous(costs, values, n_stages, bandwidth)) + [len(costs)]
+        assignment = tuple(k for k, (i, j) in enumerate(zip(starts, starts[1:])) for _ in range(i, j))
+        candidates.append((max(stage_times(costs, values, assignment, bandwidth)), assignment))
+    if "wrapped" in layouts:
+        wrapped = best_wrapped(costs, values, n_stages, bandwidth)
+        if wrapped is not None:
+            candidates.append((max(stage_times(costs, values, wrapped[1], bandwidth)), wrapped[1]))
+    if not candidates:
+        raise ValueError(f"no plan with layouts {tuple(layouts)} for {len(costs)} blocks and {n_stages} stages")
+    return min(candidates, key=lambda c: c[0])[1]

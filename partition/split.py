@@ -1,18 +1,23 @@
 """Split a traced denoiser into per-stage programs according to a :class:`Plan`.
 
+A stage's blocks form one or more *segments*: maximal runs of consecutive blocks (in program
+order) on that stage. A contiguous plan has one segment per stage; a wrapped plan gives stage 0 a
+head and a tail segment. Segments execute in program order in a warm-up step.
+
 Every node of the traced graph gets a home:
 
-- *blocks* that depend on the latent run on the stage the plan gives them;
+- *blocks* that depend on the latent run in their segment;
 - other latent-dependent nodes (``torch.cat`` of a skip connection, ``x[0]`` of a block's tuple
-  output) run on the earliest stage that uses them; an indexing node runs with its producer, so
-  only the selected tensor travels;
+  output) run in the earliest segment that uses them; an indexing node runs with its producer,
+  so only the selected tensor travels;
 - nodes that depend only on call inputs (timestep embedding, conditioning projections) are
-  *replicated*: each stage that needs them computes them from its own copy of the call inputs,
-  with the current step's values (Note [replicated conditioning]).
+  *replicated*: each stage computes them, once per step, in its first segment that needs them
+  (Note [replicated conditioning]).
 
-Each latent value read by another stage is a :class:`Transfer`; a stage program takes the call's
-tensor inputs and its received values, and returns the values it sends (and, on the output
-stage, the denoiser's output leaves).
+A value read by a segment of another stage is a :class:`Transfer`; a value read by a later
+segment of the same stage stays local. A segment program takes the call's tensor inputs and its
+input values, and returns its output values (and, for the output segment, the denoiser's output
+leaves).
 
 Note [replicated conditioning]: every rank runs the pipeline's loop and so holds every call
 input at every step; only latent-derived values are stale. Replicated work is therefore
@@ -39,35 +44,50 @@ import torch.fx
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.trace import ROOT, TensorSpec, TracedDenoiser
 
-__all__ = ["SplitDenoiser", "StageProgram", "Transfer", "split_graph"]
+__all__ = ["Segment", "SplitDenoiser", "StageProgram", "Transfer", "split_graph"]
 
 
 @dataclass(frozen=True)
 class Transfer:
-    """Value ``value`` (a node of the traced graph) travels from stage ``src`` to stage ``dst``."""
+    """Value ``value`` travels from segment ``src_segment`` (on stage ``src``) to segment
+    ``dst_segment`` (on stage ``dst``)."""
 
     value: str
     src: int
     dst: int
     spec: TensorSpec
+    src_segment: int
+    dst_segment: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of consecutive blocks on one stage. ``graph`` takes ``(*call tensors, *inputs)`` and
+    returns ``(outputs, output leaves)``; ``output leaves`` is empty except on the output segment."""
+
+    index: int
+    stage: int
+    blocks: tuple[str, ...]
+    graph: torch.fx.Graph
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+    def module(self, denoiser: torch.nn.Module) -> torch.fx.GraphModule:
+        """The program bound to ``denoiser``: it references only this segment's modules."""
+        holder = torch.nn.Module()
+        setattr(holder, ROOT, denoiser)
+        return torch.fx.GraphModule(holder, self.graph, f"Segment{self.index}")
 
 
 @dataclass(frozen=True)
 class StageProgram:
-    """What one stage runs. ``graph`` takes ``(*call tensors, *recv values)`` and returns
-    ``(send values, output leaves)``; ``output leaves`` is empty except on the output stage."""
+    """What one stage runs: its segments in order, and the transfers it receives and sends."""
 
     index: int
     blocks: tuple[str, ...]
-    graph: torch.fx.Graph
+    segments: tuple[Segment, ...]
     recv: tuple[Transfer, ...]
     send: tuple[Transfer, ...]
-
-    def module(self, denoiser: torch.nn.Module) -> torch.fx.GraphModule:
-        """The program bound to ``denoiser``: it references only this stage's modules."""
-        holder = torch.nn.Module()
-        setattr(holder, ROOT, denoiser)
-        return torch.fx.GraphModule(holder, self.graph, f"Stage{self.index}")
 
     def peers(self, direction: str) -> tuple[int, ...]:
         """Stages this one receives from (``"recv"``) or sends to (``"send"``), ascending."""
@@ -79,94 +99,156 @@ class StageProgram:
 class SplitDenoiser:
     plan: Plan
     stages: tuple[StageProgram, ...]
+    segments: tuple[Segment, ...]
     transfers: tuple[Transfer, ...]
-    output_stage: int
+    output_segment: int
+
+    @property
+    def output_stage(self) -> int:
+        return self.segments[self.output_segment].stage
 
     def describe(self) -> str:
         """Every tensor that crosses a stage boundary, with its shape and bytes."""
         lines = []
-        for stage in self.stages:
-            lines.append(f"stage {stage.index}: {len(stage.blocks)} blocks "
-                         f"({stage.blocks[0]} .. {stage.blocks[-1]})")
-            for t in stage.recv:
-                lines.append(f"  recv {t.value:<40} from stage {t.src}  {t.spec.shape} {t.spec.dtype} "
-                             f"{t.spec.nbytes / 1e6:.3f} MB")
+        for seg in self.segments:
+            lines.append(f"segment {seg.index} on stage {seg.stage}: {len(seg.blocks)} blocks "
+                         f"({seg.blocks[0]} .. {seg.blocks[-1]})")
+            for t in self.transfers:
+                if t.dst_segment == seg.index:
+                    lines.append(f"  recv {t.value:<40} from stage {t.src}  {t.spec.shape} {t.spec.dtype} "
+                                 f"{t.spec.nbytes / 1e6:.3f} MB")
         lines.append(f"output on stage {self.output_stage}")
         return "\n".join(lines)
 
 
-def _owners(traced: TracedDenoiser, plan: Plan) -> tuple[dict[str, int], int]:
-    graph = traced.graph
-    block_stage = {traced.block_node[b]: plan.stage_of(b) for b in traced.blocks}
-    output_stage = block_stage[traced.block_node[traced.blocks[-1]]]
-    owner: dict[str, int] = {}
-    for node in reversed(graph.nodes):
-        if node.name not in traced.latent_nodes or node.op == "placeholder":
-            continue
-        if node.name in block_stage:
-            owner[node.name] = block_stage[node.name]
-            continue
-        users = [output_stage if u.op == "output" else owner[u.name] for u in node.users]
-        owner[node.name] = min(users) if users else output_stage
-    for node in graph.nodes:  # indexing runs with its producer, so only the selected piece travels
-        if node.op == "call_function" and node.target is operator.getitem and node.name in owner:
-            source = node.args[0]
-            if isinstance(source, torch.fx.Node) and source.name in owner:
-                owner[node.name] = min(owner[node.name], owner[source.name])
-    return owner, output_stage
+def _segments_of(traced: TracedDenoiser, plan: Plan) -> list[tuple[int, list[str]]]:
+    runs: list[tuple[int, list[str]]] = []
+    for block in traced.blocks:
+        stage = plan.stage_of(block)
+        if not runs or runs[-1][0] != stage:
+            runs.append((stage, []))
+        runs[-1][1].append(block)
+    return runs
 
 
 def split_graph(traced: TracedDenoiser, plan: Plan) -> SplitDenoiser:
     plan.check_covers(traced.blocks)
-    owner, output_stage = _owners(traced, plan)
+    runs = _segments_of(traced, plan)
+    stage_of_segment = [stage for stage, _ in runs]
     graph = traced.graph
-    output_node = next(n for n in graph.nodes if n.op == "output")
-    transfers: list[Transfer] = []
-    for node in graph.nodes:
-        if node.name not in owner:
+    nodes = list(graph.nodes)
+    output_node = nodes[-1]
+    segment_of_block = {traced.block_node[b]: i for i, (_, blocks) in enumerate(runs) for b in blocks}
+    output_segment = segment_of_block[traced.block_node[traced.blocks[-1]]]
+
+    # Latent nodes: blocks in their segment; glue in its earliest consumer's; indexing with its producer.
+    home: dict[str, int] = {}
+    for node in reversed(nodes):
+        if node.name not in traced.latent_nodes or node.op == "placeholder":
             continue
-        dsts = {output_stage if u.op == "output" else owner[u.name] for u in node.users} - {owner[node.name]}
-        for dst in sorted(dsts):
-            spec = traced.specs.get(node.name)
-            if spec is None:
-                raise ValueError(f"value {node.name} crosses from stage {owner[node.name]} to {dst} "
-                                 "but is not a tensor; choose cuts at tensor boundaries (another block policy)")
-            transfers.append(Transfer(node.name, owner[node.name], dst, spec))
+        if node.name in segment_of_block:
+            home[node.name] = segment_of_block[node.name]
+        else:
+            users = [output_segment if u.op == "output" else home[u.name] for u in node.users]
+            home[node.name] = min(users) if users else output_segment
+    for node in nodes:
+        if node.op == "call_function" and node.target is operator.getitem and node.name in home:
+            source = node.args[0]
+            if isinstance(source, torch.fx.Node) and source.name in home:
+                home[node.name] = min(home[node.name], home[source.name])
+
+    # Replicated nodes: computed once per stage, in the stage's first segment that needs them.
+    needs: dict[str, set[int]] = {}
+    for node in reversed(nodes):
+        if node.name in home or node.op in ("placeholder", "output"):
+            continue
+        segs: set[int] = set()
+        for u in node.users:
+            if u.op == "output":
+                segs.add(output_segment)
+            elif u.name in home:
+                segs.add(home[u.name])
+            else:
+                segs |= needs.get(u.name, set())
+        needs[node.name] = segs
+    computed_in: dict[str, set[int]] = {}  # node -> segments computing it
+    for name, segs in needs.items():
+        first: dict[int, int] = {}
+        for s in sorted(segs):
+            first.setdefault(stage_of_segment[s], s)
+        computed_in[name] = set(first.values())
+    for name, s in home.items():
+        computed_in[name] = {s}
+
+    def source_segment(value: str, consumer: int) -> int:
+        """The segment whose copy of ``value`` the consumer segment reads."""
+        if value in home:
+            return home[value]
+        same_stage = [s for s in computed_in[value] if stage_of_segment[s] == stage_of_segment[consumer]]
+        return same_stage[0]
+
+    # Edges between segments.
+    inputs: dict[int, list[str]] = {i: [] for i in range(len(runs))}
+    outputs: dict[int, list[str]] = {i: [] for i in range(len(runs))}
+    transfers: list[Transfer] = []
+    for node in nodes:
+        if node.op == "placeholder" or node.name not in computed_in:
+            continue
+        for s in sorted(computed_in[node.name]):
+            for arg in node.all_input_nodes:
+                if arg.op == "placeholder" or s in computed_in[arg.name]:
+                    continue
+                _link(arg.name, source_segment(arg.name, s), s, traced, stage_of_segment, inputs, outputs, transfers)
+    for arg in output_node.all_input_nodes:
+        if arg.op != "placeholder" and output_segment not in computed_in[arg.name]:
+            _link(arg.name, source_segment(arg.name, output_segment), output_segment, traced, stage_of_segment,
+                  inputs, outputs, transfers)
+
+    segments = tuple(
+        Segment(i, stage, tuple(blocks),
+                _segment_graph(nodes, i, computed_in, inputs[i], outputs[i],
+                               output_node if i == output_segment else None),
+                tuple(inputs[i]), tuple(outputs[i]))
+        for i, (stage, blocks) in enumerate(runs)
+    )
     stages = tuple(
-        _stage_program(traced, plan, k, owner, output_stage, output_node, transfers)
+        StageProgram(k, plan.stages[k], tuple(seg for seg in segments if seg.stage == k),
+                     tuple(t for t in transfers if t.dst == k), tuple(t for t in transfers if t.src == k))
         for k in range(plan.n_stages)
     )
-    return SplitDenoiser(plan, stages, tuple(transfers), output_stage)
+    return SplitDenoiser(plan, stages, segments, tuple(transfers), output_segment)
 
 
-def _stage_program(traced: TracedDenoiser, plan: Plan, k: int, owner: dict[str, int], output_stage: int,
-                   output_node: torch.fx.Node, transfers: list[Transfer]) -> StageProgram:
-    graph = traced.graph
-    recv = tuple(t for t in transfers if t.dst == k)
-    send = tuple(t for t in transfers if t.src == k)
-    # Nodes this stage computes: its own, plus the replicated (input-only) nodes they need.
-    needed: set[str] = set()
-    for node in reversed(graph.nodes):
-        if owner.get(node.name) == k:
-            needed.add(node.name)
-        elif node.name not in owner and node.op not in ("placeholder", "output") and \
-                any(u.name in needed for u in node.users):
-            needed.add(node.name)
+def _link(value: str, src: int, dst: int, traced: TracedDenoiser, stage_of_segment: list[int],
+          inputs: dict[int, list[str]], outputs: dict[int, list[str]], transfers: list[Transfer]) -> None:
+    if value in inputs[dst]:
+        return
+    inputs[dst].append(value)
+    if value not in outputs[src]:
+        outputs[src].append(value)
+    if stage_of_segment[src] != stage_of_segment[dst]:
+        spec = traced.specs.get(value)
+        if spec is None:
+            raise ValueError(f"value {value} crosses from stage {stage_of_segment[src]} to {stage_of_segment[dst]} "
+                             "but is not a tensor; choose cuts at tensor boundaries (another block policy)")
+        transfers.append(Transfer(value, stage_of_segment[src], stage_of_segment[dst], spec, src, dst))
 
+
+def _segment_graph(nodes: list[torch.fx.Node], index: int, computed_in: dict[str, set[int]], inputs: list[str],
+                   outputs: list[str], output_node: torch.fx.Node | None) -> torch.fx.Graph:
     g = torch.fx.Graph()
     env: dict[str, torch.fx.Node] = {}
-    for node in graph.nodes:
+    for node in nodes:
         if node.op == "placeholder":
             env[node.name] = g.placeholder(node.name)
-    for t in recv:
-        env[t.value] = g.placeholder(f"recv_{t.value}")
-    for node in graph.nodes:
-        if node.op in ("placeholder", "output") or node.name not in needed:
+    for value in inputs:
+        env[value] = g.placeholder(f"in_{value}")
+    for node in nodes:
+        if node.op in ("placeholder", "output") or index not in computed_in.get(node.name, ()):
             continue
         env[node.name] = g.node_copy(node, lambda n: env[n.name])
         env[node.name].meta = dict(node.meta)
-    leaves = output_node.args[0] if k == output_stage else ()
-    sends = tuple(env[t.value] for t in send)
-    g.output((sends, torch.fx.node.map_arg(leaves, lambda n: env[n.name])))
+    leaves = output_node.args[0] if output_node is not None else ()
+    g.output((tuple(env[v] for v in outputs), torch.fx.node.map_arg(leaves, lambda n: env[n.name])))
     g.lint()
-    return StageProgram(k, plan.stages[k], g, recv, send)
+    return g

@@ -8,31 +8,77 @@ import random
 import pytest
 
 from asyncdiff.partition.plan import Plan
-from asyncdiff.partition.planner import Value, best_contiguous, stage_times
+from asyncdiff.partition.planner import Value, best_assignment, best_contiguous, best_wrapped, stage_times
 
 
-def brute_force(costs, values, n_stages, bandwidth):
-    best = None
-    for cuts in itertools.combinations(range(1, len(costs)), n_stages - 1):
-        starts = (0, *cuts)
-        worst = max(stage_times(costs, values, starts, bandwidth))
-        best = worst if best is None else min(best, worst)
-    return best
+def contiguous_assignments(n, n_stages):
+    for cuts in itertools.combinations(range(1, n), n_stages - 1):
+        bounds = (0, *cuts, n)
+        yield tuple(k for k, (i, j) in enumerate(zip(bounds, bounds[1:])) for _ in range(i, j))
 
 
-@pytest.mark.parametrize("seed", range(20))
-def test_dp_matches_brute_force(seed):
+def wrapped_assignments(n, n_stages):
+    # stage 0 = [0, a) + [b, n); stages 1.. split [a, b)
+    for a in range(1, n):
+        for b in range(a + 1, n):
+            for middle in contiguous_assignments(b - a, n_stages - 1):
+                yield (0,) * a + tuple(s + 1 for s in middle) + (0,) * (n - b)
+
+
+def brute_force(costs, values, n_stages, bandwidth, layouts=("contiguous",)):
+    candidates = []
+    if "contiguous" in layouts:
+        candidates += list(contiguous_assignments(len(costs), n_stages))
+    if "wrapped" in layouts and n_stages >= 2:
+        candidates += list(wrapped_assignments(len(costs), n_stages))
+    return min(max(stage_times(costs, values, a, bandwidth)) for a in candidates)
+
+
+def starts_to_assignment(starts, n):
+    bounds = list(starts) + [n]
+    return tuple(k for k, (i, j) in enumerate(zip(bounds, bounds[1:])) for _ in range(i, j))
+
+
+def random_problem(seed):
     rng = random.Random(seed)
     n = rng.randint(3, 9)
     costs = [rng.uniform(0.1, 5.0) for _ in range(n)]
     values = [Value(i, tuple(sorted(rng.sample(range(i + 1, n), rng.randint(0, n - i - 1)))), rng.randint(0, 100))
               for i in range(n - 1)]
+    return n, costs, values
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_contiguous_dp_matches_brute_force(seed):
+    n, costs, values = random_problem(seed)
     for n_stages in range(1, min(n, 5) + 1):
         for bandwidth in (None, 50.0):
             starts = best_contiguous(costs, values, n_stages, bandwidth)
             assert len(starts) == n_stages and starts[0] == 0 and list(starts) == sorted(set(starts))
-            got = max(stage_times(costs, values, starts, bandwidth))
+            got = max(stage_times(costs, values, starts_to_assignment(starts, n), bandwidth))
             assert got == pytest.approx(brute_force(costs, values, n_stages, bandwidth))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_wrapped_and_best_layout_match_brute_force(seed):
+    n, costs, values = random_problem(seed)
+    for n_stages in range(2, min(n - 1, 4) + 1):
+        for bandwidth in (None, 50.0):
+            time, assignment = best_wrapped(costs, values, n_stages, bandwidth)
+            assert assignment[0] == 0 and assignment[-1] == 0 and set(assignment) == set(range(n_stages))
+            assert max(stage_times(costs, values, assignment, bandwidth)) == pytest.approx(time)
+            assert time == pytest.approx(brute_force(costs, values, n_stages, bandwidth, ("wrapped",)))
+            best = best_assignment(costs, values, n_stages, bandwidth)
+            assert max(stage_times(costs, values, best, bandwidth)) == pytest.approx(
+                brute_force(costs, values, n_stages, bandwidth, ("contiguous", "wrapped")))
+
+
+def test_wrapped_keeps_a_long_skip_connection_local():
+    # block 0 feeds block 5 with a large tensor (a UNet's conv_in -> last up block)
+    costs = [1.0] * 6
+    values = [Value(0, (1, 5), 1000)] + [Value(i, (i + 1,), 1) for i in range(1, 5)]
+    assert best_assignment(costs, values, 3, None, ("contiguous",)) == (0, 0, 1, 1, 2, 2)
+    assert best_assignment(costs, values, 3, 10.0) == (0, 0, 1, 1, 2, 0)
 
 
 def test_communication_moves_the_cut():
@@ -41,13 +87,15 @@ def test_communication_moves_the_cut():
     costs = [1.0, 1.0, 1.0, 1.0]
     values = [Value(0, (1, 3), 1000), Value(1, (2,), 10), Value(2, (3,), 10)]
     assert best_contiguous(costs, values, 2, None) == (0, 2)
-    assert stage_times(costs, values, (0, 2), 100.0)[1] == pytest.approx(2.0 + 1010 / 100)
+    assert stage_times(costs, values, (0, 0, 1, 1), 100.0)[1] == pytest.approx(2.0 + 1010 / 100)
     assert best_contiguous(costs, values, 2, 100.0) == (0, 3)
 
 
 def test_more_stages_than_blocks_is_a_clear_error():
     with pytest.raises(ValueError, match=r"stages=5 but the traced denoiser has only 3 blocks; use stages <= 3"):
         best_contiguous([1, 2, 3], [], 5)
+    with pytest.raises(ValueError, match=r"layouts=\('diagonal',\)"):
+        best_assignment([1, 2, 3], [], 2, layouts=("diagonal",))
 
 
 def test_plan_json_round_trip_and_validation():
@@ -58,5 +106,4 @@ def test_plan_json_round_trip_and_validation():
         Plan(stages=(("a",), ("a",)))
     with pytest.raises(ValueError, match="not in any stage"):
         plan.check_covers(["a", "b", "c", "d"])
-    with pytest.raises(ValueError, match="contiguous"):
-        Plan(stages=(("a", "c"), ("b",))).check_covers(["a", "b", "c"])
+    Plan(stages=(("a", "c"), ("b",))).check_covers(["a", "b", "c"])  # a wrapped plan is valid

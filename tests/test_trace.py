@@ -27,13 +27,17 @@ def unet_call():
 
 
 def run_stages(split, module, tensors):
-    values = {}
-    for stage in split.stages:
-        sends, leaves = stage.module(module)(*tensors, *[values[t.value] for t in stage.recv])
-        assert len(sends) == len(stage.send)
-        for transfer, value in zip(stage.send, sends):
-            assert transfer.spec.shape == tuple(value.shape)
-            values[transfer.value] = value
+    """Run the segments in program order in one process; check transfer specs on the way."""
+    values, leaves = {}, ()
+    specs = {t.value: t.spec for t in split.transfers}
+    for seg in split.segments:
+        outputs, seg_leaves = seg.module(module)(*tensors, *[values[v] for v in seg.inputs])
+        assert len(outputs) == len(seg.outputs)
+        for name, value in zip(seg.outputs, outputs):
+            assert name not in specs or specs[name].shape == tuple(value.shape)
+            values[name] = value
+        if seg.index == split.output_segment:
+            leaves = seg_leaves
     return leaves
 
 
@@ -65,17 +69,35 @@ def test_split_runs_stage_by_stage_exactly(unet, unet_call, n_stages):
     args, kwargs = unet_call
     traced = trace_denoiser(unet, args, kwargs)
     costs = profile_blocks(traced, unet, args, kwargs, measure_time=False)
-    plan = auto_plan(traced, costs, n_stages, cost="flops")
+    plan = auto_plan(traced, costs, n_stages, cost="flops", layouts=("contiguous",))
     split = split_graph(traced, plan)
     # every block in exactly one stage, in program order
     assert [b for stage in plan.stages for b in stage] == list(traced.blocks)
     assert all(t.src < t.dst for t in split.transfers)
-    assert split.output_stage == n_stages - 1
+    assert split.output_stage == n_stages - 1 and len(split.segments) == n_stages
     with torch.no_grad():
         expected = unet(*args, **kwargs)[0]
         leaves = run_stages(split, unet, traced.flatten_call(args, kwargs))
     torch.testing.assert_close(leaves[0], expected, rtol=0, atol=0)
     assert "recv" in split.describe()
+
+
+@pytest.mark.parametrize("n_stages", [2, 3])
+def test_wrapped_plan_keeps_long_skips_local_and_is_exact(unet, unet_call, n_stages):
+    args, kwargs = unet_call
+    traced = trace_denoiser(unet, args, kwargs)
+    costs = profile_blocks(traced, unet, args, kwargs, measure_time=False)
+    plan = auto_plan(traced, costs, n_stages, cost="flops", bandwidth=1e-3, layouts=("wrapped",))
+    split = split_graph(traced, plan)
+    assert plan.stage_of("conv_in") == plan.stage_of("conv_out") == 0
+    assert [s.stage for s in split.segments] == [0, *range(1, n_stages), 0]
+    assert split.output_stage == 0
+    # conv_in's output reaches the last up block without leaving stage 0
+    assert "denoiser_conv_in" not in {t.value for t in split.transfers}
+    with torch.no_grad():
+        expected = unet(*args, **kwargs)[0]
+        leaves = run_stages(split, unet, traced.flatten_call(args, kwargs))
+    torch.testing.assert_close(leaves[0], expected, rtol=0, atol=0)
 
 
 def test_plain_user_module_and_dict_output():

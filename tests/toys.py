@@ -52,7 +52,7 @@ class WithBranchy(torch.nn.Module):
         return self.block["branchy"](self.pre(x))
 
 
-def pipeline_scenarios(steps: int, stale_warm_up: int) -> dict[str, Any]:
+def pipeline_scenarios(steps: int, stale_warm_up: int, layout: str = "contiguous") -> dict[str, Any]:
     """On every rank: the plain pipeline's latents, then the same under AsyncDiff with every
     step a warm-up step, then with ``stale_warm_up``, then after ``remove()``."""
     from asyncdiff import AsyncDiff
@@ -68,7 +68,7 @@ def pipeline_scenarios(steps: int, stale_warm_up: int) -> dict[str, Any]:
 
     with torch.no_grad():
         reference = latents()
-        async_diff = AsyncDiff(pipe, model_n=world, stride=1, warm_up=steps)
+        async_diff = AsyncDiff(pipe, model_n=world, stride=1, warm_up=steps, layouts=(layout,))
         exact = latents()
         plan = async_diff.plan
         held = {name: p.numel() for name, p in pipe.unet.named_parameters() if p.numel() > 0}
@@ -93,21 +93,25 @@ def toy_engine(model_n: int) -> Any:
 
 
 def failing_stage(fail_rank: int, fail_step: int) -> None:
-    """Generation where one block on ``fail_rank`` raises at ``fail_step``."""
+    """Generation where every block that runs on ``fail_rank`` raises from step ``fail_step`` on."""
     from asyncdiff import AsyncDiff
     from asyncdiff.models.sd import build_sd15
 
     pipe = build_sd15("tiny", seed=0)
     async_diff = AsyncDiff(pipe, model_n=dist.get_world_size(), warm_up=1)
-    calls = {"n": 0}
+    step = {"n": -1}
+
+    def count(*_: Any) -> None:
+        step["n"] += 1
 
     def boom(*_: Any) -> None:
-        calls["n"] += 1
-        if dist.get_rank() == fail_rank and calls["n"] > fail_step:
+        if dist.get_rank() == fail_rank and step["n"] >= fail_step:
             raise RuntimeError("injected failure")
 
-    pipe.unet.conv_out.register_forward_pre_hook(boom)
-    pipe.unet.conv_in.register_forward_pre_hook(boom)
+    pipe.unet.register_forward_pre_hook(count)
+    for module in pipe.unet.modules():
+        if module is not pipe.unet:
+            module.register_forward_pre_hook(boom)
     with torch.no_grad():
         pipe("a cat", num_inference_steps=6, output_type="latent")
     _ = async_diff

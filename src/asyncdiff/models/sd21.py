@@ -11,7 +11,7 @@ an OpenCLIP-H text encoder (width 1024, 23 layers) and v-prediction.
 Example:
     >>> pipe = build_sd21("tiny", seed=0)
     >>> pipe.unet.config.attention_head_dim
-    [2, 2, 4, 4]
+    (2, 2, 4, 4)
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class SD21Size:
 
 SIZES: dict[str, SD21Size] = {
     "tiny": SD21Size((32, 32, 64, 64), 2, 16, 32, 2, (32, 32, 32, 32), 64),
-    "bench": SD21Size((64, 128, 192, 192), 2, 32, 256, 2, (32, 32, 64, 64), 192),
+    "bench": SD21Size((64, 128, 192, 192), 2, 32, 256, 2, (32, 32, 64, 64), 256),
     "full": SD21Size((320, 640, 1280, 1280), 2, 64, 1024, 23, (128, 256, 512, 512), 768),
 }
 

@@ -9,8 +9,9 @@ axis, and a "text_time" embedding of the pooled text plus 6 size/crop numbers.
 - ``bench``: a denoiser call of a few hundred ms on one core (CFG batch 2).
 - ``full``: the real SDXL 1.0 base configuration (2.6 B UNet parameters), random weights.
 
-With the same seed, the three builders share text encoders and VAE weights; the ControlNet is
-built last, so ``build_controlnet_sdxl`` also shares ``build_sdxl``'s UNet weights.
+With the same seed, the three builders share text encoder weights, and since the ControlNet is
+built last, ``build_controlnet_sdxl`` shares all of ``build_sdxl``'s weights (the inpainting UNet's
+wider input changes every draw after it).
 
 Example:
     >>> pipe = build_sdxl("tiny", seed=0)
@@ -87,19 +88,26 @@ class SDXLSize:
 
 
 SIZES: dict[str, SDXLSize] = {
-    "tiny": SDXLSize((32, 64, 64), 2, (1, 1, 2), 16, (32, 32), (2, 2), 8, (32, 32, 32, 32), (8, 8, 16, 16), 64),
-    "bench": SDXLSize(
-        (64, 128, 192), 2, (1, 2, 3), 32, (128, 128), (2, 2), 32, (32, 32, 64, 64), (16, 16, 32, 32), 192
+    "tiny": SDXLSize(
+        unet_channels=(32, 64, 64), layers_per_block=2, transformer_layers=(1, 1, 2), head_width=16,
+        text_widths=(32, 32), text_layers=(2, 2), time_embed_dim=8,
+        vae_channels=(32, 32, 32, 32), controlnet_channels=(8, 8, 16, 16), resolution=64,
     ),
-    "full": SDXLSize(
-        (320, 640, 1280), 2, (1, 2, 10), 64, (768, 1280), (12, 32), 256,
-        (128, 256, 512, 512), (16, 32, 96, 256), 1024,
+    "bench": SDXLSize(
+        unet_channels=(64, 128, 192), layers_per_block=2, transformer_layers=(1, 2, 6), head_width=32,
+        text_widths=(128, 128), text_layers=(2, 2), time_embed_dim=32,
+        vae_channels=(32, 32, 64, 64), controlnet_channels=(16, 16, 32, 32), resolution=192,
+    ),
+    "full": SDXLSize(  # stable-diffusion-xl-base-1.0, controlnet-canny-sdxl-1.0
+        unet_channels=(320, 640, 1280), layers_per_block=2, transformer_layers=(1, 2, 10), head_width=64,
+        text_widths=(768, 1280), text_layers=(12, 32), time_embed_dim=256,
+        vae_channels=(128, 256, 512, 512), controlnet_channels=(16, 32, 96, 256), resolution=1024,
     ),
 }
 
 
 def _sdxl_parts(size: str, seed: int, in_channels: int) -> dict[str, Any]:
-    """Tokenizers, text encoders, UNet, VAE and scheduler, constructed in that order after seeding."""
+    """Pipeline kwargs: text encoders, UNet, VAE (constructed in that order after seeding), scheduler."""
     from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
 
     spec = check_size(size, SIZES)
@@ -168,6 +176,13 @@ def build_controlnet_sdxl(
     controlnet = ControlNetModel.from_unet(
         parts["unet"], conditioning_embedding_out_channels=spec.controlnet_channels, load_weights_from_unet=False
     )
+    # Note: a fresh ControlNet starts with zero output convolutions, so its residuals are exactly
+    # zero and the control image would have no effect. Random weights there make the control path
+    # observable (a bug that drops it changes the result).
+    zero_convs = [controlnet.controlnet_cond_embedding.conv_out, *controlnet.controlnet_down_blocks,
+                  controlnet.controlnet_mid_block]
+    for conv in zero_convs:
+        conv.reset_parameters()
     return finish(StableDiffusionXLControlNetPipeline(**parts, controlnet=controlnet), dtype)
 
 
