@@ -11,6 +11,7 @@ Example (under ``torchrun --nproc_per_node=2``)::
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch.distributed as dist
@@ -80,6 +81,7 @@ _SUBCLASSES: dict[type, type] = {}
 def _resetting_subclass(cls: type) -> type:
     """``cls`` with a ``__call__`` that resets the engine's state first: state lives per call."""
     if cls not in _SUBCLASSES:
+        @functools.wraps(cls.__call__)  # keeps the pipeline's signature visible to inspect
         def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
             self._asyncdiff.engine.reset_state()
             return cls.__call__(self, *args, **kwargs)

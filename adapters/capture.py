@@ -39,6 +39,13 @@ def capture_denoiser_call(pipeline: Any, denoiser: str, **call_kwargs: Any) -> t
 
     handle = module.register_forward_pre_hook(stop, with_kwargs=True)
     call_kwargs.setdefault("num_inference_steps", 1)
+    scheduler = getattr(pipeline, "scheduler", None)
+    on_meta = any(p.is_meta for p in module.parameters())
+    if on_meta and scheduler is not None:
+        # Some schedulers copy their tables back to the CPU, which meta tensors cannot do: keep
+        # the timesteps on the CPU (0-d CPU tensors mix with meta tensors).
+        set_timesteps = scheduler.set_timesteps
+        scheduler.set_timesteps = lambda *a, device=None, **kw: set_timesteps(*a, **kw)
     try:
         with torch.no_grad():
             pipeline(**call_kwargs)
@@ -46,5 +53,7 @@ def capture_denoiser_call(pipeline: Any, denoiser: str, **call_kwargs: Any) -> t
         return captured.call
     finally:
         handle.remove()
+        if on_meta and scheduler is not None:
+            del scheduler.set_timesteps
     raise RuntimeError(f"{type(pipeline).__name__} finished without calling its {denoiser!r}; "
                        "pass the arguments that make it denoise (e.g. a prompt and num_inference_steps)")

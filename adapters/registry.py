@@ -1,18 +1,19 @@
 """Adapters: declarative records of where a pipeline keeps its denoiser and what its arguments mean.
 
 An adapter is data, not a copy of a pipeline's denoising loop: the pipeline's own loop runs
-unchanged and calls the denoiser, which the engine stands in for. A pipeline no adapter names
-still works through :func:`adapter_for`'s generic path when its denoiser is ``pipe.unet`` or
-``pipe.transformer`` and its first tensor argument is the latent.
+unchanged and calls the denoiser, which the engine stands in for. Extra inputs (ControlNet
+residuals, SVD's image latents and added time ids, SDXL's added conditioning) need no entry:
+they are call inputs, which every rank holds fresh at every step (Note [replicated conditioning]
+in :mod:`asyncdiff.partition.split`). A pipeline no adapter names still works through
+:func:`adapter_for`'s generic path when its denoiser is ``pipe.unet`` or ``pipe.transformer``.
 
 Example:
-    >>> ADAPTERS["sd15"].denoiser
-    'unet'
+    >>> ADAPTERS["sd3"].denoiser, ADAPTERS["sd3"].latent
+    ('transformer', 'hidden_states')
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,14 +24,18 @@ __all__ = ["ADAPTERS", "Adapter", "adapter_for", "register"]
 class Adapter:
     """``pipelines``: diffusers pipeline class names it serves; ``denoiser``: the attribute that
     holds the denoiser; ``latent``: the denoiser argument carrying the noisy latent (``None``:
-    the first tensor argument); ``build``: ``(size, seed) -> pipeline`` for the built-in offline
-    model, if there is one."""
+    the first tensor argument); ``calls_per_step``: denoiser calls per denoising step."""
 
     name: str
     pipelines: tuple[str, ...]
     denoiser: str = "unet"
     latent: str | None = "sample"
-    build: Callable[[str, int], Any] | None = None
+    calls_per_step: int = 1
+
+    def __post_init__(self) -> None:
+        if self.calls_per_step != 1:
+            raise ValueError(f"Adapter {self.name!r}: calls_per_step={self.calls_per_step}; only pipelines that "
+                             "call their denoiser once per step (batched guidance) are supported")
 
 
 ADAPTERS: dict[str, Adapter] = {}
@@ -39,6 +44,10 @@ ADAPTERS: dict[str, Adapter] = {}
 def register(adapter: Adapter) -> Adapter:
     if adapter.name in ADAPTERS:
         raise ValueError(f"an adapter named {adapter.name!r} is already registered; pick another name")
+    taken = {p: a.name for a in ADAPTERS.values() for p in a.pipelines}
+    clash = [p for p in adapter.pipelines if p in taken]
+    if clash:
+        raise ValueError(f"pipelines {clash} already have adapter {taken[clash[0]]!r}; one adapter per pipeline class")
     ADAPTERS[adapter.name] = adapter
     return adapter
 
@@ -54,15 +63,14 @@ def adapter_for(pipeline: Any) -> Adapter:
             return Adapter(name=f"generic-{attr}", pipelines=(type(pipeline).__name__,), denoiser=attr, latent=None)
     raise TypeError(
         f"{type(pipeline).__name__} has no registered adapter and no `unet` or `transformer` attribute; "
-        "register an asyncdiff.adapters.Adapter that names its denoiser attribute"
+        "register an asyncdiff.adapters.registry.Adapter that names its denoiser attribute"
     )
 
 
-def _build_sd15(size: str, seed: int) -> Any:
-    from asyncdiff.models.sd import build_sd15
-
-    return build_sd15(size, seed=seed)
-
-
-register(Adapter(name="sd15", pipelines=("StableDiffusionPipeline",), denoiser="unet", latent="sample",
-                 build=_build_sd15))
+register(Adapter("stable-diffusion", ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
+                                      "StableDiffusionInpaintPipeline", "StableDiffusionUpscalePipeline")))
+register(Adapter("sdxl", ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+                          "StableDiffusionXLInpaintPipeline", "StableDiffusionXLControlNetPipeline")))
+register(Adapter("sd3", ("StableDiffusion3Pipeline",), denoiser="transformer", latent="hidden_states"))
+register(Adapter("svd", ("StableVideoDiffusionPipeline",)))
+register(Adapter("animatediff", ("AnimateDiffPipeline",)))

@@ -142,7 +142,17 @@ def _make_root(denoiser: torch.nn.Module, arguments: dict[str, Any]) -> tuple[_R
 
 
 class _ShapeProxy(MetaProxy):
-    """Answers ``numel()`` from the meta value, as MetaProxy does for ``size()``/``dim()``."""
+    """Answers ``numel()``, ``ndim`` and ``len()`` from the meta value, as MetaProxy does for ``size()``."""
+
+    @property
+    def ndim(self) -> Any:
+        return self.dim()
+
+    def __len__(self) -> int:
+        meta = getattr(self, "_tensor_meta", None)
+        if isinstance(meta, (torch.Tensor, tuple, list)):
+            return len(meta)
+        return super().__len__()
 
     def numel(self) -> Any:
         meta = getattr(self, "_tensor_meta", None)
@@ -152,6 +162,8 @@ class _ShapeProxy(MetaProxy):
 
 
 class _BlockTracer(MetaTracer):
+    proxy_buffer_attributes = True  # a buffer read in traced code stays a reference to the buffer
+
     def __init__(self, blocks: set[str]) -> None:
         super().__init__()
         self.block_paths = {f"{ROOT}.{b}" for b in blocks}
@@ -341,6 +353,13 @@ def trace_denoiser(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: dic
         )
     for node, meta in tracer.node_meta.items():
         node.meta["asyncdiff_value"] = meta
+    constants = [n.target for n in graph.nodes if n.op == "get_attr" and not str(n.target).startswith(f"{ROOT}.")]
+    if constants:
+        raise TraceError(
+            f"tracing {type(denoiser).__name__}: the traced code made tensor constants {constants[:3]} (a tensor "
+            "built outside the traced inputs, weights and buffers); make the module that builds it a block "
+            "(policy='coarse' or a predicate)"
+        )
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     _share_device_nodes(graph, placeholders[0] if placeholders else None)
     graph.lint()

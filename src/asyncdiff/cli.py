@@ -30,15 +30,15 @@ def _non_negative(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from asyncdiff.adapters.registry import ADAPTERS
-    from asyncdiff.models.sd import SIZES
+    from asyncdiff.models.builders import BUILDERS
+    from asyncdiff.models.common import SIZE_NAMES
     from asyncdiff.partition.report import LINKS
 
     parser = argparse.ArgumentParser(prog="asyncdiff", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="generate an image on N processes")
-    gen.add_argument("--pipeline", default="sd15", choices=sorted(ADAPTERS))
-    gen.add_argument("--size", default="tiny", choices=sorted(SIZES), help="built-in model size")
+    gen.add_argument("--pipeline", default="sd15", choices=list(BUILDERS))
+    gen.add_argument("--size", default="tiny", choices=SIZE_NAMES, help="built-in model size")
     gen.add_argument("--model", default=None, help="local folder or hub id to load real weights from")
     gen.add_argument("--devices", type=_positive, default=2, help="processes; 1 runs the plain pipeline")
     gen.add_argument("--stride", type=int, default=1, choices=(1, 2))
@@ -46,16 +46,17 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--warm-up", type=_non_negative, default=1, help="sequential steps per call")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--prompt", default="a photo of a cat")
-    gen.add_argument("--out", default="out.png", help="image file written by rank 0")
+    gen.add_argument("--out", default=None, help="image (.png) or video (.gif, .mp4) written by rank 0; "
+                     "default out.png, or out.gif for video pipelines")
     gen.add_argument("--threads-per-device", type=_positive, default=1)
     gen.add_argument("--policy", default="fine", choices=("fine", "coarse"), help="block granularity")
     gen.add_argument("--cost", default="time", choices=("time", "flops"), help="what the planner balances")
 
     ins = commands.add_parser("inspect", help="plan a split and show it, without running anything in parallel")
     source = ins.add_mutually_exclusive_group()
-    source.add_argument("--pipeline", default="sd15", choices=sorted(ADAPTERS))
+    source.add_argument("--pipeline", default="sd15", choices=list(BUILDERS))
     source.add_argument("--model", default=None, help="local folder or hub id of a diffusers pipeline")
-    ins.add_argument("--size", default="tiny", choices=sorted(SIZES), help="built-in model size")
+    ins.add_argument("--size", default="tiny", choices=SIZE_NAMES, help="built-in model size")
     ins.add_argument("--stages", type=_positive, required=True)
     ins.add_argument("--cost", default="flops", choices=("time", "flops"),
                      help="flops: on meta tensors, no weights needed; time: measured on this machine")
@@ -69,11 +70,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _inspect(args: argparse.Namespace) -> int:
     from asyncdiff.inspection import load_for_inspection, pipeline_report
+    from asyncdiff.models.builders import example_inputs
 
     pipe = load_for_inspection(args.pipeline, args.size, args.model, on_meta=args.cost == "flops")
+    call = {} if args.model else example_inputs(args.pipeline, args.size)
     _, report = pipeline_report(pipe, stages=args.stages, cost=args.cost, link=args.bandwidth, policy=args.policy,
                                 name=f"{args.model or args.pipeline} ({args.size if not args.model else 'loaded'})",
-                                prompt=args.prompt)
+                                prompt=args.prompt, **call)
     print(report.table())
     if args.json_path:
         with open(args.json_path, "w") as f:
@@ -85,8 +88,10 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from asyncdiff.generate import GenerateSpec, run, summary
+    from asyncdiff.generate import VIDEO_PIPELINES, GenerateSpec, run, summary
 
+    if args.out is None:
+        args.out = "out.gif" if args.pipeline in VIDEO_PIPELINES and not args.model else "out.png"
     spec = GenerateSpec(
         pipeline=args.pipeline, size=args.size, model=args.model, devices=args.devices, stride=args.stride,
         steps=args.steps, warm_up=args.warm_up, seed=args.seed, prompt=args.prompt, out=args.out,

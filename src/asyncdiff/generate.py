@@ -16,7 +16,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["GenerateSpec", "run", "worker"]
+__all__ = ["VIDEO_PIPELINES", "GenerateSpec", "run", "save_output", "worker"]
+
+VIDEO_PIPELINES = ("svd", "animatediff")
 
 
 @dataclass(frozen=True)
@@ -37,13 +39,16 @@ class GenerateSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from asyncdiff.adapters.registry import ADAPTERS
-        from asyncdiff.models.sd import SIZES
+        from asyncdiff.models.builders import BUILDERS
+        from asyncdiff.models.common import SIZE_NAMES
 
-        if self.pipeline not in ADAPTERS:
-            raise ValueError(f"pipeline={self.pipeline!r} is not a built-in pipeline; use one of {sorted(ADAPTERS)}")
-        if self.size not in SIZES:
-            raise ValueError(f"size={self.size!r} is not a built-in size; use one of {sorted(SIZES)}")
+        if self.pipeline not in BUILDERS:
+            raise ValueError(f"pipeline={self.pipeline!r} is not a built-in pipeline; use one of {sorted(BUILDERS)}")
+        if self.size not in SIZE_NAMES:
+            raise ValueError(f"size={self.size!r} is not a built-in size; use one of {list(SIZE_NAMES)}")
+        if self.out and self.pipeline in VIDEO_PIPELINES and self.model is None \
+                and not self.out.endswith((".gif", ".mp4")):
+            raise ValueError(f"out={self.out!r}: {self.pipeline} makes a video; write .gif or .mp4")
         for name in ("devices", "steps", "threads_per_device"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
@@ -64,17 +69,57 @@ class GenerateSpec:
 
 
 def _load_pipeline(spec: GenerateSpec) -> Any:
-    from asyncdiff.adapters.registry import ADAPTERS
+    from asyncdiff.models.builders import BUILDERS
 
     if spec.model is not None:
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(spec.model)
+        return DiffusionPipeline.from_pretrained(spec.model)
+    return BUILDERS[spec.pipeline](spec.size, spec.seed)
+
+
+def _call_kwargs(spec: GenerateSpec, pipe: Any, keep: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The pipeline call: prompt, steps, seed, built-in example inputs, and a hook on the final latents."""
+    import inspect
+
+    from asyncdiff.models.builders import example_inputs
+
+    params = inspect.signature(type(pipe).__call__).parameters
+    kwargs: dict[str, Any] = {"num_inference_steps": spec.steps, "generator": torch.Generator().manual_seed(spec.seed)}
+    if spec.model is None:
+        kwargs.update(example_inputs(spec.pipeline, spec.size, spec.seed))
+    if "prompt" in params:
+        kwargs["prompt"] = spec.prompt
+
+    if "callback_on_step_end" in params:
+        def on_step_end(_pipe: Any, _i: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            keep["latents"] = tensors["latents"]
+            return tensors
+
+        kwargs.update(callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"])
+    elif "callback" in params:
+        def on_step(_i: int, _t: Any, latents: torch.Tensor) -> None:
+            keep["latents"] = latents
+
+        kwargs.update(callback=on_step, callback_steps=1)
+    return kwargs
+
+
+def save_output(output: Any, path: str) -> None:
+    """Save an image, or a video as GIF (``.gif``) or MP4 (``.mp4``)."""
+    frames = getattr(output, "frames", None)
+    if frames is None:
+        output.images[0].save(path)
+        return
+    from diffusers.utils import export_to_gif, export_to_video
+
+    frames = list(frames[0])
+    if path.endswith(".mp4"):
+        export_to_video(frames, path, fps=7)
+    elif path.endswith(".gif"):
+        export_to_gif(frames, path)
     else:
-        build = ADAPTERS[spec.pipeline].build
-        assert build is not None
-        pipe = build(spec.size, spec.seed)
-    return pipe
+        raise ValueError(f"out={path!r}: a video pipeline writes .gif or .mp4; use one of those suffixes")
 
 
 class _StepTimer:
@@ -114,15 +159,8 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
     denoiser = getattr(pipe, (async_diff.adapter if async_diff else _adapter(pipe)).denoiser)
     timer = _StepTimer(denoiser)
     final: dict[str, torch.Tensor] = {}
-
-    def keep_latents(_pipe: Any, _i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        final["latents"] = kwargs["latents"]
-        return kwargs
-
-    generator = torch.Generator().manual_seed(spec.seed)
     with torch.no_grad():
-        output = pipe(spec.prompt, num_inference_steps=spec.steps, generator=generator,
-                      callback_on_step_end=keep_latents, callback_on_step_end_tensor_inputs=["latents"])
+        output = pipe(**_call_kwargs(spec, pipe, final))
     plan_s = async_diff.engine.compile_seconds if async_diff is not None else 0.0
     result: dict[str, Any] = {
         "pipeline": spec.pipeline, "size": spec.size, "devices": spec.devices, "stride": spec.stride,
@@ -136,7 +174,7 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
         result["bytes_sent_per_step"] = async_diff.engine.bytes_sent_per_step
         result["released_weights"] = len(async_diff.engine.released_weights)
     if rank == 0 and spec.out:
-        output.images[0].save(spec.out)
+        save_output(output, spec.out)
     result["latents"] = final["latents"].cpu()
     return result
 

@@ -61,17 +61,19 @@ def pipeline_report(pipeline: Any, *, stages: int, cost: str = "flops", link: st
 
 
 def load_for_inspection(pipeline: str, size: str, model: str | None, *, on_meta: bool) -> Any:
-    """A built-in pipeline (on ``meta`` when only FLOPs are needed) or one loaded from ``model``."""
+    """A built-in pipeline (its models on ``meta`` when only FLOPs are needed) or one loaded from ``model``."""
     if model is not None:
         from diffusers import DiffusionPipeline
 
         return DiffusionPipeline.from_pretrained(model)
-    from asyncdiff.adapters.registry import ADAPTERS
+    from asyncdiff.models.builders import BUILDERS
 
-    build = ADAPTERS[pipeline].build
-    if build is None:
-        raise ValueError(f"pipeline={pipeline!r} has no built-in model; pass --model PATH")
-    if on_meta:
-        with torch.device("meta"):
-            return build(size, 0)
-    return build(size, 0)
+    if pipeline not in BUILDERS:
+        raise ValueError(f"pipeline={pipeline!r} has no built-in model; use one of {sorted(BUILDERS)} or --model PATH")
+    if not on_meta:
+        return BUILDERS[pipeline](size, 0)
+    # Schedulers copy tables to the CPU while they are built, so only modules go to meta.
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return BUILDERS[pipeline](size, 0)

@@ -1,0 +1,56 @@
+"""The partition inspection tool, from the command line and from Python."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from asyncdiff.cli import main
+from asyncdiff.inspection import partition_report
+from asyncdiff.partition.plan import Plan
+
+
+def test_full_size_sd15_plans_on_meta_without_weights(tmp_path, capsys):
+    out_json, out_html = tmp_path / "plan.json", tmp_path / "plan.html"
+    assert main(["inspect", "--pipeline", "sd15", "--size", "full", "--stages", "3", "--cost", "flops",
+                 "--bandwidth", "none", "--json", str(out_json), "--html", str(out_html)]) == 0
+    table = capsys.readouterr().out
+    assert "imbalance (max/mean stage cost)" in table and "speed-up" in table
+    report = json.loads(out_json.read_text())
+    assert report["cost_unit"] == "flop" and len(report["stages"]) == 3
+    assert {"blocks", "cost", "params_bytes", "recv_bytes"} <= set(report["stages"][0])
+    assert report["imbalance"] <= 1.03  # the reference's hand-written SD 1.5 split: 1.144
+    blocks = [b for stage in report["stages"] for b in stage["blocks"]]
+    assert len(blocks) == len(set(blocks)) == 48
+    # 860 M parameters in fp32, counted from shapes alone
+    assert 3.2e9 < sum(s["params_bytes"] for s in report["stages"]) < 3.6e9
+    page = out_html.read_text()
+    assert page.count("<rect") == 48 and "stage 2" in page
+
+
+def test_measured_time_on_the_tiny_model(capsys):
+    assert main(["inspect", "--size", "tiny", "--stages", "2", "--cost", "time", "--bandwidth", "gloo"]) == 0
+    out = capsys.readouterr().out
+    assert "cost in s" in out and "link gloo" in out
+
+
+def test_python_api_for_a_new_architecture_and_explicit_plan():
+    net = torch.nn.Sequential(*[torch.nn.Linear(32, 32) for _ in range(4)], torch.nn.Linear(32, 8))
+    x = torch.randn(4, 32)
+    plan, report = partition_report(net, (x,), {}, stages=2, cost="flops", link="none")
+    assert [len(s) for s in plan.stages] in ([2, 3], [3, 2])
+    mine = Plan.from_json(Plan(stages=(("0",), ("1", "2", "3", "4")), cost_unit="flop").to_json())
+    _, fixed = partition_report(net, (x,), {}, stages=2, cost="flops", plan=mine)
+    assert fixed.stages[0].blocks == ("0",) and fixed.stages[1].recv_bytes == 4 * 32 * 4
+    assert fixed.imbalance > report.imbalance
+
+
+def test_time_cost_needs_weights():
+    with torch.device("meta"):
+        net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="cost='time' measures the blocks and needs real weights"):
+        partition_report(net, (torch.empty(2, 8, device="meta"),), {}, stages=2, cost="time")
+    with pytest.raises(ValueError, match="link='infiniband' is not a preset"):
+        partition_report(net, (torch.empty(2, 8, device="meta"),), {}, stages=2, link="infiniband")
