@@ -52,11 +52,18 @@ class AsyncDiff:
         device = local_device()
         if device.type == "cuda" and getattr(self.denoiser, "device", device).type != "cuda":
             pipeline.to(device)
-        self.engine = AsyncEngine(self.denoiser, config, plan=plan, latent=self.adapter.latent)
+        self.engine = AsyncEngine(self.denoiser, config, plan=plan, latent=self.adapter.latent,
+                                  timestep_arg=self.adapter.timestep, timesteps=self._timestep_of_step)
         attach(self.denoiser, self.engine)
         self._original_class = type(pipeline)
         pipeline.__class__ = _resetting_subclass(self._original_class)
         pipeline._asyncdiff = self
+
+    def _timestep_of_step(self, step: int) -> Any:
+        """The timestep of denoising step ``step`` of the running call (clamped to the last one)."""
+        scheduler = self.pipeline.scheduler
+        begin = getattr(scheduler, "begin_index", None) or 0
+        return scheduler.timesteps[min(begin + step, len(scheduler.timesteps) - 1)]
 
     def reset_state(self, warm_up: int | None = None) -> None:
         """Forget all stale state; a new ``warm_up`` applies from the next pipeline call on."""

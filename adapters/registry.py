@@ -24,12 +24,14 @@ __all__ = ["ADAPTERS", "Adapter", "adapter_for", "register"]
 class Adapter:
     """``pipelines``: diffusers pipeline class names it serves; ``denoiser``: the attribute that
     holds the denoiser; ``latent``: the denoiser argument carrying the noisy latent (``None``:
-    the first tensor argument); ``calls_per_step``: denoiser calls per denoising step."""
+    the first tensor argument); ``timestep``: the argument carrying the timestep;
+    ``calls_per_step``: denoiser calls per denoising step."""
 
     name: str
     pipelines: tuple[str, ...]
     denoiser: str = "unet"
     latent: str | None = "sample"
+    timestep: str = "timestep"
     calls_per_step: int = 1
 
     def __post_init__(self) -> None:

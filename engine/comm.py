@@ -9,7 +9,7 @@ Operations are posted with ``batch_isend_irecv``, which NCCL needs when two rank
 other in the same step.
 
 Example (not run here: needs a process group):
-    channel = StageChannel(program, n_segments, ranks=[0, 1], group=group, device=torch.device("cpu"))
+    channel = StageChannel(program, n_segments, {0: [0], 1: [1]}, group=group, device=torch.device("cpu"))
     pending = channel.post(sends={key: values}, recvs=channel.recv_keys)
     received = channel.wait(pending)
 """
@@ -38,9 +38,10 @@ class Pending:
 
 
 class StageChannel:
-    def __init__(self, program: StageProgram, n_segments: int, ranks: list[int],
+    def __init__(self, program: StageProgram, n_segments: int, destinations: Mapping[int, list[int]],
                  group: dist.ProcessGroup | None, device: torch.device) -> None:
-        self.ranks, self.group, self.device, self.n_segments = ranks, group, device, n_segments
+        """``destinations[stage]``: the ranks that run ``stage`` (the first one sends its values)."""
+        self.destinations, self.group, self.device, self.n_segments = destinations, group, device, n_segments
         self.recv_groups = _grouped(program.recv)
         self.send_groups = _grouped(program.send)
         self.layouts = {key: PackLayout.of([(t.spec.shape, t.spec.torch_dtype) for t in ts])
@@ -56,7 +57,8 @@ class StageChannel:
 
     @property
     def bytes_sent_per_step(self) -> int:
-        return sum(self.layouts[key].nbytes for key in self.send_groups)
+        return sum(self.layouts[key].nbytes * len(self.destinations[ts[0].dst])
+                   for key, ts in self.send_groups.items())
 
     def sends_from(self, segment: int) -> list[Key]:
         return [key for key in self.send_groups if key[0] == segment]
@@ -70,10 +72,11 @@ class StageChannel:
         for key in sends:
             transfers = self.send_groups[key]
             buffer = pack([values[t.value] for t in transfers], self.layouts[key])
-            ops.append(dist.P2POp(dist.isend, buffer, self.ranks[transfers[0].dst], self.group, self._tag(key)))
+            for rank in self.destinations[transfers[0].dst]:
+                ops.append(dist.P2POp(dist.isend, buffer, rank, self.group, self._tag(key)))
             pending.keep_alive.append(buffer)
         for key in recvs:
-            src = self.ranks[self.recv_groups[key][0].src]
+            src = self.destinations[self.recv_groups[key][0].src][0]
             ops.append(dist.P2POp(dist.irecv, self.buffers[key], src, self.group, self._tag(key)))
             pending.recvs.append(key)
         if ops:

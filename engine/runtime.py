@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch.distributed as dist
 import torch.fx
 
 from asyncdiff.engine.comm import Pending, StageChannel
-from asyncdiff.engine.schedule import Schedule
+from asyncdiff.engine.schedule import Schedule, StepKind
 from asyncdiff.kernels.pack import PackLayout, pack, unpack
 from asyncdiff.partition.auto import COSTS, auto_plan
 from asyncdiff.partition.blocks import BlockPolicy
@@ -76,20 +77,24 @@ class EngineConfig:
             raise ValueError(f"model_n={self.model_n!r} must be an integer >= 1 (the number of stages)")
         if self.stride not in (1, 2):
             raise ValueError(f"stride={self.stride!r} must be 1 or 2")
-        if self.stride == 2:
-            raise ValueError("stride=2 is not implemented in this version of asyncdiff; use stride=1")
         if not isinstance(self.warm_up, int) or self.warm_up < 0:
             raise ValueError(f"warm_up={self.warm_up!r} must be an integer >= 0 (sequential steps per call)")
-        if self.time_shift:
-            raise ValueError("time_shift=True is not implemented in this version of asyncdiff; "
-                             "use time_shift=False")
+        if not isinstance(self.time_shift, bool):
+            raise ValueError(f"time_shift={self.time_shift!r} must be True or False")
         if self.cost not in COSTS:
             raise ValueError(f"cost={self.cost!r} must be one of {COSTS}")
         if not self.layouts or set(self.layouts) - set(LAYOUTS):
             raise ValueError(f"layouts={self.layouts!r} must be a non-empty subset of {LAYOUTS}")
+        if self.stride == 2 and "contiguous" not in self.layouts:
+            raise ValueError(f"stride=2 runs contiguous plans only (the extra rank repeats the last stage); "
+                             f"layouts={self.layouts!r} must include 'contiguous'")
         if self.profile_repeats < 1:
             raise ValueError(f"profile_repeats={self.profile_repeats} must be >= 1")
         BlockPolicy.parse(self.policy)
+
+    @property
+    def plan_layouts(self) -> tuple[str, ...]:
+        return ("contiguous",) if self.stride == 2 else self.layouts
 
     @property
     def world_size(self) -> int:
@@ -113,6 +118,7 @@ class StageState:
     stale: dict[str, torch.Tensor] = field(default_factory=dict)  # values received for use at `step`
     pending: Pending | None = None  # an asynchronous step's sends, and receives for the next step
     inflight: list[Pending] = field(default_factory=list)  # a warm-up step's sends
+    reuse: tuple[Any, ...] = ()  # stride 2: the last stage's round output, the next step's prediction
 
     def drain(self, channel: StageChannel | None) -> None:
         if self.pending is not None and channel is not None:
@@ -123,7 +129,7 @@ class StageState:
         self.pending, self.inflight = None, []
 
     def reset(self) -> None:
-        self.step, self.stale, self.pending, self.inflight = 0, {}, None, []
+        self.step, self.stale, self.pending, self.inflight, self.reuse = 0, {}, None, [], ()
 
 
 @dataclass
@@ -148,8 +154,15 @@ class AsyncEngine:
     """
 
     def __init__(self, denoiser: torch.nn.Module, config: EngineConfig, *, plan: Plan | None = None,
-                 latent: str | None = None, group: dist.ProcessGroup | None = None) -> None:
+                 latent: str | None = None, group: dist.ProcessGroup | None = None,
+                 timestep_arg: str | None = None, timesteps: Callable[[int], Any] | None = None) -> None:
+        """``timestep_arg`` names the denoiser's timestep argument and ``timesteps(step)`` gives the
+        timestep of any step of the current call; both are needed for stride 2 and time shift."""
         self.denoiser, self.config, self.plan, self.latent = denoiser, config, plan, latent
+        if (config.stride == 2 or config.time_shift) and (timestep_arg is None or timesteps is None):
+            raise ValueError("stride=2 and time_shift=True feed stages other steps' timesteps: pass "
+                             "timestep_arg and timesteps (AsyncDiff does this from the pipeline's scheduler)")
+        self.timestep_arg, self.timesteps = timestep_arg, timesteps
         self.distributed = dist.is_available() and dist.is_initialized()
         world = dist.get_world_size(group) if self.distributed else 1
         config.check_world_size(world)
@@ -157,13 +170,13 @@ class AsyncEngine:
             raise ValueError(f"plan has {plan.n_stages} stages but model_n={config.model_n}; "
                              "pass a plan with model_n stages")
         self.rank = dist.get_rank(group) if self.distributed else 0
-        self.stage = self.rank
+        self.stage = min(self.rank, config.model_n - 1)  # stride 2: the extra rank repeats the last stage
         self.ranks = list(range(world))
         self.group = group
         # Collectives (plan, final output) on their own group, apart from point-to-point traffic.
         self.collective = dist.new_group(
             self.ranks, timeout=datetime.timedelta(seconds=config.timeout_s)) if world > 1 else None
-        self.schedule = Schedule(config.model_n, config.warm_up, config.stride)
+        self.schedule = Schedule(config.model_n, config.warm_up, config.stride, config.time_shift)
         self.skeleton = meta_copy(denoiser)
         self.state = StageState()
         self._compiled: dict[CallSignature, _Compiled] = {}
@@ -176,23 +189,50 @@ class AsyncEngine:
         step = self.state.step
         with self._where(step):
             compiled = self._compile(args, kwargs)
+            kind = self.schedule.kind(step)
+            shifted = self.schedule.timestep_step(step, self.rank)
+            if shifted != step:
+                args, kwargs = self._with_timestep(args, kwargs, shifted)
             tensors = compiled.traced.flatten_call(args, kwargs)
-            leaves = self._run_stage(compiled, tensors, self.schedule.synchronous(step))
-            output = self._share_output(compiled, leaves) if self.config.model_n > 1 else \
-                compiled.traced.unflatten_output(list(leaves))
+            leaves = self._run_stage(compiled, tensors, kind)
+            if self.config.model_n == 1:
+                output = compiled.traced.unflatten_output(list(leaves))
+            else:
+                output = self._share_output(compiled, leaves, self._output_rank(compiled, kind))
         self.state.step += 1
         return output
 
-    def _run_stage(self, compiled: _Compiled, tensors: list[torch.Tensor], sync: bool) -> tuple[Any, ...]:
-        """This rank's segments for one step (Note [stale inputs] in schedule.py).
+    def _output_rank(self, compiled: _Compiled, kind: str) -> int:
+        if kind == StepKind.ROUND:
+            return self.ranks[-1]  # the extra rank: this step's prediction (Note [stride 2])
+        return self.ranks[compiled.split.output_stage]
+
+    def _with_timestep(self, args: tuple[Any, ...], kwargs: dict[str, Any], step: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        assert self.timesteps is not None and self.timestep_arg is not None
+        bound = inspect.signature(self.denoiser.forward).bind(*args, **kwargs)
+        current = bound.arguments[self.timestep_arg]
+        value = self.timesteps(step)
+        bound.arguments[self.timestep_arg] = torch.full_like(current, float(value)) \
+            if isinstance(current, torch.Tensor) else value
+        return bound.args, bound.kwargs
+
+    def _run_stage(self, compiled: _Compiled, tensors: list[torch.Tensor], kind: str) -> tuple[Any, ...]:
+        """This rank's segments for one step (Note [stale inputs] and [stride 2] in schedule.py).
 
         Warm-up: before each segment, wait for this step's values from other stages; after it,
-        send. Asynchronous: run every segment on the values received for this step during the
-        previous one, then send this step's values and post the receives for the next step.
+        send. Asynchronous step or round: run every segment on the values received for it during
+        the previous computing step, then send this step's values and post the receives for the
+        next one. Reuse step (stride 2): nothing runs.
         """
         state, channel, split = self.state, compiled.channel, compiled.split
         self._active = channel
         state.drain(channel)  # the previous step's sends, and an asynchronous step's receives
+        if kind == StepKind.REUSE:
+            return state.reuse
+        sync = kind == StepKind.WARM_UP
+        if sync and self.rank >= self.config.model_n:  # the extra rank only collects its first inputs
+            state.stale = channel.wait(channel.post({}, [], channel.recv_keys))
+            return ()
         env: dict[str, torch.Tensor] = {}
         received: dict[str, torch.Tensor] = {}
         leaves: tuple[Any, ...] = ()
@@ -210,10 +250,11 @@ class AsyncEngine:
             state.stale = received  # what the first asynchronous step after warm-up consumes
         elif channel.send_groups or channel.recv_groups:
             state.pending = channel.post(env, list(channel.send_groups), channel.recv_keys)
+        if kind == StepKind.ROUND:
+            state.reuse = leaves
         return leaves
 
-    def _share_output(self, compiled: _Compiled, leaves: tuple[Any, ...]) -> Any:
-        owner = self.ranks[compiled.split.output_stage]
+    def _share_output(self, compiled: _Compiled, leaves: tuple[Any, ...], owner: int) -> Any:
         template = _output_template(compiled.traced)
         mine = self.rank == owner
         if mine:
@@ -230,7 +271,8 @@ class AsyncEngine:
     def reset_state(self, warm_up: int | None = None) -> None:
         """Start a new pipeline call (optionally with a new ``warm_up``); drains pending transfers."""
         if warm_up is not None:
-            self.schedule = Schedule(self.config.model_n, _check_warm_up(warm_up), self.config.stride)
+            self.schedule = Schedule(self.config.model_n, _check_warm_up(warm_up), self.config.stride,
+                                     self.config.time_shift)
         self.state.drain(self._active)
         self.state.reset()
 
@@ -251,8 +293,11 @@ class AsyncEngine:
         self._release_foreign_weights(modules)
         device = _device_of(traced.flatten_call(args, kwargs))
         out_specs = [traced.specs[n.name] for n in _output_template(traced) if isinstance(n, torch.fx.Node)]
+        destinations = {k: [self.ranks[k]] for k in range(self.config.model_n)}
+        if self.config.stride == 2:  # the extra rank receives what the last stage receives
+            destinations[self.config.model_n - 1].append(self.ranks[-1])
         compiled = _Compiled(traced, split, program, modules,
-                             StageChannel(program, len(split.segments), self.ranks, self.group, device),
+                             StageChannel(program, len(split.segments), destinations, self.group, device),
                              PackLayout.of([(s.shape, s.torch_dtype) for s in out_specs]))
         self._compiled[signature] = compiled
         self.compile_seconds += time.perf_counter() - start
@@ -266,7 +311,7 @@ class AsyncEngine:
                 costs = profile_blocks(traced, self.denoiser, args, kwargs, repeats=self.config.profile_repeats,
                                        measure_time=self.config.cost == "time")
                 text = auto_plan(traced, costs, self.config.model_n, cost=self.config.cost,
-                                 bandwidth=self.config.bandwidth, layouts=self.config.layouts).to_json()
+                                 bandwidth=self.config.bandwidth, layouts=self.config.plan_layouts).to_json()
             except ValueError as err:
                 error = str(err)
         if self.collective is not None:

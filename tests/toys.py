@@ -115,3 +115,30 @@ def failing_stage(fail_rank: int, fail_step: int) -> None:
     with torch.no_grad():
         pipe("a cat", num_inference_steps=6, output_type="latent")
     _ = async_diff
+
+
+def system_scenarios(name: str, steps: int, stride: int) -> dict[str, Any]:
+    """For built-in system ``name`` on this process group: the plain pipeline's final latents,
+    then under AsyncDiff with every step a warm-up step, with warm-up 1, and with time shift."""
+    from asyncdiff import AsyncDiff
+    from asyncdiff.generate import GenerateSpec, _call_kwargs
+    from asyncdiff.models.builders import BUILDERS
+
+    world = dist.get_world_size()
+    spec = GenerateSpec(pipeline=name, devices=world, stride=stride, steps=steps, warm_up=steps)
+    pipe = BUILDERS[name]("tiny", 0)
+
+    def final_latents() -> torch.Tensor:
+        keep: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            pipe(**_call_kwargs(spec, pipe, keep))
+        return keep["latents"]
+
+    results: dict[str, Any] = {"reference": final_latents()}
+    for label, time_shift in (("", False), ("shift_", True)):
+        async_diff = AsyncDiff(pipe, model_n=spec.stages, stride=stride, warm_up=steps, time_shift=time_shift)
+        results[f"{label}exact"] = final_latents()
+        async_diff.reset_state(warm_up=1)
+        results[f"{label}stale"] = final_latents()
+        async_diff.remove()
+    return results

@@ -41,9 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--size", default="tiny", choices=SIZE_NAMES, help="built-in model size")
     gen.add_argument("--model", default=None, help="local folder or hub id to load real weights from")
     gen.add_argument("--devices", type=_positive, default=2, help="processes; 1 runs the plain pipeline")
-    gen.add_argument("--stride", type=int, default=1, choices=(1, 2))
+    gen.add_argument("--stride", type=int, default=1, choices=(1, 2),
+                     help="steps per parallel round; with --devices D the denoiser is cut into D - stride + 1 stages")
     gen.add_argument("--steps", type=_positive, default=20)
     gen.add_argument("--warm-up", type=_non_negative, default=1, help="sequential steps per call")
+    gen.add_argument("--time-shift", action="store_true", help="feed stages the previous step's timestep")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--prompt", default="a photo of a cat")
     gen.add_argument("--out", default=None, help="image (.png) or video (.gif, .mp4) written by rank 0; "
@@ -94,7 +96,7 @@ def _generate(args: argparse.Namespace) -> int:
         args.out = "out.gif" if args.pipeline in VIDEO_PIPELINES and not args.model else "out.png"
     spec = GenerateSpec(
         pipeline=args.pipeline, size=args.size, model=args.model, devices=args.devices, stride=args.stride,
-        steps=args.steps, warm_up=args.warm_up, seed=args.seed, prompt=args.prompt, out=args.out,
+        steps=args.steps, warm_up=args.warm_up, time_shift=args.time_shift, seed=args.seed, prompt=args.prompt, out=args.out,
         threads_per_device=args.threads_per_device, policy=args.policy, cost=args.cost,
     )
     result = run(spec)

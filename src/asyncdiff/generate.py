@@ -30,6 +30,7 @@ class GenerateSpec:
     stride: int = 1
     steps: int = 20
     warm_up: int = 1
+    time_shift: bool = False
     seed: int = 0
     prompt: str = "a photo of a cat"
     out: str | None = None
@@ -60,8 +61,8 @@ class GenerateSpec:
             if self.devices - self.stride + 1 < 2:
                 raise ValueError(f"devices={self.devices} with stride={self.stride} leaves fewer than 2 stages; "
                                  f"use devices >= {self.stride + 1}")
-            EngineConfig(model_n=self.stages, stride=self.stride, warm_up=self.warm_up, policy=self.policy,
-                         cost=self.cost)
+            EngineConfig(model_n=self.stages, stride=self.stride, warm_up=self.warm_up, time_shift=self.time_shift,
+                         policy=self.policy, cost=self.cost)
 
     @property
     def stages(self) -> int:
@@ -154,7 +155,7 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
         from asyncdiff.adapters.api import AsyncDiff
 
         async_diff = AsyncDiff(pipe, model_n=spec.stages, stride=spec.stride, warm_up=spec.warm_up,
-                               policy=spec.policy, cost=spec.cost)
+                               time_shift=spec.time_shift, policy=spec.policy, cost=spec.cost)
         async_diff.reset_state(warm_up=spec.warm_up)
     denoiser = getattr(pipe, (async_diff.adapter if async_diff else _adapter(pipe)).denoiser)
     timer = _StepTimer(denoiser)
@@ -164,7 +165,8 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
     plan_s = async_diff.engine.compile_seconds if async_diff is not None else 0.0
     result: dict[str, Any] = {
         "pipeline": spec.pipeline, "size": spec.size, "devices": spec.devices, "stride": spec.stride,
-        "stages": spec.stages, "steps": spec.steps, "warm_up": spec.warm_up, "seed": spec.seed,
+        "stages": spec.stages, "steps": spec.steps, "warm_up": spec.warm_up, "time_shift": spec.time_shift,
+        "seed": spec.seed,
         # the loop's wall time without the one-off trace/profile/plan of the first call (plan_s)
         "denoise_s": round(timer.seconds - plan_s, 4), "plan_s": round(plan_s, 4),
         "denoiser_calls": timer.calls, "out": spec.out,
