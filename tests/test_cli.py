@@ -43,6 +43,8 @@ def test_bad_arguments_name_the_option(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_unsupported_setting_fails_before_starting_processes(capsys):
-    assert main(["generate", "--devices", "3", "--stride", "2"]) == 2
-    assert "stride=2 is not implemented" in capsys.readouterr().err
+def test_bad_setting_fails_before_starting_processes(capsys):
+    assert main(["generate", "--devices", "2", "--stride", "2"]) == 2
+    assert "devices=2 with stride=2 leaves fewer than 2 stages; use devices >= 3" in capsys.readouterr().err
+    assert main(["generate", "--pipeline", "svd", "--out", "x.png"]) == 2
+    assert "svd makes a video; write .gif or .mp4" in capsys.readouterr().err

@@ -100,6 +100,13 @@ def test_bad_config(kwargs, match):
         EngineConfig(**kwargs)
 
 
+def test_stride_2_needs_a_contiguous_layout_and_timesteps():
+    with pytest.raises(ValueError, match=r"stride=2 runs contiguous plans only"):
+        EngineConfig(model_n=2, stride=2, layouts=("wrapped",))
+    with pytest.raises(ValueError, match=r"world size is 2 but model_n=2, stride=2 need 3 processes"):
+        EngineConfig(model_n=2, stride=2).check_world_size(2)
+
+
 def test_world_size_must_fit_model_n_and_stride():
     with pytest.raises(ValueError, match=r"world size is 3 but model_n=2, stride=1 need 2 processes; "
                                          r"launch with --nproc_per_node=2 or use model_n=3"):

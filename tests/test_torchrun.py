@@ -26,6 +26,28 @@ def test_seed_two_lines_example(tmp_path):
         assert image.size == (64, 64)
 
 
+def test_generic_example_makes_a_video_with_stride_2(tmp_path):
+    out = tmp_path / "video.mp4"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+                           str(ROOT / "examples" / "run_pipeline.py"), "--pipeline", "animatediff", "--stride", "2",
+                           "--steps", "3", "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "2 stages" in done.stdout
+    import imageio.v3 as iio
+
+    frames = iio.imread(out)
+    assert frames.shape[0] == 4 and frames.ndim == 4  # 4 frames of RGB
+
+
+def test_cli_video_as_gif(tmp_path):
+    out = tmp_path / "svd.gif"
+    done = subprocess.run([sys.executable, "-m", "asyncdiff.cli", "generate", "--pipeline", "svd", "--devices", "2",
+                           "--steps", "2", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with Image.open(out) as gif:
+        assert gif.n_frames > 1
+
+
 def test_cli_under_torchrun_matches_its_own_launcher(tmp_path):
     common = ["--devices", "2", "--steps", "3", "--warm-up", "3", "--seed", "5"]
     done = torchrun("-m", "asyncdiff.cli", "generate", *common, "--out", str(tmp_path / "a.png"))
