@@ -74,6 +74,12 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
+        """A plan from :meth:`to_json`, or from ``asyncdiff inspect --json`` (stages with ``blocks``)."""
         data = json.loads(text)
-        return cls(stages=tuple(tuple(s) for s in data["stages"]), costs=tuple(data.get("costs", ())),
-                   cost_unit=data.get("cost_unit", ""), notes=dict(data.get("notes", {})))
+        if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
+            raise ValueError('a plan is a JSON object with "stages": a list of block-name lists '
+                             '(or of objects with "blocks", as asyncdiff inspect --json writes)')
+        stages = tuple(tuple(s["blocks"] if isinstance(s, dict) else s) for s in data["stages"])
+        costs = tuple(s["cost"] for s in data["stages"]) if all(isinstance(s, dict) for s in data["stages"]) \
+            else tuple(data.get("costs", ()))
+        return cls(stages=stages, costs=costs, cost_unit=data.get("cost_unit", ""), notes=dict(data.get("notes", {})))

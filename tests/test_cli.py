@@ -48,3 +48,26 @@ def test_bad_setting_fails_before_starting_processes(capsys):
     assert "devices=2 with stride=2 leaves fewer than 2 stages; use devices >= 3" in capsys.readouterr().err
     assert main(["generate", "--pipeline", "svd", "--out", "x.png"]) == 2
     assert "svd makes a video; write .gif or .mp4" in capsys.readouterr().err
+
+
+def test_inspect_json_is_a_plan_for_generate(tmp_path):
+    plan_file = tmp_path / "plan.json"
+    assert main(["inspect", "--size", "tiny", "--stages", "2", "--cost", "flops", "--bandwidth", "none",
+                 "--json", str(plan_file)]) == 0
+    stages = [len(s["blocks"]) for s in json.loads(plan_file.read_text())["stages"]]
+    done = run_cli("generate", "--devices", "2", "--steps", "2", "--plan", str(plan_file), "--out",
+                   str(tmp_path / "p.png"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["plan"] == stages
+
+
+def test_generate_with_an_input_picture(tmp_path):
+    picture = tmp_path / "low.png"
+    Image.new("RGB", (24, 16), (200, 30, 30)).save(picture)
+    out = tmp_path / "up.png"
+    done = run_cli("generate", "--pipeline", "sd-upscaler", "--devices", "1", "--steps", "2", "--image", str(picture),
+                   "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    with Image.open(out) as image:
+        assert image.size == (96, 64)  # the x4 upscaler
+    assert main(["generate", "--image", str(tmp_path / "missing.png")]) == 2

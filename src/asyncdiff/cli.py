@@ -51,8 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default=None, help="image (.png) or video (.gif, .mp4) written by rank 0; "
                      "default out.png, or out.gif for video pipelines")
     gen.add_argument("--threads-per-device", type=_positive, default=1)
-    gen.add_argument("--policy", default="fine", choices=("fine", "coarse"), help="block granularity")
+    gen.add_argument("--policy", default="fine", choices=("coarse", "fine", "finer"), help="block granularity")
     gen.add_argument("--cost", default="time", choices=("time", "flops"), help="what the planner balances")
+    gen.add_argument("--plan", default=None, help="plan JSON (from asyncdiff inspect --json) to use instead of planning")
+    gen.add_argument("--image", default=None, help="input picture: first frame, control picture, picture to "
+                     "inpaint or upscale (default: a built-in picture)")
+    gen.add_argument("--mask", default=None, help="inpainting mask picture (default: a built-in mask)")
 
     ins = commands.add_parser("inspect", help="plan a split and show it, without running anything in parallel")
     source = ins.add_mutually_exclusive_group()
@@ -64,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="flops: on meta tensors, no weights needed; time: measured on this machine")
     ins.add_argument("--bandwidth", default="nvlink", choices=sorted(LINKS), help="link preset for the step model")
     ins.add_argument("--policy", default="fine", choices=("coarse", "fine", "finer"), help="block granularity")
+    ins.add_argument("--plan", default=None, help="report this plan JSON instead of planning")
     ins.add_argument("--prompt", default="a photo of a cat")
     ins.add_argument("--json", dest="json_path", default=None, help="write the report as JSON")
     ins.add_argument("--html", dest="html_path", default=None, help="write the plan as an HTML picture")
@@ -76,7 +81,14 @@ def _inspect(args: argparse.Namespace) -> int:
 
     pipe = load_for_inspection(args.pipeline, args.size, args.model, on_meta=args.cost == "flops")
     call = {} if args.model else example_inputs(args.pipeline, args.size)
+    plan = None
+    if args.plan:
+        from asyncdiff.partition.plan import Plan
+
+        with open(args.plan) as f:
+            plan = Plan.from_json(f.read())
     _, report = pipeline_report(pipe, stages=args.stages, cost=args.cost, link=args.bandwidth, policy=args.policy,
+                                plan=plan,
                                 name=f"{args.model or args.pipeline} ({args.size if not args.model else 'loaded'})",
                                 prompt=args.prompt, **call)
     print(report.table())
@@ -97,7 +109,8 @@ def _generate(args: argparse.Namespace) -> int:
     spec = GenerateSpec(
         pipeline=args.pipeline, size=args.size, model=args.model, devices=args.devices, stride=args.stride,
         steps=args.steps, warm_up=args.warm_up, time_shift=args.time_shift, seed=args.seed, prompt=args.prompt, out=args.out,
-        threads_per_device=args.threads_per_device, policy=args.policy, cost=args.cost,
+        threads_per_device=args.threads_per_device, policy=args.policy, cost=args.cost, plan=args.plan,
+        image=args.image, mask=args.mask,
     )
     result = run(spec)
     if int(os.environ.get("RANK", 0)) == 0:

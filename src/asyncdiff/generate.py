@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,9 @@ class GenerateSpec:
     threads_per_device: int = 1
     policy: str = "fine"
     cost: str = "time"
+    image: str | None = None  # input picture (first frame, control picture, picture to inpaint or upscale)
+    mask: str | None = None  # inpainting mask
+    plan: str | None = None  # a plan JSON file to use instead of planning
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -47,6 +51,10 @@ class GenerateSpec:
             raise ValueError(f"pipeline={self.pipeline!r} is not a built-in pipeline; use one of {sorted(BUILDERS)}")
         if self.size not in SIZE_NAMES:
             raise ValueError(f"size={self.size!r} is not a built-in size; use one of {list(SIZE_NAMES)}")
+        for name in ("image", "mask", "plan"):
+            path = getattr(self, name)
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"{name}={path!r} is not a file; pass an existing path to --{name}")
         if self.out and self.pipeline in VIDEO_PIPELINES and self.model is None \
                 and not self.out.endswith((".gif", ".mp4")):
             raise ValueError(f"out={self.out!r}: {self.pipeline} makes a video; write .gif or .mp4")
@@ -89,6 +97,13 @@ def _call_kwargs(spec: GenerateSpec, pipe: Any, keep: dict[str, torch.Tensor]) -
     kwargs: dict[str, Any] = {"num_inference_steps": spec.steps, "generator": torch.Generator().manual_seed(spec.seed)}
     if spec.model is None:
         kwargs.update(example_inputs(spec.pipeline, spec.size, spec.seed))
+    for name, path in (("image", spec.image), ("mask_image", spec.mask)):
+        if path is not None:
+            from PIL import Image
+
+            if name not in params:
+                raise ValueError(f"{type(pipe).__name__} takes no {name}; drop --{name.removesuffix('_image')}")
+            kwargs[name] = Image.open(path).convert("RGB")
     if "prompt" in params:
         kwargs["prompt"] = spec.prompt
 
@@ -154,8 +169,14 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
     if spec.devices > 1:
         from asyncdiff.adapters.api import AsyncDiff
 
+        plan = None
+        if spec.plan is not None:
+            from asyncdiff.partition.plan import Plan
+
+            with open(spec.plan) as f:
+                plan = Plan.from_json(f.read())
         async_diff = AsyncDiff(pipe, model_n=spec.stages, stride=spec.stride, warm_up=spec.warm_up,
-                               time_shift=spec.time_shift, policy=spec.policy, cost=spec.cost)
+                               time_shift=spec.time_shift, policy=spec.policy, cost=spec.cost, plan=plan)
         async_diff.reset_state(warm_up=spec.warm_up)
     denoiser = getattr(pipe, (async_diff.adapter if async_diff else _adapter(pipe)).denoiser)
     timer = _StepTimer(denoiser)

@@ -47,7 +47,7 @@ def partition_report(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: d
 
 
 def pipeline_report(pipeline: Any, *, stages: int, cost: str = "flops", link: str = "gloo",
-                    policy: str | BlockPolicy = "fine", name: str | None = None,
+                    policy: str | BlockPolicy = "fine", name: str | None = None, plan: Plan | None = None,
                     **call_kwargs: Any) -> tuple[Plan, PartitionReport]:
     """:func:`partition_report` for a diffusers pipeline's denoiser, called as the pipeline calls it."""
     from asyncdiff.adapters.capture import capture_denoiser_call
@@ -57,7 +57,7 @@ def pipeline_report(pipeline: Any, *, stages: int, cost: str = "flops", link: st
     args, kwargs = capture_denoiser_call(pipeline, adapter.denoiser, **call_kwargs)
     denoiser = getattr(pipeline, adapter.denoiser)
     return partition_report(denoiser, args, kwargs, stages=stages, cost=cost, link=link, policy=policy,
-                            latent=adapter.latent, name=name or adapter.name)
+                            latent=adapter.latent, name=name or adapter.name, plan=plan)
 
 
 def load_for_inspection(pipeline: str, size: str, model: str | None, *, on_meta: bool) -> Any:
