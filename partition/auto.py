@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 
 import torch.fx
@@ -28,26 +29,37 @@ __all__ = ["COSTS", "auto_plan", "block_values"]
 COSTS = ("time", "flops")
 
 
-def block_values(traced: TracedDenoiser, costs: Mapping[str, BlockCost]) -> list[Value]:
-    """Block-level dataflow: each block's output, and the blocks that read it (through glue ops
-    such as ``torch.cat`` or indexing, so skip connections appear as edges)."""
+def block_values(traced: TracedDenoiser, costs: Mapping[str, BlockCost] | None = None) -> list[Value]:
+    """Block-level dataflow for the planner: every latent tensor of the graph, placed where the
+    split will compute it (a block at its index; other ops at their earliest consumer block, an
+    indexing op with its producer: the rules of :mod:`asyncdiff.partition.split`), read by the
+    blocks that use it. A skip connection is one value with a far consumer; a residual stream is
+    a chain of values, each crossing only the cut it spans."""
     index = {traced.block_node[b]: i for i, b in enumerate(traced.blocks)}
-    nodes = {n.name: n for n in traced.graph.nodes}
+    last = len(traced.blocks) - 1
+    nodes = list(traced.graph.nodes)
+    pos: dict[str, int] = {}
+    for node in reversed(nodes):
+        if node.name not in traced.latent_nodes or node.op == "placeholder":
+            continue
+        if node.name in index:
+            pos[node.name] = index[node.name]
+        else:
+            users = [last if u.op == "output" else pos[u.name] for u in node.users]
+            pos[node.name] = min(users, default=last)
+    for node in nodes:
+        if node.op == "call_function" and node.target is operator.getitem and node.name in pos:
+            source = node.args[0]
+            if isinstance(source, torch.fx.Node) and source.name in pos:
+                pos[node.name] = min(pos[node.name], pos[source.name])
     values = []
-    for block, i in ((b, index[traced.block_node[b]]) for b in traced.blocks):
-        consumers: set[int] = set()
-        frontier: list[torch.fx.Node] = list(nodes[traced.block_node[block]].users)
-        seen: set[str] = set()
-        while frontier:
-            node = frontier.pop()
-            if node.name in seen:
-                continue
-            seen.add(node.name)
-            if node.name in index:
-                consumers.add(index[node.name])
-            elif node.op != "output":
-                frontier.extend(node.users)
-        values.append(Value(i, tuple(sorted(consumers)), costs[block].out_bytes))
+    for node in nodes:
+        spec = traced.specs.get(node.name)
+        if node.name not in pos or spec is None:
+            continue
+        consumers = {last if u.op == "output" else pos[u.name] for u in node.users} - {pos[node.name]}
+        if consumers:
+            values.append(Value(pos[node.name], tuple(sorted(consumers)), spec.nbytes))
     return values
 
 
@@ -61,7 +73,7 @@ def auto_plan(traced: TracedDenoiser, costs: Mapping[str, BlockCost], n_stages: 
     if cost not in COSTS:
         raise ValueError(f"cost={cost!r} is not a cost model; use one of {COSTS}")
     per_block = [costs[b].seconds if cost == "time" else float(costs[b].flops) for b in traced.blocks]
-    values = block_values(traced, costs)
+    values = block_values(traced)
     assignment = best_assignment(per_block, values, n_stages, bandwidth, layouts)
     stages = tuple(tuple(b for b, s in zip(traced.blocks, assignment) if s == k) for k in range(n_stages))
     stage_costs = tuple(sum(c for c, s in zip(per_block, assignment) if s == k) for k in range(n_stages))

@@ -71,3 +71,16 @@ def test_generate_with_an_input_picture(tmp_path):
     with Image.open(out) as image:
         assert image.size == (96, 64)  # the x4 upscaler
     assert main(["generate", "--image", str(tmp_path / "missing.png")]) == 2
+
+
+def test_bench_table_json_and_plot(tmp_path):
+    done = run_cli("bench", "--size", "tiny", "--devices", "1,2", "--steps", "3", "--warm-up", "1",
+                   "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| devices | stride | warm-up | seconds | speed-up |" in done.stdout
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [(r["devices"], r["stride"]) for r in rows] == [(1, 1), (2, 1)]
+    assert rows[0]["speedup"] == 1.0 and rows[1]["deviation"] > 0  # warm-up 1 of 3 steps: stale inputs
+    with Image.open(tmp_path / "b.png") as plot:
+        assert plot.size[0] > 100
+    assert main(["bench", "--devices", "1,x"]) == 2

@@ -72,7 +72,49 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--prompt", default="a photo of a cat")
     ins.add_argument("--json", dest="json_path", default=None, help="write the report as JSON")
     ins.add_argument("--html", dest="html_path", default=None, help="write the plan as an HTML picture")
+
+    bench = commands.add_parser("bench", help="sequential reference against parallel settings: speed and deviation")
+    bench.add_argument("--pipeline", default="sd15", choices=list(BUILDERS))
+    bench.add_argument("--size", default="bench", choices=SIZE_NAMES)
+    bench.add_argument("--devices", default="1,2", help="comma-separated process counts, e.g. 1,2,3")
+    bench.add_argument("--stride", default="1", help="comma-separated strides, e.g. 1,2")
+    bench.add_argument("--steps", type=_positive, default=50)
+    bench.add_argument("--warm-up", type=_non_negative, default=2)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--prompt", default="a photo of a cat")
+    bench.add_argument("--threads-per-device", type=_positive, default=1)
+    bench.add_argument("--json", dest="json_path", default=None, help="write the rows as JSON")
+    bench.add_argument("--plot", default=None, help="write a PNG of speed-up against devices")
     return parser
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{option}={text!r} must be comma-separated integers, e.g. 1,2") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{option}={text!r} must list integers >= 1")
+    return values
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from asyncdiff.bench import bench, format_rows, plot_rows, to_json
+    from asyncdiff.generate import GenerateSpec
+
+    devices, strides = _int_list(args.devices, "--devices"), _int_list(args.stride, "--stride")
+    if set(strides) - {1, 2}:
+        raise ValueError(f"--stride={args.stride!r}: strides are 1 or 2")
+    spec = GenerateSpec(pipeline=args.pipeline, size=args.size, steps=args.steps, warm_up=args.warm_up, seed=args.seed,
+                        prompt=args.prompt, threads_per_device=args.threads_per_device, devices=1, out=None)
+    rows = bench(spec, devices, strides)
+    print(format_rows(rows))
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            f.write(to_json(rows, spec))
+    if args.plot:
+        plot_rows(rows, args.plot, f"{args.pipeline} ({args.size}), {args.steps} steps, warm-up {args.warm_up}")
+    return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -125,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _generate(args)
         if args.command == "inspect":
             return _inspect(args)
+        if args.command == "bench":
+            return _bench(args)
     except ValueError as err:
         print(f"asyncdiff {args.command}: error: {err}", file=sys.stderr)
         return 2
