@@ -39,12 +39,14 @@ class Pending:
 
 class StageChannel:
     def __init__(self, program: StageProgram, n_segments: int, destinations: Mapping[int, list[int]],
-                 group: dist.ProcessGroup | None, device: torch.device) -> None:
-        """``destinations[stage]``: the ranks that run ``stage`` (the first one sends its values)."""
+                 group: dist.ProcessGroup | None, device: torch.device,
+                 transfer_dtype: torch.dtype | None = None) -> None:
+        """``destinations[stage]``: the ranks that run ``stage`` (the first one sends its values);
+        ``transfer_dtype``: narrower dtype floating-point values travel in (None: their own)."""
         self.destinations, self.group, self.device, self.n_segments = destinations, group, device, n_segments
         self.recv_groups = _grouped(program.recv)
         self.send_groups = _grouped(program.send)
-        self.layouts = {key: PackLayout.of([(t.spec.shape, t.spec.torch_dtype) for t in ts])
+        self.layouts = {key: PackLayout.of([(t.spec.shape, t.spec.torch_dtype) for t in ts], transfer_dtype)
                         for key, ts in {**self.recv_groups, **self.send_groups}.items()}
         # One receive buffer per message suffices: a step's received views are consumed by its
         # compute before the next receive into the same buffer is posted (Note [stale inputs]).

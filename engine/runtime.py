@@ -43,7 +43,9 @@ from asyncdiff.partition.trace import (
     trace_denoiser,
 )
 
-__all__ = ["AsyncEngine", "EngineConfig", "StageError", "StageState"]
+__all__ = ["TRANSFER_DTYPES", "AsyncEngine", "EngineConfig", "StageError", "StageState"]
+
+TRANSFER_DTYPES = (None, "bfloat16", "float16")
 
 
 class StageError(RuntimeError):
@@ -58,7 +60,9 @@ class EngineConfig:
     sequential steps at the start of every pipeline call; ``policy``: block granularity;
     ``cost``: what the planner balances (``"time"`` measured on rank 0, or ``"flops"``);
     ``bandwidth``: bytes per cost unit for the planner's communication term (None: ignore);
-    ``layouts``: which plan shapes the planner may choose (``"contiguous"``, ``"wrapped"``).
+    ``layouts``: which plan shapes the planner may choose (``"contiguous"``, ``"wrapped"``);
+    ``transfer_dtype``: send boundary values in ``"bfloat16"`` or ``"float16"`` (half the bytes;
+    results then differ from the sequential model by rounding, even in warm-up steps).
     """
 
     model_n: int
@@ -71,6 +75,7 @@ class EngineConfig:
     profile_repeats: int = 3
     timeout_s: float = 300.0
     layouts: tuple[str, ...] = LAYOUTS
+    transfer_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_n, int) or self.model_n < 1:
@@ -85,6 +90,8 @@ class EngineConfig:
             raise ValueError(f"cost={self.cost!r} must be one of {COSTS}")
         if not self.layouts or set(self.layouts) - set(LAYOUTS):
             raise ValueError(f"layouts={self.layouts!r} must be a non-empty subset of {LAYOUTS}")
+        if self.transfer_dtype not in TRANSFER_DTYPES:
+            raise ValueError(f"transfer_dtype={self.transfer_dtype!r} must be one of {TRANSFER_DTYPES}")
         if self.stride == 2 and "contiguous" not in self.layouts:
             raise ValueError(f"stride=2 runs contiguous plans only (the extra rank repeats the last stage); "
                              f"layouts={self.layouts!r} must include 'contiguous'")
@@ -119,6 +126,7 @@ class StageState:
     pending: Pending | None = None  # an asynchronous step's sends, and receives for the next step
     inflight: list[Pending] = field(default_factory=list)  # a warm-up step's sends
     reuse: tuple[Any, ...] = ()  # stride 2: the last stage's round output, the next step's prediction
+    seconds: list[tuple[str, float]] = field(default_factory=list)  # (step kind, wall time) per step
 
     def drain(self, channel: StageChannel | None) -> None:
         if self.pending is not None and channel is not None:
@@ -129,7 +137,7 @@ class StageState:
         self.pending, self.inflight = None, []
 
     def reset(self) -> None:
-        self.step, self.stale, self.pending, self.inflight, self.reuse = 0, {}, None, [], ()
+        self.step, self.stale, self.pending, self.inflight, self.reuse, self.seconds = 0, {}, None, [], (), []
 
 
 @dataclass
@@ -187,6 +195,7 @@ class AsyncEngine:
     # -- per call ---------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         step = self.state.step
+        start = time.perf_counter()
         with self._where(step):
             compiled = self._compile(args, kwargs)
             kind = self.schedule.kind(step)
@@ -199,8 +208,20 @@ class AsyncEngine:
                 output = compiled.traced.unflatten_output(list(leaves))
             else:
                 output = self._share_output(compiled, leaves, self._output_rank(compiled, kind))
+        self.state.seconds.append((kind, time.perf_counter() - start))
         self.state.step += 1
         return output
+
+    def predicted_step_seconds(self, bytes_per_s: float) -> float | None:
+        """The step-time model for an asynchronous step: the slowest stage's profiled time plus the
+        bytes it receives, plus the final output's broadcast, over ``bytes_per_s``. Needs a plan
+        made with ``cost="time"`` (None otherwise)."""
+        if self.plan is None or self.plan.cost_unit != "s" or not self._compiled:
+            return None
+        compiled = next(reversed(self._compiled.values()))
+        recv = [sum(t.spec.nbytes for t in compiled.split.transfers if t.dst == k) for k in range(self.plan.n_stages)]
+        stage = max(cost + nbytes / bytes_per_s for cost, nbytes in zip(self.plan.costs, recv))
+        return stage + compiled.output_layout.nbytes / bytes_per_s
 
     def _output_rank(self, compiled: _Compiled, kind: str) -> int:
         if kind == StepKind.ROUND:
@@ -297,7 +318,9 @@ class AsyncEngine:
         if self.config.stride == 2:  # the extra rank receives what the last stage receives
             destinations[self.config.model_n - 1].append(self.ranks[-1])
         compiled = _Compiled(traced, split, program, modules,
-                             StageChannel(program, len(split.segments), destinations, self.group, device),
+                             StageChannel(program, len(split.segments), destinations, self.group, device,
+                                          getattr(torch, self.config.transfer_dtype) if self.config.transfer_dtype
+                                          else None),
                              PackLayout.of([(s.shape, s.torch_dtype) for s in out_specs]))
         self._compiled[signature] = compiled
         self.compile_seconds += time.perf_counter() - start

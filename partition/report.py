@@ -74,6 +74,8 @@ class PartitionReport:
     speedup: float
     blocks: tuple[tuple[str, float, int], ...]  # (block, cost, stage) in program order
     transfers: tuple[tuple[str, int, int, int], ...]  # (value, src, dst, bytes)
+    p2p_bytes: int = 0  # bytes all stages send per step, point to point
+    broadcast_bytes: int = 0  # what broadcasting every block's output to every other rank would send
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -91,6 +93,10 @@ class PartitionReport:
                         f"{s.params_bytes / 1e6:>9.1f} {s.recv_bytes / 1e6:>8.3f} {s.modeled_s:>9.4g}")
         rows.append(f"imbalance (max/mean stage cost) {self.imbalance:.3f}; modelled step {self.modeled_step_s:.4g} s "
                     f"vs sequential {self.sequential_s:.4g} s: speed-up {self.speedup:.2f}x")
+        if self.broadcast_bytes:
+            rows.append(f"sent per step: {self.p2p_bytes / 1e6:.3f} MB point to point, "
+                        f"{self.p2p_bytes / self.broadcast_bytes:.1%} of the {self.broadcast_bytes / 1e6:.1f} MB "
+                        "that broadcasting every block's output to every rank would send")
         return "\n".join(rows)
 
     def html(self) -> str:
@@ -152,4 +158,6 @@ def build_report(model: str, traced: TracedDenoiser, costs: Mapping[str, BlockCo
         speedup=sequential / step if step else 1.0,
         blocks=tuple((b, cost_of(b), plan.stage_of(b)) for b in traced.blocks),
         transfers=tuple((t.value, t.src, t.dst, t.spec.nbytes) for t in split.transfers),
+        p2p_bytes=sum(t.spec.nbytes for t in split.transfers),
+        broadcast_bytes=sum(costs[b].out_bytes for b in traced.blocks) * (plan.n_stages - 1),
     )

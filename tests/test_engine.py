@@ -79,14 +79,16 @@ def test_more_stages_than_blocks():
         launch(toy_engine, 7, 7)
 
 
-def test_toy_denoiser_on_two_ranks_matches():
-    results = launch(toy_engine, 2, 2)
+def test_toy_denoiser_on_two_ranks_matches_and_bfloat16_transfer_rounds():
     torch.manual_seed(0)
     toy = ToyDenoiser()
     with torch.no_grad():
         expected = toy(torch.randn(1, 4, 8, 8), torch.tensor([3.0]), return_dict=False)[0]
-    for out in results.values():
+    for out in launch(toy_engine, 2, 2).values():
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    narrow = launch(toy_engine, 2, 2, "bfloat16")[0]
+    assert not torch.equal(narrow, expected)
+    torch.testing.assert_close(narrow, expected, rtol=0.02, atol=0.02)  # bfloat16 keeps 8 bits of mantissa
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -94,6 +96,7 @@ def test_toy_denoiser_on_two_ranks_matches():
     ({"model_n": 2, "warm_up": -1}, r"warm_up=-1 must be an integer >= 0"),
     ({"model_n": 0}, r"model_n=0 must be an integer >= 1"),
     ({"model_n": 2, "cost": "bytes"}, r"cost='bytes' must be one of"),
+    ({"model_n": 2, "transfer_dtype": "int8"}, r"transfer_dtype='int8' must be one of"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -34,3 +34,18 @@ def test_layout_mismatch_is_an_error():
         pack([torch.randn(3, 2)], layout)
     with pytest.raises(ValueError, match="does not match a layout"):
         unpack(torch.empty(5, dtype=torch.uint8), layout)
+
+
+def test_narrow_transfer_halves_floating_point_bytes_only():
+    tensors = [torch.randn(4, 8), torch.arange(6, dtype=torch.int64), torch.randn(3).half()]
+    full = PackLayout.of([(t.shape, t.dtype) for t in tensors])
+    narrow = PackLayout.of([(t.shape, t.dtype) for t in tensors], torch.bfloat16)
+    assert narrow.wire[1] == torch.int64
+    assert narrow.wire[0] == torch.bfloat16 and narrow.wire[2] == torch.float16  # fp16 is not wider than bf16
+    assert narrow.nbytes < full.nbytes
+    got = unpack(pack(tensors, narrow), narrow)
+    assert [g.dtype for g in got] == [t.dtype for t in tensors]  # back in their own dtypes
+    torch.testing.assert_close(got[0], tensors[0], rtol=2 ** -8, atol=1e-6)  # bfloat16 rounding
+    assert not torch.equal(got[0], tensors[0])
+    torch.testing.assert_close(got[1], tensors[1], rtol=0, atol=0)
+    torch.testing.assert_close(got[2], tensors[2], rtol=0, atol=0)

@@ -81,13 +81,14 @@ def pipeline_scenarios(steps: int, stale_warm_up: int, layout: str = "contiguous
             "bytes_sent": async_diff.engine.bytes_sent_per_step}
 
 
-def toy_engine(model_n: int) -> Any:
+def toy_engine(model_n: int, transfer_dtype: str | None = None) -> Any:
     """Run the toy denoiser under an engine with ``model_n`` stages on this process group."""
     from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
 
     torch.manual_seed(0)
     toy = ToyDenoiser()
-    engine = AsyncEngine(toy, EngineConfig(model_n=model_n, warm_up=1, cost="flops"), latent="sample")
+    config = EngineConfig(model_n=model_n, warm_up=1, cost="flops", transfer_dtype=transfer_dtype)
+    engine = AsyncEngine(toy, config, latent="sample")
     with torch.no_grad():
         return engine(torch.randn(1, 4, 8, 8), torch.tensor([3.0]), return_dict=False)[0]
 

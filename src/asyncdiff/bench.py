@@ -31,12 +31,15 @@ class BenchRow:
     deviation: float  # |x - x_seq| / |x_seq| over the final latents
     max_abs: float
     bytes_sent_per_step: int
+    step_s: float = 0.0  # median wall time of a step after warm-up (rank 0)
+    predicted_step_s: float = 0.0  # the step-time model: slowest profiled stage + received bytes / gloo bandwidth
 
 
 def bench(base: GenerateSpec, devices: list[int], strides: list[int]) -> list[BenchRow]:
     """Run the sequential reference, then every valid (devices, stride) setting of ``base``."""
     reference = run(replace(base, devices=1, stride=1, out=None))
-    rows = [BenchRow(1, 1, base.warm_up, reference["denoise_s"], 1.0, 0.0, 0.0, 0)]
+    sequential_step = reference["denoise_s"] / max(1, reference["denoiser_calls"])
+    rows = [BenchRow(1, 1, base.warm_up, reference["denoise_s"], 1.0, 0.0, 0.0, 0, sequential_step, 0.0)]
     for n in sorted(set(devices) - {1}):
         for stride in strides:
             if n - stride + 1 < 2:
@@ -46,17 +49,19 @@ def bench(base: GenerateSpec, devices: list[int], strides: list[int]) -> list[Be
             rows.append(BenchRow(
                 n, stride, base.warm_up, result["denoise_s"], reference["denoise_s"] / result["denoise_s"],
                 (delta.norm() / reference["latents"].float().norm()).item(), delta.abs().max().item(),
-                result.get("bytes_sent_per_step", 0),
+                result.get("bytes_sent_per_step", 0), result.get("step_s", 0.0), result.get("predicted_step_s", 0.0),
             ))
     return rows
 
 
 def format_rows(rows: list[BenchRow]) -> str:
-    lines = ["| devices | stride | warm-up | seconds | speed-up | deviation (rel. L2) | max abs | MB sent/step (rank 0) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| devices | stride | warm-up | seconds | speed-up | deviation (rel. L2) | max abs | MB sent/step (rank 0) "
+             "| step s | model step s |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        model = f"{r.predicted_step_s:.3f}" if r.predicted_step_s else "-"
         lines.append(f"| {r.devices} | {r.stride} | {r.warm_up} | {r.seconds:.2f} | {r.speedup:.2f}x | "
-                     f"{r.deviation:.4f} | {r.max_abs:.4f} | {r.bytes_sent_per_step / 1e6:.2f} |")
+                     f"{r.deviation:.4f} | {r.max_abs:.4f} | {r.bytes_sent_per_step / 1e6:.2f} | {r.step_s:.3f} | {model} |")
     return "\n".join(lines)
 
 

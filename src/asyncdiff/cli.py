@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", default=None, help="input picture: first frame, control picture, picture to "
                      "inpaint or upscale (default: a built-in picture)")
     gen.add_argument("--mask", default=None, help="inpainting mask picture (default: a built-in mask)")
+    gen.add_argument("--transfer-dtype", default=None, choices=("bfloat16", "float16"),
+                     help="send boundary values between stages in this narrower dtype")
 
     ins = commands.add_parser("inspect", help="plan a split and show it, without running anything in parallel")
     source = ins.add_mutually_exclusive_group()
@@ -83,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--prompt", default="a photo of a cat")
     bench.add_argument("--threads-per-device", type=_positive, default=1)
+    bench.add_argument("--transfer-dtype", default=None, choices=("bfloat16", "float16"))
     bench.add_argument("--json", dest="json_path", default=None, help="write the rows as JSON")
     bench.add_argument("--plot", default=None, help="write a PNG of speed-up against devices")
     return parser
@@ -106,7 +109,8 @@ def _bench(args: argparse.Namespace) -> int:
     if set(strides) - {1, 2}:
         raise ValueError(f"--stride={args.stride!r}: strides are 1 or 2")
     spec = GenerateSpec(pipeline=args.pipeline, size=args.size, steps=args.steps, warm_up=args.warm_up, seed=args.seed,
-                        prompt=args.prompt, threads_per_device=args.threads_per_device, devices=1, out=None)
+                        prompt=args.prompt, threads_per_device=args.threads_per_device, devices=1, out=None,
+                        transfer_dtype=args.transfer_dtype)
     rows = bench(spec, devices, strides)
     print(format_rows(rows))
     if args.json_path:
@@ -152,7 +156,7 @@ def _generate(args: argparse.Namespace) -> int:
         pipeline=args.pipeline, size=args.size, model=args.model, devices=args.devices, stride=args.stride,
         steps=args.steps, warm_up=args.warm_up, time_shift=args.time_shift, seed=args.seed, prompt=args.prompt, out=args.out,
         threads_per_device=args.threads_per_device, policy=args.policy, cost=args.cost, plan=args.plan,
-        image=args.image, mask=args.mask,
+        image=args.image, mask=args.mask, transfer_dtype=args.transfer_dtype,
     )
     result = run(spec)
     if int(os.environ.get("RANK", 0)) == 0:

@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,7 @@ class GenerateSpec:
     image: str | None = None  # input picture (first frame, control picture, picture to inpaint or upscale)
     mask: str | None = None  # inpainting mask
     plan: str | None = None  # a plan JSON file to use instead of planning
+    transfer_dtype: str | None = None  # "bfloat16" / "float16": narrower boundary transfers
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -70,7 +72,7 @@ class GenerateSpec:
                 raise ValueError(f"devices={self.devices} with stride={self.stride} leaves fewer than 2 stages; "
                                  f"use devices >= {self.stride + 1}")
             EngineConfig(model_n=self.stages, stride=self.stride, warm_up=self.warm_up, time_shift=self.time_shift,
-                         policy=self.policy, cost=self.cost)
+                         policy=self.policy, cost=self.cost, transfer_dtype=self.transfer_dtype)
 
     @property
     def stages(self) -> int:
@@ -176,7 +178,8 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
             with open(spec.plan) as f:
                 plan = Plan.from_json(f.read())
         async_diff = AsyncDiff(pipe, model_n=spec.stages, stride=spec.stride, warm_up=spec.warm_up,
-                               time_shift=spec.time_shift, policy=spec.policy, cost=spec.cost, plan=plan)
+                               time_shift=spec.time_shift, policy=spec.policy, cost=spec.cost, plan=plan,
+                               transfer_dtype=spec.transfer_dtype)
         async_diff.reset_state(warm_up=spec.warm_up)
     denoiser = getattr(pipe, (async_diff.adapter if async_diff else _adapter(pipe)).denoiser)
     timer = _StepTimer(denoiser)
@@ -192,6 +195,15 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
         "denoise_s": round(timer.seconds - plan_s, 4), "plan_s": round(plan_s, 4),
         "denoiser_calls": timer.calls, "out": spec.out,
     }
+    if async_diff is not None:
+        from asyncdiff.partition.report import LINKS
+
+        steady = [s for kind, s in async_diff.engine.state.seconds if kind != "warm-up"]
+        if steady:
+            result["step_s"] = round(statistics.median(steady), 4)
+        predicted = async_diff.engine.predicted_step_seconds(LINKS["gloo"].bytes_per_s)
+        if predicted is not None:
+            result["predicted_step_s"] = round(predicted, 4)
     if async_diff is not None and async_diff.plan is not None:
         result["plan"] = [len(s) for s in async_diff.plan.stages]
         result["bytes_sent_per_step"] = async_diff.engine.bytes_sent_per_step
