@@ -14,14 +14,12 @@ Example:
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping, Sequence
-
-import torch.fx
 
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.planner import LAYOUTS, Value, best_assignment, stage_times
 from asyncdiff.partition.profile import BlockCost
+from asyncdiff.partition.split import place_latent_nodes
 from asyncdiff.partition.trace import TracedDenoiser
 
 __all__ = ["COSTS", "auto_plan", "block_values"]
@@ -31,27 +29,12 @@ COSTS = ("time", "flops")
 
 def block_values(traced: TracedDenoiser, costs: Mapping[str, BlockCost] | None = None) -> list[Value]:
     """Block-level dataflow for the planner: every latent tensor of the graph, placed where the
-    split will compute it (a block at its index; other ops at their earliest consumer block, an
-    indexing op with its producer: the rules of :mod:`asyncdiff.partition.split`), read by the
+    split will compute it (Note [placement] in :mod:`asyncdiff.partition.split`), read by the
     blocks that use it. A skip connection is one value with a far consumer; a residual stream is
     a chain of values, each crossing only the cut it spans."""
-    index = {traced.block_node[b]: i for i, b in enumerate(traced.blocks)}
     last = len(traced.blocks) - 1
+    pos = place_latent_nodes(traced, {traced.block_node[b]: i for i, b in enumerate(traced.blocks)}, last)
     nodes = list(traced.graph.nodes)
-    pos: dict[str, int] = {}
-    for node in reversed(nodes):
-        if node.name not in traced.latent_nodes or node.op == "placeholder":
-            continue
-        if node.name in index:
-            pos[node.name] = index[node.name]
-        else:
-            users = [last if u.op == "output" else pos[u.name] for u in node.users]
-            pos[node.name] = min(users, default=last)
-    for node in nodes:
-        if node.op == "call_function" and node.target is operator.getitem and node.name in pos:
-            source = node.args[0]
-            if isinstance(source, torch.fx.Node) and source.name in pos:
-                pos[node.name] = min(pos[node.name], pos[source.name])
     values = []
     for node in nodes:
         spec = traced.specs.get(node.name)

@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +45,7 @@ import torch.fx
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.trace import ROOT, TensorSpec, TracedDenoiser
 
-__all__ = ["Segment", "SplitDenoiser", "StageProgram", "Transfer", "split_graph"]
+__all__ = ["Segment", "SplitDenoiser", "StageProgram", "Transfer", "place_latent_nodes", "split_graph"]
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,30 @@ def _segments_of(traced: TracedDenoiser, plan: Plan) -> list[tuple[int, list[str
     return runs
 
 
+def place_latent_nodes(traced: TracedDenoiser, block_position: Mapping[str, int], output_position: int) -> dict[str, int]:
+    """Note [placement]: where each latent node runs, as a position in execution order. A block
+    node runs at ``block_position[node]``; another op at its earliest consumer's position (the
+    output node's is ``output_position``); an indexing op with its producer, so only the selected
+    piece of a tuple travels. Used for segments by the split and for block indices by the planner,
+    so the planner models the transfers the split makes."""
+    position: dict[str, int] = {}
+    nodes = list(traced.graph.nodes)
+    for node in reversed(nodes):
+        if node.name not in traced.latent_nodes or node.op == "placeholder":
+            continue
+        if node.name in block_position:
+            position[node.name] = block_position[node.name]
+        else:
+            users = [output_position if u.op == "output" else position[u.name] for u in node.users]
+            position[node.name] = min(users, default=output_position)
+    for node in nodes:
+        if node.op == "call_function" and node.target is operator.getitem and node.name in position:
+            source = node.args[0]
+            if isinstance(source, torch.fx.Node) and source.name in position:
+                position[node.name] = min(position[node.name], position[source.name])
+    return position
+
+
 def split_graph(traced: TracedDenoiser, plan: Plan) -> SplitDenoiser:
     plan.check_covers(traced.blocks)
     runs = _segments_of(traced, plan)
@@ -141,21 +166,7 @@ def split_graph(traced: TracedDenoiser, plan: Plan) -> SplitDenoiser:
     segment_of_block = {traced.block_node[b]: i for i, (_, blocks) in enumerate(runs) for b in blocks}
     output_segment = segment_of_block[traced.block_node[traced.blocks[-1]]]
 
-    # Latent nodes: blocks in their segment; glue in its earliest consumer's; indexing with its producer.
-    home: dict[str, int] = {}
-    for node in reversed(nodes):
-        if node.name not in traced.latent_nodes or node.op == "placeholder":
-            continue
-        if node.name in segment_of_block:
-            home[node.name] = segment_of_block[node.name]
-        else:
-            users = [output_segment if u.op == "output" else home[u.name] for u in node.users]
-            home[node.name] = min(users) if users else output_segment
-    for node in nodes:
-        if node.op == "call_function" and node.target is operator.getitem and node.name in home:
-            source = node.args[0]
-            if isinstance(source, torch.fx.Node) and source.name in home:
-                home[node.name] = min(home[node.name], home[source.name])
+    home = place_latent_nodes(traced, segment_of_block, output_segment)
 
     # Replicated nodes: computed once per stage, in the stage's first segment that needs them.
     needs: dict[str, set[int]] = {}
