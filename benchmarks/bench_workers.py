@@ -99,9 +99,10 @@ def plain_step(size: str, k: int) -> dict[str, Any]:
             "out": out}
 
 
-def engine_step(size: str, k: int, warm_up: int) -> dict[str, Any]:
+def engine_step(size: str, k: int, warm_up: int, cost: str = "flops") -> dict[str, Any]:
     """``AsyncEngine`` with 2 stages on 2 processes: 2 untimed calls (the first traces, plans and
-    runs the warm-up step), then ``k`` timed asynchronous calls, each timed on its own.
+    runs the warm-up step), then ``k`` timed asynchronous calls, each timed on its own. ``cost``:
+    what the planner balances (``"time"`` is measured on rank 0 during the first call).
 
     Rank 0 also runs the plain UNet first (before the engine releases weights) so the warm-up
     step, which must be exact, can be checked against it.
@@ -113,7 +114,7 @@ def engine_step(size: str, k: int, warm_up: int) -> dict[str, Any]:
     args, kwargs = sd_bench_inputs(unet)
     with torch.no_grad():
         reference = unet(*args, **kwargs)[0] if rank == 0 else None
-        engine = AsyncEngine(unet, EngineConfig(model_n=2, warm_up=warm_up, cost="flops"), latent="sample")
+        engine = AsyncEngine(unet, EngineConfig(model_n=2, warm_up=warm_up, cost=cost), latent="sample")
         first = engine(*args, **kwargs)[0]  # warm-up step; traces and plans
         engine(*args, **kwargs)  # first asynchronous step
         dist.barrier()

@@ -33,6 +33,7 @@ from asyncdiff.partition.blocks import BlockPolicy
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.planner import LAYOUTS
 from asyncdiff.partition.profile import profile_blocks
+from asyncdiff.partition.report import LINKS
 from asyncdiff.partition.split import SplitDenoiser, StageProgram, split_graph
 from asyncdiff.partition.trace import (
     CallSignature,
@@ -59,10 +60,13 @@ class EngineConfig:
     ``model_n``: number of stages; ``stride``: denoising steps per parallel round; ``warm_up``:
     sequential steps at the start of every pipeline call; ``policy``: block granularity;
     ``cost``: what the planner balances (``"time"`` measured on rank 0, or ``"flops"``);
-    ``bandwidth``: bytes per cost unit for the planner's communication term (None: ignore);
+    ``bandwidth``: the link the planner's communication term assumes: a preset name of
+    :data:`asyncdiff.partition.report.LINKS`, ``"auto"`` (``gloo`` on CPU, ``pcie`` on CUDA), or
+    ``None`` to plan for compute only;
     ``layouts``: which plan shapes the planner may choose (``"contiguous"``, ``"wrapped"``);
     ``transfer_dtype``: send boundary values in ``"bfloat16"`` or ``"float16"`` (half the bytes;
-    results then differ from the sequential model by rounding, even in warm-up steps).
+    results then differ from the sequential model by rounding, even in warm-up steps);
+    ``refresh_every``: run every K-th step after warm-up sequentially again (stride 1).
     """
 
     model_n: int
@@ -71,11 +75,12 @@ class EngineConfig:
     time_shift: bool = False
     policy: str | BlockPolicy = "fine"
     cost: str = "time"
-    bandwidth: float | None = None
+    bandwidth: str | None = "auto"
     profile_repeats: int = 3
     timeout_s: float = 300.0
     layouts: tuple[str, ...] = LAYOUTS
     transfer_dtype: str | None = None
+    refresh_every: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_n, int) or self.model_n < 1:
@@ -90,6 +95,8 @@ class EngineConfig:
             raise ValueError(f"cost={self.cost!r} must be one of {COSTS}")
         if not self.layouts or set(self.layouts) - set(LAYOUTS):
             raise ValueError(f"layouts={self.layouts!r} must be a non-empty subset of {LAYOUTS}")
+        if self.bandwidth is not None and self.bandwidth != "auto" and self.bandwidth not in LINKS:
+            raise ValueError(f"bandwidth={self.bandwidth!r} must be 'auto', None or a link preset {sorted(LINKS)}")
         if self.transfer_dtype not in TRANSFER_DTYPES:
             raise ValueError(f"transfer_dtype={self.transfer_dtype!r} must be one of {TRANSFER_DTYPES}")
         if self.stride == 2 and "contiguous" not in self.layouts:
@@ -98,6 +105,10 @@ class EngineConfig:
         if self.profile_repeats < 1:
             raise ValueError(f"profile_repeats={self.profile_repeats} must be >= 1")
         BlockPolicy.parse(self.policy)
+        self.schedule(self.warm_up)  # validates refresh_every against stride
+
+    def schedule(self, warm_up: int) -> Schedule:
+        return Schedule(self.model_n, warm_up, self.stride, self.time_shift, self.refresh_every)
 
     @property
     def plan_layouts(self) -> tuple[str, ...]:
@@ -184,7 +195,7 @@ class AsyncEngine:
         # Collectives (plan, final output) on their own group, apart from point-to-point traffic.
         self.collective = dist.new_group(
             self.ranks, timeout=datetime.timedelta(seconds=config.timeout_s)) if world > 1 else None
-        self.schedule = Schedule(config.model_n, config.warm_up, config.stride, config.time_shift)
+        self.schedule = config.schedule(config.warm_up)
         self.skeleton = meta_copy(denoiser)
         self.state = StageState()
         self._compiled: dict[CallSignature, _Compiled] = {}
@@ -250,7 +261,7 @@ class AsyncEngine:
         state.drain(channel)  # the previous step's sends, and an asynchronous step's receives
         if kind == StepKind.REUSE:
             return state.reuse
-        sync = kind == StepKind.WARM_UP
+        sync = self.schedule.synchronous(self.state.step)
         if sync and self.rank >= self.config.model_n:  # the extra rank only collects its first inputs
             state.stale = channel.wait(channel.post({}, [], channel.recv_keys))
             return ()
@@ -292,8 +303,7 @@ class AsyncEngine:
     def reset_state(self, warm_up: int | None = None) -> None:
         """Start a new pipeline call (optionally with a new ``warm_up``); drains pending transfers."""
         if warm_up is not None:
-            self.schedule = Schedule(self.config.model_n, _check_warm_up(warm_up), self.config.stride,
-                                     self.config.time_shift)
+            self.schedule = self.config.schedule(_check_warm_up(warm_up))
         self.state.drain(self._active)
         self.state.reset()
 
@@ -334,7 +344,8 @@ class AsyncEngine:
                 costs = profile_blocks(traced, self.denoiser, args, kwargs, repeats=self.config.profile_repeats,
                                        measure_time=self.config.cost == "time")
                 text = auto_plan(traced, costs, self.config.model_n, cost=self.config.cost,
-                                 bandwidth=self.config.bandwidth, layouts=self.config.plan_layouts).to_json()
+                                 bandwidth=self._planner_bandwidth(args, kwargs, traced),
+                                 layouts=self.config.plan_layouts).to_json()
             except ValueError as err:
                 error = str(err)
         if self.collective is not None:
@@ -344,6 +355,14 @@ class AsyncEngine:
         if error is not None:
             raise ValueError(error)
         return Plan.from_json(text)
+
+    def _planner_bandwidth(self, args: tuple[Any, ...], kwargs: dict[str, Any], traced: TracedDenoiser) -> float | None:
+        name = self.config.bandwidth
+        if name is None:
+            return None
+        if name == "auto":
+            name = "pcie" if _device_of(traced.flatten_call(args, kwargs)).type == "cuda" else "gloo"
+        return LINKS[name].planner_bandwidth("s" if self.config.cost == "time" else "flop")
 
     # -- weights ----------------------------------------------------------------------------
     def _release_foreign_weights(self, modules: list[torch.fx.GraphModule]) -> None:

@@ -18,6 +18,10 @@ stage's round output is step ``s + 1``'s prediction. One parallel round advances
 Time shift feeds every computing rank the timestep of one step earlier after warm-up (the
 stale inputs it computes on are one step older than its step).
 
+Refresh (stride 1): with ``refresh_every=K``, every K-th step after warm-up is run sequentially
+again, which resets the stale values to exact ones: a knob between the speed of asynchronous
+steps and the fidelity of sequential ones, beyond a fixed warm-up.
+
 Example:
     >>> print(Schedule(n_stages=2, warm_up=2).format(4))
     step | rank 0       | rank 1
@@ -44,6 +48,7 @@ __all__ = ["Schedule", "StepKind"]
 class StepKind:
     WARM_UP = "warm-up"
     ASYNC = "async"  # stride 1 after warm-up
+    REFRESH = "refresh"  # stride 1: a sequential step after warm-up (refresh_every)
     ROUND = "round"  # stride 2: every rank computes once
     REUSE = "reuse"  # stride 2: no compute, the last stage's round output is this step's
 
@@ -54,6 +59,7 @@ class Schedule:
     warm_up: int
     stride: int = 1
     time_shift: bool = False
+    refresh_every: int | None = None
 
     def __post_init__(self) -> None:
         if self.n_stages < 1:
@@ -62,6 +68,11 @@ class Schedule:
             raise ValueError(f"warm_up={self.warm_up} must be >= 0 (the number of sequential steps)")
         if self.stride not in (1, 2):
             raise ValueError(f"stride={self.stride} must be 1 or 2")
+        if self.refresh_every is not None:
+            if self.refresh_every < 1:
+                raise ValueError(f"refresh_every={self.refresh_every} must be >= 1 (or None: never)")
+            if self.stride != 1:
+                raise ValueError("refresh_every works with stride=1 only; use stride=1 or refresh_every=None")
 
     @property
     def n_ranks(self) -> int:
@@ -71,17 +82,20 @@ class Schedule:
         if step < max(1, self.warm_up):
             return StepKind.WARM_UP
         if self.stride == 1:
+            after = step - max(1, self.warm_up) + 1
+            if self.refresh_every and after % self.refresh_every == 0:
+                return StepKind.REFRESH
             return StepKind.ASYNC
         return StepKind.ROUND if (step - max(1, self.warm_up)) % 2 == 0 else StepKind.REUSE
 
     def synchronous(self, step: int) -> bool:
-        """Whether stages wait for this step's values from their predecessors (warm-up)."""
-        return self.kind(step) == StepKind.WARM_UP
+        """Whether stages wait for this step's values from their predecessors (warm-up, refresh)."""
+        return self.kind(step) in (StepKind.WARM_UP, StepKind.REFRESH)
 
     def timestep_step(self, step: int, rank: int) -> int:
         """Which step's timestep ``rank`` computes with at ``step`` (Note [stride 2], time shift)."""
         kind = self.kind(step)
-        if kind == StepKind.WARM_UP:
+        if self.synchronous(step):
             return step
         shift = 1 if self.time_shift else 0
         if kind == StepKind.ROUND and rank < self.n_stages:
@@ -91,7 +105,7 @@ class Schedule:
     def input_step(self, step: int, rank: int) -> int | None:
         """The step whose values ``rank`` consumes from other stages at ``step`` (None: no compute)."""
         kind = self.kind(step)
-        if kind == StepKind.WARM_UP:
+        if self.synchronous(step):
             return step if rank < self.n_stages else None
         if kind == StepKind.REUSE:
             return None

@@ -40,6 +40,13 @@ def test_time_shift_feeds_the_previous_timestep_after_warm_up():
     assert [shifted.timestep_step(1, r) for r in range(3)] == [1, 1, 0]
 
 
+def test_refresh_runs_every_kth_step_after_warm_up_sequentially():
+    schedule = Schedule(n_stages=2, warm_up=2, refresh_every=3)
+    kinds = [schedule.kind(t) for t in range(9)]
+    assert kinds == ["warm-up", "warm-up", "async", "async", "refresh", "async", "async", "refresh", "async"]
+    assert schedule.input_step(4, 1) == 4 and schedule.input_step(5, 1) == 4
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"n_stages": 2, "warm_up": -1}, "warm_up=-1 must be >= 0"),
     ({"n_stages": 0, "warm_up": 1}, "n_stages=0"),

@@ -143,3 +143,23 @@ def system_scenarios(name: str, steps: int, stride: int) -> dict[str, Any]:
         results[f"{label}stale"] = final_latents()
         async_diff.remove()
     return results
+
+
+def refresh_scenarios(steps: int) -> dict[str, Any]:
+    """Warm-up 1 with a sequential refresh every step, every 2 steps, and never."""
+    from asyncdiff import AsyncDiff
+    from asyncdiff.models.sd import build_sd15
+
+    pipe = build_sd15("tiny", seed=0)
+
+    def latents() -> torch.Tensor:
+        with torch.no_grad():
+            return pipe("a cat", num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+                        output_type="latent").images
+
+    results = {"reference": latents()}
+    for label, every in (("every_step", 1), ("every_2", 2), ("never", None)):
+        async_diff = AsyncDiff(pipe, model_n=dist.get_world_size(), warm_up=1, refresh_every=every)
+        results[label] = latents()
+        async_diff.remove()
+    return results

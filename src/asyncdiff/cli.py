@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=_positive, default=20)
     gen.add_argument("--warm-up", type=_non_negative, default=1, help="sequential steps per call")
     gen.add_argument("--time-shift", action="store_true", help="feed stages the previous step's timestep")
+    gen.add_argument("--refresh-every", type=_positive, default=None,
+                     help="run every K-th step after warm-up sequentially (stride 1): fidelity for speed")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--prompt", default="a photo of a cat")
     gen.add_argument("--out", default=None, help="image (.png) or video (.gif, .mp4) written by rank 0; "
@@ -86,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt", default="a photo of a cat")
     bench.add_argument("--threads-per-device", type=_positive, default=1)
     bench.add_argument("--transfer-dtype", default=None, choices=("bfloat16", "float16"))
+    bench.add_argument("--refresh-every", type=_positive, default=None)
     bench.add_argument("--json", dest="json_path", default=None, help="write the rows as JSON")
     bench.add_argument("--plot", default=None, help="write a PNG of speed-up against devices")
     return parser
@@ -108,9 +111,11 @@ def _bench(args: argparse.Namespace) -> int:
     devices, strides = _int_list(args.devices, "--devices"), _int_list(args.stride, "--stride")
     if set(strides) - {1, 2}:
         raise ValueError(f"--stride={args.stride!r}: strides are 1 or 2")
+    if args.refresh_every and 2 in strides:
+        raise ValueError("--refresh-every works with stride 1 only; use --stride 1")
     spec = GenerateSpec(pipeline=args.pipeline, size=args.size, steps=args.steps, warm_up=args.warm_up, seed=args.seed,
                         prompt=args.prompt, threads_per_device=args.threads_per_device, devices=1, out=None,
-                        transfer_dtype=args.transfer_dtype)
+                        transfer_dtype=args.transfer_dtype, refresh_every=args.refresh_every)
     rows = bench(spec, devices, strides)
     print(format_rows(rows))
     if args.json_path:
@@ -154,7 +159,8 @@ def _generate(args: argparse.Namespace) -> int:
         args.out = "out.gif" if args.pipeline in VIDEO_PIPELINES and not args.model else "out.png"
     spec = GenerateSpec(
         pipeline=args.pipeline, size=args.size, model=args.model, devices=args.devices, stride=args.stride,
-        steps=args.steps, warm_up=args.warm_up, time_shift=args.time_shift, seed=args.seed, prompt=args.prompt, out=args.out,
+        steps=args.steps, warm_up=args.warm_up, time_shift=args.time_shift, refresh_every=args.refresh_every,
+        seed=args.seed, prompt=args.prompt, out=args.out,
         threads_per_device=args.threads_per_device, policy=args.policy, cost=args.cost, plan=args.plan,
         image=args.image, mask=args.mask, transfer_dtype=args.transfer_dtype,
     )
