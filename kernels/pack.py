@@ -91,4 +91,4 @@ def _wire_views(buffer: torch.Tensor, layout: PackLayout) -> list[torch.Tensor]:
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
