@@ -8,6 +8,15 @@ is an error. Each message has its own tag, so messages between the same two rank
 Operations are posted with ``batch_isend_irecv``, which NCCL needs when two ranks send to each
 other in the same step.
 
+Note [overlap]: in an asynchronous step a stage posts its sends and the receives for the next
+step right after its compute, and waits for them only at the start of the next step, so the
+transfer runs during the pipeline's scheduler step and the output broadcast. On CPU, gloo moves
+the bytes on its own threads (which needs a free core: with one busy process per core the
+transfer costs CPU time instead of overlapping, see BENCHMARKS.md). On CUDA, NCCL runs the
+transfers on its own stream, ordered after the compute that produced the buffer by an event, and
+``Work.wait()`` makes the compute stream (not the host) wait for the receive: no host
+synchronisation happens inside the step loop except the pipeline's own.
+
 Example (not run here: needs a process group):
     channel = StageChannel(program, n_segments, {0: [0], 1: [1]}, group=group, device=torch.device("cpu"))
     pending = channel.post(sends={key: values}, recvs=channel.recv_keys)
