@@ -123,6 +123,7 @@ def system_scenarios(name: str, steps: int, stride: int) -> dict[str, Any]:
     then under AsyncDiff with every step a warm-up step, with warm-up 1, and with time shift."""
     from asyncdiff import AsyncDiff
     from asyncdiff.generate import GenerateSpec, _call_kwargs
+    from asyncdiff.generate import final_latents as latents_of
     from asyncdiff.models.builders import BUILDERS
 
     world = dist.get_world_size()
@@ -132,8 +133,8 @@ def system_scenarios(name: str, steps: int, stride: int) -> dict[str, Any]:
     def final_latents() -> torch.Tensor:
         keep: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            pipe(**_call_kwargs(spec, pipe, keep))
-        return keep["latents"]
+            output = pipe(**_call_kwargs(spec, pipe, keep))
+        return latents_of(output, keep)
 
     results: dict[str, Any] = {"reference": final_latents()}
     for label, time_shift in (("", False), ("shift_", True)):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["VIDEO_PIPELINES", "GenerateSpec", "run", "save_output", "worker"]
+__all__ = ["VIDEO_PIPELINES", "GenerateSpec", "final_latents", "run", "save_output", "worker"]
 
 VIDEO_PIPELINES = ("svd", "animatediff")
 
@@ -122,14 +122,50 @@ def _call_kwargs(spec: GenerateSpec, pipe: Any, keep: dict[str, torch.Tensor]) -
             keep["latents"] = latents
 
         kwargs.update(callback=on_step, callback_steps=1)
+    elif "output_type" in params:
+        # Note [output as latents]: a pipeline without a step callback (DDPM, DDIM) hands out no
+        # final latents; it denoises in image space, so its output is the final sample. Ask for
+        # it as a tensor (in [0, 1]); final_latents() takes it from there.
+        kwargs["output_type"] = "pt"
     return kwargs
 
 
+def final_latents(output: Any, keep: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The final latents of a call made with :func:`_call_kwargs`: what its callback put in
+    ``keep``, else the tensor output (Note [output as latents])."""
+    if "latents" in keep:
+        return keep["latents"]
+    images = getattr(output, "images", None)
+    if isinstance(images, torch.Tensor):
+        return images
+    raise RuntimeError(f"{type(output).__name__} carries no tensor and the pipeline took no step callback; "
+                       "the pipeline needs callback_on_step_end, callback or output_type='pt'")
+
+
+def _grid(images: torch.Tensor) -> Any:
+    """A ``(N, C, H, W)`` batch in ``[0, 1]`` tiled into one near-square PIL image."""
+    import math
+
+    from PIL import Image
+
+    count, channels, height, width = images.shape
+    columns = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    canvas = images.new_zeros(channels, rows * height, columns * width)
+    for i, image in enumerate(images):
+        row, column = divmod(i, columns)
+        canvas[:, row * height:(row + 1) * height, column * width:(column + 1) * width] = image
+    pixels = (canvas.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
+
+
 def save_output(output: Any, path: str) -> None:
-    """Save an image, or a video as GIF (``.gif``) or MP4 (``.mp4``)."""
+    """Save an image, a tensor batch as one grid (Note [output as latents]), or a video as GIF
+    (``.gif``) or MP4 (``.mp4``)."""
     frames = getattr(output, "frames", None)
     if frames is None:
-        output.images[0].save(path)
+        images = output.images
+        (_grid(images) if isinstance(images, torch.Tensor) else images[0]).save(path)
         return
     from diffusers.utils import export_to_gif, export_to_video
 
@@ -213,7 +249,7 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
         result["released_weights"] = len(async_diff.engine.released_weights)
     if rank == 0 and spec.out:
         save_output(output, spec.out)
-    result["latents"] = final["latents"].cpu()
+    result["latents"] = final_latents(output, final).cpu()
     return result
 
 

@@ -1,10 +1,11 @@
 """Every offline pipeline builder by name, and the call kwargs that make an example run.
 
 Each builder takes ``(size, seed)`` with ``size`` one of ``tiny``, ``bench``, ``full`` and returns
-a ready diffusers pipeline with seeded random weights. :func:`example_inputs` gives the extra
-call kwargs a pipeline needs besides the prompt: the resolution (and frame count) of the size,
-plus built-in pictures for pipelines that take images (the first frame, a picture and mask to
-inpaint, a control picture, a low-resolution picture to upscale).
+a ready diffusers pipeline with seeded random weights; ``digits`` is the exception, a small
+trained model that every size name gives (:mod:`asyncdiff.models.digits`). :func:`example_inputs`
+gives the extra call kwargs a pipeline needs besides the prompt: the resolution (and frame count)
+of the size, plus built-in pictures for pipelines that take images (the first frame, a picture and
+mask to inpaint, a control picture, a low-resolution picture to upscale).
 
 Example:
     >>> import torch
@@ -24,6 +25,7 @@ from typing import Any
 from asyncdiff.models import sd
 from asyncdiff.models.animatediff import animatediff_inputs, build_animatediff
 from asyncdiff.models.common import check_size
+from asyncdiff.models.digits import build_digits, digits_inputs
 from asyncdiff.models.sd3 import build_sd3, sd3_inputs
 from asyncdiff.models.sd21 import build_sd21, sd21_inputs
 from asyncdiff.models.sdxl import (
@@ -55,6 +57,7 @@ BUILDERS: dict[str, Callable[[str, int], Any]] = {
     "sd3": build_sd3,
     "svd": build_svd,
     "animatediff": build_animatediff,
+    "digits": build_digits,
 }
 
 _INPUTS: dict[str, Callable[[str, int], dict[str, Any]]] = {
@@ -67,6 +70,7 @@ _INPUTS: dict[str, Callable[[str, int], dict[str, Any]]] = {
     "sd3": sd3_inputs,
     "svd": svd_inputs,
     "animatediff": animatediff_inputs,
+    "digits": digits_inputs,
 }
 
 

@@ -1,0 +1,139 @@
+"""What stale inputs cost on a trained model: the fidelity sweep of issue 6, for BENCHMARKS.md.
+
+    python -m benchmarks.fidelity_sweep [--steps 50] [--seeds 4] [--json docs/fidelity.json] [--plot docs/fidelity.png]
+
+The shipped trained digits model (``asyncdiff.models.digits``, a DDIM pipeline) generates the same
+batches (fixed seeds) sequentially and under every setting: devices N in {2, 3, 4}, stride {1, 2},
+warm-up {1, 2, 4, 8}, time shift off/on; then, on 2 devices with warm-up 1, a sequential refresh
+every K steps. For each: the quality metric (digit-classifier confidence, distinct classes,
+Fréchet distance of classifier features to the real digits), the deviation from the sequential
+images (PSNR, max abs), and the denoising loop's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from asyncdiff.engine.launch import launch
+
+
+@dataclass(frozen=True)
+class Setting:
+    stride: int
+    warm_up: int
+    time_shift: bool = False
+    refresh_every: int | None = None
+
+
+def _generate(pipe: Any, steps: int, seeds: int) -> tuple[torch.Tensor, float]:
+    from asyncdiff.models.digits import digits_inputs
+
+    batches, seconds = [], 0.0
+    for seed in range(seeds):
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = pipe(num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt",
+                       **digits_inputs())
+        seconds += time.perf_counter() - start
+        batches.append(out.images)
+    return torch.cat(batches), seconds
+
+
+def sweep_worker(settings: list[Setting], steps: int, seeds: int) -> list[tuple[Setting, torch.Tensor, float]]:
+    """On every rank of this process group: each setting's images and generation time."""
+    from asyncdiff import AsyncDiff
+    from asyncdiff.models.digits import build_digits
+
+    pipe = build_digits()
+    results = []
+    for setting in settings:
+        model_n = dist.get_world_size() - setting.stride + 1
+        async_diff = AsyncDiff(pipe, model_n=model_n, stride=setting.stride, warm_up=setting.warm_up,
+                               time_shift=setting.time_shift, refresh_every=setting.refresh_every, cost="flops")
+        _generate(pipe, 2, 1)  # plan once, outside the timing
+        images, seconds = _generate(pipe, steps, seeds)
+        async_diff.remove()
+        results.append((setting, images, seconds))
+    return results
+
+
+def main() -> None:
+    from asyncdiff.fidelity import deviation, digit_metrics
+    from asyncdiff.models.digits import build_digits
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--plot", default=None)
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    reference, reference_s = _generate(build_digits(), args.steps, args.seeds)
+    rows: list[dict[str, Any]] = [{"devices": 1, "stride": 1, "warm_up": args.steps, "time_shift": False,
+                                   "refresh_every": None, "seconds": reference_s, **digit_metrics(reference),
+                                   "psnr": float("inf"), "max_abs": 0.0}]
+    plans: dict[int, list[Setting]] = {
+        n: [Setting(stride, warm_up, shift) for stride in (1, 2) if n - stride + 1 >= 2
+            for warm_up in (1, 2, 4, 8) for shift in (False, True)]
+        for n in (2, 3, 4)
+    }
+    plans[2] += [Setting(1, 1, False, k) for k in (2, 3, 5, 10)]
+    for n, settings in plans.items():
+        for setting, images, seconds in launch(sweep_worker, n, settings, args.steps, args.seeds)[0]:
+            rows.append({"devices": n, **asdict(setting), "seconds": seconds, **digit_metrics(images),
+                         **deviation(images, reference)})
+            row = rows[-1]
+            print(f"N={n} {setting}: confidence {row['confidence']:.3f} classes {row['classes']} "
+                  f"frechet {row['frechet']:.2f} psnr {row['psnr']:.1f} dB max_abs {row['max_abs']:.3f} "
+                  f"{seconds:.2f} s", flush=True)
+    print("\n| devices | stride | warm-up | time shift | refresh | confidence | classes | Fréchet | PSNR dB | max abs "
+          "| seconds |")
+    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['devices']} | {r['stride']} | {r['warm_up']} | {'on' if r['time_shift'] else 'off'} | "
+              f"{r['refresh_every'] or '-'} | {r['confidence']:.3f} | {r['classes']} | {r['frechet']:.2f} | "
+              f"{r['psnr']:.1f} | {r['max_abs']:.3f} | {r['seconds']:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1, default=str)
+    if args.plot:
+        _plot(rows, args.plot)
+
+
+def _plot(rows: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for n, marker in ((2, "o"), (3, "s"), (4, "^")):
+        for stride, style in ((1, "-"), (2, "--")):
+            points = sorted((r["warm_up"], r["psnr"], r["frechet"]) for r in rows
+                            if r["devices"] == n and r["stride"] == stride and not r["time_shift"]
+                            and not r["refresh_every"])
+            if points:
+                warm, psnr, frechet = zip(*points)
+                axes[0].plot(warm, psnr, style, marker=marker, label=f"N={n} stride {stride}")
+                axes[1].plot(warm, frechet, style, marker=marker, label=f"N={n} stride {stride}")
+    axes[1].axhline(rows[0]["frechet"], color="grey", linestyle=":", label="sequential")
+    axes[0].set_xlabel("warm-up steps")
+    axes[0].set_ylabel("PSNR against sequential (dB)")
+    axes[1].set_xlabel("warm-up steps")
+    axes[1].set_ylabel("Fréchet distance to real digits")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
