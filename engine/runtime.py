@@ -66,7 +66,9 @@ class EngineConfig:
     ``layouts``: which plan shapes the planner may choose (``"contiguous"``, ``"wrapped"``);
     ``transfer_dtype``: send boundary values in ``"bfloat16"`` or ``"float16"`` (half the bytes;
     results then differ from the sequential model by rounding, even in warm-up steps);
-    ``refresh_every``: run every K-th step after warm-up sequentially again (stride 1).
+    ``refresh_every``: run every K-th step after warm-up sequentially again (stride 1);
+    ``refresh_drift``: run a step sequentially when the boundary values changed by more than this
+    relative amount over the last step (stride 1; Note [adaptive refresh]).
     """
 
     model_n: int
@@ -81,6 +83,7 @@ class EngineConfig:
     layouts: tuple[str, ...] = LAYOUTS
     transfer_dtype: str | None = None
     refresh_every: int | None = None
+    refresh_drift: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_n, int) or self.model_n < 1:
@@ -102,6 +105,9 @@ class EngineConfig:
         if self.stride == 2 and "contiguous" not in self.layouts:
             raise ValueError(f"stride=2 runs contiguous plans only (the extra rank repeats the last stage); "
                              f"layouts={self.layouts!r} must include 'contiguous'")
+        if self.refresh_drift is not None and (self.refresh_drift < 0 or self.stride != 1):
+            raise ValueError(f"refresh_drift={self.refresh_drift!r} must be >= 0, with stride=1 "
+                             f"(stride={self.stride}); or None: never")
         if self.profile_repeats < 1:
             raise ValueError(f"profile_repeats={self.profile_repeats} must be >= 1")
         BlockPolicy.parse(self.policy)
@@ -138,6 +144,7 @@ class StageState:
     inflight: list[Pending] = field(default_factory=list)  # a warm-up step's sends
     reuse: tuple[Any, ...] = ()  # stride 2: the last stage's round output, the next step's prediction
     seconds: list[tuple[str, float]] = field(default_factory=list)  # (step kind, wall time) per step
+    previous: dict[str, torch.Tensor] = field(default_factory=dict)  # last step's stale values (adaptive refresh)
 
     def drain(self, channel: StageChannel | None) -> None:
         if self.pending is not None and channel is not None:
@@ -149,6 +156,7 @@ class StageState:
 
     def reset(self) -> None:
         self.step, self.stale, self.pending, self.inflight, self.reuse, self.seconds = 0, {}, None, [], (), []
+        self.previous = {}
 
 
 @dataclass
@@ -209,7 +217,11 @@ class AsyncEngine:
         start = time.perf_counter()
         with self._where(step):
             compiled = self._compile(args, kwargs)
+            self._active = compiled.channel
+            self.state.drain(compiled.channel)  # the previous step's sends, an asynchronous step's receives
             kind = self.schedule.kind(step)
+            if self.config.refresh_drift is not None and self._drifted(compiled, decide=kind == StepKind.ASYNC):
+                kind = StepKind.REFRESH
             shifted = self.schedule.timestep_step(step, self.rank)
             if shifted != step:
                 args, kwargs = self._with_timestep(args, kwargs, shifted)
@@ -257,11 +269,9 @@ class AsyncEngine:
         next one. Reuse step (stride 2): nothing runs.
         """
         state, channel, split = self.state, compiled.channel, compiled.split
-        self._active = channel
-        state.drain(channel)  # the previous step's sends, and an asynchronous step's receives
         if kind == StepKind.REUSE:
             return state.reuse
-        sync = self.schedule.synchronous(self.state.step)
+        sync = kind in (StepKind.WARM_UP, StepKind.REFRESH)
         if sync and self.rank >= self.config.model_n:  # the extra rank only collects its first inputs
             state.stale = channel.wait(channel.post({}, [], channel.recv_keys))
             return ()
@@ -285,6 +295,28 @@ class AsyncEngine:
         if kind == StepKind.ROUND:
             state.reuse = leaves
         return leaves
+
+    def _drifted(self, compiled: _Compiled, decide: bool) -> bool:
+        """Note [adaptive refresh]: whether the boundary values changed, over the last step, by more
+        than ``refresh_drift`` (relative L2 norm, the largest over all values and ranks). Stale
+        inputs are one step old, so this is how wrong they are about to be. All ranks take the
+        same decision (an all-reduce of one number), as a sequential step needs every rank. Every
+        step keeps a copy of the values it received; only ``decide`` steps compare and reduce."""
+        state = self.state
+        previous = state.previous
+        state.previous = {name: value.clone() for name, value in state.stale.items()}  # receive buffers get reused
+        if not decide:
+            return False
+        drift = 0.0
+        for name, value in state.stale.items():
+            if name in previous:
+                before = previous[name].float()
+                drift = max(drift, ((value.float() - before).norm() / before.norm().clamp_min(1e-12)).item())
+        if self.collective is not None:
+            flag = torch.tensor([drift], dtype=torch.float64, device=compiled.channel.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.collective)
+            drift = flag.item()
+        return drift > self.config.refresh_drift
 
     def _share_output(self, compiled: _Compiled, leaves: tuple[Any, ...], owner: int) -> Any:
         template = _output_template(compiled.traced)

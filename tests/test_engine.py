@@ -82,6 +82,11 @@ def test_refresh_every_step_is_sequential_and_every_2_is_in_between(record_prope
     record_property("deviation_no_refresh", deviation(r["never"]))
     assert deviation(r["every_2"]) > 0 and deviation(r["never"]) > 0
     assert not torch.equal(r["every_2"], r["never"]) and torch.isfinite(r["every_2"]).all()
+    # adaptive refresh: any drift refreshes (all sequential after warm-up 2), infinite drift never does
+    assert r["drift_0_kinds"] == ["warm-up"] * 2 + ["refresh"] * 6
+    torch.testing.assert_close(r["drift_0"], r["reference"], rtol=1e-6, atol=1e-6)
+    assert r["drift_inf_kinds"] == ["warm-up"] * 2 + ["async"] * 6
+    torch.testing.assert_close(r["drift_inf"], r["warm_up_2"], rtol=0, atol=0)
 
 
 def test_failing_rank_stops_all_with_stage_and_step():
@@ -115,6 +120,7 @@ def test_toy_denoiser_on_two_ranks_matches_and_bfloat16_transfer_rounds():
     ({"model_n": 2, "bandwidth": "wifi"}, r"bandwidth='wifi' must be 'auto', None or a link preset"),
     ({"model_n": 2, "refresh_every": 0}, r"refresh_every=0 must be >= 1"),
     ({"model_n": 2, "stride": 2, "refresh_every": 3}, r"refresh_every works with stride=1 only"),
+    ({"model_n": 2, "refresh_drift": -0.1}, r"refresh_drift=-0.1 must be >= 0, with stride=1"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -158,9 +158,19 @@ def refresh_scenarios(steps: int) -> dict[str, Any]:
             return pipe("a cat", num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
                         output_type="latent").images
 
-    results = {"reference": latents()}
+    results: dict[str, Any] = {"reference": latents()}
+    plan = None  # every run uses the first run's plan, so they differ only in what is refreshed
     for label, every in (("every_step", 1), ("every_2", 2), ("never", None)):
-        async_diff = AsyncDiff(pipe, model_n=dist.get_world_size(), warm_up=1, refresh_every=every)
+        async_diff = AsyncDiff(pipe, model_n=dist.get_world_size(), warm_up=1, refresh_every=every, plan=plan)
         results[label] = latents()
+        plan = async_diff.plan
         async_diff.remove()
+    for label, drift in (("drift_0", 0.0), ("drift_inf", float("inf"))):
+        async_diff = AsyncDiff(pipe, model_n=dist.get_world_size(), warm_up=2, refresh_drift=drift, plan=plan)
+        results[label] = latents()
+        results[f"{label}_kinds"] = [kind for kind, _ in async_diff.engine.state.seconds]
+        async_diff.remove()
+    async_diff = AsyncDiff(pipe, model_n=dist.get_world_size(), warm_up=2, plan=plan)
+    results["warm_up_2"] = latents()
+    async_diff.remove()
     return results

@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--time-shift", action="store_true", help="feed stages the previous step's timestep")
     gen.add_argument("--refresh-every", type=_positive, default=None,
                      help="run every K-th step after warm-up sequentially (stride 1): fidelity for speed")
+    gen.add_argument("--refresh-drift", type=float, default=None,
+                     help="run a step sequentially when boundary values moved by more than this (relative)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--prompt", default="a photo of a cat")
     gen.add_argument("--out", default=None, help="image (.png) or video (.gif, .mp4) written by rank 0; "
@@ -160,6 +162,7 @@ def _generate(args: argparse.Namespace) -> int:
     spec = GenerateSpec(
         pipeline=args.pipeline, size=args.size, model=args.model, devices=args.devices, stride=args.stride,
         steps=args.steps, warm_up=args.warm_up, time_shift=args.time_shift, refresh_every=args.refresh_every,
+        refresh_drift=args.refresh_drift,
         seed=args.seed, prompt=args.prompt, out=args.out,
         threads_per_device=args.threads_per_device, policy=args.policy, cost=args.cost, plan=args.plan,
         image=args.image, mask=args.mask, transfer_dtype=args.transfer_dtype,

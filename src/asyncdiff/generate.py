@@ -44,6 +44,7 @@ class GenerateSpec:
     plan: str | None = None  # a plan JSON file to use instead of planning
     transfer_dtype: str | None = None  # "bfloat16" / "float16": narrower boundary transfers
     refresh_every: int | None = None  # a sequential step every K steps after warm-up
+    refresh_drift: float | None = None  # a sequential step when boundary values drift past this
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -74,7 +75,7 @@ class GenerateSpec:
                                  f"use devices >= {self.stride + 1}")
             EngineConfig(model_n=self.stages, stride=self.stride, warm_up=self.warm_up, time_shift=self.time_shift,
                          policy=self.policy, cost=self.cost, transfer_dtype=self.transfer_dtype,
-                         refresh_every=self.refresh_every)
+                         refresh_every=self.refresh_every, refresh_drift=self.refresh_drift)
 
     @property
     def stages(self) -> int:
@@ -217,7 +218,8 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
                 plan = Plan.from_json(f.read())
         async_diff = AsyncDiff(pipe, model_n=spec.stages, stride=spec.stride, warm_up=spec.warm_up,
                                time_shift=spec.time_shift, policy=spec.policy, cost=spec.cost, plan=plan,
-                               transfer_dtype=spec.transfer_dtype, refresh_every=spec.refresh_every)
+                               transfer_dtype=spec.transfer_dtype, refresh_every=spec.refresh_every,
+                               refresh_drift=spec.refresh_drift)
         async_diff.reset_state(warm_up=spec.warm_up)
     denoiser = getattr(pipe, (async_diff.adapter if async_diff else _adapter(pipe)).denoiser)
     timer = _StepTimer(denoiser)
@@ -228,7 +230,7 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
     result: dict[str, Any] = {
         "pipeline": spec.pipeline, "size": spec.size, "devices": spec.devices, "stride": spec.stride,
         "stages": spec.stages, "steps": spec.steps, "warm_up": spec.warm_up, "time_shift": spec.time_shift,
-        "refresh_every": spec.refresh_every,
+        "refresh_every": spec.refresh_every, "refresh_drift": spec.refresh_drift,
         "seed": spec.seed,
         # the loop's wall time without the one-off trace/profile/plan of the first call (plan_s)
         "denoise_s": round(timer.seconds - plan_s, 4), "plan_s": round(plan_s, 4),
@@ -237,6 +239,8 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
     if async_diff is not None:
         from asyncdiff.partition.report import LINKS
 
+        kinds = [kind for kind, _ in async_diff.engine.state.seconds]
+        result["refresh_steps"] = kinds.count("refresh")
         steady = [s for kind, s in async_diff.engine.state.seconds if kind != "warm-up"]
         if steady:  # the mean, so stride 2's compute-free reuse steps and refreshes count as they cost
             result["step_s"] = round(statistics.fmean(steady), 4)
