@@ -30,13 +30,14 @@ class Setting:
     warm_up: int
     time_shift: bool = False
     refresh_every: int | None = None
+    refresh_drift: float | None = None
 
 
-def _generate(pipe: Any, steps: int, seeds: int) -> tuple[torch.Tensor, float]:
+def _generate(pipe: Any, steps: int, seeds: int, first_seed: int = 0) -> tuple[torch.Tensor, float]:
     from asyncdiff.models.digits import digits_inputs
 
     batches, seconds = [], 0.0
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         start = time.perf_counter()
         with torch.no_grad():
             out = pipe(num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt",
@@ -46,7 +47,7 @@ def _generate(pipe: Any, steps: int, seeds: int) -> tuple[torch.Tensor, float]:
     return torch.cat(batches), seconds
 
 
-def sweep_worker(settings: list[Setting], steps: int, seeds: int) -> list[tuple[Setting, torch.Tensor, float]]:
+def sweep_worker(settings: list[Setting], steps: int, seeds: int) -> list[tuple[Setting, torch.Tensor, float, float]]:
     """On every rank of this process group: each setting's images and generation time."""
     from asyncdiff import AsyncDiff
     from asyncdiff.models.digits import build_digits
@@ -56,11 +57,18 @@ def sweep_worker(settings: list[Setting], steps: int, seeds: int) -> list[tuple[
     for setting in settings:
         model_n = dist.get_world_size() - setting.stride + 1
         async_diff = AsyncDiff(pipe, model_n=model_n, stride=setting.stride, warm_up=setting.warm_up,
-                               time_shift=setting.time_shift, refresh_every=setting.refresh_every, cost="flops")
+                               time_shift=setting.time_shift, refresh_every=setting.refresh_every,
+                               refresh_drift=setting.refresh_drift, cost="flops")
         _generate(pipe, 2, 1)  # plan once, outside the timing
-        images, seconds = _generate(pipe, steps, seeds)
+        refreshes = 0
+        images, seconds = [], 0.0
+        for seed in range(seeds):
+            batch, spent = _generate(pipe, steps, 1, first_seed=seed)
+            refreshes += [kind for kind, _ in async_diff.engine.state.seconds].count("refresh")
+            images.append(batch)
+            seconds += spent
         async_diff.remove()
-        results.append((setting, images, seconds))
+        results.append((setting, torch.cat(images), seconds, refreshes / seeds))
     return results
 
 
@@ -73,23 +81,28 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
+    parser.add_argument("--devices", default="2,3,4", help="comma-separated device counts to sweep")
     args = parser.parse_args()
+    devices = [int(n) for n in args.devices.split(",")]
 
     torch.set_num_threads(1)
     reference, reference_s = _generate(build_digits(), args.steps, args.seeds)
     rows: list[dict[str, Any]] = [{"devices": 1, "stride": 1, "warm_up": args.steps, "time_shift": False,
-                                   "refresh_every": None, "seconds": reference_s, **digit_metrics(reference),
+                                   "refresh_every": None, "refresh_drift": None, "refreshes": 0.0,
+                                   "seconds": reference_s, **digit_metrics(reference),
                                    "psnr": float("inf"), "max_abs": 0.0}]
     plans: dict[int, list[Setting]] = {
         n: [Setting(stride, warm_up, shift) for stride in (1, 2) if n - stride + 1 >= 2
             for warm_up in (1, 2, 4, 8) for shift in (False, True)]
-        for n in (2, 3, 4)
+        for n in devices
     }
-    plans[2] += [Setting(1, 1, False, k) for k in (2, 3, 5, 10)]
+    if 2 in plans:
+        plans[2] += [Setting(1, 1, False, k) for k in (2, 3, 5, 10)]
+        plans[2] += [Setting(1, 1, False, None, d) for d in (0.02, 0.05, 0.1)]
     for n, settings in plans.items():
-        for setting, images, seconds in launch(sweep_worker, n, settings, args.steps, args.seeds)[0]:
-            rows.append({"devices": n, **asdict(setting), "seconds": seconds, **digit_metrics(images),
-                         **deviation(images, reference)})
+        for setting, images, seconds, refreshes in launch(sweep_worker, n, settings, args.steps, args.seeds)[0]:
+            rows.append({"devices": n, **asdict(setting), "refreshes": refreshes, "seconds": seconds,
+                         **digit_metrics(images), **deviation(images, reference)})
             row = rows[-1]
             print(f"N={n} {setting}: confidence {row['confidence']:.3f} classes {row['classes']} "
                   f"frechet {row['frechet']:.2f} psnr {row['psnr']:.1f} dB max_abs {row['max_abs']:.3f} "
@@ -98,8 +111,10 @@ def main() -> None:
           "| seconds |")
     print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        refresh = f"every {r['refresh_every']}" if r["refresh_every"] else \
+            f"drift {r['refresh_drift']} ({r['refreshes']:.1f} steps)" if r["refresh_drift"] is not None else "-"
         print(f"| {r['devices']} | {r['stride']} | {r['warm_up']} | {'on' if r['time_shift'] else 'off'} | "
-              f"{r['refresh_every'] or '-'} | {r['confidence']:.3f} | {r['classes']} | {r['frechet']:.2f} | "
+              f"{refresh} | {r['confidence']:.3f} | {r['classes']} | {r['frechet']:.2f} | "
               f"{r['psnr']:.1f} | {r['max_abs']:.3f} | {r['seconds']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
@@ -119,7 +134,7 @@ def _plot(rows: list[dict[str, Any]], path: str) -> None:
         for stride, style in ((1, "-"), (2, "--")):
             points = sorted((r["warm_up"], r["psnr"], r["frechet"]) for r in rows
                             if r["devices"] == n and r["stride"] == stride and not r["time_shift"]
-                            and not r["refresh_every"])
+                            and not r["refresh_every"] and r["refresh_drift"] is None)
             if points:
                 warm, psnr, frechet = zip(*points)
                 axes[0].plot(warm, psnr, style, marker=marker, label=f"N={n} stride {stride}")
