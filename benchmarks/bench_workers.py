@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from asyncdiff.engine.launch import local_device
+
 __all__ = ["MB", "engine_step", "p2p_latency", "plain_step", "sd_bench_inputs"]
 
 KB, MB = 1024, 1024 * 1024
@@ -34,11 +36,12 @@ def p2p_latency(sizes: tuple[int, ...], reps: tuple[int, ...], warmup: int,
     """
     rank = dist.get_rank()
     peer = 1 - rank
+    device = local_device()  # a GPU under NCCL: the host waits for each transfer to finish
     one_way: dict[int, float] = {}
     echo_ok = True
     for nbytes, n in zip(sizes, reps):
-        send = _pattern(nbytes)
-        back = torch.empty(nbytes, dtype=torch.uint8)
+        send = _pattern(nbytes).to(device)
+        back = torch.empty(nbytes, dtype=torch.uint8, device=device)
         times = []
         dist.barrier()
         for i in range(warmup + n):
@@ -46,6 +49,7 @@ def p2p_latency(sizes: tuple[int, ...], reps: tuple[int, ...], warmup: int,
                 start = time.perf_counter()
                 dist.send(send, peer)
                 dist.recv(back, peer)
+                _synchronize(device)
                 if i >= warmup:
                     times.append((time.perf_counter() - start) / 2)
             else:
@@ -54,17 +58,24 @@ def p2p_latency(sizes: tuple[int, ...], reps: tuple[int, ...], warmup: int,
         if rank == 0:
             echo_ok = echo_ok and torch.equal(back, send)
             one_way[nbytes] = statistics.median(times)
-    mine = torch.full((gather_bytes,), rank, dtype=torch.uint8)
-    outputs = [torch.empty(gather_bytes, dtype=torch.uint8) for _ in range(dist.get_world_size())]
+    mine = torch.full((gather_bytes,), rank, dtype=torch.uint8, device=device)
+    outputs = [torch.empty(gather_bytes, dtype=torch.uint8, device=device) for _ in range(dist.get_world_size())]
     gather_times = []
     for _ in range(1 + gather_reps):  # the first one is warm-up
         dist.barrier()
+        _synchronize(device)
         start = time.perf_counter()
         dist.all_gather(outputs, mine)
+        _synchronize(device)
         gather_times.append(time.perf_counter() - start)
     gather_ok = all(bool((out == r).all()) for r, out in enumerate(outputs))
     return {"one_way_s": one_way, "all_gather_s": statistics.median(gather_times[1:]),
             "echo_ok": echo_ok, "gather_ok": gather_ok}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # -- one denoising step of the bench SD UNet ----------------------------------------------------

@@ -4,15 +4,20 @@ each benchmark prints, shown again at the end of the run (so ``-q`` without ``-s
 Ratios are always against a baseline measured in the same run (STYLE.md, benchmarks): a
 benchmark stores its median under a name with :meth:`RunRecord.keep`, a later one reads it back
 with :meth:`RunRecord.ratio`. Benchmarks assert only the correctness of what they ran.
+
+The multi-process benchmarks measure CPU processes on gloo, also on a machine with CUDA; the
+NCCL ones set ``ASYNCDIFF_DEVICE=cuda`` for themselves.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 import torch
 
+os.environ.setdefault("ASYNCDIFF_DEVICE", "cpu")
 _RECORD = pytest.StashKey["RunRecord"]()
 
 

@@ -1,11 +1,13 @@
 """What stale inputs cost on a trained model: the fidelity sweep of issue 6, for BENCHMARKS.md.
 
     python -m benchmarks.fidelity_sweep [--steps 50] [--seeds 4] [--json docs/fidelity.json] [--plot docs/fidelity.png]
+    python -m benchmarks.fidelity_sweep --sweep transfer [--json docs/fidelity-transfer.json]
 
 The shipped trained digits model (``asyncdiff.models.digits``, a DDIM pipeline) generates the same
 batches (fixed seeds) sequentially and under every setting: devices N in {2, 3, 4}, stride {1, 2},
 warm-up {1, 2, 4, 8}, time shift off/on; then, on 2 devices with warm-up 1, a sequential refresh
-every K steps. For each: the quality metric (digit-classifier confidence, distinct classes,
+every K steps. ``--sweep transfer`` instead runs 2 devices, warm-up 1, with each transfer dtype
+(float32, bfloat16, float16, float8). For each: the quality metric (digit-classifier confidence, distinct classes,
 Fréchet distance of classifier features to the real digits), the deviation from the sequential
 images (PSNR, max abs), and the denoising loop's time.
 """
@@ -31,6 +33,7 @@ class Setting:
     time_shift: bool = False
     refresh_every: int | None = None
     refresh_drift: float | None = None
+    transfer_dtype: str | None = None
 
 
 def _generate(pipe: Any, steps: int, seeds: int, first_seed: int = 0) -> tuple[torch.Tensor, float]:
@@ -58,7 +61,8 @@ def sweep_worker(settings: list[Setting], steps: int, seeds: int) -> list[tuple[
         model_n = dist.get_world_size() - setting.stride + 1
         async_diff = AsyncDiff(pipe, model_n=model_n, stride=setting.stride, warm_up=setting.warm_up,
                                time_shift=setting.time_shift, refresh_every=setting.refresh_every,
-                               refresh_drift=setting.refresh_drift, cost="flops")
+                               refresh_drift=setting.refresh_drift, transfer_dtype=setting.transfer_dtype,
+                               cost="flops")
         _generate(pipe, 2, 1)  # plan once, outside the timing
         refreshes = 0
         images, seconds = [], 0.0
@@ -82,13 +86,16 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     parser.add_argument("--devices", default="2,3,4", help="comma-separated device counts to sweep")
+    parser.add_argument("--sweep", default="all", choices=("all", "transfer"),
+                        help="all: devices x stride x warm-up x time shift, and refresh; transfer: wire dtypes")
     args = parser.parse_args()
     devices = [int(n) for n in args.devices.split(",")]
 
     torch.set_num_threads(1)
     reference, reference_s = _generate(build_digits(), args.steps, args.seeds)
     rows: list[dict[str, Any]] = [{"devices": 1, "stride": 1, "warm_up": args.steps, "time_shift": False,
-                                   "refresh_every": None, "refresh_drift": None, "refreshes": 0.0,
+                                   "refresh_every": None, "refresh_drift": None, "transfer_dtype": None,
+                                   "refreshes": 0.0,
                                    "seconds": reference_s, **digit_metrics(reference),
                                    "psnr": float("inf"), "max_abs": 0.0}]
     plans: dict[int, list[Setting]] = {
@@ -99,6 +106,8 @@ def main() -> None:
     if 2 in plans:
         plans[2] += [Setting(1, 1, False, k) for k in (2, 3, 5, 10)]
         plans[2] += [Setting(1, 1, False, None, d) for d in (0.02, 0.05, 0.1)]
+    if args.sweep == "transfer":
+        plans = {2: [Setting(1, 1, transfer_dtype=wire) for wire in (None, "bfloat16", "float16", "float8")]}
     for n, settings in plans.items():
         for setting, images, seconds, refreshes in launch(sweep_worker, n, settings, args.steps, args.seeds)[0]:
             rows.append({"devices": n, **asdict(setting), "refreshes": refreshes, "seconds": seconds,
@@ -107,14 +116,14 @@ def main() -> None:
             print(f"N={n} {setting}: confidence {row['confidence']:.3f} classes {row['classes']} "
                   f"frechet {row['frechet']:.2f} psnr {row['psnr']:.1f} dB max_abs {row['max_abs']:.3f} "
                   f"{seconds:.2f} s", flush=True)
-    print("\n| devices | stride | warm-up | time shift | refresh | confidence | classes | Fréchet | PSNR dB | max abs "
-          "| seconds |")
-    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| devices | stride | warm-up | time shift | refresh | transfer | confidence | classes | Fréchet | PSNR dB "
+          "| max abs | seconds |")
+    print("|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         refresh = f"every {r['refresh_every']}" if r["refresh_every"] else \
             f"drift {r['refresh_drift']} ({r['refreshes']:.1f} steps)" if r["refresh_drift"] is not None else "-"
         print(f"| {r['devices']} | {r['stride']} | {r['warm_up']} | {'on' if r['time_shift'] else 'off'} | "
-              f"{refresh} | {r['confidence']:.3f} | {r['classes']} | {r['frechet']:.2f} | "
+              f"{refresh} | {r['transfer_dtype'] or 'float32'} | {r['confidence']:.3f} | {r['classes']} | {r['frechet']:.2f} | "
               f"{r['psnr']:.1f} | {r['max_abs']:.3f} | {r['seconds']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:

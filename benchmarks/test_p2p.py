@@ -1,4 +1,5 @@
-"""gloo point-to-point latency and bandwidth between 2 local processes, by transfer size.
+"""Point-to-point latency and bandwidth between 2 local processes, by transfer size: gloo (CPU
+processes), and NCCL where the machine has 2 GPUs.
 
 The numbers are measured inside the workers (ping-pong with blocking send/recv, one-way = round
 trip / 2) and reported in ``extra_info``; the pytest-benchmark time of this test is the whole
@@ -7,6 +8,9 @@ rank is measured in the same workers for comparison (FACTS.md: ~40 ms; avoid it)
 """
 
 from __future__ import annotations
+
+import pytest
+import torch
 
 from asyncdiff.engine.launch import launch
 from benchmarks.bench_workers import KB, MB, p2p_latency
@@ -20,7 +24,10 @@ def _label(nbytes: int) -> str:
     return f"{nbytes // MB} MB" if nbytes >= MB else f"{nbytes // KB} KB"
 
 
-def test_gloo_p2p_by_size(benchmark, run_record):
+@pytest.mark.parametrize("backend", ["gloo", pytest.param("nccl", marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="NCCL point-to-point needs 2 GPUs"))])
+def test_p2p_by_size(benchmark, run_record, monkeypatch, backend):
+    monkeypatch.setenv("ASYNCDIFF_DEVICE", "cpu" if backend == "gloo" else "cuda")
     results = benchmark.pedantic(launch, args=(p2p_latency, 2, SIZES, REPS, 5, GATHER_BYTES, GATHER_REPS),
                                  rounds=1, iterations=1)
     r = results[0]
@@ -39,4 +46,4 @@ def test_gloo_p2p_by_size(benchmark, run_record):
     benchmark.extra_info["all_gather_over_p2p_16MB"] = round(gather / p2p_16, 2)
     rows.append(f"all_gather 16 MB per rank: {gather * 1e3:.2f} ms (median of {GATHER_REPS}), "
                 f"{gather / p2p_16:.1f}x a one-way 16 MB send")
-    run_record.print("gloo p2p, 2 local processes (measured in the workers)", rows)
+    run_record.print(f"{backend} p2p, 2 local processes (measured in the workers)", rows)

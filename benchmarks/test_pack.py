@@ -18,7 +18,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from asyncdiff.kernels.pack import PackLayout, pack, unpack
+from asyncdiff.kernels.pack import FP8, PackLayout, pack, unpack
 
 WIDTHS = (64, 128, 192, 192)  # SIZES["bench"].unet_channels
 BATCH = 2  # classifier-free guidance
@@ -96,3 +96,42 @@ def test_pack_throughput(benchmark, run_record, single_thread, boundary, op):
     run_record.print(f"pack {name} {op}",
                      [f"{len(tensors)} tensors, {layout.nbytes / 1e6:.2f} MB: median {seconds * 1e6:.1f} us, "
                       f"{gbps:.2f} GB/s{note}" + (f"; {vs}" if vs else " (baseline)")])
+
+
+WIRES = {"bfloat16": torch.bfloat16, "float8": FP8}
+BACKENDS = ["torch"] + (["triton"] if torch.cuda.is_available() else [])  # triton kernels need CUDA to be timed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("wire", list(WIRES))
+@pytest.mark.parametrize("op", ["pack", "unpack"])
+def test_narrow_pack_throughput(benchmark, run_record, single_thread, boundary, wire, op, backend):
+    """Packing into a narrower wire dtype (a cast, and for float8 a scale: Note [fp8 scale]) and
+    unpacking back (a cast, no longer views), against the same-dtype pack of the same tensors."""
+    name, tensors, _ = boundary
+    device = "cuda" if backend == "triton" else "cpu"
+    tensors = [t.to(device) for t in tensors]
+    layout = PackLayout.of([(t.shape, t.dtype) for t in tensors], WIRES[wire])
+    src = pack(tensors, layout, backend=backend)
+    fn = {"pack": lambda: pack(tensors, layout, backend=backend),
+          "unpack": lambda: unpack(src, layout, backend=backend)}[op]
+
+    def timed():
+        result = fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return result
+
+    result = benchmark.pedantic(timed, rounds=ROUNDS // 2, warmup_rounds=WARMUP, iterations=ITERATIONS)
+    views = unpack(result, layout, backend="torch") if op == "pack" else result
+    for got, want in zip(views, tensors):
+        torch.testing.assert_close(got, want, rtol=2 ** -4 if wire == "float8" else 2 ** -8, atol=1e-6)
+    seconds = run_record.keep(f"pack/{name}/{op}-{wire}-{backend}", run_record.median(benchmark))
+    ratio = run_record.ratio(seconds, f"pack/{name}/pack" if op == "pack" else f"pack/{name}/pack+unpack")
+    benchmark.extra_info.update({"set": name, "wire": wire, "backend": backend, "wire_bytes": layout.nbytes,
+                                 "median_us": round(seconds * 1e6, 2),
+                                 "time_vs_same_dtype": None if ratio is None else round(ratio, 3)})
+    vs = f"; time {ratio:.2f}x the same-dtype {'pack' if op == 'pack' else 'pack+unpack'}" if ratio else ""
+    run_record.print(f"pack {name} {op} {wire} ({backend})",
+                     [f"{len(tensors)} tensors, {layout.nbytes / 1e6:.2f} MB on the wire: median "
+                      f"{seconds * 1e6:.1f} us{vs}"])

@@ -12,10 +12,19 @@ Note [overlap]: in an asynchronous step a stage posts its sends and the receives
 step right after its compute, and waits for them only at the start of the next step, so the
 transfer runs during the pipeline's scheduler step and the output broadcast. On CPU, gloo moves
 the bytes on its own threads (which needs a free core: with one busy process per core the
-transfer costs CPU time instead of overlapping, see BENCHMARKS.md). On CUDA, NCCL runs the
-transfers on its own stream, ordered after the compute that produced the buffer by an event, and
-``Work.wait()`` makes the compute stream (not the host) wait for the receive: no host
-synchronisation happens inside the step loop except the pipeline's own.
+transfer costs CPU time instead of overlapping, see BENCHMARKS.md). On CUDA a channel has its own
+communication stream beside the compute stream:
+
+    compute stream:  step t compute --(event)--+                 wait(step t+1 works) -> compute
+    comm stream:                               +-> pack -> isend/irecv (NCCL) ...^
+
+``post`` makes the comm stream wait for an event recorded on the compute stream after step t's
+compute (so packing reads finished values, and a receive never overwrites a buffer that queued
+compute still reads), then packs and posts the NCCL operations from the comm stream; the values
+it packed are marked as used there (``record_stream``) so the caching allocator cannot hand their
+memory to the compute stream early. ``wait`` calls ``Work.wait()`` from the compute stream, which
+makes that stream, not the host, wait for the transfer. Receive buffers are allocated once. No
+host synchronisation happens inside the step loop except the pipeline's own.
 
 Example (not run here: needs a process group):
     channel = StageChannel(program, n_segments, {0: [0], 1: [1]}, group=group, device=torch.device("cpu"))
@@ -27,6 +36,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -44,6 +55,7 @@ class Pending:
     works: list[dist.Work] = field(default_factory=list)
     recvs: list[Key] = field(default_factory=list)
     keep_alive: list[torch.Tensor] = field(default_factory=list)  # send buffers in flight
+    exact: bool = False
 
 
 class StageChannel:
@@ -55,12 +67,19 @@ class StageChannel:
         self.destinations, self.group, self.device, self.n_segments = destinations, group, device, n_segments
         self.recv_groups = _grouped(program.recv)
         self.send_groups = _grouped(program.send)
+        groups = {**self.recv_groups, **self.send_groups}
+        # Note [exact warm-up]: sequential steps send values in their own dtype, asynchronous steps
+        # in the transfer dtype; both sides know which from the schedule.
         self.layouts = {key: PackLayout.of([(t.spec.shape, t.spec.torch_dtype) for t in ts], transfer_dtype)
-                        for key, ts in {**self.recv_groups, **self.send_groups}.items()}
-        # One receive buffer per message suffices: a step's received views are consumed by its
-        # compute before the next receive into the same buffer is posted (Note [stale inputs]).
-        self.buffers = {key: torch.empty(self.layouts[key].nbytes, dtype=torch.uint8, device=device)
+                        for key, ts in groups.items()}
+        self.exact_layouts = {key: PackLayout.of([(t.spec.shape, t.spec.torch_dtype) for t in ts])
+                              for key, ts in groups.items()}
+        # One receive buffer per message and layout suffices: a step's received views are consumed
+        # by its compute before the next receive into the same buffer is posted (Note [stale inputs]).
+        self.buffers = {(key, exact): torch.empty(layouts[key].nbytes, dtype=torch.uint8, device=device)
+                        for exact, layouts in ((False, self.layouts), (True, self.exact_layouts))
                         for key in self.recv_groups}
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # Note [overlap]
 
     @property
     def recv_keys(self) -> list[Key]:
@@ -77,21 +96,29 @@ class StageChannel:
     def recvs_into(self, segment: int) -> list[Key]:
         return [key for key in self.recv_groups if key[1] == segment]
 
-    def post(self, values: Mapping[str, torch.Tensor], sends: Iterable[Key], recvs: Iterable[Key]) -> Pending:
-        """Start sending ``sends`` (packed from ``values``) and receiving ``recvs``."""
-        ops, pending = [], Pending()
-        for key in sends:
-            transfers = self.send_groups[key]
-            buffer = pack([values[t.value] for t in transfers], self.layouts[key])
-            for rank in self.destinations[transfers[0].dst]:
-                ops.append(dist.P2POp(dist.isend, buffer, rank, self.group, self._tag(key)))
-            pending.keep_alive.append(buffer)
-        for key in recvs:
-            src = self.destinations[self.recv_groups[key][0].src][0]
-            ops.append(dist.P2POp(dist.irecv, self.buffers[key], src, self.group, self._tag(key)))
-            pending.recvs.append(key)
-        if ops:
-            pending.works = dist.batch_isend_irecv(ops)
+    def post(self, values: Mapping[str, torch.Tensor], sends: Iterable[Key], recvs: Iterable[Key],
+             exact: bool = False) -> Pending:
+        """Start sending ``sends`` (packed from ``values``) and receiving ``recvs``; ``exact``: in
+        the values' own dtypes, not the transfer dtype (Note [exact warm-up])."""
+        ops, pending = [], Pending(exact=exact)
+        layouts = self.exact_layouts if exact else self.layouts
+        with self._comm_stream():
+            for key in sends:
+                transfers = self.send_groups[key]
+                tensors = [values[t.value] for t in transfers]
+                buffer = pack(tensors, layouts[key])
+                if self.stream is not None:
+                    for t in tensors:
+                        t.record_stream(self.stream)
+                for rank in self.destinations[transfers[0].dst]:
+                    ops.append(dist.P2POp(dist.isend, buffer, rank, self.group, self._tag(key)))
+                pending.keep_alive.append(buffer)
+            for key in recvs:
+                src = self.destinations[self.recv_groups[key][0].src][0]
+                ops.append(dist.P2POp(dist.irecv, self.buffers[key, exact], src, self.group, self._tag(key)))
+                pending.recvs.append(key)
+            if ops:
+                pending.works = dist.batch_isend_irecv(ops)
         return pending
 
     def wait(self, pending: Pending) -> dict[str, torch.Tensor]:
@@ -99,10 +126,18 @@ class StageChannel:
         for work in pending.works:
             work.wait()
         values: dict[str, torch.Tensor] = {}
+        layouts = self.exact_layouts if pending.exact else self.layouts
         for key in pending.recvs:
-            for t, view in zip(self.recv_groups[key], unpack(self.buffers[key], self.layouts[key])):
+            for t, view in zip(self.recv_groups[key], unpack(self.buffers[key, pending.exact], layouts[key])):
                 values[t.value] = view
         return values
+
+    def _comm_stream(self) -> contextlib.AbstractContextManager:
+        """Note [overlap]: on CUDA, the comm stream, after the compute enqueued so far; else nothing."""
+        if self.stream is None:
+            return contextlib.nullcontext()
+        self.stream.wait_event(torch.cuda.current_stream(self.device).record_event())
+        return torch.cuda.stream(self.stream)
 
     def _tag(self, key: Key) -> int:
         return key[0] * self.n_segments + key[1]

@@ -32,9 +32,19 @@ def under_torchrun() -> bool:
 
 
 def local_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+    """This process's device: its own GPU (``LOCAL_RANK``) where CUDA is present, else the CPU.
+    ``ASYNCDIFF_DEVICE=cpu`` runs CPU processes on gloo even where CUDA is present."""
+    choice = os.environ.get("ASYNCDIFF_DEVICE", "auto")
+    if choice not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"ASYNCDIFF_DEVICE={choice!r} must be 'auto', 'cpu' or 'cuda'")
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    local_rank, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if local_rank >= count:
+        raise RuntimeError(f"local rank {local_rank} has no GPU: this machine has {count} CUDA device(s); "
+                           f"run at most {count} process(es) per machine (--devices / --nproc_per_node), "
+                           f"or set ASYNCDIFF_DEVICE=cpu to run CPU processes")
+    return torch.device("cuda", local_rank)
 
 
 def init_from_env(timeout_s: float = 300.0) -> None:

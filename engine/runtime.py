@@ -27,7 +27,7 @@ import torch.fx
 
 from asyncdiff.engine.comm import Pending, StageChannel
 from asyncdiff.engine.schedule import Schedule, StepKind
-from asyncdiff.kernels.pack import PackLayout, pack, unpack
+from asyncdiff.kernels.pack import FP8, PackLayout, pack, unpack
 from asyncdiff.partition.auto import COSTS, auto_plan
 from asyncdiff.partition.blocks import BlockPolicy
 from asyncdiff.partition.plan import Plan
@@ -46,7 +46,7 @@ from asyncdiff.partition.trace import (
 
 __all__ = ["TRANSFER_DTYPES", "AsyncEngine", "EngineConfig", "StageError", "StageState"]
 
-TRANSFER_DTYPES = (None, "bfloat16", "float16")
+TRANSFER_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float8": FP8}  # wire dtypes by name
 
 
 class StageError(RuntimeError):
@@ -64,8 +64,9 @@ class EngineConfig:
     :data:`asyncdiff.partition.report.LINKS`, ``"auto"`` (``gloo`` on CPU, ``pcie`` on CUDA), or
     ``None`` to plan for compute only;
     ``layouts``: which plan shapes the planner may choose (``"contiguous"``, ``"wrapped"``);
-    ``transfer_dtype``: send boundary values in ``"bfloat16"`` or ``"float16"`` (half the bytes;
-    results then differ from the sequential model by rounding, even in warm-up steps);
+    ``transfer_dtype``: send boundary values of asynchronous steps in ``"bfloat16"`` or ``"float16"``
+    (half the bytes of float32) or ``"float8"`` (e4m3 with a per-tensor scale: a quarter), at a
+    rounding cost; warm-up and refresh steps still send exact values (Note [exact warm-up]);
     ``refresh_every``: run every K-th step after warm-up sequentially again (stride 1);
     ``refresh_drift``: run a step sequentially when the boundary values changed by more than this
     relative amount over the last step (stride 1; Note [adaptive refresh]).
@@ -100,8 +101,9 @@ class EngineConfig:
             raise ValueError(f"layouts={self.layouts!r} must be a non-empty subset of {LAYOUTS}")
         if self.bandwidth is not None and self.bandwidth != "auto" and self.bandwidth not in LINKS:
             raise ValueError(f"bandwidth={self.bandwidth!r} must be 'auto', None or a link preset {sorted(LINKS)}")
-        if self.transfer_dtype not in TRANSFER_DTYPES:
-            raise ValueError(f"transfer_dtype={self.transfer_dtype!r} must be one of {TRANSFER_DTYPES}")
+        if self.transfer_dtype is not None and self.transfer_dtype not in TRANSFER_DTYPES:
+            raise ValueError(f"transfer_dtype={self.transfer_dtype!r} must be one of "
+                             f"{(None, *TRANSFER_DTYPES)}")
         if self.stride == 2 and "contiguous" not in self.layouts:
             raise ValueError(f"stride=2 runs contiguous plans only (the extra rank repeats the last stage); "
                              f"layouts={self.layouts!r} must include 'contiguous'")
@@ -273,21 +275,21 @@ class AsyncEngine:
             return state.reuse
         sync = kind in (StepKind.WARM_UP, StepKind.REFRESH)
         if sync and self.rank >= self.config.model_n:  # the extra rank only collects its first inputs
-            state.stale = channel.wait(channel.post({}, [], channel.recv_keys))
+            state.stale = channel.wait(channel.post({}, [], channel.recv_keys, exact=True))
             return ()
         env: dict[str, torch.Tensor] = {}
         received: dict[str, torch.Tensor] = {}
         leaves: tuple[Any, ...] = ()
         for seg, module in zip(compiled.program.segments, compiled.modules):
             if sync and channel.recvs_into(seg.index):
-                received.update(channel.wait(channel.post({}, [], channel.recvs_into(seg.index))))
+                received.update(channel.wait(channel.post({}, [], channel.recvs_into(seg.index), exact=True)))
             fresh = {**received, **env} if sync else {**state.stale, **env}
             outputs, seg_leaves = module(*tensors, *[fresh[v] for v in seg.inputs])
             env.update(zip(seg.outputs, outputs))
             if seg.index == split.output_segment:
                 leaves = seg_leaves
             if sync and channel.sends_from(seg.index):
-                state.inflight.append(channel.post(env, channel.sends_from(seg.index), []))
+                state.inflight.append(channel.post(env, channel.sends_from(seg.index), [], exact=True))
         if sync:
             state.stale = received  # what the first asynchronous step after warm-up consumes
         elif channel.send_groups or channel.recv_groups:
@@ -361,8 +363,7 @@ class AsyncEngine:
             destinations[self.config.model_n - 1].append(self.ranks[-1])
         compiled = _Compiled(traced, split, program, modules,
                              StageChannel(program, len(split.segments), destinations, self.group, device,
-                                          getattr(torch, self.config.transfer_dtype) if self.config.transfer_dtype
-                                          else None),
+                                          TRANSFER_DTYPES.get(self.config.transfer_dtype)),
                              PackLayout.of([(s.shape, s.torch_dtype) for s in out_specs]))
         self._compiled[signature] = compiled
         self.compile_seconds += time.perf_counter() - start

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from asyncdiff.kernels.pack import ALIGN, PackLayout, pack, unpack
+from asyncdiff.kernels.pack import ALIGN, FP8, FP8_MAX, PackLayout, fp8_scale, pack, unpack
 
 
 def test_round_trip_mixed_dtypes_returns_views():
@@ -49,3 +51,45 @@ def test_narrow_transfer_halves_floating_point_bytes_only():
     assert not torch.equal(got[0], tensors[0])
     torch.testing.assert_close(got[1], tensors[1], rtol=0, atol=0)
     torch.testing.assert_close(got[2], tensors[2], rtol=0, atol=0)
+
+
+def test_float8_transfer_scales_by_a_power_of_two_per_tensor():
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(64, 64, generator=g) * 1e3, torch.randn(100, generator=g).half() * 1e-3,
+               torch.zeros(6), torch.empty(0, 3), torch.arange(4)]
+    layout = PackLayout.of([(t.shape, t.dtype) for t in tensors], FP8)
+    assert layout.wire[:4] == (FP8,) * 4 and layout.wire[4] == torch.int64
+    assert all(at >= 0 and at % ALIGN == 0 and at + ALIGN == off
+               for at, off in zip(layout.scales[:4], layout.offsets[:4]))
+    assert layout.scales[4] == -1
+    buffer = pack(tensors, layout)
+    got = unpack(buffer, layout)
+    assert [g.dtype for g in got] == [t.dtype for t in tensors]
+    for t, at in zip(tensors[:2], layout.scales):
+        scale = buffer[at:at + 4].view(torch.float32).item()
+        assert math.frexp(scale)[0] == 0.5, f"scale {scale} is not a power of two"
+        assert 224 < t.abs().max().item() / scale <= FP8_MAX  # the largest value lands in e4m3's top binade
+    for t, g in zip(tensors[:2], got[:2]):
+        # e4m3 keeps 3 mantissa bits: relative error at most 2**-4 for values in its normal range
+        big = t.float().abs() > t.float().abs().max() * 2 ** -7
+        rel = ((g.float() - t.float()).abs() / t.float().abs())[big]
+        assert 0 < rel.max() <= 2 ** -4
+    torch.testing.assert_close(got[2], tensors[2], rtol=0, atol=0)
+    assert got[3].shape == (0, 3)
+    torch.testing.assert_close(got[4], tensors[4], rtol=0, atol=0)
+
+
+def test_float8_transfer_is_exact_for_values_on_its_grid():
+    x = torch.tensor([448.0, -448.0, 1.0, 1.125, 2 ** -6, 2 ** -9, -3 * 2 ** -9, 0.0]) * 2.0 ** 5
+    layout = PackLayout.of([(x.shape, x.dtype)], FP8)
+    torch.testing.assert_close(unpack(pack([x], layout), layout)[0], x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("amax, k", [(448.0, 0), (449.0, 1), (1.0, -8), (0.0, -9), (float("inf"), 0), (1e-45, -126)])
+def test_fp8_scale_exponent(amax, k):
+    assert fp8_scale(torch.tensor(amax)).item() == 2.0 ** k
+
+
+def test_unknown_wire_dtype_is_an_error():
+    with pytest.raises(ValueError, match="is not a wire dtype"):
+        PackLayout.of([((2,), torch.float32)], torch.int8)

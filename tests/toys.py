@@ -81,16 +81,30 @@ def pipeline_scenarios(steps: int, stale_warm_up: int, layout: str = "contiguous
             "bytes_sent": async_diff.engine.bytes_sent_per_step}
 
 
-def toy_engine(model_n: int, transfer_dtype: str | None = None) -> Any:
-    """Run the toy denoiser under an engine with ``model_n`` stages on this process group."""
+def toy_engine(model_n: int, transfer_dtype: str | None = None, steps: int = 1, warm_up: int = 1,
+               device: str = "cpu") -> Any:
+    """Run ``steps`` steps of the toy denoiser under an engine with ``model_n`` stages on this
+    process group (the latent moves against the output each step); the last output, on the CPU.
+    ``device="local"``: this rank's own device (its GPU under NCCL)."""
+    from asyncdiff.engine.launch import local_device
     from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
 
+    device = local_device() if device == "local" else torch.device(device)
     torch.manual_seed(0)
-    toy = ToyDenoiser()
-    config = EngineConfig(model_n=model_n, warm_up=1, cost="flops", transfer_dtype=transfer_dtype)
+    toy = ToyDenoiser().to(device)
+    config = EngineConfig(model_n=model_n, warm_up=warm_up, cost="flops", transfer_dtype=transfer_dtype)
     engine = AsyncEngine(toy, config, latent="sample")
+    return toy_steps(engine, steps, device).cpu()
+
+
+def toy_steps(denoiser: Any, steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    torch.manual_seed(1)
+    x = torch.randn(1, 4, 8, 8).to(device)
     with torch.no_grad():
-        return engine(torch.randn(1, 4, 8, 8), torch.tensor([3.0]), return_dict=False)[0]
+        for t in range(steps):
+            out = denoiser(x, torch.tensor([float(steps - t)], device=device), return_dict=False)[0]
+            x = x - 0.1 * out
+    return out
 
 
 def failing_stage(fail_rank: int, fail_step: int) -> None:

@@ -30,6 +30,7 @@ def _non_negative(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from asyncdiff.engine.runtime import TRANSFER_DTYPES
     from asyncdiff.models.builders import BUILDERS
     from asyncdiff.models.common import SIZE_NAMES
     from asyncdiff.partition.report import LINKS
@@ -61,8 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", default=None, help="input picture: first frame, control picture, picture to "
                      "inpaint or upscale (default: a built-in picture)")
     gen.add_argument("--mask", default=None, help="inpainting mask picture (default: a built-in mask)")
-    gen.add_argument("--transfer-dtype", default=None, choices=("bfloat16", "float16"),
-                     help="send boundary values between stages in this narrower dtype")
+    gen.add_argument("--transfer-dtype", default=None, choices=tuple(TRANSFER_DTYPES),
+                     help="send boundary values of asynchronous steps in this narrower dtype "
+                     "(float8: e4m3 with a per-tensor scale)")
 
     ins = commands.add_parser("inspect", help="plan a split and show it, without running anything in parallel")
     source = ins.add_mutually_exclusive_group()
@@ -89,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--prompt", default="a photo of a cat")
     bench.add_argument("--threads-per-device", type=_positive, default=1)
-    bench.add_argument("--transfer-dtype", default=None, choices=("bfloat16", "float16"))
+    bench.add_argument("--transfer-dtype", default=None, choices=tuple(TRANSFER_DTYPES))
     bench.add_argument("--refresh-every", type=_positive, default=None)
     bench.add_argument("--json", dest="json_path", default=None, help="write the rows as JSON")
     bench.add_argument("--plot", default=None, help="write a PNG of speed-up against devices")

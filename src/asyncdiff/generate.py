@@ -42,7 +42,7 @@ class GenerateSpec:
     image: str | None = None  # input picture (first frame, control picture, picture to inpaint or upscale)
     mask: str | None = None  # inpainting mask
     plan: str | None = None  # a plan JSON file to use instead of planning
-    transfer_dtype: str | None = None  # "bfloat16" / "float16": narrower boundary transfers
+    transfer_dtype: str | None = None  # "bfloat16" / "float16" / "float8": narrower boundary transfers
     refresh_every: int | None = None  # a sequential step every K steps after warm-up
     refresh_drift: float | None = None  # a sequential step when boundary values drift past this
     extra: dict[str, Any] = field(default_factory=dict)
