@@ -91,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--prompt", default="a photo of a cat")
     bench.add_argument("--threads-per-device", type=_positive, default=1)
+    bench.add_argument("--cost", default="time", choices=("time", "flops"),
+                       help="what the planner balances (flops: the same plan in every run)")
     bench.add_argument("--transfer-dtype", default=None, choices=tuple(TRANSFER_DTYPES))
     bench.add_argument("--refresh-every", type=_positive, default=None)
     bench.add_argument("--json", dest="json_path", default=None, help="write the rows as JSON")
@@ -119,7 +121,7 @@ def _bench(args: argparse.Namespace) -> int:
         raise ValueError("--refresh-every works with stride 1 only; use --stride 1")
     spec = GenerateSpec(pipeline=args.pipeline, size=args.size, steps=args.steps, warm_up=args.warm_up, seed=args.seed,
                         prompt=args.prompt, threads_per_device=args.threads_per_device, devices=1, out=None,
-                        transfer_dtype=args.transfer_dtype, refresh_every=args.refresh_every)
+                        transfer_dtype=args.transfer_dtype, refresh_every=args.refresh_every, cost=args.cost)
     rows = bench(spec, devices, strides)
     print(format_rows(rows))
     if args.json_path:
