@@ -26,6 +26,12 @@ memory to the compute stream early. ``wait`` calls ``Work.wait()`` from the comp
 makes that stream, not the host, wait for the transfer. Receive buffers are allocated once. No
 host synchronisation happens inside the step loop except the pipeline's own.
 
+Note [exact warm-up]: with a transfer dtype, only asynchronous steps send in it. Warm-up and
+refresh steps (sequential: every stage waits for this step's values) send values in their own
+dtype, so an all-warm-up run equals the sequential model whatever the transfer dtype, and a
+refresh really resets the drift. Both sides know which kind a step is from the schedule, so each
+message has two layouts and two receive buffers (one, when there is no transfer dtype).
+
 Example (not run here: needs a process group):
     channel = StageChannel(program, n_segments, {0: [0], 1: [1]}, group=group, device=torch.device("cpu"))
     pending = channel.post(sends={key: values}, recvs=channel.recv_keys)
@@ -34,10 +40,9 @@ Example (not run here: needs a process group):
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-
-import contextlib
 
 import torch
 import torch.distributed as dist
@@ -67,18 +72,18 @@ class StageChannel:
         self.destinations, self.group, self.device, self.n_segments = destinations, group, device, n_segments
         self.recv_groups = _grouped(program.recv)
         self.send_groups = _grouped(program.send)
-        groups = {**self.recv_groups, **self.send_groups}
-        # Note [exact warm-up]: sequential steps send values in their own dtype, asynchronous steps
-        # in the transfer dtype; both sides know which from the schedule.
-        self.layouts = {key: PackLayout.of([(t.spec.shape, t.spec.torch_dtype) for t in ts], transfer_dtype)
-                        for key, ts in groups.items()}
-        self.exact_layouts = {key: PackLayout.of([(t.spec.shape, t.spec.torch_dtype) for t in ts])
-                              for key, ts in groups.items()}
+        specs = {key: [(t.spec.shape, t.spec.torch_dtype) for t in ts]
+                 for key, ts in {**self.recv_groups, **self.send_groups}.items()}
+        # Note [exact warm-up]: two layouts per message, for asynchronous and for sequential steps.
+        self.layouts = {key: PackLayout.of(spec, transfer_dtype) for key, spec in specs.items()}
+        self.exact_layouts = {key: PackLayout.of(spec) for key, spec in specs.items()}
         # One receive buffer per message and layout suffices: a step's received views are consumed
         # by its compute before the next receive into the same buffer is posted (Note [stale inputs]).
-        self.buffers = {(key, exact): torch.empty(layouts[key].nbytes, dtype=torch.uint8, device=device)
-                        for exact, layouts in ((False, self.layouts), (True, self.exact_layouts))
-                        for key in self.recv_groups}
+        self.buffers: dict[tuple[Key, bool], torch.Tensor] = {}
+        for key in self.recv_groups:
+            self.buffers[key, True] = torch.empty(self.exact_layouts[key].nbytes, dtype=torch.uint8, device=device)
+            self.buffers[key, False] = self.buffers[key, True] if transfer_dtype is None else \
+                torch.empty(self.layouts[key].nbytes, dtype=torch.uint8, device=device)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # Note [overlap]
 
     @property
