@@ -258,8 +258,10 @@ class AsyncEngine:
         bound = inspect.signature(self.denoiser.forward).bind(*args, **kwargs)
         current = bound.arguments[self.timestep_arg]
         value = self.timesteps(step)
-        bound.arguments[self.timestep_arg] = torch.full_like(current, float(value)) \
-            if isinstance(current, torch.Tensor) else value
+        if isinstance(current, torch.Tensor):  # no float(value): that would wait for the GPU
+            value = torch.as_tensor(value).to(current.device, current.dtype, non_blocking=True) \
+                .expand(current.shape).clone()
+        bound.arguments[self.timestep_arg] = value
         return bound.args, bound.kwargs
 
     def _run_stage(self, compiled: _Compiled, tensors: list[torch.Tensor], kind: str) -> tuple[Any, ...]:
