@@ -11,7 +11,9 @@ Example (under ``torchrun --nproc_per_node=2``)::
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch.distributed as dist
@@ -60,7 +62,8 @@ class AsyncDiff:
         if device.type == "cuda" and getattr(self.denoiser, "device", device).type != "cuda":
             pipeline.to(device)
         self.engine = AsyncEngine(self.denoiser, config, plan=plan, latent=self.adapter.latent,
-                                  timestep_arg=self.adapter.timestep, timesteps=self._timestep_of_step)
+                                  timestep_arg=self.adapter.timestep, timesteps=self._timestep_of_step,
+                                  marks_steps=True)
         attach(self.denoiser, self.engine)
         self._original_class = type(pipeline)
         pipeline.__class__ = _resetting_subclass(self._original_class)
@@ -90,15 +93,45 @@ class AsyncDiff:
 
 
 _SUBCLASSES: dict[type, type] = {}
+_NONE = object()
+
+
+@contextlib.contextmanager
+def _marking_steps(scheduler: Any, end_step: Callable[[], None]) -> Iterator[None]:
+    """For the duration of one pipeline call, ``end_step()`` after every ``scheduler.step``: the
+    scheduler's step is where a pipeline's denoising step ends, whatever its loop looks like. The
+    wrapper lives on this scheduler instance only and is removed afterwards."""
+    own = scheduler.__dict__.get("step", _NONE)  # an instance attribute to put back, if any
+    original = scheduler.step
+
+    @functools.wraps(original)
+    def step(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        end_step()
+        return out
+
+    scheduler.step = step
+    try:
+        yield
+    finally:
+        if own is _NONE:
+            del scheduler.step  # the class's method shows through again
+        else:
+            scheduler.step = own
 
 
 def _resetting_subclass(cls: type) -> type:
-    """``cls`` with a ``__call__`` that resets the engine's state first: state lives per call."""
+    """``cls`` with a ``__call__`` that resets the engine's state first (state lives per call) and
+    tells the engine where denoising steps end (Note [branches] in engine/runtime.py)."""
     if cls not in _SUBCLASSES:
         @functools.wraps(cls.__call__)  # keeps the pipeline's signature visible to inspect
         def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-            self._asyncdiff.engine.reset_state()
-            return cls.__call__(self, *args, **kwargs)
+            engine = self._asyncdiff.engine
+            engine.reset_state()
+            scheduler = getattr(self, "scheduler", None)
+            engine.marks_steps = callable(getattr(scheduler, "step", None))
+            with _marking_steps(scheduler, engine.end_step) if engine.marks_steps else contextlib.nullcontext():
+                return cls.__call__(self, *args, **kwargs)
 
         _SUBCLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
     return _SUBCLASSES[cls]

@@ -24,20 +24,15 @@ __all__ = ["ADAPTERS", "Adapter", "adapter_for", "register"]
 class Adapter:
     """``pipelines``: diffusers pipeline class names it serves; ``denoiser``: the attribute that
     holds the denoiser; ``latent``: the denoiser argument carrying the noisy latent (``None``:
-    the first tensor argument); ``timestep``: the argument carrying the timestep;
-    ``calls_per_step``: denoiser calls per denoising step."""
+    the first tensor argument); ``timestep``: the argument carrying the timestep. Pipelines that
+    call the denoiser more than once per step need nothing more: the API tells the calls apart
+    (Note [branches] in engine/runtime.py)."""
 
     name: str
     pipelines: tuple[str, ...]
     denoiser: str = "unet"
     latent: str | None = "sample"
     timestep: str = "timestep"
-    calls_per_step: int = 1
-
-    def __post_init__(self) -> None:
-        if self.calls_per_step != 1:
-            raise ValueError(f"Adapter {self.name!r}: calls_per_step={self.calls_per_step}; only pipelines that "
-                             "call their denoiser once per step (batched guidance) are supported")
 
 
 ADAPTERS: dict[str, Adapter] = {}

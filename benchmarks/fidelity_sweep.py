@@ -68,7 +68,7 @@ def sweep_worker(settings: list[Setting], steps: int, seeds: int) -> list[tuple[
         images, seconds = [], 0.0
         for seed in range(seeds):
             batch, spent = _generate(pipe, steps, 1, first_seed=seed)
-            refreshes += [kind for kind, _ in async_diff.engine.state.seconds].count("refresh")
+            refreshes += [kind for kind, _ in async_diff.engine.seconds].count("refresh")
             images.append(batch)
             seconds += spent
         async_diff.remove()

@@ -66,10 +66,13 @@ class Pending:
 class StageChannel:
     def __init__(self, program: StageProgram, n_segments: int, destinations: Mapping[int, list[int]],
                  group: dist.ProcessGroup | None, device: torch.device,
-                 transfer_dtype: torch.dtype | None = None) -> None:
+                 transfer_dtype: torch.dtype | None = None, branch: int = 0) -> None:
         """``destinations[stage]``: the ranks that run ``stage`` (the first one sends its values);
-        ``transfer_dtype``: narrower dtype floating-point values travel in (None: their own)."""
+        ``transfer_dtype``: narrower dtype floating-point values travel in (None: their own);
+        ``branch``: which call of a step this channel serves (own tags and buffers, Note [branches]
+        in runtime.py)."""
         self.destinations, self.group, self.device, self.n_segments = destinations, group, device, n_segments
+        self.branch = branch
         self.recv_groups = _grouped(program.recv)
         self.send_groups = _grouped(program.send)
         specs = {key: [(t.spec.shape, t.spec.torch_dtype) for t in ts]
@@ -145,7 +148,7 @@ class StageChannel:
         return torch.cuda.stream(self.stream)
 
     def _tag(self, key: Key) -> int:
-        return key[0] * self.n_segments + key[1]
+        return (self.branch * self.n_segments + key[0]) * self.n_segments + key[1]
 
 
 def _grouped(transfers: Iterable[Transfer]) -> dict[Key, list[Transfer]]:

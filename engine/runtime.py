@@ -9,6 +9,17 @@ The first call of a new call signature traces the denoiser (Note [specialised tr
 first one also makes the plan: rank 0 profiles the blocks, plans, and broadcasts the plan so
 that every rank uses the same cuts. After planning, each rank releases the weights of blocks
 that other stages own (:meth:`AsyncEngine.restore_weights` brings them back).
+
+Note [branches]: some pipelines call their denoiser more than once per denoising step, e.g.
+classifier-free guidance as two calls (conditional, then unconditional) instead of one batch of
+two. Each such call is a *branch*: its stale inputs must come from the same branch of the
+previous step, never from the other branch's call just before it (that would mix conditional
+and unconditional activations). So every branch has its own :class:`StageState` and its own
+channel (tags and receive buffers); the k-th call of a step is branch k. Where a step ends is
+told by :meth:`AsyncEngine.end_step` (the ``AsyncDiff`` API calls it after each
+``scheduler.step`` of the pipeline); without ``marks_steps`` every call is a step of its own.
+A branch that a step skips (guidance only in some steps) keeps its stale values from the last
+step it ran.
 """
 
 from __future__ import annotations
@@ -138,27 +149,26 @@ class EngineConfig:
 
 @dataclass
 class StageState:
-    """What lives across the steps of one pipeline call; :meth:`reset` at every call."""
+    """What lives across the steps of one pipeline call, for one branch (Note [branches]);
+    :meth:`reset` at every call."""
 
-    step: int = 0
-    stale: dict[str, torch.Tensor] = field(default_factory=dict)  # values received for use at `step`
+    stale: dict[str, torch.Tensor] = field(default_factory=dict)  # values received for use at the next step
     pending: Pending | None = None  # an asynchronous step's sends, and receives for the next step
     inflight: list[Pending] = field(default_factory=list)  # a warm-up step's sends
+    channel: StageChannel | None = None  # where ``pending`` was posted
     reuse: tuple[Any, ...] = ()  # stride 2: the last stage's round output, the next step's prediction
-    seconds: list[tuple[str, float]] = field(default_factory=list)  # (step kind, wall time) per step
     previous: dict[str, torch.Tensor] = field(default_factory=dict)  # last step's stale values (adaptive refresh)
 
-    def drain(self, channel: StageChannel | None) -> None:
-        if self.pending is not None and channel is not None:
-            self.stale = channel.wait(self.pending)
+    def drain(self) -> None:
+        if self.pending is not None and self.channel is not None:
+            self.stale = self.channel.wait(self.pending)
         for pending in self.inflight:
             for work in pending.works:
                 work.wait()
         self.pending, self.inflight = None, []
 
     def reset(self) -> None:
-        self.step, self.stale, self.pending, self.inflight, self.reuse, self.seconds = 0, {}, None, [], (), []
-        self.previous = {}
+        self.stale, self.pending, self.inflight, self.channel, self.reuse, self.previous = {}, None, [], None, (), {}
 
 
 @dataclass
@@ -169,8 +179,15 @@ class _Compiled:
     split: SplitDenoiser
     program: StageProgram
     modules: list[torch.fx.GraphModule]  # one per segment of this stage
-    channel: StageChannel
+    make_channel: Callable[[int], StageChannel]  # the channel of a branch (Note [branches])
     output_layout: PackLayout
+    device: torch.device
+    channels: list[StageChannel] = field(default_factory=list)
+
+    def channel(self, branch: int) -> StageChannel:
+        while len(self.channels) <= branch:
+            self.channels.append(self.make_channel(len(self.channels)))
+        return self.channels[branch]
 
 
 class AsyncEngine:
@@ -184,9 +201,13 @@ class AsyncEngine:
 
     def __init__(self, denoiser: torch.nn.Module, config: EngineConfig, *, plan: Plan | None = None,
                  latent: str | None = None, group: dist.ProcessGroup | None = None,
-                 timestep_arg: str | None = None, timesteps: Callable[[int], Any] | None = None) -> None:
+                 timestep_arg: str | None = None, timesteps: Callable[[int], Any] | None = None,
+                 marks_steps: bool = False) -> None:
         """``timestep_arg`` names the denoiser's timestep argument and ``timesteps(step)`` gives the
-        timestep of any step of the current call; both are needed for stride 2 and time shift."""
+        timestep of any step of the current call; both are needed for stride 2 and time shift.
+        ``marks_steps`` (settable per pipeline call): the caller calls :meth:`end_step` after every
+        denoising step, and the calls in between are branches with stale state of their own (Note
+        [branches]); without it every call is a step."""
         self.denoiser, self.config, self.plan, self.latent = denoiser, config, plan, latent
         if (config.stride == 2 or config.time_shift) and (timestep_arg is None or timesteps is None):
             raise ValueError("stride=2 and time_shift=True feed stages other steps' timesteps: pass "
@@ -207,35 +228,53 @@ class AsyncEngine:
             self.ranks, timeout=datetime.timedelta(seconds=config.timeout_s)) if world > 1 else None
         self.schedule = config.schedule(config.warm_up)
         self.skeleton = meta_copy(denoiser)
-        self.state = StageState()
+        self.marks_steps = marks_steps
+        self.step = 0  # the denoising step of the running pipeline call
+        self.branch = 0  # which call of the running step comes next (Note [branches])
+        self.branches: list[StageState] = [StageState()]
+        self.seconds: list[tuple[str, float]] = []  # (step kind, wall time) per call, this pipeline call
         self._compiled: dict[CallSignature, _Compiled] = {}
         self._released: dict[str, tuple[torch.Size, torch.dtype, torch.device]] = {}
         self.compile_seconds = 0.0  # tracing, profiling, planning and splitting, all signatures
-        self._active: StageChannel | None = None  # the channel of the last step, to drain on reset
 
     # -- per call ---------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        step = self.state.step
+        step, branch = self.step, self.branch
         start = time.perf_counter()
         with self._where(step):
             compiled = self._compile(args, kwargs)
-            self._active = compiled.channel
-            self.state.drain(compiled.channel)  # the previous step's sends, an asynchronous step's receives
+            while len(self.branches) <= branch:
+                self.branches.append(StageState())
+            state = self.branches[branch]
+            state.drain()  # the previous step's sends, an asynchronous step's receives
+            state.channel = compiled.channel(branch)
             kind = self.schedule.kind(step)
-            if self.config.refresh_drift is not None and self._drifted(compiled, decide=kind == StepKind.ASYNC):
+            if self.config.refresh_drift is not None and self._drifted(state, compiled, decide=kind == StepKind.ASYNC):
                 kind = StepKind.REFRESH
             shifted = self.schedule.timestep_step(step, self.rank)
             if shifted != step:
                 args, kwargs = self._with_timestep(args, kwargs, shifted)
             tensors = compiled.traced.flatten_call(args, kwargs)
-            leaves = self._run_stage(compiled, tensors, kind)
+            leaves = self._run_stage(compiled, state, tensors, kind)
             if self.config.model_n == 1:
                 output = compiled.traced.unflatten_output(list(leaves))
             else:
                 output = self._share_output(compiled, leaves, self._output_rank(compiled, kind))
-        self.state.seconds.append((kind, time.perf_counter() - start))
-        self.state.step += 1
+        self.seconds.append((kind, time.perf_counter() - start))
+        if self.marks_steps:
+            self.branch += 1
+        else:
+            self.step += 1
         return output
+
+    def end_step(self) -> None:
+        """The pipeline finished a denoising step (``marks_steps``): the next call starts the next one."""
+        self.step, self.branch = self.step + 1, 0
+
+    @property
+    def state(self) -> StageState:
+        """The first branch's state (the only one for pipelines that batch their guidance)."""
+        return self.branches[0]
 
     def predicted_step_seconds(self, bytes_per_s: float) -> float | None:
         """The step-time model for an asynchronous step: the slowest stage's profiled time plus the
@@ -264,7 +303,8 @@ class AsyncEngine:
         bound.arguments[self.timestep_arg] = value
         return bound.args, bound.kwargs
 
-    def _run_stage(self, compiled: _Compiled, tensors: list[torch.Tensor], kind: str) -> tuple[Any, ...]:
+    def _run_stage(self, compiled: _Compiled, state: StageState, tensors: list[torch.Tensor],
+                   kind: str) -> tuple[Any, ...]:
         """This rank's segments for one step (Note [stale inputs] and [stride 2] in schedule.py).
 
         Warm-up: before each segment, wait for this step's values from other stages; after it,
@@ -272,7 +312,8 @@ class AsyncEngine:
         the previous computing step, then send this step's values and post the receives for the
         next one. Reuse step (stride 2): nothing runs.
         """
-        state, channel, split = self.state, compiled.channel, compiled.split
+        channel, split = state.channel, compiled.split
+        assert channel is not None
         if kind == StepKind.REUSE:
             return state.reuse
         sync = kind in (StepKind.WARM_UP, StepKind.REFRESH)
@@ -300,13 +341,12 @@ class AsyncEngine:
             state.reuse = leaves
         return leaves
 
-    def _drifted(self, compiled: _Compiled, decide: bool) -> bool:
+    def _drifted(self, state: StageState, compiled: _Compiled, decide: bool) -> bool:
         """Note [adaptive refresh]: whether the boundary values changed, over the last step, by more
         than ``refresh_drift`` (relative L2 norm, the largest over all values and ranks). Stale
         inputs are one step old, so this is how wrong they are about to be. All ranks take the
         same decision (an all-reduce of one number), as a sequential step needs every rank. Every
         step keeps a copy of the values it received; only ``decide`` steps compare and reduce."""
-        state = self.state
         previous = state.previous
         state.previous = {name: value.clone() for name, value in state.stale.items()}  # receive buffers get reused
         if not decide:
@@ -317,7 +357,7 @@ class AsyncEngine:
                 before = previous[name].float()
                 drift = max(drift, ((value.float() - before).norm() / before.norm().clamp_min(1e-12)).item())
         if self.collective is not None:
-            flag = torch.tensor([drift], dtype=torch.float64, device=compiled.channel.device)
+            flag = torch.tensor([drift], dtype=torch.float64, device=compiled.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.collective)
             drift = flag.item()
         return drift > self.config.refresh_drift
@@ -328,7 +368,7 @@ class AsyncEngine:
         if mine:
             buffer = pack([x for x in leaves if isinstance(x, torch.Tensor)], compiled.output_layout)
         else:
-            buffer = torch.empty(compiled.output_layout.nbytes, dtype=torch.uint8, device=compiled.channel.device)
+            buffer = torch.empty(compiled.output_layout.nbytes, dtype=torch.uint8, device=compiled.device)
         dist.broadcast(buffer, src=owner, group=self.collective)
         if mine:
             return compiled.traced.unflatten_output(list(leaves))
@@ -340,8 +380,10 @@ class AsyncEngine:
         """Start a new pipeline call (optionally with a new ``warm_up``); drains pending transfers."""
         if warm_up is not None:
             self.schedule = self.config.schedule(_check_warm_up(warm_up))
-        self.state.drain(self._active)
-        self.state.reset()
+        for state in self.branches:
+            state.drain()
+        self.branches = [StageState()]
+        self.step, self.branch, self.seconds = 0, 0, []
 
     # -- planning ---------------------------------------------------------------------------
     def _compile(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Compiled:
@@ -363,10 +405,11 @@ class AsyncEngine:
         destinations = {k: [self.ranks[k]] for k in range(self.config.model_n)}
         if self.config.stride == 2:  # the extra rank receives what the last stage receives
             destinations[self.config.model_n - 1].append(self.ranks[-1])
+        transfer_dtype = TRANSFER_DTYPES.get(self.config.transfer_dtype)
         compiled = _Compiled(traced, split, program, modules,
-                             StageChannel(program, len(split.segments), destinations, self.group, device,
-                                          TRANSFER_DTYPES.get(self.config.transfer_dtype)),
-                             PackLayout.of([(s.shape, s.torch_dtype) for s in out_specs]))
+                             lambda branch: StageChannel(program, len(split.segments), destinations, self.group,
+                                                         device, transfer_dtype, branch=branch),
+                             PackLayout.of([(s.shape, s.torch_dtype) for s in out_specs]), device)
         self._compiled[signature] = compiled
         self.compile_seconds += time.perf_counter() - start
         return compiled
@@ -416,7 +459,7 @@ class AsyncEngine:
     @property
     def bytes_sent_per_step(self) -> int:
         """Point-to-point bytes this rank sends per step (boundary values only)."""
-        return max((c.channel.bytes_sent_per_step for c in self._compiled.values()), default=0)
+        return max((c.channel(0).bytes_sent_per_step for c in self._compiled.values()), default=0)
 
     @property
     def released_weights(self) -> list[str]:

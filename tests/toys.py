@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from diffusers import DiffusionPipeline
 
 
 class ToyDenoiser(torch.nn.Module):
@@ -182,9 +183,61 @@ def refresh_scenarios(steps: int) -> dict[str, Any]:
     for label, drift in (("drift_0", 0.0), ("drift_inf", float("inf"))):
         async_diff = AsyncDiff(pipe, model_n=dist.get_world_size(), warm_up=2, refresh_drift=drift, plan=plan)
         results[label] = latents()
-        results[f"{label}_kinds"] = [kind for kind, _ in async_diff.engine.state.seconds]
+        results[f"{label}_kinds"] = [kind for kind, _ in async_diff.engine.seconds]
         async_diff.remove()
     async_diff = AsyncDiff(pipe, model_n=dist.get_world_size(), warm_up=2, plan=plan)
     results["warm_up_2"] = latents()
+    async_diff.remove()
+    return results
+
+
+class TwoCallGuidance(DiffusionPipeline):
+    """Classifier-free guidance as two denoiser calls per step (as some video pipelines do), or,
+    with ``batched=True``, as one call on a batch of two (as the SD pipelines do)."""
+
+    def __init__(self, unet: torch.nn.Module, scheduler: Any) -> None:
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @torch.no_grad()
+    def __call__(self, cond: torch.Tensor, uncond: torch.Tensor, steps: int, batched: bool = False,
+                 guidance: float = 5.0) -> torch.Tensor:
+        self.scheduler.set_timesteps(steps)
+        size = self.unet.config.sample_size
+        latents = torch.randn((1, self.unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(0))
+        for t in self.scheduler.timesteps:
+            if batched:
+                both = self.unet(torch.cat([latents] * 2), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+                uncond_noise, cond_noise = both.chunk(2)
+            else:
+                cond_noise = self.unet(latents, t, encoder_hidden_states=cond).sample
+                uncond_noise = self.unet(latents, t, encoder_hidden_states=uncond).sample
+            noise = uncond_noise + guidance * (cond_noise - uncond_noise)
+            latents = self.scheduler.step(noise, t, latents).prev_sample
+        return latents
+
+
+def branch_scenarios(steps: int) -> dict[str, Any]:
+    """Note [branches]: the two-call and the batched pipeline, plain, all warm-up, and stale."""
+    from asyncdiff import AsyncDiff
+    from asyncdiff.models.sd import build_sd15
+
+    sd = build_sd15("tiny", seed=0)
+    pipe = TwoCallGuidance(sd.unet, sd.scheduler)
+    g = torch.Generator().manual_seed(1)
+    cond, uncond = (torch.randn(1, 77, sd.unet.config.cross_attention_dim, generator=g) for _ in range(2))
+    results: dict[str, Any] = {"plain": pipe(cond, uncond, steps), "plain_batched": pipe(cond, uncond, steps, True)}
+    async_diff = AsyncDiff(pipe, model_n=dist.get_world_size(), warm_up=steps)
+    results["exact"] = pipe(cond, uncond, steps)
+    results["exact_calls"] = len(async_diff.engine.seconds)
+    async_diff.reset_state(warm_up=1)
+    results["stale"] = pipe(cond, uncond, steps)
+    results["stale_kinds"] = [kind for kind, _ in async_diff.engine.seconds]
+    results["stale_batched"] = pipe(cond, uncond, steps, True)
+    # the control: the same engine told nothing about steps, so each call counts as a step and
+    # consumes the other branch's values (what Note [branches] prevents)
+    async_diff.reset_state()
+    async_diff.engine.marks_steps = False
+    results["mixed"] = TwoCallGuidance.__call__(pipe, cond, uncond, steps)
     async_diff.remove()
     return results

@@ -239,9 +239,9 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
     if async_diff is not None:
         from asyncdiff.partition.report import LINKS
 
-        kinds = [kind for kind, _ in async_diff.engine.state.seconds]
+        kinds = [kind for kind, _ in async_diff.engine.seconds]
         result["refresh_steps"] = kinds.count("refresh")
-        steady = [s for kind, s in async_diff.engine.state.seconds if kind != "warm-up"]
+        steady = [s for kind, s in async_diff.engine.seconds if kind != "warm-up"]
         if steady:  # the mean, so stride 2's compute-free reuse steps and refreshes count as they cost
             result["step_s"] = round(statistics.fmean(steady), 4)
         predicted = async_diff.engine.predicted_step_seconds(LINKS["gloo"].bytes_per_s)
