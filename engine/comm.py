@@ -113,7 +113,7 @@ class StageChannel:
         with self._comm_stream():
             for key in sends:
                 transfers = self.send_groups[key]
-                tensors = [values[t.value] for t in transfers]
+                tensors = [values[t.value] if t.part < 0 else values[t.value][t.part] for t in transfers]
                 buffer = pack(tensors, layouts[key])
                 if self.stream is not None:
                     for t in tensors:
@@ -136,8 +136,13 @@ class StageChannel:
         values: dict[str, torch.Tensor] = {}
         layouts = self.exact_layouts if pending.exact else self.layouts
         for key in pending.recvs:
+            parts: dict[str, list[torch.Tensor]] = {}
             for t, view in zip(self.recv_groups[key], unpack(self.buffers[key, pending.exact], layouts[key])):
-                values[t.value] = view
+                if t.part < 0:
+                    values[t.value] = view
+                else:  # a tuple's elements travel in order, in one message
+                    parts.setdefault(t.value, []).append(view)
+            values.update((name, tuple(views)) for name, views in parts.items())
         return values
 
     def _comm_stream(self) -> contextlib.AbstractContextManager:

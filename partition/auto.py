@@ -37,12 +37,12 @@ def block_values(traced: TracedDenoiser, costs: Mapping[str, BlockCost] | None =
     nodes = list(traced.graph.nodes)
     values = []
     for node in nodes:
-        spec = traced.specs.get(node.name)
-        if node.name not in pos or spec is None:
+        specs = (traced.specs[node.name],) if node.name in traced.specs else traced.part_specs.get(node.name, ())
+        if node.name not in pos or not specs:
             continue
         consumers = {last if u.op == "output" else pos[u.name] for u in node.users} - {pos[node.name]}
         if consumers:
-            values.append(Value(pos[node.name], tuple(sorted(consumers)), spec.nbytes))
+            values.append(Value(pos[node.name], tuple(sorted(consumers)), sum(s.nbytes for s in specs)))
     return values
 
 

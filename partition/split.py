@@ -51,7 +51,8 @@ __all__ = ["Segment", "SplitDenoiser", "StageProgram", "Transfer", "place_latent
 @dataclass(frozen=True)
 class Transfer:
     """Value ``value`` travels from segment ``src_segment`` (on stage ``src``) to segment
-    ``dst_segment`` (on stage ``dst``)."""
+    ``dst_segment`` (on stage ``dst``). A tuple of tensors (e.g. rotary embeddings' cos and sin)
+    travels as one transfer per element, ``part`` its index (-1: the value is a tensor)."""
 
     value: str
     src: int
@@ -59,6 +60,7 @@ class Transfer:
     spec: TensorSpec
     src_segment: int
     dst_segment: int
+    part: int = -1
 
 
 @dataclass(frozen=True)
@@ -239,10 +241,13 @@ def _link(value: str, src: int, dst: int, traced: TracedDenoiser, stage_of_segme
         outputs[src].append(value)
     if stage_of_segment[src] != stage_of_segment[dst]:
         spec = traced.specs.get(value)
-        if spec is None:
+        parts = ((-1, spec),) if spec is not None else tuple(enumerate(traced.part_specs.get(value, ())))
+        if not parts:
             raise ValueError(f"value {value} crosses from stage {stage_of_segment[src]} to {stage_of_segment[dst]} "
-                             "but is not a tensor; choose cuts at tensor boundaries (another block policy)")
-        transfers.append(Transfer(value, stage_of_segment[src], stage_of_segment[dst], spec, src, dst))
+                             "but is neither a tensor nor a tuple of tensors; choose cuts at tensor boundaries "
+                             "(another block policy)")
+        transfers.extend(Transfer(value, stage_of_segment[src], stage_of_segment[dst], part_spec, src, dst, part)
+                         for part, part_spec in parts)
 
 
 def _segment_graph(nodes: list[torch.fx.Node], index: int, computed_in: dict[str, set[int]], inputs: list[str],

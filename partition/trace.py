@@ -213,10 +213,13 @@ class TracedDenoiser:
         self.signature = signature
         self.out_spec = root.out_spec
         self.specs: dict[str, TensorSpec] = {}
+        self.part_specs: dict[str, tuple[TensorSpec, ...]] = {}  # tuple/list-of-tensor values, by part
         for node in graph.nodes:
             meta = node.meta.get("asyncdiff_value")
             if isinstance(meta, torch.Tensor):
                 self.specs[node.name] = TensorSpec.of(meta)
+            elif isinstance(meta, (tuple, list)) and meta and all(isinstance(m, torch.Tensor) for m in meta):
+                self.part_specs[node.name] = tuple(TensorSpec.of(m) for m in meta)
         self.latent_nodes = _latent_dependent(graph, latent)
         calls = [n for n in graph.nodes if n.op == "call_module"]
         # Note [block names]: a block is named by its module's qualified name; a module without

@@ -9,7 +9,18 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from asyncdiff.engine.launch import launch, local_device
 from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
-from toys import ToyDenoiser, branch_scenarios, failing_stage, pipeline_scenarios, refresh_scenarios, toy_engine, toy_steps
+from toys import (
+    TUPLE_PLAN,
+    ToyDenoiser,
+    TupleDenoiser,
+    branch_scenarios,
+    failing_stage,
+    pipeline_scenarios,
+    refresh_scenarios,
+    toy_engine,
+    toy_steps,
+    tuple_engine,
+)
 
 STEPS = 6
 
@@ -216,3 +227,22 @@ def test_guidance_as_two_calls_per_step_keeps_a_stale_state_per_branch():
     assert rel(r["stale"], r["plain"]) > 1e-3  # stale inputs change the result (measured 0.012)
     assert rel(r["stale"], r["stale_batched"]) < 1e-4  # measured 1.2e-6
     assert rel(r["mixed"], r["stale_batched"]) > 1e-2  # the control, branches mixed: measured 0.035
+
+
+def test_a_tuple_of_tensors_crosses_stages_element_by_element():
+    """A block returning a tuple (rotary embeddings' cos and sin) read on both stages: each
+    element travels as its own transfer, and the tuple is rebuilt on the receiving stage."""
+    from asyncdiff.partition.plan import Plan
+    from asyncdiff.partition.split import split_graph
+    from asyncdiff.partition.trace import trace_denoiser
+
+    torch.manual_seed(0)
+    toy = TupleDenoiser()
+    traced = trace_denoiser(toy, (torch.randn(1, 4, 8, 8), torch.tensor([3.0])), {}, policy="coarse", latent="sample")
+    split = split_graph(traced, Plan(stages=TUPLE_PLAN))
+    rotary = [(t.part, t.spec.shape) for t in split.transfers if t.value == "denoiser_rotary"]
+    assert rotary == [(0, (1, 1, 8, 8)), (1, (1, 1, 8, 8))]
+    sequential = toy_steps(toy, 3)
+    torch.testing.assert_close(launch(tuple_engine, 2, 3, 3)[0], sequential, rtol=0, atol=0)
+    stale = launch(tuple_engine, 2, 3, 1)[0]
+    assert torch.isfinite(stale).all() and not torch.equal(stale, sequential)

@@ -28,6 +28,57 @@ class ToyDenoiser(torch.nn.Module):
         return {"sample": out} if return_dict else (out,)
 
 
+class Rotary(torch.nn.Module):
+    """Returns a tuple of tensors (like rotary position embeddings' cos and sin)."""
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = h.mean(1, keepdim=True)
+        return torch.cos(mean), torch.sin(mean)
+
+
+class RotaryLayer(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(width, width, 3, padding=1)
+
+    def forward(self, h: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        cos, sin = rotary
+        return torch.tanh(self.conv(h) * cos + sin)
+
+
+class TupleDenoiser(torch.nn.Module):
+    """A block (``rotary``) whose output is a tuple that blocks on every stage read (as in Wan)."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.conv_in = torch.nn.Conv2d(4, width, 3, padding=1)
+        self.rotary = Rotary()
+        self.body = torch.nn.ModuleList([RotaryLayer(width) for _ in range(4)])
+        self.conv_out = torch.nn.Conv2d(width, 4, 3, padding=1)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, return_dict: bool = True) -> Any:
+        h = self.conv_in(sample)
+        rotary = self.rotary(h)
+        for layer in self.body:
+            h = layer(h, rotary)
+        out = self.conv_out(h) * timestep.reshape(-1, 1, 1, 1)
+        return {"sample": out} if return_dict else (out,)
+
+
+TUPLE_PLAN = (("conv_in", "rotary", "body.0", "body.1"), ("body.2", "body.3", "conv_out"))
+
+
+def tuple_engine(steps: int, warm_up: int) -> torch.Tensor:
+    """The tuple-passing toy under a 2-stage engine with :data:`TUPLE_PLAN`."""
+    from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
+    from asyncdiff.partition.plan import Plan
+
+    torch.manual_seed(0)
+    config = EngineConfig(model_n=2, warm_up=warm_up, policy="coarse", cost="flops")
+    engine = AsyncEngine(TupleDenoiser(), config, plan=Plan(stages=TUPLE_PLAN), latent="sample")
+    return toy_steps(engine, steps)
+
+
 class Branchy(torch.nn.Module):
     """Control flow on tensor values: untraceable unless the module holding it is a block."""
 

@@ -15,12 +15,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 __all__ = ["VIDEO_PIPELINES", "GenerateSpec", "final_latents", "run", "save_output", "worker"]
 
-VIDEO_PIPELINES = ("svd", "animatediff")
+VIDEO_PIPELINES = ("svd", "animatediff", "wan")
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,11 @@ def save_output(output: Any, path: str) -> None:
         return
     from diffusers.utils import export_to_gif, export_to_video
 
-    frames = list(frames[0])
+    frames = frames[0]
+    if not isinstance(frames, list):  # an array of frames in [0, 1] (output_type="np", Wan's default)
+        from diffusers.image_processor import VaeImageProcessor
+
+        frames = VaeImageProcessor.numpy_to_pil(np.asarray(frames))
     if path.endswith(".mp4"):
         export_to_video(frames, path, fps=7)
     elif path.endswith(".gif"):
@@ -239,14 +244,15 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
     if async_diff is not None:
         from asyncdiff.partition.report import LINKS
 
+        calls_per_step = max(1, timer.calls // spec.steps)  # 2 where guidance is two calls (Note [branches])
         kinds = [kind for kind, _ in async_diff.engine.seconds]
-        result["refresh_steps"] = kinds.count("refresh")
+        result["refresh_steps"] = kinds.count("refresh") // calls_per_step
         steady = [s for kind, s in async_diff.engine.seconds if kind != "warm-up"]
         if steady:  # the mean, so stride 2's compute-free reuse steps and refreshes count as they cost
-            result["step_s"] = round(statistics.fmean(steady), 4)
+            result["step_s"] = round(statistics.fmean(steady) * calls_per_step, 4)
         predicted = async_diff.engine.predicted_step_seconds(LINKS["gloo"].bytes_per_s)
         if predicted is not None:
-            result["predicted_step_s"] = round(predicted, 4)
+            result["predicted_step_s"] = round(predicted * calls_per_step, 4)
     if async_diff is not None and async_diff.plan is not None:
         result["plan"] = [len(s) for s in async_diff.plan.stages]
         result["bytes_sent_per_step"] = async_diff.engine.bytes_sent_per_step

@@ -38,6 +38,7 @@ from asyncdiff.models.sdxl import (
 )
 from asyncdiff.models.svd import build_svd, svd_inputs
 from asyncdiff.models.upscaler import build_sd_upscaler, sd_upscaler_inputs
+from asyncdiff.models.wan import build_wan, wan_inputs
 
 __all__ = ["BUILDERS", "example_inputs"]
 
@@ -57,6 +58,7 @@ BUILDERS: dict[str, Callable[[str, int], Any]] = {
     "sd3": build_sd3,
     "svd": build_svd,
     "animatediff": build_animatediff,
+    "wan": build_wan,
     "digits": build_digits,
 }
 
@@ -70,6 +72,7 @@ _INPUTS: dict[str, Callable[[str, int], dict[str, Any]]] = {
     "sd3": sd3_inputs,
     "svd": svd_inputs,
     "animatediff": animatediff_inputs,
+    "wan": wan_inputs,
     "digits": digits_inputs,
 }
 

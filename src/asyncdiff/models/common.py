@@ -107,6 +107,11 @@ def autoencoder_kl(
 
 
 def finish(pipe: Any, dtype: torch.dtype) -> Any:
-    """Silence the progress bar and cast to ``dtype``; every builder ends with this."""
+    """Inference mode for every model (no dropout: a model built from a config starts in training
+    mode, unlike one from ``from_pretrained``), no progress bar, and ``dtype``; every builder ends
+    with this."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
