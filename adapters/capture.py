@@ -51,6 +51,12 @@ def capture_denoiser_call(pipeline: Any, denoiser: str, **call_kwargs: Any) -> t
             pipeline(**call_kwargs)
     except _Captured as captured:
         return captured.call
+    except RuntimeError as err:
+        if on_meta and "meta" in str(err):
+            raise ValueError(f"{type(pipeline).__name__} cannot prepare its {denoiser!r} call on meta tensors "
+                             f"(weight-free inspection): {err}. Inspect it with real weights instead "
+                             f"(--cost time), or a smaller size") from err
+        raise
     finally:
         handle.remove()
         if on_meta and scheduler is not None:

@@ -54,3 +54,15 @@ def test_time_cost_needs_weights():
         partition_report(net, (torch.empty(2, 8, device="meta"),), {}, stages=2, cost="time")
     with pytest.raises(ValueError, match="link='infiniband' is not a preset"):
         partition_report(net, (torch.empty(2, 8, device="meta"),), {}, stages=2, link="infiniband")
+
+
+def test_pipeline_that_cannot_run_on_meta_gets_a_clear_error(capsys):
+    # full-size Wan's UMT5 text encoder reads a value of its attention mask, which meta tensors lack
+    assert main(["inspect", "--pipeline", "wan", "--size", "full", "--stages", "2", "--cost", "flops"]) == 2
+    err = capsys.readouterr().err
+    assert "WanPipeline cannot prepare its 'transformer' call on meta tensors" in err and "--cost time" in err
+
+
+def test_wan_inspects_with_real_weights(capsys):
+    assert main(["inspect", "--pipeline", "wan", "--size", "tiny", "--stages", "2", "--cost", "time"]) == 0
+    assert "imbalance (max/mean stage cost)" in capsys.readouterr().out

@@ -1,5 +1,6 @@
-"""All nine seed systems through their adapters, on 2 processes (stride 1) and 3 (stride 2):
-exact with every step a warm-up step, close with warm-up 1, with and without time shift."""
+"""Every built-in system (the nine seed systems, Wan, the trained digits model) through its
+adapter, on 2 processes (stride 1) and 3 (stride 2): exact with every step a warm-up step, close
+with warm-up 1, with and without time shift."""
 
 from __future__ import annotations
 
