@@ -38,7 +38,7 @@ class BenchRow:
 def bench(base: GenerateSpec, devices: list[int], strides: list[int]) -> list[BenchRow]:
     """Run the sequential reference, then every valid (devices, stride) setting of ``base``."""
     reference = run(replace(base, devices=1, stride=1, out=None))
-    sequential_step = reference["denoise_s"] / max(1, reference["denoiser_calls"])
+    sequential_step = reference["denoise_s"] / base.steps  # a step may be several calls (Note [branches])
     rows = [BenchRow(1, 1, base.warm_up, reference["denoise_s"], 1.0, 0.0, 0.0, 0, sequential_step, 0.0)]
     for n in sorted(set(devices) - {1}):
         for stride in strides:
