@@ -68,7 +68,8 @@ def _worker(fn: Callable[..., Any], threads: int, timeout_s: float, args: tuple[
     try:
         return fn(*args)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def launch(fn: Callable[..., Any], nprocs: int, *args: Any, threads: int = 1,

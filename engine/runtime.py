@@ -233,6 +233,7 @@ class AsyncEngine:
         self.branch = 0  # which call of the running step comes next (Note [branches])
         self.branches: list[StageState] = [StageState()]
         self.seconds: list[tuple[str, float]] = []  # (step kind, wall time) per call, this pipeline call
+        self._calls = 0  # pipeline calls so far (reset_state), to key errors by (Note [first error])
         self._compiled: dict[CallSignature, _Compiled] = {}
         self._released: dict[str, tuple[torch.Size, torch.dtype, torch.device]] = {}
         self.compile_seconds = 0.0  # tracing, profiling, planning and splitting, all signatures
@@ -384,6 +385,7 @@ class AsyncEngine:
             state.drain()
         self.branches = [StageState()]
         self.step, self.branch, self.seconds = 0, 0, []
+        self._calls += 1
 
     # -- planning ---------------------------------------------------------------------------
     def _compile(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Compiled:
@@ -485,7 +487,31 @@ class AsyncEngine:
         except StageError:
             raise
         except Exception as err:
-            raise StageError(f"[stage {self.stage} | step {step}] {type(err).__name__}: {err}") from err
+            raise StageError(self._with_first_error(f"[stage {self.stage} | step {step}] {type(err).__name__}: {err}")) \
+                from err
+
+    def _with_first_error(self, mine: str) -> str:
+        """Note [first error]: when a stage fails, its peers fail too, with a lost connection, and
+        the launcher may report either. So every failing rank records its error in the process
+        group's store unless one is there already, and reports that first one beside its own.
+        The stage that really failed records first: its peers only notice once it has gone."""
+        store = _default_store()
+        if store is None:
+            return mine
+        try:
+            first = store.compare_set(f"asyncdiff/first_error/{self._calls}", "", mine).decode()
+        except Exception:  # the store left with the rank that hosted it
+            return mine
+        return mine if first == mine else f"{mine}; the first failure was {first}"
+
+
+def _default_store() -> dist.Store | None:
+    if not dist.is_initialized():
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
 
 
 def _check_warm_up(warm_up: int) -> int:

@@ -15,6 +15,7 @@ from toys import (
     TupleDenoiser,
     branch_scenarios,
     failing_stage,
+    lost_peer,
     pipeline_scenarios,
     refresh_scenarios,
     toy_engine,
@@ -103,6 +104,14 @@ def test_refresh_every_step_is_sequential_and_every_2_is_in_between(record_prope
 def test_failing_rank_stops_all_with_stage_and_step():
     with pytest.raises(ChildFailedError, match=r"\[stage 1 \| step 3\] RuntimeError: injected failure"):
         launch(failing_stage, 2, 1, 3, timeout_s=60)
+
+
+def test_a_rank_that_loses_its_peer_reports_the_peers_error_too():
+    """Note [first error]: whichever rank the launcher reports, the real failure is in the message."""
+    results = launch(lost_peer, 2, timeout_s=5)
+    assert results[1] == "[stage 1 | step 2] RuntimeError: injected failure"
+    assert results[0].startswith("[stage 0 | step ")
+    assert results[0].endswith("; the first failure was [stage 1 | step 2] RuntimeError: injected failure")
 
 
 def test_more_stages_than_blocks():

@@ -24,6 +24,7 @@ TINY_LATENTS: dict[str, tuple[int, ...]] = {
     "sd3": (1, 16, 8, 8),
     "svd": (1, 3, 4, 8, 8),
     "animatediff": (1, 4, 4, 8, 8),
+    "wan": (1, 16, 2, 4, 4),  # 5 frames -> 2 latent frames (4x causal temporal compression)
     "digits": (16, 1, 16, 16),  # image-space DDIM: the output in [0, 1] is the final sample
 }
 TRAINED = {"digits"}  # shipped weights: the same for every seed

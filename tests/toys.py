@@ -159,6 +159,26 @@ def toy_steps(denoiser: Any, steps: int, device: torch.device | str = "cpu") -> 
     return out
 
 
+def lost_peer() -> str:
+    """Rank 1's stage raises at step 2 and rank 1 stops taking part, so rank 0 fails waiting for it
+    (here by timeout: rank 1 stays alive to return its message). Each rank returns its error."""
+    from asyncdiff.engine.runtime import AsyncEngine, EngineConfig, StageError
+
+    torch.manual_seed(0)
+    toy = ToyDenoiser()
+    engine = AsyncEngine(toy, EngineConfig(model_n=2, warm_up=1, cost="flops", timeout_s=5), latent="sample")
+    if dist.get_rank() == 1:
+        for module in toy.modules():
+            if module is not toy:
+                module.register_forward_pre_hook(
+                    lambda *_: (_ for _ in ()).throw(RuntimeError("injected failure")) if engine.step >= 2 else None)
+    try:
+        toy_steps(engine, 6)
+    except StageError as err:
+        return str(err)  # rank 0: its wait for rank 1 times out
+    return "no error"
+
+
 def failing_stage(fail_rank: int, fail_step: int) -> None:
     """Generation where every block that runs on ``fail_rank`` raises from step ``fail_step`` on."""
     from asyncdiff import AsyncDiff
