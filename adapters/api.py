@@ -130,8 +130,11 @@ def _resetting_subclass(cls: type) -> type:
             engine.reset_state()
             scheduler = getattr(self, "scheduler", None)
             engine.marks_steps = callable(getattr(scheduler, "step", None))
-            with _marking_steps(scheduler, engine.end_step) if engine.marks_steps else contextlib.nullcontext():
-                return cls.__call__(self, *args, **kwargs)
+            try:
+                with _marking_steps(scheduler, engine.end_step) if engine.marks_steps else contextlib.nullcontext():
+                    return cls.__call__(self, *args, **kwargs)
+            finally:
+                engine.marks_steps = False  # calls outside a pipeline call are one step each
 
         _SUBCLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
     return _SUBCLASSES[cls]
