@@ -27,9 +27,9 @@ from asyncdiff.models.common import autoencoder_kl, check_size, clip_text_encode
 from asyncdiff.models.tokenizer import load_clip_tokenizer
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusion3Pipeline
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
-__all__ = ["SIZES", "SD3Size", "build_sd3", "sd3_inputs"]
+__all__ = ["SIZES", "SD3Size", "build_sd3", "sd3_inputs", "sd3_transformer"]
 
 LATENT_CHANNELS = 16
 PATCH = 2
@@ -70,19 +70,12 @@ SIZES: dict[str, SD3Size] = {
 }
 
 
-def build_sd3(size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32) -> StableDiffusion3Pipeline:
-    """Build a ``StableDiffusion3Pipeline`` (no T5) with SD3 Medium's architecture and seeded random weights."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+def sd3_transformer(spec: SD3Size) -> SD3Transformer2DModel:
+    """SD3 Medium's transformer topology at ``spec``'s widths (seed the global generator first)."""
+    from diffusers import SD3Transformer2DModel
 
-    spec = check_size(size, SIZES)
-    tokenizer, tokenizer_2 = load_clip_tokenizer(), load_clip_tokenizer()
-    torch.manual_seed(seed)
-    full = size == "full"
-    (width, width_2), (layers, layers_2) = spec.text_widths, spec.text_layers
-    text_encoder = clip_text_encoder(tokenizer, width, layers, full=full, projection_dim=width)
-    text_encoder_2 = clip_text_encoder(tokenizer_2, width_2, layers_2, full=full, hidden_act="gelu",
-                                       projection_dim=width_2)
-    transformer = SD3Transformer2DModel(
+    width, width_2 = spec.text_widths
+    return SD3Transformer2DModel(
         sample_size=spec.resolution // 2 ** (len(spec.vae_channels) - 1),
         patch_size=PATCH,
         in_channels=LATENT_CHANNELS,
@@ -95,6 +88,21 @@ def build_sd3(size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.floa
         pooled_projection_dim=width + width_2,
         pos_embed_max_size=spec.pos_embed_max_size,
     )
+
+
+def build_sd3(size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32) -> StableDiffusion3Pipeline:
+    """Build a ``StableDiffusion3Pipeline`` (no T5) with SD3 Medium's architecture and seeded random weights."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    spec = check_size(size, SIZES)
+    tokenizer, tokenizer_2 = load_clip_tokenizer(), load_clip_tokenizer()
+    torch.manual_seed(seed)
+    full = size == "full"
+    (width, width_2), (layers, layers_2) = spec.text_widths, spec.text_layers
+    text_encoder = clip_text_encoder(tokenizer, width, layers, full=full, projection_dim=width)
+    text_encoder_2 = clip_text_encoder(tokenizer_2, width_2, layers_2, full=full, hidden_act="gelu",
+                                       projection_dim=width_2)
+    transformer = sd3_transformer(spec)
     vae = autoencoder_kl(
         spec.vae_channels, resolution=spec.resolution, full=full, latent_channels=LATENT_CHANNELS,
         scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,

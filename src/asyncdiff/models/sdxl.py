@@ -35,6 +35,7 @@ if TYPE_CHECKING:
         StableDiffusionXLControlNetPipeline,
         StableDiffusionXLInpaintPipeline,
         StableDiffusionXLPipeline,
+        UNet2DConditionModel,
     )
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "controlnet_sdxl_inputs",
     "sdxl_inpaint_inputs",
     "sdxl_inputs",
+    "sdxl_unet",
 ]
 
 TIME_IDS = 6  # original size (2), crop top-left (2), target size (2)
@@ -106,19 +108,12 @@ SIZES: dict[str, SDXLSize] = {
 }
 
 
-def _sdxl_parts(size: str, seed: int, in_channels: int) -> dict[str, Any]:
-    """Pipeline kwargs: text encoders, UNet, VAE (constructed in that order after seeding), scheduler."""
-    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+def sdxl_unet(spec: SDXLSize, in_channels: int = 4) -> UNet2DConditionModel:
+    """SDXL base's UNet topology at ``spec``'s widths (seed the global generator first)."""
+    from diffusers import UNet2DConditionModel
 
-    spec = check_size(size, SIZES)
-    tokenizer, tokenizer_2 = load_clip_tokenizer(), load_clip_tokenizer()
-    torch.manual_seed(seed)
-    full = size == "full"
-    (width, width_2), (layers, layers_2) = spec.text_widths, spec.text_layers
-    text_encoder = clip_text_encoder(tokenizer, width, layers, full=full)
-    text_encoder_2 = clip_text_encoder(tokenizer_2, width_2, layers_2, full=full, hidden_act="gelu",
-                                       projection_dim=width_2)
-    unet = UNet2DConditionModel(
+    width, width_2 = spec.text_widths
+    return UNet2DConditionModel(
         sample_size=spec.resolution // spec.vae_scale,
         in_channels=in_channels,
         out_channels=4,
@@ -135,6 +130,21 @@ def _sdxl_parts(size: str, seed: int, in_channels: int) -> dict[str, Any]:
         projection_class_embeddings_input_dim=TIME_IDS * spec.time_embed_dim + width_2,
         norm_num_groups=32,
     )
+
+
+def _sdxl_parts(size: str, seed: int, in_channels: int) -> dict[str, Any]:
+    """Pipeline kwargs: text encoders, UNet, VAE (constructed in that order after seeding), scheduler."""
+    from diffusers import EulerDiscreteScheduler
+
+    spec = check_size(size, SIZES)
+    tokenizer, tokenizer_2 = load_clip_tokenizer(), load_clip_tokenizer()
+    torch.manual_seed(seed)
+    full = size == "full"
+    (width, width_2), (layers, layers_2) = spec.text_widths, spec.text_layers
+    text_encoder = clip_text_encoder(tokenizer, width, layers, full=full)
+    text_encoder_2 = clip_text_encoder(tokenizer_2, width_2, layers_2, full=full, hidden_act="gelu",
+                                       projection_dim=width_2)
+    unet = sdxl_unet(spec, in_channels)
     vae = autoencoder_kl(spec.vae_channels, resolution=spec.resolution, full=full, scaling_factor=0.13025)
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
