@@ -252,10 +252,22 @@ def run_overhead(ctx: Context) -> list[dict[str, Any]]:
             plain_s, engine_s = interleaved_medians(lambda: d.module(*d.args, **d.kwargs),
                                                     lambda: engine(*d.args, **d.kwargs), timer, ctx.rounds)
         rows.append({"model": name, "what": d.what, "dtype": str(d.args[0].dtype).removeprefix("torch."),
-                     "plain_ms": plain_s * 1e3, "engine_ms": engine_s * 1e3, "ratio": engine_s / plain_s,
-                     "same_output": bool(torch.equal(first, reference)),
+                     "engine": "eager", "plain_ms": plain_s * 1e3, "engine_ms": engine_s * 1e3,
+                     "ratio": engine_s / plain_s, "same_output": bool(torch.equal(first, reference)),
                      "max_abs_diff": float((first.float() - reference.float()).abs().max()),
                      "first_call_s": first_s, "rounds": ctx.rounds})
+        if name == "sd15" and ctx.device == "cuda" and ctx.remaining() > 120:  # EngineConfig(compile=True)
+            engine = AsyncEngine(d.module, EngineConfig(model_n=1, cost="flops", compile=True), latent=d.latent)
+            with torch.no_grad():
+                start = time.perf_counter()
+                first = engine(*d.args, **d.kwargs)[0]
+                first_s = time.perf_counter() - start
+                plain_s, engine_s = interleaved_medians(lambda: d.module(*d.args, **d.kwargs),
+                                                        lambda: engine(*d.args, **d.kwargs), timer, ctx.rounds)
+            rows.append({**rows[-1], "engine": "compile=True", "plain_ms": plain_s * 1e3, "engine_ms": engine_s * 1e3,
+                         "ratio": engine_s / plain_s, "same_output": bool(torch.equal(first, reference)),
+                         "max_abs_diff": float((first.float() - reference.float()).abs().max()),
+                         "first_call_s": first_s})
         del d, engine, reference, first
         _free(ctx.device)
     return rows
@@ -442,8 +454,9 @@ def table(results: dict[str, Any]) -> str:
     for row in results.get("tests", []):
         lines.append(f"tests    {row['suite']:<24} {row.get('summary') or row.get('status')}")
     for row in results.get("overhead", []):
-        lines.append(f"overhead {row['model']:<5} plain {row['plain_ms']:8.2f} ms  engine N=1 {row['engine_ms']:8.2f} ms"
-                     f"  ratio {row['ratio']:.3f}  same output {row['same_output']}")
+        lines.append(f"overhead {row['model']:<5} plain {row['plain_ms']:8.2f} ms  engine N=1 {row['engine']:<12} "
+                     f"{row['engine_ms']:8.2f} ms  ratio {row['ratio']:.3f}  same output {row['same_output']} "
+                     f"(max diff {row['max_abs_diff']:.1e}, first call {row['first_call_s']:.1f} s)")
     for row in results.get("profile", []):
         if "plans" not in row:
             lines.append(f"profile  {row['model']:<5} {row.get('status')}")

@@ -141,6 +141,14 @@ def test_narrow_transfers_round_asynchronous_steps_only(wire, tolerance):
     torch.testing.assert_close(narrow, exact_async, rtol=4 * tolerance, atol=4 * tolerance * scale)
 
 
+def test_compiled_stages_give_the_eager_result():
+    """EngineConfig(compile=True): each rank's segments run under torch.compile (inductor), and
+    a run of a warm-up step and asynchronous steps gives what the eager engine gives."""
+    eager = launch(toy_engine, 2, 2, None, 4, 1)[0]
+    compiled = launch(toy_engine, 2, 2, None, 4, 1, "cpu", True)[0]
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL, comm stream, Triton pack)")
 @pytest.mark.parametrize("wire, tolerance", [(None, 1e-3), ("float8", 0.1)])  # a float8 rounding may flip

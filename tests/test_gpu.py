@@ -31,8 +31,10 @@ def _values() -> list[torch.Tensor]:
 def test_messages_packed_on_cuda_are_the_cpu_bytes(wire, backend):
     values = _values()
     layout = PackLayout.of([(t.shape, t.dtype) for t in values], wire)
-    on_cpu = pack(values, layout, backend="torch")
-    on_gpu = pack([t.cuda() for t in values], layout, backend=backend)
+    # zeroed buffers: the alignment padding between tensors is never written
+    on_cpu = pack(values, layout, torch.zeros(layout.nbytes, dtype=torch.uint8), backend="torch")
+    on_gpu = pack([t.cuda() for t in values], layout, torch.zeros(layout.nbytes, dtype=torch.uint8, device="cuda"),
+                  backend=backend)
     assert on_gpu.is_cuda
     assert torch.equal(on_gpu.cpu(), on_cpu)
     for want, got in zip(unpack(on_cpu, layout, backend="torch"), unpack(on_gpu, layout, backend=backend)):
@@ -61,6 +63,16 @@ def test_engine_at_one_stage_on_cuda_is_the_denoiser(dtype):
             got = engine(*args, **kwargs)[0]
     assert got.is_cuda and got.dtype == dtype
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_compiled_engine_on_cuda_is_the_denoiser_to_float_noise():
+    unet, args, kwargs = _tiny_unet_call(torch.float32)
+    engine = AsyncEngine(unet, EngineConfig(model_n=1, cost="flops", compile=True))
+    with torch.no_grad():
+        want = unet(*args, **kwargs)[0]
+        got = engine(*args, **kwargs)[0]
+    assert type(engine._compiled[next(iter(engine._compiled))].modules[0]).__name__ == "OptimizedModule"
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("stages", [2, 3])

@@ -134,7 +134,7 @@ def pipeline_scenarios(steps: int, stale_warm_up: int, layout: str = "contiguous
 
 
 def toy_engine(model_n: int, transfer_dtype: str | None = None, steps: int = 1, warm_up: int = 1,
-               device: str = "cpu") -> Any:
+               device: str = "cpu", compile: bool = False) -> Any:
     """Run ``steps`` steps of the toy denoiser under an engine with ``model_n`` stages on this
     process group (the latent moves against the output each step); the last output, on the CPU.
     ``device="local"``: this rank's own device (its GPU under NCCL)."""
@@ -144,9 +144,13 @@ def toy_engine(model_n: int, transfer_dtype: str | None = None, steps: int = 1, 
     device = local_device() if device == "local" else torch.device(device)
     torch.manual_seed(0)
     toy = ToyDenoiser().to(device)
-    config = EngineConfig(model_n=model_n, warm_up=warm_up, cost="flops", transfer_dtype=transfer_dtype)
+    config = EngineConfig(model_n=model_n, warm_up=warm_up, cost="flops", transfer_dtype=transfer_dtype,
+                          compile=compile)
     engine = AsyncEngine(toy, config, latent="sample")
-    return toy_steps(engine, steps, device).cpu()
+    out = toy_steps(engine, steps, device).cpu()
+    compiled = [type(m).__name__ for c in engine._compiled.values() for m in c.modules]
+    assert all((name == "OptimizedModule") == compile for name in compiled), compiled
+    return out
 
 
 def toy_steps(denoiser: Any, steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
