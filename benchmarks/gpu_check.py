@@ -227,7 +227,7 @@ def run_tests(ctx: Context) -> list[dict[str, Any]]:
     for name, selection in (("pytest -m gpu", ["-m", "gpu", "tests"]),
                             ("pack + Triton kernels", ["tests/test_pack.py", "tests/test_triton_pack.py"])):
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *selection],
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:logging", "-rfEs", "--tb=short", *selection],
                               cwd=root, capture_output=True, text=True, timeout=max(30.0, ctx.remaining()))
         lines = [line for line in proc.stdout.splitlines() if line.strip()]
         rows.append({"suite": name, "returncode": proc.returncode, "summary": lines[-1] if lines else "",
