@@ -43,7 +43,9 @@ class Link:
 
 
 LINKS: dict[str, Link] = {
-    # one direction of an NVLink 4 GPU pair, and an A100/H100-class GPU at ~40% of fp16 peak
+    # one direction of an NVLink 4 GPU pair, and an A100/H100-class GPU at ~40% of fp16 peak. FLOPs
+    # are a poor clock on GPUs: an H200 ran SD 1.5's UNet at 56 TFLOP/s and a Flux-size DiT at 431
+    # (BENCHMARKS.md, GPU check); plan with cost="time" on the device where it matters
     "nvlink": Link("nvlink", 300e9, 250e12),
     "pcie": Link("pcie", 25e9, 250e12),  # PCIe 4.0 x16, same GPUs
     "gloo": Link("gloo", 2.5e9, 40e9),  # processes on one CPU machine (FACTS.md), one core each
