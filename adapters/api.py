@@ -24,7 +24,7 @@ from asyncdiff.engine.launch import init_from_env, local_device, under_torchrun
 from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
 from asyncdiff.partition.blocks import BlockPolicy
 from asyncdiff.partition.plan import Plan
-from asyncdiff.partition.planner import LAYOUTS
+from asyncdiff.partition.planner import LAYOUTS, MAX_SLOWDOWN
 
 __all__ = ["AsyncDiff"]
 
@@ -35,7 +35,9 @@ class AsyncDiff:
 
     Every process builds the same pipeline and calls it the same way; each holds only its
     stage's weights once the first call has planned the split. ``plan`` fixes the split instead
-    of planning it; ``policy``, ``cost`` and ``layouts`` steer the automatic planner;
+    of planning it; ``policy``, ``cost``, ``layouts`` and ``max_slowdown`` (the modelled speed to
+    give up for a less stale plan, Note [staleness]) steer the automatic planner; plans are
+    kept on disk per call and options (Note [plan cache]), ``replan=True`` makes a new one;
     ``transfer_dtype="bfloat16"`` halves the bytes sent between stages (at a rounding cost);
     ``refresh_every=K`` runs every K-th step after warm-up sequentially, resetting stale values;
     ``refresh_drift=d`` does so whenever the boundary values moved by more than ``d`` (relative)
@@ -46,10 +48,12 @@ class AsyncDiff:
                  time_shift: bool = False, *, plan: Plan | None = None, policy: str | BlockPolicy = "fine",
                  cost: str = "time", layouts: tuple[str, ...] = LAYOUTS, transfer_dtype: str | None = None,
                  refresh_every: int | None = None, refresh_drift: float | None = None,
-                 compile: bool = False, adapter: Adapter | None = None) -> None:
+                 max_slowdown: float = MAX_SLOWDOWN, replan: bool = False, compile: bool = False,
+                 adapter: Adapter | None = None) -> None:
         config = EngineConfig(model_n=model_n, stride=stride, warm_up=warm_up, time_shift=time_shift,
                               policy=policy, cost=cost, layouts=tuple(layouts), transfer_dtype=transfer_dtype,
-                              refresh_every=refresh_every, refresh_drift=refresh_drift, compile=compile)
+                              refresh_every=refresh_every, refresh_drift=refresh_drift, compile=compile,
+                              max_slowdown=max_slowdown, replan=replan)
         if config.world_size > 1 and not dist.is_initialized():
             if not under_torchrun():
                 raise RuntimeError(f"model_n={model_n}, stride={stride} need {config.world_size} processes; "

@@ -43,9 +43,8 @@ from typing import Any
 import torch
 
 from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
-from asyncdiff.partition.auto import auto_plan, block_values
+from asyncdiff.partition.auto import auto_plan
 from asyncdiff.partition.plan import Plan
-from asyncdiff.partition.planner import stage_times
 from asyncdiff.partition.profile import BlockCost, profile_blocks
 from asyncdiff.partition.report import LINKS, build_report
 from asyncdiff.partition.split import SplitDenoiser, split_graph
@@ -268,7 +267,7 @@ def run_overhead(ctx: Context) -> list[dict[str, Any]]:
                          "ratio": engine_s / plain_s, "same_output": bool(torch.equal(first, reference)),
                          "max_abs_diff": float((first.float() - reference.float()).abs().max()),
                          "first_call_s": first_s})
-        del d, engine, reference, first
+        d = engine = reference = first = None  # free this model before building the next
         _free(ctx.device)
     return rows
 
@@ -325,7 +324,7 @@ def run_profile(ctx: Context) -> list[dict[str, Any]]:
         rows.append(row)
         if name in ("sdxl", "flux"):
             ctx.results.setdefault("memory", []).extend(run_memory(ctx, d, traced, costs))
-        del d, traced, costs
+        d = traced = costs = None  # free this model before building the next
         _free(ctx.device)
         ctx.results["profile"] = rows
         ctx.save()

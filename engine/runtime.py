@@ -39,10 +39,11 @@ import torch.fx
 from asyncdiff.engine.comm import Pending, StageChannel
 from asyncdiff.engine.schedule import Schedule, StepKind
 from asyncdiff.kernels.pack import FP8, PackLayout, pack, unpack
-from asyncdiff.partition.auto import COSTS, auto_plan
+from asyncdiff.partition.auto import COSTS
 from asyncdiff.partition.blocks import BlockPolicy
+from asyncdiff.partition.cache import cached_plan, device_kind
 from asyncdiff.partition.plan import Plan
-from asyncdiff.partition.planner import LAYOUTS
+from asyncdiff.partition.planner import LAYOUTS, MAX_SLOWDOWN
 from asyncdiff.partition.profile import profile_blocks
 from asyncdiff.partition.report import LINKS
 from asyncdiff.partition.split import SplitDenoiser, StageProgram, split_graph
@@ -75,6 +76,10 @@ class EngineConfig:
     :data:`asyncdiff.partition.report.LINKS`, ``"auto"`` (``gloo`` on CPU, ``pcie`` on CUDA), or
     ``None`` to plan for compute only;
     ``layouts``: which plan shapes the planner may choose (``"contiguous"``, ``"wrapped"``);
+    ``max_slowdown``: the planner takes the least stale plan whose modelled step is within this
+    fraction of the fastest (Note [staleness] in :mod:`asyncdiff.partition.planner`; 0: the fastest);
+    ``replan``: plan anew even where the plan cache holds a plan for this call (Note [plan cache]
+    in :mod:`asyncdiff.partition.cache`), and overwrite it;
     ``transfer_dtype``: send boundary values of asynchronous steps in ``"bfloat16"`` or ``"float16"``
     (half the bytes of float32) or ``"float8"`` (e4m3 with a per-tensor scale: a quarter), at a
     rounding cost; warm-up and refresh steps still send exact values (Note [exact warm-up]);
@@ -100,6 +105,8 @@ class EngineConfig:
     refresh_every: int | None = None
     refresh_drift: float | None = None
     compile: bool = False
+    max_slowdown: float = MAX_SLOWDOWN
+    replan: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_n, int) or self.model_n < 1:
@@ -125,8 +132,11 @@ class EngineConfig:
         if self.refresh_drift is not None and (self.refresh_drift < 0 or self.stride != 1):
             raise ValueError(f"refresh_drift={self.refresh_drift!r} must be >= 0, with stride=1 "
                              f"(stride={self.stride}); or None: never")
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"compile={self.compile!r} must be True or False")
+        if not isinstance(self.max_slowdown, (int, float)) or not self.max_slowdown >= 0:
+            raise ValueError(f"max_slowdown={self.max_slowdown!r} must be a number >= 0 (0: the fastest plan)")
+        for flag in ("compile", "replan"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag}={getattr(self, flag)!r} must be True or False")
         if self.profile_repeats < 1:
             raise ValueError(f"profile_repeats={self.profile_repeats} must be >= 1")
         BlockPolicy.parse(self.policy)
@@ -243,6 +253,7 @@ class AsyncEngine:
         self._compiled: dict[CallSignature, _Compiled] = {}
         self._released: dict[str, tuple[torch.Size, torch.dtype, torch.device]] = {}
         self.compile_seconds = 0.0  # tracing, profiling, planning and splitting, all signatures
+        self.plan_source = "given" if plan is not None else ""  # where the plan came from (Note [plan cache])
 
     # -- per call ---------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -425,24 +436,33 @@ class AsyncEngine:
         return compiled
 
     def _make_plan(self, traced: TracedDenoiser, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Plan:
-        """Rank 0 profiles and plans; every rank gets the same plan, or the same planning error."""
-        text, error = None, None
+        """Rank 0 plans (or reads the plan cache); every rank gets the same plan, or the same error."""
+        text, error, source = None, None, ""
         if self.rank == 0:
             try:
-                costs = profile_blocks(traced, self.denoiser, args, kwargs, repeats=self.config.profile_repeats,
-                                       measure_time=self.config.cost == "time")
-                text = auto_plan(traced, costs, self.config.model_n, cost=self.config.cost,
-                                 bandwidth=self._planner_bandwidth(args, kwargs, traced),
-                                 layouts=self.config.plan_layouts).to_json()
+                text, source = self._plan_on_this_rank(traced, args, kwargs)
             except ValueError as err:
                 error = str(err)
         if self.collective is not None:
-            box = [(text, error)]
+            box = [(text, error, source)]
             dist.broadcast_object_list(box, src=0, group=self.collective)
-            text, error = box[0]
+            text, error, source = box[0]
         if error is not None:
             raise ValueError(error)
+        self.plan_source = source
         return Plan.from_json(text)
+
+    def _plan_on_this_rank(self, traced: TracedDenoiser, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str]:
+        """(plan JSON, where it came from): the cached plan of this call and options, or a new one."""
+        config = self.config
+        plan, source = cached_plan(
+            traced, config.model_n,
+            lambda: profile_blocks(traced, self.denoiser, args, kwargs, repeats=config.profile_repeats,
+                                   measure_time=config.cost == "time"),
+            cost=config.cost, bandwidth=self._planner_bandwidth(args, kwargs, traced), layouts=config.plan_layouts,
+            max_slowdown=config.max_slowdown, device=device_kind(_device_of(traced.flatten_call(args, kwargs))),
+            replan=config.replan)
+        return plan.to_json(), source
 
     def _planner_bandwidth(self, args: tuple[Any, ...], kwargs: dict[str, Any], traced: TracedDenoiser) -> float | None:
         name = self.config.bandwidth

@@ -17,12 +17,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from asyncdiff.partition.plan import Plan
-from asyncdiff.partition.planner import LAYOUTS, Value, best_assignment, stage_times
+from asyncdiff.partition.planner import LAYOUTS, MAX_SLOWDOWN, Candidate, Value, candidates, choose, stage_times
 from asyncdiff.partition.profile import BlockCost
 from asyncdiff.partition.split import place_latent_nodes
 from asyncdiff.partition.trace import TracedDenoiser
 
-__all__ = ["COSTS", "auto_plan", "block_values"]
+__all__ = ["COSTS", "auto_plan", "block_values", "plan_candidates"]
 
 COSTS = ("time", "flops")
 
@@ -46,20 +46,34 @@ def block_values(traced: TracedDenoiser, costs: Mapping[str, BlockCost] | None =
     return values
 
 
+def _block_costs(traced: TracedDenoiser, costs: Mapping[str, BlockCost], cost: str) -> list[float]:
+    if cost not in COSTS:
+        raise ValueError(f"cost={cost!r} is not a cost model; use one of {COSTS}")
+    return [costs[b].seconds if cost == "time" else float(costs[b].flops) for b in traced.blocks]
+
+
+def plan_candidates(traced: TracedDenoiser, costs: Mapping[str, BlockCost], n_stages: int, *,
+                    cost: str = "time", bandwidth: float | None = None,
+                    layouts: Sequence[str] = LAYOUTS) -> list[Candidate]:
+    """The best plan of each layout, with its modelled step and main-path depth (Note [staleness])."""
+    return candidates(_block_costs(traced, costs, cost), block_values(traced), n_stages, bandwidth, layouts)
+
+
 def auto_plan(traced: TracedDenoiser, costs: Mapping[str, BlockCost], n_stages: int, *,
-              cost: str = "time", bandwidth: float | None = None, layouts: Sequence[str] = LAYOUTS) -> Plan:
-    """The best plan of ``traced``'s blocks into ``n_stages`` stages over ``layouts``.
+              cost: str = "time", bandwidth: float | None = None, layouts: Sequence[str] = LAYOUTS,
+              max_slowdown: float = MAX_SLOWDOWN) -> Plan:
+    """The plan of ``traced``'s blocks into ``n_stages`` stages: among the best plan of each of
+    ``layouts``, the least stale one within ``max_slowdown`` of the fastest (Note [staleness]).
 
     ``cost``: ``"time"`` (measured seconds) or ``"flops"``; ``bandwidth`` in bytes per cost unit
     (None: plan for compute only).
     """
-    if cost not in COSTS:
-        raise ValueError(f"cost={cost!r} is not a cost model; use one of {COSTS}")
-    per_block = [costs[b].seconds if cost == "time" else float(costs[b].flops) for b in traced.blocks]
+    per_block = _block_costs(traced, costs, cost)
     values = block_values(traced)
-    assignment = best_assignment(per_block, values, n_stages, bandwidth, layouts)
+    chosen = choose(candidates(per_block, values, n_stages, bandwidth, layouts), max_slowdown)
+    assignment = chosen.assignment
     stages = tuple(tuple(b for b, s in zip(traced.blocks, assignment) if s == k) for k in range(n_stages))
     stage_costs = tuple(sum(c for c, s in zip(per_block, assignment) if s == k) for k in range(n_stages))
     modeled = stage_times(per_block, values, assignment, bandwidth)
     return Plan(stages=stages, costs=stage_costs, cost_unit="s" if cost == "time" else "flop",
-                notes={"modeled_step": max(modeled)})
+                notes={"modeled_step": max(modeled), "main_path_depth": chosen.depth})

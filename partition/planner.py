@@ -16,11 +16,25 @@ Two layouts are searched, both exactly, by dynamic programming over a cost matri
   A UNet's long skip connections (``conv_in`` to the last up block) then stay on one device, as
   the reference implementation's hand-written SDXL split does.
 
+Note [staleness]: after warm-up, a stage reads values that other stages computed in the previous
+step. A value's *age* is how many steps behind the latent it is: a block's output is as old as
+its oldest input, plus one step for each input produced on another stage. The *main-path depth*
+of a plan is the age of the output, i.e. the number of stage crossings on the longest path from
+the call inputs to the output. A contiguous N-stage plan has depth N - 1; a wrapped plan N (the
+main path leaves stage 0 and comes back), so at equal speed the wrapped plan is one step staler,
+as stale as a contiguous plan with one more stage. The planner therefore takes, among the plans
+whose modelled step is within ``max_slowdown`` of the fastest, the one with the smallest depth
+(then the faster one; then contiguous). Measured on the trained digits model (issue 10), the
+wrapped 2-stage plan lost about twice the fidelity of a contiguous one.
+
 Example:
     >>> best_contiguous([1, 1, 1, 1, 4], [], 2)
     (0, 4)
     >>> best_assignment([4, 1, 1, 1, 1, 4], [], 3)
-    (0, 1, 1, 2, 2, 0)
+    (0, 1, 1, 1, 1, 2)
+    >>> chain = [Value(i, (i + 1,), 1) for i in range(5)]
+    >>> main_path_depth(chain, (0, 1, 1, 2, 2, 0)), main_path_depth(chain, (0, 0, 1, 1, 2, 2))
+    (3, 2)
 """
 
 from __future__ import annotations
@@ -30,9 +44,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["LAYOUTS", "Value", "best_assignment", "best_contiguous", "best_wrapped", "stage_times"]
+__all__ = ["LAYOUTS", "MAX_SLOWDOWN", "Candidate", "Value", "best_assignment", "best_contiguous", "best_wrapped",
+           "candidates", "choose", "main_path_depth", "stage_times"]
 
 LAYOUTS = ("contiguous", "wrapped")
+MAX_SLOWDOWN = 0.05  # default: a less stale plan may be up to 5 % slower (modelled) than the fastest
 
 
 @dataclass(frozen=True)
@@ -178,22 +194,65 @@ def best_wrapped(costs: Sequence[float], values: Sequence[Value], n_stages: int,
     return time, tuple(assignment)
 
 
-def best_assignment(costs: Sequence[float], values: Sequence[Value], n_stages: int,
-                    bandwidth: float | None = None, layouts: Sequence[str] = LAYOUTS) -> tuple[int, ...]:
-    """Stage per block for the best plan over ``layouts``; ties keep the contiguous plan."""
+@dataclass(frozen=True)
+class Candidate:
+    """The best plan of one layout: stage per block, modelled step time, main-path depth."""
+
+    layout: str
+    assignment: tuple[int, ...]
+    step: float
+    depth: int
+
+
+def main_path_depth(values: Sequence[Value], assignment: Sequence[int]) -> int:
+    """Note [staleness]: stage crossings on the longest path from the call inputs to the output
+    (the last block), following ``values``."""
+    age = [0] * len(assignment)
+    inputs: list[list[int]] = [[] for _ in assignment]
+    for v in values:
+        for c in v.consumers:
+            if 0 <= v.producer < c:
+                inputs[c].append(v.producer)
+    for i, producers in enumerate(inputs):
+        for p in producers:
+            age[i] = max(age[i], age[p] + (assignment[p] != assignment[i]))
+    return age[-1] if age else 0
+
+
+def candidates(costs: Sequence[float], values: Sequence[Value], n_stages: int, bandwidth: float | None = None,
+               layouts: Sequence[str] = LAYOUTS) -> list[Candidate]:
+    """The best plan of each layout in ``layouts`` that admits one, in ``LAYOUTS`` order."""
     unknown = set(layouts) - set(LAYOUTS)
     if unknown or not layouts:
         raise ValueError(f"layouts={tuple(layouts)!r}: use a non-empty subset of {LAYOUTS}")
     _check(costs, n_stages)
-    candidates: list[tuple[float, tuple[int, ...]]] = []
+    found: list[tuple[str, tuple[int, ...]]] = []
     if "contiguous" in layouts:
         starts = list(best_contiguous(costs, values, n_stages, bandwidth)) + [len(costs)]
-        assignment = tuple(k for k, (i, j) in enumerate(zip(starts, starts[1:])) for _ in range(i, j))
-        candidates.append((max(stage_times(costs, values, assignment, bandwidth)), assignment))
+        found.append(("contiguous", tuple(k for k, (i, j) in enumerate(zip(starts, starts[1:])) for _ in range(i, j))))
     if "wrapped" in layouts:
         wrapped = best_wrapped(costs, values, n_stages, bandwidth)
         if wrapped is not None:
-            candidates.append((max(stage_times(costs, values, wrapped[1], bandwidth)), wrapped[1]))
-    if not candidates:
+            found.append(("wrapped", wrapped[1]))
+    if not found:
         raise ValueError(f"no plan with layouts {tuple(layouts)} for {len(costs)} blocks and {n_stages} stages")
-    return min(candidates, key=lambda c: c[0])[1]
+    return [Candidate(layout, a, max(stage_times(costs, values, a, bandwidth)), main_path_depth(values, a))
+            for layout, a in found]
+
+
+def choose(found: Sequence[Candidate], max_slowdown: float = MAX_SLOWDOWN) -> Candidate:
+    """Note [staleness]: the least stale of the candidates within ``max_slowdown`` of the fastest
+    modelled step (``max_slowdown=0``: the fastest; ``inf``: the least stale)."""
+    if max_slowdown < 0:
+        raise ValueError(f"max_slowdown={max_slowdown!r} must be >= 0 (0: the fastest plan)")
+    fastest = min(c.step for c in found)
+    limit = fastest * (1 + max_slowdown) * (1 + 1e-12)
+    eligible = [c for c in found if c.step <= limit]
+    return min(eligible, key=lambda c: (c.depth, c.step, LAYOUTS.index(c.layout)))
+
+
+def best_assignment(costs: Sequence[float], values: Sequence[Value], n_stages: int,
+                    bandwidth: float | None = None, layouts: Sequence[str] = LAYOUTS,
+                    max_slowdown: float = MAX_SLOWDOWN) -> tuple[int, ...]:
+    """Stage per block of the plan :func:`choose` takes among :func:`candidates`."""
+    return choose(candidates(costs, values, n_stages, bandwidth, layouts), max_slowdown).assignment

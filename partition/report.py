@@ -78,6 +78,9 @@ class PartitionReport:
     transfers: tuple[tuple[str, int, int, int], ...]  # (value, src, dst, bytes)
     p2p_bytes: int = 0  # bytes all stages send per step, point to point
     broadcast_bytes: int = 0  # what broadcasting every block's output to every other rank would send
+    source: str = ""  # where the plan came from: "given", "measured now, saved to PATH", "cached at PATH"
+    main_path_depth: int = 0  # stage crossings from the latent to the output (Note [staleness])
+    candidates: tuple[tuple[str, float, int], ...] = ()  # each layout's best plan: (layout, modelled s, depth)
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -95,6 +98,13 @@ class PartitionReport:
                         f"{s.params_bytes / 1e6:>9.1f} {s.recv_bytes / 1e6:>8.3f} {s.modeled_s:>9.4g}")
         rows.append(f"imbalance (max/mean stage cost) {self.imbalance:.3f}; modelled step {self.modeled_step_s:.4g} s "
                     f"vs sequential {self.sequential_s:.4g} s: speed-up {self.speedup:.2f}x")
+        if self.source:
+            rows.append(f"plan: {self.source}; main-path depth {self.main_path_depth} (the output is "
+                        f"{self.main_path_depth} step{'s' if self.main_path_depth != 1 else ''} behind the latent "
+                        "after warm-up)")
+        for layout, step, depth in self.candidates:
+            rows.append(f"  considered {layout:<10} modelled step {step:.4g} s, speed-up "
+                        f"{self.sequential_s / step if step else 1.0:.2f}x, main-path depth {depth}")
         if self.broadcast_bytes:
             rows.append(f"sent per step: {self.p2p_bytes / 1e6:.3f} MB point to point, "
                         f"{self.p2p_bytes / self.broadcast_bytes:.1%} of the {self.broadcast_bytes / 1e6:.1f} MB "

@@ -8,7 +8,15 @@ import random
 import pytest
 
 from asyncdiff.partition.plan import Plan
-from asyncdiff.partition.planner import Value, best_assignment, best_contiguous, best_wrapped, stage_times
+from asyncdiff.partition.planner import (
+    Value,
+    best_assignment,
+    best_contiguous,
+    best_wrapped,
+    candidates,
+    main_path_depth,
+    stage_times,
+)
 
 
 def contiguous_assignments(n, n_stages):
@@ -68,7 +76,7 @@ def test_wrapped_and_best_layout_match_brute_force(seed):
             assert assignment[0] == 0 and assignment[-1] == 0 and set(assignment) == set(range(n_stages))
             assert max(stage_times(costs, values, assignment, bandwidth)) == pytest.approx(time)
             assert time == pytest.approx(brute_force(costs, values, n_stages, bandwidth, ("wrapped",)))
-            best = best_assignment(costs, values, n_stages, bandwidth)
+            best = best_assignment(costs, values, n_stages, bandwidth, max_slowdown=0.0)
             assert max(stage_times(costs, values, best, bandwidth)) == pytest.approx(
                 brute_force(costs, values, n_stages, bandwidth, ("contiguous", "wrapped")))
 
@@ -79,6 +87,36 @@ def test_wrapped_keeps_a_long_skip_connection_local():
     values = [Value(0, (1, 5), 1000)] + [Value(i, (i + 1,), 1) for i in range(1, 5)]
     assert best_assignment(costs, values, 3, None, ("contiguous",)) == (0, 0, 1, 1, 2, 2)
     assert best_assignment(costs, values, 3, 10.0) == (0, 0, 1, 1, 2, 0)
+
+
+def test_main_path_depth_counts_stage_crossings():
+    chain = [Value(i, (i + 1,), 1) for i in range(5)]
+    for n_stages in (2, 3, 4):  # contiguous: N - 1 crossings; wrapped: N (out of stage 0 and back)
+        contiguous = tuple(i * n_stages // 6 for i in range(6))
+        assert main_path_depth(chain, contiguous) == n_stages - 1
+        wrapped = (0, *(1 + i * (n_stages - 1) // 4 for i in range(4)), 0)
+        assert main_path_depth(chain, wrapped) == n_stages
+    # a skip connection from block 0 to block 5 is one crossing: not deeper than the main path
+    skip = chain + [Value(0, (5,), 1000)]
+    assert main_path_depth(skip, (0, 0, 0, 1, 1, 1)) == 1
+    assert main_path_depth(skip, (0, 0, 0, 0, 0, 0)) == 0
+
+
+def test_default_plan_is_the_least_stale_within_five_percent_of_the_fastest():
+    # a skip connection 0 -> 5 that a contiguous 2-stage plan must send; the wrapped plan keeps it local
+    costs = [1.0] * 6
+    values = [Value(0, (1, 5), 1000)] + [Value(i, (i + 1,), 1) for i in range(1, 5)]
+    for slower, want in ((0.03, "contiguous"), (0.10, "wrapped")):
+        bandwidth = 1001 / (3 * slower)  # the contiguous plan's step is 3 * (1 + slower)
+        found = {c.layout: c for c in candidates(costs, values, 2, bandwidth)}
+        assert found["contiguous"].step == pytest.approx(3 * (1 + slower))
+        assert (found["contiguous"].depth, found["wrapped"].depth) == (1, 2)
+        assert found["wrapped"].step < found["contiguous"].step
+        assert best_assignment(costs, values, 2, bandwidth) == found[want].assignment
+        assert best_assignment(costs, values, 2, bandwidth, max_slowdown=0.0) == found["wrapped"].assignment
+        assert best_assignment(costs, values, 2, bandwidth, max_slowdown=1.0) == found["contiguous"].assignment
+    with pytest.raises(ValueError, match=r"max_slowdown=-0.1 must be >= 0"):
+        best_assignment(costs, values, 2, max_slowdown=-0.1)
 
 
 def test_communication_moves_the_cut():

@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     from asyncdiff.engine.runtime import TRANSFER_DTYPES
     from asyncdiff.models.builders import BUILDERS
     from asyncdiff.models.common import SIZE_NAMES
+    from asyncdiff.partition.planner import MAX_SLOWDOWN
     from asyncdiff.partition.report import LINKS
 
     parser = argparse.ArgumentParser(prog="asyncdiff", description=__doc__.splitlines()[0])
@@ -59,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--policy", default="fine", choices=("coarse", "fine", "finer"), help="block granularity")
     gen.add_argument("--cost", default="time", choices=("time", "flops"), help="what the planner balances")
     gen.add_argument("--plan", default=None, help="plan JSON (from asyncdiff inspect --json) to use instead of planning")
+    gen.add_argument("--max-slowdown", type=float, default=MAX_SLOWDOWN,
+                     help="take the least stale plan within this fraction of the fastest modelled step")
+    gen.add_argument("--replan", action="store_true", help="plan anew instead of reusing the cached plan")
     gen.add_argument("--image", default=None, help="input picture: first frame, control picture, picture to "
                      "inpaint or upscale (default: a built-in picture)")
     gen.add_argument("--mask", default=None, help="inpainting mask picture (default: a built-in mask)")
@@ -77,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--bandwidth", default="nvlink", choices=sorted(LINKS), help="link preset for the step model")
     ins.add_argument("--policy", default="fine", choices=("coarse", "fine", "finer"), help="block granularity")
     ins.add_argument("--plan", default=None, help="report this plan JSON instead of planning")
+    ins.add_argument("--max-slowdown", type=float, default=MAX_SLOWDOWN,
+                     help="take the least stale plan within this fraction of the fastest modelled step")
+    ins.add_argument("--replan", action="store_true", help="plan anew instead of reading the plan cache")
     ins.add_argument("--prompt", default="a photo of a cat")
     ins.add_argument("--json", dest="json_path", default=None, help="write the report as JSON")
     ins.add_argument("--html", dest="html_path", default=None, help="write the plan as an HTML picture")
@@ -145,7 +152,7 @@ def _inspect(args: argparse.Namespace) -> int:
         with open(args.plan) as f:
             plan = Plan.from_json(f.read())
     _, report = pipeline_report(pipe, stages=args.stages, cost=args.cost, link=args.bandwidth, policy=args.policy,
-                                plan=plan,
+                                plan=plan, max_slowdown=args.max_slowdown, replan=args.replan,
                                 name=f"{args.model or args.pipeline} ({args.size if not args.model else 'loaded'})",
                                 prompt=args.prompt, **call)
     print(report.table())
@@ -170,6 +177,7 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed, prompt=args.prompt, out=args.out,
         threads_per_device=args.threads_per_device, policy=args.policy, cost=args.cost, plan=args.plan,
         image=args.image, mask=args.mask, transfer_dtype=args.transfer_dtype,
+        max_slowdown=args.max_slowdown, replan=args.replan,
     )
     result = run(spec)
     if int(os.environ.get("RANK", 0)) == 0:

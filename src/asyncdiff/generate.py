@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from asyncdiff.partition.planner import MAX_SLOWDOWN
+
 __all__ = ["VIDEO_PIPELINES", "GenerateSpec", "final_latents", "run", "save_output", "worker"]
 
 VIDEO_PIPELINES = ("svd", "animatediff", "wan")
@@ -46,6 +48,8 @@ class GenerateSpec:
     transfer_dtype: str | None = None  # "bfloat16" / "float16" / "float8": narrower boundary transfers
     refresh_every: int | None = None  # a sequential step every K steps after warm-up
     refresh_drift: float | None = None  # a sequential step when boundary values drift past this
+    max_slowdown: float = MAX_SLOWDOWN  # modelled speed the planner gives up for a less stale plan
+    replan: bool = False  # plan anew instead of reusing the cached plan of this call
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -76,7 +80,8 @@ class GenerateSpec:
                                  f"use devices >= {self.stride + 1}")
             EngineConfig(model_n=self.stages, stride=self.stride, warm_up=self.warm_up, time_shift=self.time_shift,
                          policy=self.policy, cost=self.cost, transfer_dtype=self.transfer_dtype,
-                         refresh_every=self.refresh_every, refresh_drift=self.refresh_drift)
+                         refresh_every=self.refresh_every, refresh_drift=self.refresh_drift,
+                         max_slowdown=self.max_slowdown, replan=self.replan)
 
     @property
     def stages(self) -> int:
@@ -224,7 +229,8 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
         async_diff = AsyncDiff(pipe, model_n=spec.stages, stride=spec.stride, warm_up=spec.warm_up,
                                time_shift=spec.time_shift, policy=spec.policy, cost=spec.cost, plan=plan,
                                transfer_dtype=spec.transfer_dtype, refresh_every=spec.refresh_every,
-                               refresh_drift=spec.refresh_drift)
+                               refresh_drift=spec.refresh_drift, max_slowdown=spec.max_slowdown,
+                               replan=spec.replan)
         async_diff.reset_state(warm_up=spec.warm_up)
     denoiser = getattr(pipe, (async_diff.adapter if async_diff else _adapter(pipe)).denoiser)
     timer = _StepTimer(denoiser)
@@ -255,6 +261,9 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
             result["predicted_step_s"] = round(predicted * calls_per_step, 4)
     if async_diff is not None and async_diff.plan is not None:
         result["plan"] = [len(s) for s in async_diff.plan.stages]
+        result["plan_source"] = async_diff.engine.plan_source
+        if "main_path_depth" in async_diff.plan.notes:
+            result["main_path_depth"] = int(async_diff.plan.notes["main_path_depth"])
         result["bytes_sent_per_step"] = async_diff.engine.bytes_sent_per_step
         result["released_weights"] = len(async_diff.engine.released_weights)
     if rank == 0 and spec.out:

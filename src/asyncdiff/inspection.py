@@ -10,12 +10,15 @@ Example (a new architecture, no adapter needed):
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 
-from asyncdiff.partition.auto import auto_plan
+from asyncdiff.partition.auto import block_values, plan_candidates
 from asyncdiff.partition.blocks import BlockPolicy
+from asyncdiff.partition.cache import cached_plan, device_kind
+from asyncdiff.partition.planner import LAYOUTS, MAX_SLOWDOWN, main_path_depth
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.profile import profile_blocks
 from asyncdiff.partition.report import LINKS, PartitionReport, build_report
@@ -28,9 +31,12 @@ __all__ = ["load_for_inspection", "partition_report", "pipeline_report"]
 def partition_report(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, stages: int,
                      cost: str = "flops", link: str = "gloo", policy: str | BlockPolicy = "fine",
                      latent: str | None = None, plan: Plan | None = None, name: str | None = None,
+                     layouts: tuple[str, ...] = LAYOUTS, max_slowdown: float = MAX_SLOWDOWN, replan: bool = False,
                      ) -> tuple[Plan, PartitionReport]:
     """Trace ``denoiser(*args, **kwargs)``, profile its blocks, plan ``stages`` stages (or use
-    ``plan``) and report. ``cost="flops"`` works on ``meta`` tensors (no weights needed)."""
+    ``plan``) and report, with every layout's best plan and its staleness (Note [staleness]).
+    ``cost="flops"`` works on ``meta`` tensors (no weights needed). Plans come from the plan cache
+    where it has one for this call and options (Note [plan cache]; ``replan=True``: plan anew)."""
     if link not in LINKS:
         raise ValueError(f"link={link!r} is not a preset; use one of {sorted(LINKS)}")
     on_meta = any(isinstance(t, torch.Tensor) and t.is_meta for t in (*denoiser.parameters(), *args))
@@ -40,14 +46,25 @@ def partition_report(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: d
     traced = trace_denoiser(denoiser, args, kwargs, policy=policy, latent=latent)
     costs = profile_blocks(traced, denoiser, args, kwargs, measure_time=cost == "time")
     unit = "s" if cost == "time" else "flop"
+    bandwidth = LINKS[link].planner_bandwidth(unit)
+    source = "given"
     if plan is None:
-        plan = auto_plan(traced, costs, stages, cost=cost, bandwidth=LINKS[link].planner_bandwidth(unit))
+        device = next((t.device for t in args if isinstance(t, torch.Tensor)), torch.device("cpu"))
+        plan, source = cached_plan(traced, stages, lambda: costs, cost=cost, bandwidth=bandwidth, layouts=layouts,
+                                   max_slowdown=max_slowdown, device=device_kind(device), replan=replan)
     split = split_graph(traced, plan)
-    return plan, build_report(name or type(denoiser).__name__, traced, costs, plan, split, LINKS[link])
+    report = build_report(name or type(denoiser).__name__, traced, costs, plan, split, LINKS[link])
+    values = block_values(traced)
+    depth = main_path_depth(values, [plan.stage_of(b) for b in traced.blocks])
+    considered = tuple(
+        (c.layout, LINKS[link].seconds(c.step, unit), c.depth)
+        for c in plan_candidates(traced, costs, stages, cost=cost, bandwidth=bandwidth, layouts=layouts))
+    return plan, dataclasses.replace(report, source=source, main_path_depth=depth, candidates=considered)
 
 
 def pipeline_report(pipeline: Any, *, stages: int, cost: str = "flops", link: str = "gloo",
                     policy: str | BlockPolicy = "fine", name: str | None = None, plan: Plan | None = None,
+                    max_slowdown: float = MAX_SLOWDOWN, replan: bool = False,
                     **call_kwargs: Any) -> tuple[Plan, PartitionReport]:
     """:func:`partition_report` for a diffusers pipeline's denoiser, called as the pipeline calls it."""
     from asyncdiff.adapters.capture import capture_denoiser_call
@@ -57,7 +74,8 @@ def pipeline_report(pipeline: Any, *, stages: int, cost: str = "flops", link: st
     args, kwargs = capture_denoiser_call(pipeline, adapter.denoiser, **call_kwargs)
     denoiser = getattr(pipeline, adapter.denoiser)
     return partition_report(denoiser, args, kwargs, stages=stages, cost=cost, link=link, policy=policy,
-                            latent=adapter.latent, name=name or adapter.name, plan=plan)
+                            latent=adapter.latent, name=name or adapter.name, plan=plan,
+                            max_slowdown=max_slowdown, replan=replan)
 
 
 def load_for_inspection(pipeline: str, size: str, model: str | None, *, on_meta: bool) -> Any:
