@@ -41,19 +41,21 @@ class AsyncDiff:
     ``transfer_dtype="bfloat16"`` halves the bytes sent between stages (at a rounding cost);
     ``refresh_every=K`` runs every K-th step after warm-up sequentially, resetting stale values;
     ``refresh_drift=d`` does so whenever the boundary values moved by more than ``d`` (relative)
-    over the last step. ``compile=True`` runs each rank's stage under ``torch.compile``.
+    over the last step. ``compile=True`` runs each rank's stage under ``torch.compile``. The first
+    call checks that the split reproduces the denoiser (Note [verify]; ``verify=False`` skips it).
     """
 
     def __init__(self, pipeline: Any, model_n: int = 2, stride: int = 1, warm_up: int = 1,
                  time_shift: bool = False, *, plan: Plan | None = None, policy: str | BlockPolicy = "fine",
                  cost: str = "time", layouts: tuple[str, ...] = LAYOUTS, transfer_dtype: str | None = None,
                  refresh_every: int | None = None, refresh_drift: float | None = None,
-                 max_slowdown: float = MAX_SLOWDOWN, replan: bool = False, compile: bool = False,
+                 max_slowdown: float = MAX_SLOWDOWN, replan: bool = False, verify: bool = True,
+                 compile: bool = False,
                  adapter: Adapter | None = None) -> None:
         config = EngineConfig(model_n=model_n, stride=stride, warm_up=warm_up, time_shift=time_shift,
                               policy=policy, cost=cost, layouts=tuple(layouts), transfer_dtype=transfer_dtype,
                               refresh_every=refresh_every, refresh_drift=refresh_drift, compile=compile,
-                              max_slowdown=max_slowdown, replan=replan)
+                              max_slowdown=max_slowdown, replan=replan, verify=verify)
         if config.world_size > 1 and not dist.is_initialized():
             if not under_torchrun():
                 raise RuntimeError(f"model_n={model_n}, stride={stride} need {config.world_size} processes; "

@@ -35,7 +35,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.fx
-
 from asyncdiff.engine.comm import Pending, StageChannel
 from asyncdiff.engine.schedule import Schedule, StepKind
 from asyncdiff.kernels.pack import FP8, PackLayout, pack, unpack
@@ -55,6 +54,7 @@ from asyncdiff.partition.trace import (
     module_of,
     trace_denoiser,
 )
+from asyncdiff.partition.verify import verify_split
 
 __all__ = ["TRANSFER_DTYPES", "AsyncEngine", "EngineConfig", "StageError", "StageState"]
 
@@ -80,6 +80,9 @@ class EngineConfig:
     fraction of the fastest (Note [staleness] in :mod:`asyncdiff.partition.planner`; 0: the fastest);
     ``replan``: plan anew even where the plan cache holds a plan for this call (Note [plan cache]
     in :mod:`asyncdiff.partition.cache`), and overwrite it;
+    ``verify``: on the first call, check that the stage programs reproduce the denoiser before
+    relying on them (Note [verify] in :mod:`asyncdiff.partition.verify`; about two denoiser calls
+    on rank 0), and stop every rank with an error naming the first differing block if not;
     ``transfer_dtype``: send boundary values of asynchronous steps in ``"bfloat16"`` or ``"float16"``
     (half the bytes of float32) or ``"float8"`` (e4m3 with a per-tensor scale: a quarter), at a
     rounding cost; warm-up and refresh steps still send exact values (Note [exact warm-up]);
@@ -107,6 +110,7 @@ class EngineConfig:
     compile: bool = False
     max_slowdown: float = MAX_SLOWDOWN
     replan: bool = False
+    verify: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_n, int) or self.model_n < 1:
@@ -134,7 +138,7 @@ class EngineConfig:
                              f"(stride={self.stride}); or None: never")
         if not isinstance(self.max_slowdown, (int, float)) or not self.max_slowdown >= 0:
             raise ValueError(f"max_slowdown={self.max_slowdown!r} must be a number >= 0 (0: the fastest plan)")
-        for flag in ("compile", "replan"):
+        for flag in ("compile", "replan", "verify"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag}={getattr(self, flag)!r} must be True or False")
         if self.profile_repeats < 1:
@@ -416,6 +420,8 @@ class AsyncEngine:
         if self.plan is None:
             self.plan = self._make_plan(traced, args, kwargs)
         split = split_graph(traced, self.plan)
+        if self.config.verify and not self._released:  # every weight is still here (Note [verify])
+            self._verify(traced, split, args, kwargs)
         program = split.stages[self.stage]
         modules = [seg.module(self.denoiser) for seg in program.segments]
         self._release_foreign_weights(modules)
@@ -463,6 +469,17 @@ class AsyncEngine:
             max_slowdown=config.max_slowdown, device=device_kind(_device_of(traced.flatten_call(args, kwargs))),
             replan=config.replan)
         return plan.to_json(), source
+
+    def _verify(self, traced: TracedDenoiser, split: SplitDenoiser, args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> None:
+        """Rank 0 checks the split against the denoiser; every rank raises the same error if it fails."""
+        error = verify_split(traced, split, self.denoiser, args, kwargs) if self.rank == 0 else None
+        if self.collective is not None:
+            box = [error]
+            dist.broadcast_object_list(box, src=0, group=self.collective)
+            error = box[0]
+        if error is not None:
+            raise ValueError(error)
 
     def _planner_bandwidth(self, args: tuple[Any, ...], kwargs: dict[str, Any], traced: TracedDenoiser) -> float | None:
         name = self.config.bandwidth
@@ -530,7 +547,8 @@ class AsyncEngine:
             first = store.compare_set(f"asyncdiff/first_error/{self._calls}", "", mine).decode()
         except Exception:  # the store left with the rank that hosted it
             return mine
-        return mine if first == mine else f"{mine}; the first failure was {first}"
+        same = first.split("] ", 1)[-1] == mine.split("] ", 1)[-1]  # one error all ranks raise (a broadcast one)
+        return mine if first == mine or same else f"{mine}; the first failure was {first}"
 
 
 def _default_store() -> dist.Store | None:

@@ -14,15 +14,20 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import operator
 from collections.abc import Mapping, Sequence
+
+import torch.fx
 
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.planner import LAYOUTS, MAX_SLOWDOWN, Candidate, Value, candidates, choose, stage_times
 from asyncdiff.partition.profile import BlockCost
 from asyncdiff.partition.split import place_latent_nodes
-from asyncdiff.partition.trace import TracedDenoiser
+from asyncdiff.partition.trace import INPLACE_OPS, TracedDenoiser
 
-__all__ = ["COSTS", "auto_plan", "block_values", "plan_candidates"]
+__all__ = ["COSTS", "auto_plan", "block_values", "inplace_spans", "plan_candidates"]
 
 COSTS = ("time", "flops")
 
@@ -46,17 +51,56 @@ def block_values(traced: TracedDenoiser, costs: Mapping[str, BlockCost] | None =
     return values
 
 
-def _block_costs(traced: TracedDenoiser, costs: Mapping[str, BlockCost], cost: str) -> list[float]:
-    if cost not in COSTS:
-        raise ValueError(f"cost={cost!r} is not a cost model; use one of {COSTS}")
-    return [costs[b].seconds if cost == "time" else float(costs[b].flops) for b in traced.blocks]
+def inplace_spans(traced: TracedDenoiser) -> list[tuple[int, int]]:
+    """Block index ranges ``(first, last)`` that must stay on one stage: from the block that made a
+    value to the block that first runs after an in-place update of it (Note [in-place updates])."""
+    last = len(traced.blocks) - 1
+    pos = place_latent_nodes(traced, {traced.block_node[b]: i for i, b in enumerate(traced.blocks)}, last)
+    spans = []
+    for node in traced.graph.nodes:
+        if node.op != "call_function" or node.target not in INPLACE_OPS.values() or node.name not in pos:
+            continue
+        source = node.args[0]
+        while isinstance(source, torch.fx.Node) and source.op == "call_function" and source.target is operator.getitem:
+            source = source.args[0]
+        if isinstance(source, torch.fx.Node) and source.name in pos and pos[source.name] < pos[node.name]:
+            spans.append((pos[source.name], pos[node.name]))
+    return spans
+
+
+class _Problem:
+    """The planner's view of a traced denoiser: units (blocks that must stay together, Note
+    [in-place updates]; mostly single blocks) with their costs and the values between them."""
+
+    def __init__(self, traced: TracedDenoiser, costs: Mapping[str, BlockCost], cost: str) -> None:
+        if cost not in COSTS:
+            raise ValueError(f"cost={cost!r} is not a cost model; use one of {COSTS}")
+        per_block = [costs[b].seconds if cost == "time" else float(costs[b].flops) for b in traced.blocks]
+        glued = [False] * len(per_block)  # glued[i]: block i joins block i - 1's unit
+        for first, last in inplace_spans(traced):
+            for i in range(first + 1, last + 1):
+                glued[i] = True
+        self.unit = list(itertools.accumulate(0 if g or i == 0 else 1 for i, g in enumerate(glued)))
+        n = self.unit[-1] + 1 if self.unit else 0
+        self.costs = [0.0] * n
+        for u, c in zip(self.unit, per_block):
+            self.costs[u] += c
+        self.values = [Value(self.unit[v.producer] if v.producer >= 0 else -1,
+                             tuple(sorted({self.unit[c] for c in v.consumers})), v.nbytes)
+                       for v in block_values(traced)]
+
+    def blocks(self, assignment: Sequence[int]) -> tuple[int, ...]:
+        """Stage per block from stage per unit."""
+        return tuple(assignment[u] for u in self.unit)
 
 
 def plan_candidates(traced: TracedDenoiser, costs: Mapping[str, BlockCost], n_stages: int, *,
                     cost: str = "time", bandwidth: float | None = None,
                     layouts: Sequence[str] = LAYOUTS) -> list[Candidate]:
     """The best plan of each layout, with its modelled step and main-path depth (Note [staleness])."""
-    return candidates(_block_costs(traced, costs, cost), block_values(traced), n_stages, bandwidth, layouts)
+    problem = _Problem(traced, costs, cost)
+    return [dataclasses.replace(c, assignment=problem.blocks(c.assignment))
+            for c in candidates(problem.costs, problem.values, n_stages, bandwidth, layouts)]
 
 
 def auto_plan(traced: TracedDenoiser, costs: Mapping[str, BlockCost], n_stages: int, *,
@@ -68,12 +112,11 @@ def auto_plan(traced: TracedDenoiser, costs: Mapping[str, BlockCost], n_stages: 
     ``cost``: ``"time"`` (measured seconds) or ``"flops"``; ``bandwidth`` in bytes per cost unit
     (None: plan for compute only).
     """
-    per_block = _block_costs(traced, costs, cost)
-    values = block_values(traced)
-    chosen = choose(candidates(per_block, values, n_stages, bandwidth, layouts), max_slowdown)
-    assignment = chosen.assignment
+    problem = _Problem(traced, costs, cost)
+    chosen = choose(candidates(problem.costs, problem.values, n_stages, bandwidth, layouts), max_slowdown)
+    assignment = problem.blocks(chosen.assignment)
     stages = tuple(tuple(b for b, s in zip(traced.blocks, assignment) if s == k) for k in range(n_stages))
-    stage_costs = tuple(sum(c for c, s in zip(per_block, assignment) if s == k) for k in range(n_stages))
-    modeled = stage_times(per_block, values, assignment, bandwidth)
+    stage_costs = tuple(sum(c for c, s in zip(problem.costs, chosen.assignment) if s == k) for k in range(n_stages))
+    modeled = stage_times(problem.costs, problem.values, chosen.assignment, bandwidth)
     return Plan(stages=stages, costs=stage_costs, cost_unit="s" if cost == "time" else "flop",
                 notes={"modeled_step": max(modeled), "main_path_depth": chosen.depth})

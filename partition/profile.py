@@ -91,12 +91,12 @@ def profile_blocks(traced: TracedDenoiser, denoiser: torch.nn.Module, args: tupl
         tensors = [torch.empty_like(t, device="meta") for t in traced.flatten_call(args, kwargs)]
     with torch.no_grad():
         flops_run = _Recorder(module, timed=False, names=traced.node_block)
-        flops_run.run(*tensors)
+        flops_run.run(*[t.clone() for t in tensors])
         times: dict[str, list[float]] = {}
         if measure_time:
             for i in range(warmup + repeats):
                 run = _Recorder(module, timed=True, names=traced.node_block)
-                run.run(*tensors)
+                run.run(*[t.clone() for t in tensors])  # a graph may update an input in place
                 if i >= warmup:
                     for name, s in run.seconds.items():
                         times.setdefault(name, []).append(s)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import operator
 import re
 import warnings
 from collections.abc import Iterator
@@ -159,6 +160,27 @@ class _ShapeProxy(MetaProxy):
         if meta is not None:
             return meta.numel()
         return self.tracer.create_proxy("call_method", "numel", (self,), {})
+
+
+# Note [in-place updates]: Python runs ``x += y`` as ``x = x.__iadd__(y)``, and a torch.fx proxy
+# without ``__iadd__`` falls back to ``x = x + y``: a new value, while eager code mutates the one
+# tensor that every other holder (a skip-connection tuple, say) also sees. So augmented
+# assignments on traced values are recorded as the in-place operators themselves; at run time
+# they mutate the same tensor as eager code does (and keep its dtype). The planner keeps the
+# blocks from the mutated value's producer to the update on one stage (``inplace_spans``), so
+# that everything sent from there is sent after the update, as eager code would have read it.
+INPLACE_OPS = {"__iadd__": operator.iadd, "__isub__": operator.isub, "__imul__": operator.imul,
+               "__itruediv__": operator.itruediv}
+
+
+def _inplace_method(op: Any) -> Any:
+    def method(self: _ShapeProxy, other: Any) -> Any:
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+    return method
+
+
+for _name, _op in INPLACE_OPS.items():
+    setattr(_ShapeProxy, _name, _inplace_method(_op))
 
 
 class _BlockTracer(MetaTracer):

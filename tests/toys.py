@@ -316,3 +316,89 @@ def branch_scenarios(steps: int) -> dict[str, Any]:
     results["mixed"] = TwoCallGuidance.__call__(pipe, cond, uncond, steps)
     async_diff.remove()
     return results
+
+
+class AliasingToy(torch.nn.Module):
+    """A UNet's pattern that a naive trace gets wrong (Note [in-place updates]): a value is kept as
+    a skip connection and then updated in place, so eager code's skip reader sees the update."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.down = torch.nn.Conv2d(4, 8, 3, padding=1)
+        self.extra = torch.nn.Conv2d(4, 8, 1)
+        self.mid = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.mid2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.up = torch.nn.Conv2d(16, 4, 3, padding=1)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, return_dict: bool = False) -> tuple[torch.Tensor]:
+        h = self.down(sample)
+        skips = (h,)
+        h += self.extra(sample) * timestep
+        h = self.mid2(self.mid(h))
+        return (self.up(torch.cat([h, skips[0]], 1)),)
+
+
+def aliasing_engine(model_n: int, warm_up: int, steps: int, naive_trace: bool = False) -> Any:
+    """``steps`` steps of :class:`AliasingToy` under an engine on this process group: the last
+    output, or the engine's error message. ``naive_trace``: trace ``+=`` out of place (the bug)."""
+    from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
+    from asyncdiff.partition import trace
+
+    if naive_trace:
+        for name in trace.INPLACE_OPS:
+            delattr(trace._ShapeProxy, name)
+    engine = AsyncEngine(AliasingToy(), EngineConfig(model_n=model_n, warm_up=warm_up, cost="flops"), latent="sample")
+    try:
+        return toy_steps(engine, steps)
+    except Exception as err:  # noqa: BLE001 - the message is the result
+        return f"{type(err).__name__}: {err}"
+
+
+def adapter_scenarios(kind: str, steps: int) -> dict[str, Any]:
+    """A T2I-Adapter pipeline (``kind``: ``sd``, ``sd-multi`` or ``sdxl``, tiny, random weights) on
+    this process group: the plain pipeline's latents, then under AsyncDiff with every step a
+    warm-up step. The UNet adds adapter features to a down block's output in place, which is also
+    a skip connection (Note [in-place updates])."""
+    from diffusers import MultiAdapter, StableDiffusionAdapterPipeline, StableDiffusionXLAdapterPipeline, T2IAdapter
+
+    from asyncdiff import AsyncDiff
+    from asyncdiff.models.pictures import example_picture
+    from asyncdiff.models.sd import build_sd15
+    from asyncdiff.models.sdxl import build_sdxl
+
+    xl = kind == "sdxl"
+    base = build_sdxl("tiny", 0) if xl else build_sd15("tiny", 0)
+    channels = list(base.unet.config.block_out_channels)
+    torch.manual_seed(0)
+
+    def adapter() -> T2IAdapter:
+        return T2IAdapter(in_channels=3, channels=channels, num_res_blocks=1, downscale_factor=16 if xl else 8,
+                          adapter_type="full_adapter_xl" if xl else "full_adapter")
+
+    components = {k: v for k, v in base.components.items() if k not in ("image_encoder", "feature_extractor")}
+    if not xl:
+        components["feature_extractor"] = None
+    picture = example_picture(64, 64, 0)
+    extra: dict[str, Any] = {}
+    if xl:
+        pipe, image = StableDiffusionXLAdapterPipeline(**components, adapter=adapter()), picture
+    elif kind == "sd-multi":
+        pipe = StableDiffusionAdapterPipeline(**components, adapter=MultiAdapter([adapter(), adapter()]),
+                                              requires_safety_checker=False)
+        image = [picture, example_picture(64, 64, 1)]
+        extra["adapter_conditioning_scale"] = [1.0, 0.8]
+    else:
+        pipe = StableDiffusionAdapterPipeline(**components, adapter=adapter(), requires_safety_checker=False)
+        image = picture
+
+    def latents() -> torch.Tensor:
+        with torch.no_grad():
+            return pipe("a cat", image=image, height=64, width=64, num_inference_steps=steps, output_type="latent",
+                        generator=torch.Generator().manual_seed(0), **extra).images
+
+    results = {"reference": latents()}
+    async_diff = AsyncDiff(pipe, model_n=dist.get_world_size(), warm_up=steps)
+    results["exact"] = latents()
+    async_diff.remove()
+    return results

@@ -1,0 +1,150 @@
+"""Check that a split program computes what the denoiser computes, before the engine relies on it.
+
+Note [verify]: the engine replaces the denoiser by a traced graph cut into stages. A trace can
+differ from the module it came from without any error: ``x += y`` on a value that another block
+also reads (eager code mutates the one tensor both hold; a trace that records an out-of-place
+add gives the second reader the old value), a branch that the meta tensors of the trace took
+differently, a stateful block. So on the first call, while every weight is still present, the
+engine runs the stage programs one after another in one process on the real inputs and compares
+the result with the denoiser's own output. They must agree to float noise: the same kernels run
+in the same order, so on one device they agree bit for bit; the tolerance (1e-4 of the output's
+largest magnitude in float32, 1e-2 in 16-bit dtypes) only absorbs kernels that are not
+deterministic. If they differ, the check finds the first block (in program order) whose output
+differs from the eager run's and names it in the error, with what to try. It costs one eager and
+one split forward pass on the planning rank (about twice a denoiser call); ``verify=False`` skips it.
+
+Example:
+    >>> import torch
+    >>> from asyncdiff.partition.plan import Plan
+    >>> from asyncdiff.partition.split import split_graph
+    >>> from asyncdiff.partition.trace import trace_denoiser
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    >>> x = torch.randn(2, 4)
+    >>> traced = trace_denoiser(net, (x,), {})
+    >>> verify_split(traced, split_graph(traced, Plan(stages=(("0", "1"), ("2",)))), net, (x,), {}) is None
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from asyncdiff.partition.split import SplitDenoiser
+from asyncdiff.partition.trace import TracedDenoiser, module_of
+
+__all__ = ["run_split", "verify_split"]
+
+_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}  # relative to the largest |value|; 16-bit: 1e-2
+
+
+def run_split(split: SplitDenoiser, denoiser: torch.nn.Module, tensors: list[torch.Tensor]) -> list[Any]:
+    """The split's output leaves, running its segments in program order in this process."""
+    values: dict[str, Any] = {}
+    leaves: tuple[Any, ...] = ()
+    for seg in split.segments:
+        outputs, seg_leaves = seg.module(denoiser)(*tensors, *[values[v] for v in seg.inputs])
+        values.update(zip(seg.outputs, outputs))
+        if seg.index == split.output_segment:
+            leaves = seg_leaves
+    return list(leaves)
+
+
+def verify_split(traced: TracedDenoiser, split: SplitDenoiser, denoiser: torch.nn.Module,
+                 args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """None where the split reproduces ``denoiser(*args, **kwargs)`` (Note [verify]); else the error."""
+    tensors = traced.flatten_call(args, kwargs)  # before the eager call, which may consume lists it is given
+    with torch.no_grad():
+        want = _tensor_leaves(_eager(denoiser)(*_fresh(args), **_fresh(kwargs)))
+        got = _tensor_leaves(traced.unflatten_output(run_split(split, denoiser, [t.clone() for t in tensors])))
+    if len(got) != len(want):
+        return (f"the split program of {type(denoiser).__name__} returns {len(got)} tensors where the denoiser "
+                f"returns {len(want)}; this denoiser cannot be split as traced (try policy='coarse')")
+    for i, (g, w) in enumerate(zip(got, want)):
+        error = _difference(g, w)
+        if error is None:
+            continue
+        where = _first_differing_block(traced, denoiser, args, kwargs)
+        return (f"the split program does not reproduce {type(denoiser).__name__}: output {i} differs by {error} "
+                f"({where}). The trace disagrees with eager execution there: typically an in-place update "
+                "(x += y, x[...] = y) of a value that another block also reads, or a branch on tensor values. "
+                "Try policy='coarse' (the code then runs inside one block), a plan that keeps those blocks on one "
+                "stage, or verify=False to run anyway, knowing the result is not the model's")
+    return None
+
+
+def _eager(denoiser: torch.nn.Module) -> Any:
+    """The denoiser's own ``forward``, past any hook on the instance (the engine itself is one)."""
+    return type(denoiser).forward.__get__(denoiser)
+
+
+def _fresh(tree: Any) -> Any:
+    """A copy whose containers and tensors are new: the eager call may mutate what it is given."""
+    return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
+
+
+def _tensor_leaves(tree: Any) -> list[torch.Tensor]:
+    return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
+
+
+def _difference(got: torch.Tensor, want: torch.Tensor) -> str | None:
+    """None when ``got`` equals ``want`` to float noise; else how they differ."""
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return f"shape/dtype {tuple(got.shape)} {got.dtype} against {tuple(want.shape)} {want.dtype}"
+    if torch.equal(got, want) or got.numel() == 0:
+        return None
+    if not got.is_floating_point():
+        return "in integer values"
+    g, w = got.float(), want.float()
+    same_nan = torch.isnan(g) == torch.isnan(w)
+    if not bool(same_nan.all()):
+        return "in where the NaNs are"
+    finite = ~torch.isnan(w)
+    err = float((g - w)[finite].abs().max()) if bool(finite.any()) else 0.0
+    scale = float(w[finite].abs().max()) if bool(finite.any()) else 0.0
+    allowed = _TOLERANCE.get(got.dtype, 1e-2) * max(scale, 1e-30)
+    if err <= allowed:
+        return None
+    return f"{err:.3g} (max abs; {allowed:.3g} allowed, the output's largest magnitude is {scale:.3g})"
+
+
+def _first_differing_block(traced: TracedDenoiser, denoiser: torch.nn.Module, args: tuple[Any, ...],
+                           kwargs: dict[str, Any]) -> str:
+    """Which block's output first differs between the traced graph and eager execution."""
+    eager: dict[str, list[Any]] = {}
+    handles = []
+    for name in dict.fromkeys(module_of(n) for n in traced.node_block.values()):
+        def record(_module: torch.nn.Module, _inputs: Any, output: Any, name: str = name) -> None:
+            # copies: later code may update an output in place (exactly what this hunts for)
+            eager.setdefault(name, []).append([t.clone() for t in _tensor_leaves(output)])
+        handles.append(denoiser.get_submodule(name).register_forward_hook(record))
+    try:
+        with torch.no_grad():
+            _eager(denoiser)(*_fresh(args), **_fresh(kwargs))
+    finally:
+        for h in handles:
+            h.remove()
+    traced_outputs: list[tuple[str, list[torch.Tensor]]] = []
+
+    class _Record(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            out = super().run_node(n)
+            if n.op == "call_module":
+                traced_outputs.append((traced.node_block[n.name], [t.clone() for t in _tensor_leaves(out)]))
+            return out
+
+    with torch.no_grad():
+        _Record(traced.graph_module(denoiser)).run(*traced.flatten_call(_fresh(args), _fresh(kwargs)))
+    calls: dict[str, int] = {}
+    for block, outs in traced_outputs:
+        name = module_of(block)
+        k = calls.get(name, 0)
+        calls[name] = k + 1
+        recorded = eager.get(name, [])
+        ref = recorded[k] if k < len(recorded) else []
+        if len(ref) != len(outs) or any(_difference(a, b) is not None for a, b in zip(outs, ref)):
+            return f"the first block whose output differs from eager execution is {block!r}"
+    return "every block's output agrees with eager execution; the difference is in top-level code between blocks"
