@@ -2,12 +2,17 @@
 
     python -m benchmarks.fidelity_sweep [--steps 50] [--seeds 4] [--json docs/fidelity.json] [--plot docs/fidelity.png]
     python -m benchmarks.fidelity_sweep --sweep transfer [--json docs/fidelity-transfer.json]
+    python -m benchmarks.fidelity_sweep --sweep plans [--json docs/fidelity-plans.json]
 
 The shipped trained digits model (``asyncdiff.models.digits``, a DDIM pipeline) generates the same
 batches (fixed seeds) sequentially and under every setting: devices N in {2, 3, 4}, stride {1, 2},
 warm-up {1, 2, 4, 8}, time shift off/on; then, on 2 devices with warm-up 1, a sequential refresh
 every K steps. ``--sweep transfer`` instead runs 2 devices, warm-up 1, with each transfer dtype
-(float32, bfloat16, float16, float8). For each: the quality metric (digit-classifier confidence, distinct classes,
+(float32, bfloat16, float16, float8). ``--sweep plans`` compares plans on 2 and 3 devices with
+warm-up 1 and 2 (issue 10): the default (least stale within 5 % of the fastest modelled step),
+the fastest modelled plan, the best contiguous and the best wrapped plan (all from measured
+times), and on 2 devices a cut right after the mid block (as the reference implementation
+cuts); each with its main-path depth (Note [staleness]). For each: the quality metric (digit-classifier confidence, distinct classes,
 Fréchet distance of classifier features to the real digits), the deviation from the sequential
 images (PSNR, max abs), and the denoising loop's time.
 """
@@ -34,6 +39,7 @@ class Setting:
     refresh_every: int | None = None
     refresh_drift: float | None = None
     transfer_dtype: str | None = None
+    plan: str = "flops"  # flops (the sweeps above), or in the plans sweep: default, fastest, contiguous, wrapped, mid
 
 
 def _generate(pipe: Any, steps: int, seeds: int, first_seed: int = 0) -> tuple[torch.Tensor, float]:
@@ -62,7 +68,7 @@ def sweep_worker(settings: list[Setting], steps: int, seeds: int) -> list[tuple[
         async_diff = AsyncDiff(pipe, model_n=model_n, stride=setting.stride, warm_up=setting.warm_up,
                                time_shift=setting.time_shift, refresh_every=setting.refresh_every,
                                refresh_drift=setting.refresh_drift, transfer_dtype=setting.transfer_dtype,
-                               cost="flops")
+                               **_plan_options(setting.plan, pipe, model_n))
         _generate(pipe, 2, 1)  # plan once, outside the timing
         refreshes = 0
         images, seconds = [], 0.0
@@ -71,9 +77,43 @@ def sweep_worker(settings: list[Setting], steps: int, seeds: int) -> list[tuple[
             refreshes += [kind for kind, _ in async_diff.engine.seconds].count("refresh")
             images.append(batch)
             seconds += spent
+        depth = _depth(async_diff)
         async_diff.remove()
-        results.append((setting, torch.cat(images), seconds, refreshes / seeds))
+        results.append((setting, torch.cat(images), seconds, refreshes / seeds, depth))
     return results
+
+
+def _plan_options(kind: str, pipe: Any, model_n: int) -> dict[str, Any]:
+    """AsyncDiff's planning options for a plan kind of the plans sweep (plans measured anew)."""
+    if kind == "flops":
+        return {"cost": "flops"}
+    if kind == "mid":  # stage 0: everything up to the mid block; the rest on the last stage
+        from asyncdiff.adapters.capture import capture_denoiser_call
+        from asyncdiff.models.digits import digits_inputs
+        from asyncdiff.partition.plan import Plan
+        from asyncdiff.partition.trace import trace_denoiser
+
+        args, kwargs = capture_denoiser_call(pipe, "unet", num_inference_steps=2, **digits_inputs())
+        blocks = trace_denoiser(pipe.unet, args, kwargs).blocks
+        cut = max(i for i, b in enumerate(blocks) if b.startswith("mid_block")) + 1
+        if model_n != 2:
+            raise ValueError("the mid-block cut is a 2-stage plan")
+        return {"plan": Plan(stages=(blocks[:cut], blocks[cut:]))}
+    options: dict[str, Any] = {"cost": "time", "replan": True}
+    if kind == "fastest":
+        options["max_slowdown"] = 0.0
+    elif kind in ("contiguous", "wrapped"):
+        options["layouts"] = (kind,)
+    return options
+
+
+def _depth(async_diff: Any) -> int:
+    from asyncdiff.partition.auto import block_values
+    from asyncdiff.partition.planner import main_path_depth
+
+    compiled = next(iter(async_diff.engine._compiled.values()))
+    traced, plan = compiled.traced, async_diff.engine.plan
+    return main_path_depth(block_values(traced), [plan.stage_of(b) for b in traced.blocks])
 
 
 def main() -> None:
@@ -86,7 +126,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     parser.add_argument("--devices", default="2,3,4", help="comma-separated device counts to sweep")
-    parser.add_argument("--sweep", default="all", choices=("all", "transfer"),
+    parser.add_argument("--sweep", default="all", choices=("all", "transfer", "plans"),
                         help="all: devices x stride x warm-up x time shift, and refresh; transfer: wire dtypes")
     args = parser.parse_args()
     devices = [int(n) for n in args.devices.split(",")]
@@ -108,14 +148,25 @@ def main() -> None:
         plans[2] += [Setting(1, 1, False, None, d) for d in (0.02, 0.05, 0.1)]
     if args.sweep == "transfer":
         plans = {2: [Setting(1, 1, transfer_dtype=wire) for wire in (None, "bfloat16", "float16", "float8")]}
+    if args.sweep == "plans":
+        kinds = ("default", "fastest", "contiguous", "wrapped")
+        plans = {n: [Setting(1, w, plan=k) for w in (1, 2) for k in kinds + (("mid",) if n == 2 else ())]
+                 for n in devices if n <= 3}
     for n, settings in plans.items():
-        for setting, images, seconds, refreshes in launch(sweep_worker, n, settings, args.steps, args.seeds)[0]:
-            rows.append({"devices": n, **asdict(setting), "refreshes": refreshes, "seconds": seconds,
+        for setting, images, seconds, refreshes, depth in launch(sweep_worker, n, settings, args.steps,
+                                                                 args.seeds)[0]:
+            rows.append({"devices": n, **asdict(setting), "refreshes": refreshes, "seconds": seconds, "depth": depth,
                          **digit_metrics(images), **deviation(images, reference)})
             row = rows[-1]
-            print(f"N={n} {setting}: confidence {row['confidence']:.3f} classes {row['classes']} "
+            print(f"N={n} {setting} depth {depth}: confidence {row['confidence']:.3f} classes {row['classes']} "
                   f"frechet {row['frechet']:.2f} psnr {row['psnr']:.1f} dB max_abs {row['max_abs']:.3f} "
                   f"{seconds:.2f} s", flush=True)
+    if args.sweep == "plans":
+        print("\n| devices | warm-up | plan | main-path depth | confidence | Fréchet | PSNR dB | max abs | seconds |")
+        print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+        for r in rows[1:]:
+            print(f"| {r['devices']} | {r['warm_up']} | {r['plan']} | {r['depth']} | {r['confidence']:.3f} | "
+                  f"{r['frechet']:.2f} | {r['psnr']:.1f} | {r['max_abs']:.3f} | {r['seconds']:.2f} |")
     print("\n| devices | stride | warm-up | time shift | refresh | transfer | confidence | classes | Fréchet | PSNR dB "
           "| max abs | seconds |")
     print("|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|")

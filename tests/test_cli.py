@@ -84,3 +84,25 @@ def test_bench_table_json_and_plot(tmp_path):
     with Image.open(tmp_path / "b.png") as plot:
         assert plot.size[0] > 100
     assert main(["bench", "--devices", "1,x"]) == 2
+
+
+def test_same_command_same_plan_and_same_image_in_fresh_processes(tmp_path, monkeypatch):
+    """Note [plan cache]: the first run measures and keeps its plan; later runs of the same command
+    read it, so they cut the same way and give bit-identical latents; --replan measures again."""
+    monkeypatch.setenv("ASYNCDIFF_PLAN_CACHE", str(tmp_path / "plans"))
+    records, images = [], []
+    for i, extra in enumerate([(), (), (), ("--replan",)]):
+        out = tmp_path / f"run{i}.png"
+        done = run_cli("generate", "--devices", "2", "--steps", "3", "--warm-up", "1", "--seed", "5",
+                       "--out", str(out), *extra)
+        assert done.returncode == 0, done.stderr[-2000:]
+        records.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        with Image.open(out) as image:
+            images.append(image.tobytes())
+    saved = next((tmp_path / "plans").glob("*.json"))
+    assert records[0]["plan_source"] == f"measured now, saved to {saved}"
+    assert [r["plan_source"] for r in records[1:3]] == [f"cached at {saved}"] * 2
+    assert records[3]["plan_source"] == f"measured now, saved to {saved}"
+    assert records[0]["plan"] == records[1]["plan"] == records[2]["plan"]
+    assert images[0] == images[1] == images[2]
+    assert records[0]["main_path_depth"] in (1, 2)  # contiguous or wrapped 2-stage plan
