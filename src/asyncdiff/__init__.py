@@ -9,6 +9,21 @@ Glossary, used everywhere in this package:
 - *stale*: an input a stage takes from another stage's computation at an earlier step.
 - *warm-up*: the first steps of a pipeline call, run sequentially (stage after stage, exact).
 - *stride*: how many denoising steps one parallel round advances.
+- *segment*: a run of consecutive blocks on one stage; a wrapped plan gives stage 0 two.
+- *layout*: the shape of a plan, *contiguous* (stage k runs the k-th run of blocks) or *wrapped*
+  (stage 0 runs the first and the last blocks).
+- *replicated*: work that depends only on the timestep and conditioning (time embedding), which
+  every stage computes for itself instead of receiving it.
+- *transfer*: a value that crosses from one stage to another each step; the *wire* dtype is the
+  one it travels in.
+- *branch*: one of several denoiser calls in one step (guidance as two calls), each with its own
+  stale state.
+- *round* / *reuse*: with stride 2, the step that computes two steps' worth, and the step that
+  reuses its prediction.
+- *refresh*: a step after warm-up run sequentially again, to reset stale values.
+- *main-path depth*: how many steps the output lags the latent after warm-up, the number of stage
+  crossings on the main path (Note [staleness]).
+- *plan cache*: the plans kept on disk per traced call and options (Note [plan cache]).
 
 Example (under ``torchrun --nproc_per_node=2``)::
 
