@@ -161,6 +161,21 @@ class _ShapeProxy(MetaProxy):
             return meta.numel()
         return self.tracer.create_proxy("call_method", "numel", (self,), {})
 
+    def size(self, dim: int | None = None) -> Any:
+        # MetaProxy.size tests `if dim:`, so size(0) gave the whole shape (issue 11)
+        meta = getattr(self, "_tensor_meta", None)
+        if isinstance(meta, torch.Tensor):
+            return meta.size() if dim is None else meta.size(dim)
+        return self.tracer.create_proxy("call_method", "size", (self,) if dim is None else (self, dim), {})
+
+    def __iter__(self) -> Iterator[Any]:
+        # a value of known length (a tensor's first dimension, a tuple of tensors) iterates as
+        # its items, like eager code: `for x in t.split(...)`, `zip(params, chunks)`, `list(...)`
+        meta = getattr(self, "_tensor_meta", None)
+        if isinstance(meta, (torch.Tensor, tuple, list)) and not (isinstance(meta, torch.Tensor) and meta.dim() == 0):
+            return iter([self[i] for i in range(len(meta))])
+        return super().__iter__()
+
 
 # Note [in-place updates]: Python runs ``x += y`` as ``x = x.__iadd__(y)``, and a torch.fx proxy
 # without ``__iadd__`` falls back to ``x = x + y``: a new value, while eager code mutates the one
@@ -286,6 +301,16 @@ class TracedDenoiser:
         return pytree.tree_unflatten(leaves, self.out_spec)
 
 
+def _trace_hint(err: Exception) -> str:
+    """What the tracer could not follow, from its error (issue 11: name the real cause)."""
+    text = str(err)
+    if "control flow" in text or "symbolically traced variables" in text:
+        return "The code branches on a tensor's values, which a trace cannot follow"
+    if "iterated" in text:
+        return "The code iterates over a value of unknown length"
+    return "The tracer cannot run this code on meta tensors"
+
+
 def module_of(block: str) -> str:
     """The qualified module name of a block (Note [block names])."""
     return block.split("#", 1)[0]
@@ -365,8 +390,8 @@ def trace_denoiser(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: dic
         raise TraceError(
             f"tracing {type(denoiser).__name__} at {'predicate' if policy.predicate else f'depth={policy.depth}'} "
             f"granularity failed{f' inside {where}' if where else ''}: {type(err).__name__}: {err}. "
-            "Control flow that depends on tensor values cannot be traced: make the module that "
-            "contains it a block (policy='coarse', or a predicate that returns True for it)"
+            f"{_trace_hint(err)}: make the module that contains it a block (policy='coarse', or a "
+            "predicate that returns True for it)"
         ) from err
     if caught:
         target, reason = caught[0]

@@ -137,3 +137,32 @@ def test_latent_must_be_a_tensor_argument():
     toy = ToyDenoiser()
     with pytest.raises(ValueError, match="latent='x' is not a tensor argument"):
         trace_denoiser(toy, (torch.randn(1, 4, 8, 8), torch.tensor([1.0])), {}, latent="x")
+
+
+class _ShapeCode(torch.nn.Module):
+    """Top-level code as current diffusers models write it (issue 11): ``x.size(0)``, iteration
+    over a tensor and over a tuple of chunks, ``zip`` of modules with chunks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(8, 8)
+        self.b = torch.nn.ModuleList([torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)])
+        self.c = torch.nn.Linear(8, 8)
+
+    def forward(self, sample: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor]:
+        batch = sample.size(0)
+        h = self.a(sample.view(batch, -1, 8))
+        h = h + cond.repeat(h.size(0), 1, 1)
+        parts = [f(p) for f, p in zip(self.b, h.chunk(2, dim=1))]
+        out = torch.cat([x * w for x, w in zip(parts, (1.0, 2.0))], dim=1)
+        return (self.c(torch.stack([row for row in out])),)
+
+
+def test_shape_arithmetic_and_iteration_trace_exactly():
+    model, args = _ShapeCode(), (torch.randn(3, 4, 8), torch.randn(1, 4, 8))
+    traced = trace_denoiser(model, args, {})
+    assert traced.blocks == ("a", "b.0", "b.1", "c")
+    with torch.no_grad():
+        got = traced.unflatten_output(list(traced.graph_module(model)(*traced.flatten_call(args, {}))))[0]
+        torch.testing.assert_close(got, model(*args)[0], rtol=0, atol=0)
