@@ -26,6 +26,12 @@ def test_generate_on_two_processes_writes_image_and_json(tmp_path):
     assert record["devices"] == 2 and record["steps"] == 4 and record["warm_up"] == 1
     assert record["out"] == str(out) and record["denoise_s"] > 0 and record["denoiser_calls"] == 4
     assert sum(record["plan"]) == 48  # every block of the tiny UNet in some stage
+    # memory per rank: each holds part of the denoiser's weights (both hold the replicated time embedding)
+    sequential = run_cli("generate", "--devices", "1", "--steps", "1", "--out", str(tmp_path / "seq.png"))
+    whole = json.loads(sequential.stdout.strip().splitlines()[-1])["denoiser_mb"]
+    assert len(whole) == 1 and len(record["denoiser_mb"]) == 2 and record["peak_memory"] == "peak RSS"
+    assert all(0 < held < whole[0] for held in record["denoiser_mb"]) and sum(record["denoiser_mb"]) >= whole[0]
+    assert all(peak > 0 for peak in record["peak_mb"])
     with Image.open(out) as image:
         assert image.size == (64, 64)
 
@@ -81,6 +87,8 @@ def test_bench_table_json_and_plot(tmp_path):
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert [(r["devices"], r["stride"]) for r in rows] == [(1, 1), (2, 1)]
     assert rows[0]["speedup"] == 1.0 and rows[1]["deviation"] > 0  # warm-up 1 of 3 steps: stale inputs
+    assert 0 < rows[1]["denoiser_mb"] < rows[0]["denoiser_mb"] and rows[1]["peak_mb"] > 0  # a stage, not the model
+    assert "| denoiser MB/rank (max) | peak MB/rank (max) |" in done.stdout
     with Image.open(tmp_path / "b.png") as plot:
         assert plot.size[0] > 100
     assert main(["bench", "--devices", "1,x"]) == 2

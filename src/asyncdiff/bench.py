@@ -33,13 +33,16 @@ class BenchRow:
     bytes_sent_per_step: int
     step_s: float = 0.0  # median wall time of a step after warm-up (rank 0)
     predicted_step_s: float = 0.0  # the step-time model: slowest profiled stage + received bytes / gloo bandwidth
+    denoiser_mb: float = 0.0  # the most denoiser weights any rank holds
+    peak_mb: float = 0.0  # the highest peak memory of any rank (peak RSS on CPU, CUDA max allocated on GPU)
 
 
 def bench(base: GenerateSpec, devices: list[int], strides: list[int]) -> list[BenchRow]:
     """Run the sequential reference, then every valid (devices, stride) setting of ``base``."""
     reference = run(replace(base, devices=1, stride=1, out=None))
     sequential_step = reference["denoise_s"] / base.steps  # a step may be several calls (Note [branches])
-    rows = [BenchRow(1, 1, base.warm_up, reference["denoise_s"], 1.0, 0.0, 0.0, 0, sequential_step, 0.0)]
+    rows = [BenchRow(1, 1, base.warm_up, reference["denoise_s"], 1.0, 0.0, 0.0, 0, sequential_step, 0.0,
+                     max(reference["denoiser_mb"]), max(reference["peak_mb"]))]
     for n in sorted(set(devices) - {1}):
         for stride in strides:
             if n - stride + 1 < 2:
@@ -50,18 +53,20 @@ def bench(base: GenerateSpec, devices: list[int], strides: list[int]) -> list[Be
                 n, stride, base.warm_up, result["denoise_s"], reference["denoise_s"] / result["denoise_s"],
                 (delta.norm() / reference["latents"].float().norm()).item(), delta.abs().max().item(),
                 result.get("bytes_sent_per_step", 0), result.get("step_s", 0.0), result.get("predicted_step_s", 0.0),
+                max(result["denoiser_mb"]), max(result["peak_mb"]),
             ))
     return rows
 
 
 def format_rows(rows: list[BenchRow]) -> str:
     lines = ["| devices | stride | warm-up | seconds | speed-up | deviation (rel. L2) | max abs | MB sent/step (rank 0) "
-             "| step s | model step s |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| step s | model step s | denoiser MB/rank (max) | peak MB/rank (max) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         model = f"{r.predicted_step_s:.3f}" if r.predicted_step_s else "-"
         lines.append(f"| {r.devices} | {r.stride} | {r.warm_up} | {r.seconds:.2f} | {r.speedup:.2f}x | "
-                     f"{r.deviation:.4f} | {r.max_abs:.4f} | {r.bytes_sent_per_step / 1e6:.2f} | {r.step_s:.3f} | {model} |")
+                     f"{r.deviation:.4f} | {r.max_abs:.4f} | {r.bytes_sent_per_step / 1e6:.2f} | {r.step_s:.3f} | {model} | "
+                     f"{r.denoiser_mb:.1f} | {r.peak_mb:.0f} |")
     return "\n".join(lines)
 
 

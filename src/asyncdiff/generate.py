@@ -238,6 +238,7 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
     with torch.no_grad():
         output = pipe(**_call_kwargs(spec, pipe, final))
     plan_s = async_diff.engine.compile_seconds if async_diff is not None else 0.0
+    memory = memory_per_rank(denoiser)
     result: dict[str, Any] = {
         "pipeline": spec.pipeline, "size": spec.size, "devices": spec.devices, "stride": spec.stride,
         "stages": spec.stages, "steps": spec.steps, "warm_up": spec.warm_up, "time_shift": spec.time_shift,
@@ -245,7 +246,7 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
         "seed": spec.seed,
         # the loop's wall time without the one-off trace/profile/plan of the first call (plan_s)
         "denoise_s": round(timer.seconds - plan_s, 4), "plan_s": round(plan_s, 4),
-        "denoiser_calls": timer.calls, "out": spec.out,
+        "denoiser_calls": timer.calls, "out": spec.out, **memory,
     }
     if async_diff is not None:
         from asyncdiff.partition.report import LINKS
@@ -291,6 +292,27 @@ def run(spec: GenerateSpec) -> dict[str, Any]:
         return worker(spec)
     results = launch(worker, spec.devices, spec, threads=spec.threads_per_device)
     return results[0]
+
+
+def memory_per_rank(denoiser: torch.nn.Module) -> dict[str, Any]:
+    """Per rank (a list in rank order; every rank must call this): the denoiser's weights the rank
+    holds (released stages hold none) and the process's peak memory: CUDA's most allocated on a
+    GPU, else the peak resident set size (the whole process: libraries and other components too)."""
+    import resource
+
+    held = sum(t.numel() * t.element_size() for t in (*denoiser.parameters(), *denoiser.buffers()))
+    device = next((p.device for p in denoiser.parameters()), torch.device("cpu"))
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(device), "CUDA max_memory_allocated"
+    else:  # ru_maxrss is in KiB on Linux
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS"
+    mine = (held, peak)
+    every = [mine]
+    if dist.is_initialized():
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+    return {"denoiser_mb": [round(h / 1e6, 2) for h, _ in every], "peak_mb": [round(p / 1e6, 1) for _, p in every],
+            "peak_memory": kind}
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:
