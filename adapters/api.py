@@ -16,10 +16,11 @@ import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from asyncdiff.adapters.hooks import attach, detach
-from asyncdiff.adapters.registry import Adapter, adapter_for
+from asyncdiff.adapters.registry import Adapter, adapter_for, registered_adapter
 from asyncdiff.engine.launch import init_from_env, local_device, under_torchrun
 from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
 from asyncdiff.partition.blocks import BlockPolicy
@@ -43,6 +44,7 @@ class AsyncDiff:
     ``refresh_drift=d`` does so whenever the boundary values moved by more than ``d`` (relative)
     over the last step. ``compile=True`` runs each rank's stage under ``torch.compile``. The first
     call checks that the split reproduces the denoiser (Note [verify]; ``verify=False`` skips it).
+    ``released``: set by :meth:`from_pretrained` (weights this rank never loaded).
     """
 
     def __init__(self, pipeline: Any, model_n: int = 2, stride: int = 1, warm_up: int = 1,
@@ -50,17 +52,13 @@ class AsyncDiff:
                  cost: str = "time", layouts: tuple[str, ...] = LAYOUTS, transfer_dtype: str | None = None,
                  refresh_every: int | None = None, refresh_drift: float | None = None,
                  max_slowdown: float = MAX_SLOWDOWN, replan: bool = False, verify: bool = True,
-                 compile: bool = False,
-                 adapter: Adapter | None = None) -> None:
+                 compile: bool = False, adapter: Adapter | None = None,
+                 released: dict[str, tuple[Any, Any, Any]] | None = None) -> None:
         config = EngineConfig(model_n=model_n, stride=stride, warm_up=warm_up, time_shift=time_shift,
                               policy=policy, cost=cost, layouts=tuple(layouts), transfer_dtype=transfer_dtype,
                               refresh_every=refresh_every, refresh_drift=refresh_drift, compile=compile,
                               max_slowdown=max_slowdown, replan=replan, verify=verify)
-        if config.world_size > 1 and not dist.is_initialized():
-            if not under_torchrun():
-                raise RuntimeError(f"model_n={model_n}, stride={stride} need {config.world_size} processes; "
-                                   f"start with torchrun --nproc_per_node={config.world_size}")
-            init_from_env()
+        _join_processes(config)
         self.pipeline = pipeline
         self.adapter = adapter or adapter_for(pipeline)
         self.denoiser = getattr(pipeline, self.adapter.denoiser)
@@ -69,11 +67,51 @@ class AsyncDiff:
             pipeline.to(device)
         self.engine = AsyncEngine(self.denoiser, config, plan=plan, latent=self.adapter.latent,
                                   timestep_arg=self.adapter.timestep, timesteps=self._timestep_of_step,
-                                  marks_steps=True)
+                                  marks_steps=True, released=released)
         attach(self.denoiser, self.engine)
         self._original_class = type(pipeline)
         pipeline.__class__ = _resetting_subclass(self._original_class)
         pipeline._asyncdiff = self
+
+    @classmethod
+    def from_pretrained(cls, path: str, model_n: int = 2, stride: int = 1, warm_up: int = 1,
+                        time_shift: bool = False, *, torch_dtype: torch.dtype | None = None,
+                        variant: str | None = None, plan: Plan | None = None, policy: str | BlockPolicy = "fine",
+                        layouts: tuple[str, ...] = LAYOUTS, max_slowdown: float = MAX_SLOWDOWN,
+                        call_kwargs: dict[str, Any] | None = None, **options: Any) -> AsyncDiff:
+        """Load the diffusers pipeline at ``path`` (folder or hub id) with this rank holding only
+        its stage's denoiser weights from the start (Note [stage-only loading] in
+        :mod:`asyncdiff.adapters.loading`), the engine attached: ``async_diff.pipeline(prompt)``.
+
+        The plan is counted in FLOPs on the weight-free model (the same on every rank), unless
+        ``plan`` is given or cached. ``call_kwargs``: the call whose denoiser input the planner
+        traces (default: an empty prompt at the pipeline's default size). ``options``: as for
+        :class:`AsyncDiff`. ``remove()`` gathers the whole denoiser on every rank."""
+        from diffusers import DiffusionPipeline
+
+        from asyncdiff.adapters.loading import load_stage_only, read_model_index
+        from asyncdiff.partition.report import LINKS
+
+        config = EngineConfig(model_n=model_n, stride=stride, warm_up=warm_up, time_shift=time_shift, policy=policy,
+                              cost="flops", layouts=tuple(layouts), max_slowdown=max_slowdown)
+        _join_processes(config)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        device = local_device()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        folder, index = read_model_index(path)
+        registered = registered_adapter(getattr(__import__("diffusers"), index["_class_name"], DiffusionPipeline))
+        link = "pcie" if device.type == "cuda" else "gloo"  # what EngineConfig(bandwidth="auto") plans for
+        load = load_stage_only(str(folder), denoiser_attr=registered.denoiser if registered else None,
+                               latent=registered.latent if registered else None, n_stages=model_n,
+                               stage=min(rank, model_n - 1), device=device, torch_dtype=torch_dtype, variant=variant,
+                               plan=plan, policy=policy, layouts=config.plan_layouts, max_slowdown=max_slowdown,
+                               bandwidth=LINKS[link].planner_bandwidth("flop"), call_kwargs=call_kwargs)
+        async_diff = cls(load.pipeline, model_n, stride, warm_up, time_shift, plan=load.plan, policy=policy,
+                         layouts=layouts, max_slowdown=max_slowdown, adapter=registered, released=load.released,
+                         **options)
+        async_diff.engine.plan_source = load.source
+        return async_diff
 
     def _timestep_of_step(self, step: int) -> Any:
         """The timestep of denoising step ``step`` of the running call (clamped to the last one)."""
@@ -96,6 +134,15 @@ class AsyncDiff:
         detach(self.denoiser)
         self.pipeline.__class__ = self._original_class
         del self.pipeline._asyncdiff
+
+
+def _join_processes(config: EngineConfig) -> None:
+    """Join torchrun's process group where the configuration needs several processes."""
+    if config.world_size > 1 and not dist.is_initialized():
+        if not under_torchrun():
+            raise RuntimeError(f"model_n={config.model_n}, stride={config.stride} need {config.world_size} processes; "
+                               f"start with torchrun --nproc_per_node={config.world_size}")
+        init_from_env()
 
 
 _SUBCLASSES: dict[type, type] = {}

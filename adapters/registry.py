@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ADAPTERS", "Adapter", "adapter_for", "register"]
+__all__ = ["ADAPTERS", "Adapter", "adapter_for", "register", "registered_adapter"]
 
 
 @dataclass(frozen=True)
@@ -49,12 +49,20 @@ def register(adapter: Adapter) -> Adapter:
     return adapter
 
 
-def adapter_for(pipeline: Any) -> Adapter:
-    """The registered adapter for ``pipeline``'s class (or a base class), else the generic one."""
-    for cls in type(pipeline).__mro__:
+def registered_adapter(pipeline_class: type) -> Adapter | None:
+    """The registered adapter for ``pipeline_class`` (or a base class), if any."""
+    for cls in pipeline_class.__mro__:
         for adapter in ADAPTERS.values():
             if cls.__name__ in adapter.pipelines:
                 return adapter
+    return None
+
+
+def adapter_for(pipeline: Any) -> Adapter:
+    """The registered adapter for ``pipeline``'s class (or a base class), else the generic one."""
+    registered = registered_adapter(type(pipeline))
+    if registered is not None:
+        return registered
     for attr in ("unet", "transformer"):
         if getattr(pipeline, attr, None) is not None:
             return Adapter(name=f"generic-{attr}", pipelines=(type(pipeline).__name__,), denoiser=attr, latent=None)

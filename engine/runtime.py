@@ -56,7 +56,7 @@ from asyncdiff.partition.trace import (
 )
 from asyncdiff.partition.verify import verify_split
 
-__all__ = ["TRANSFER_DTYPES", "AsyncEngine", "EngineConfig", "StageError", "StageState"]
+__all__ = ["TRANSFER_DTYPES", "AsyncEngine", "EngineConfig", "StageError", "StageState", "block_tensors"]
 
 TRANSFER_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float8": FP8}  # wire dtypes by name
 
@@ -222,12 +222,16 @@ class AsyncEngine:
     def __init__(self, denoiser: torch.nn.Module, config: EngineConfig, *, plan: Plan | None = None,
                  latent: str | None = None, group: dist.ProcessGroup | None = None,
                  timestep_arg: str | None = None, timesteps: Callable[[int], Any] | None = None,
-                 marks_steps: bool = False) -> None:
+                 marks_steps: bool = False,
+                 released: dict[str, tuple[torch.Size, torch.dtype, torch.device]] | None = None) -> None:
         """``timestep_arg`` names the denoiser's timestep argument and ``timesteps(step)`` gives the
         timestep of any step of the current call; both are needed for stride 2 and time shift.
         ``marks_steps`` (settable per pipeline call): the caller calls :meth:`end_step` after every
         denoising step, and the calls in between are branches with stale state of their own (Note
-        [branches]); without it every call is a step."""
+        [branches]); without it every call is a step. ``released``: weights this rank never loaded
+        (Note [stage-only loading] in :mod:`asyncdiff.adapters.loading`), by name: (true shape,
+        dtype, device) of 0-size placeholders, which :meth:`restore_weights` fills from their
+        owners; the check of Note [verify] needs every weight, so it does not run then."""
         self.denoiser, self.config, self.plan, self.latent = denoiser, config, plan, latent
         if (config.stride == 2 or config.time_shift) and (timestep_arg is None or timesteps is None):
             raise ValueError("stride=2 and time_shift=True feed stages other steps' timesteps: pass "
@@ -247,7 +251,8 @@ class AsyncEngine:
         self.collective = dist.new_group(
             self.ranks, timeout=datetime.timedelta(seconds=config.timeout_s)) if world > 1 else None
         self.schedule = config.schedule(config.warm_up)
-        self.skeleton = meta_copy(denoiser)
+        self._released: dict[str, tuple[torch.Size, torch.dtype, torch.device]] = dict(released or {})
+        self.skeleton = meta_copy(denoiser, {name: shape for name, (shape, _, _) in self._released.items()})
         self.marks_steps = marks_steps
         self.step = 0  # the denoising step of the running pipeline call
         self.branch = 0  # which call of the running step comes next (Note [branches])
@@ -255,7 +260,6 @@ class AsyncEngine:
         self.seconds: list[tuple[str, float]] = []  # (step kind, wall time) per call, this pipeline call
         self._calls = 0  # pipeline calls so far (reset_state), to key errors by (Note [first error])
         self._compiled: dict[CallSignature, _Compiled] = {}
-        self._released: dict[str, tuple[torch.Size, torch.dtype, torch.device]] = {}
         self.compile_seconds = 0.0  # tracing, profiling, planning and splitting, all signatures
         self.plan_source = "given" if plan is not None else ""  # where the plan came from (Note [plan cache])
 
@@ -498,7 +502,7 @@ class AsyncEngine:
             if k == self.stage:
                 continue
             for block in stage:
-                for name, t in _block_tensors(self.denoiser, block):
+                for name, t in block_tensors(self.denoiser, block):
                     if id(t) not in keep and name not in self._released:
                         self._released[name] = (t.shape, t.dtype, t.device)
                         t.data = torch.empty(0, dtype=t.dtype, device=t.device)
@@ -518,7 +522,7 @@ class AsyncEngine:
             return
         for k, stage in enumerate(self.plan.stages):
             for block in stage:
-                for name, t in _block_tensors(self.denoiser, block):
+                for name, t in block_tensors(self.denoiser, block):
                     if name in self._released:
                         shape, dtype, device = self._released.pop(name)
                         t.data = torch.empty(shape, dtype=dtype, device=device)
@@ -571,7 +575,8 @@ def _output_template(traced: TracedDenoiser) -> tuple[Any, ...]:
     return tuple(output.args[0])
 
 
-def _block_tensors(denoiser: torch.nn.Module, block: str) -> Iterator[tuple[str, torch.Tensor]]:
+def block_tensors(denoiser: torch.nn.Module, block: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(qualified name, tensor)`` of every parameter and buffer of ``block``'s module."""
     module = denoiser.get_submodule(module_of(block))
     for name, t in (*module.named_parameters(), *module.named_buffers()):
         yield f"{module_of(block)}.{name}", t

@@ -27,7 +27,7 @@ import inspect
 import operator
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,11 +91,14 @@ def _constant_key(x: Any) -> Any:
         return ("unhashable", type(x).__name__, id(x))
 
 
-def meta_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A structural copy of ``module`` whose parameters and buffers live on ``meta`` (no memory)."""
+def meta_copy(module: torch.nn.Module, shapes: Mapping[str, torch.Size] | None = None) -> torch.nn.Module:
+    """A structural copy of ``module`` whose parameters and buffers live on ``meta`` (no memory).
+    ``shapes``: the true shapes of tensors (by qualified name) that are placeholders here."""
     memo: dict[int, Any] = {}
-    for t in list(module.parameters()) + list(module.buffers()):
-        meta = torch.empty_like(t, device="meta")
+    shapes = shapes or {}
+    for name, t in (*module.named_parameters(), *module.named_buffers()):
+        meta = torch.empty(shapes[name], dtype=t.dtype, device="meta") if name in shapes \
+            else torch.empty_like(t, device="meta")
         memo[id(t)] = torch.nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else meta
     return copy.deepcopy(module, memo)
 

@@ -402,3 +402,28 @@ def adapter_scenarios(kind: str, steps: int) -> dict[str, Any]:
     results["exact"] = latents()
     async_diff.remove()
     return results
+
+
+def stage_only_scenario(path: str, steps: int) -> dict[str, Any]:
+    """``AsyncDiff.from_pretrained`` on this process group (every step a warm-up step): the latents,
+    the denoiser bytes this rank holds before and after ``remove()``, and the plan's source."""
+    from asyncdiff import AsyncDiff
+
+    def held(module: torch.nn.Module) -> int:
+        return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+    def latents(pipe: Any) -> torch.Tensor:
+        with torch.no_grad():
+            return pipe("a cat", num_inference_steps=steps, output_type="latent",
+                        generator=torch.Generator().manual_seed(0)).images
+
+    async_diff = AsyncDiff.from_pretrained(path, model_n=dist.get_world_size(), warm_up=steps)
+    pipe = async_diff.pipeline
+    loaded = held(pipe.unet)
+    parallel = latents(pipe)
+    result = {"loaded": loaded, "latents": parallel, "source": async_diff.engine.plan_source,
+              "released": len(async_diff.engine.released_weights)}
+    async_diff.remove()
+    result["after_remove"] = held(pipe.unet)
+    result["plain_after_remove"] = latents(pipe)
+    return result

@@ -214,8 +214,6 @@ class _StepTimer:
 def worker(spec: GenerateSpec) -> dict[str, Any]:
     """Build, (maybe) parallelize and run the pipeline on this process; rank 0 returns results."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    pipe = _load_pipeline(spec)
-    pipe.set_progress_bar_config(disable=rank != 0, leave=False)
     async_diff = None
     if spec.devices > 1:
         from asyncdiff.adapters.api import AsyncDiff
@@ -226,12 +224,21 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
 
             with open(spec.plan) as f:
                 plan = Plan.from_json(f.read())
-        async_diff = AsyncDiff(pipe, model_n=spec.stages, stride=spec.stride, warm_up=spec.warm_up,
-                               time_shift=spec.time_shift, policy=spec.policy, cost=spec.cost, plan=plan,
-                               transfer_dtype=spec.transfer_dtype, refresh_every=spec.refresh_every,
-                               refresh_drift=spec.refresh_drift, max_slowdown=spec.max_slowdown,
-                               replan=spec.replan)
+        options = dict(plan=plan, policy=spec.policy, transfer_dtype=spec.transfer_dtype,
+                       refresh_every=spec.refresh_every, refresh_drift=spec.refresh_drift,
+                       max_slowdown=spec.max_slowdown, replan=spec.replan)
+        if spec.model is not None:  # each rank reads only its stage's weights (Note [stage-only loading])
+            async_diff = AsyncDiff.from_pretrained(spec.model, spec.stages, spec.stride, spec.warm_up,
+                                                   spec.time_shift, **options)
+            pipe = async_diff.pipeline
+        else:
+            pipe = _load_pipeline(spec)
+            async_diff = AsyncDiff(pipe, model_n=spec.stages, stride=spec.stride, warm_up=spec.warm_up,
+                                   time_shift=spec.time_shift, cost=spec.cost, **options)
         async_diff.reset_state(warm_up=spec.warm_up)
+    else:
+        pipe = _load_pipeline(spec)
+    pipe.set_progress_bar_config(disable=rank != 0, leave=False)
     denoiser = getattr(pipe, (async_diff.adapter if async_diff else _adapter(pipe)).denoiser)
     timer = _StepTimer(denoiser)
     final: dict[str, torch.Tensor] = {}

@@ -1,0 +1,173 @@
+"""Stage-only loading: each rank reads from the checkpoint only the weights its stage uses.
+
+Note [stage-only loading]: attaching the engine to a loaded pipeline means every rank first holds
+the whole denoiser, and releases other stages' weights only after the first call has planned the
+split; the peak per rank is the full model. Here the plan comes first, from the model's structure
+alone: the denoiser is built from its config with its parameters on ``meta`` (no memory), the
+pipeline's own call is captured up to the denoiser's first call (Note in
+:mod:`asyncdiff.adapters.capture`), and the blocks are planned on FLOP counts, which need no
+weights and are the same on every rank (so every rank makes the same plan without talking to
+the others), or on a given plan, or on a cached one (Note [plan cache]). Then each rank reads,
+lazily with ``safetensors.safe_open``, only the tensors its stage programs reference plus those
+every stage needs (replicated blocks such as the time embedding, top-level parameters), straight
+onto its device in the checkpoint's dtype or ``torch_dtype``. The tensors of other stages' blocks
+stay 0-size placeholders that the engine counts as released, so ``remove()`` brings them from
+their owners and every rank has the whole denoiser again. The other pipeline components (text
+encoders, VAE) load as usual.
+
+The check of Note [verify] needs every weight in one process, so it does not run here: verify a
+model once on a fully loaded pipeline (``AsyncDiff(pipeline, ...)``) where that fits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from asyncdiff.partition.plan import Plan
+
+__all__ = ["StageLoad", "load_stage_only", "read_model_index"]
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class StageLoad:
+    """What :func:`load_stage_only` made: the pipeline (its denoiser holding this stage's weights),
+    the plan, where the plan came from, and the placeholders of weights other ranks hold."""
+
+    def __init__(self, pipeline: Any, plan: Plan, source: str, released: dict[str, tuple[torch.Size, torch.dtype,
+                                                                                         torch.device]]) -> None:
+        self.pipeline, self.plan, self.source, self.released = pipeline, plan, source, released
+
+
+def load_stage_only(path: str, *, denoiser_attr: str | None, latent: str | None, n_stages: int, stage: int,
+                    device: torch.device, torch_dtype: torch.dtype | None = None, variant: str | None = None,
+                    plan: Plan | None = None, policy: Any = "fine", layouts: tuple[str, ...] = ("contiguous", "wrapped"),
+                    max_slowdown: float = 0.05, bandwidth: float | None = None,
+                    call_kwargs: dict[str, Any] | None = None) -> StageLoad:
+    """Load the diffusers pipeline at ``path`` (a folder, or a hub id in the local cache) with its
+    denoiser holding only stage ``stage`` of ``n_stages`` (Note [stage-only loading])."""
+    from accelerate import init_empty_weights
+    from diffusers import DiffusionPipeline
+
+    from asyncdiff.adapters.capture import capture_denoiser_call
+    from asyncdiff.engine.runtime import block_tensors
+    from asyncdiff.partition.cache import cached_plan
+    from asyncdiff.partition.profile import profile_blocks
+    from asyncdiff.partition.split import split_graph
+    from asyncdiff.partition.trace import trace_denoiser
+
+    folder, index = read_model_index(path)
+    attr = denoiser_attr or next((a for a in ("transformer", "unet") if isinstance(index.get(a), list)
+                                  and index[a][0] is not None), None)
+    if attr is None or not isinstance(index.get(attr), list):
+        raise ValueError(f"{folder} has no 'unet' or 'transformer' component in model_index.json; pass "
+                         f"denoiser_attr= naming the denoiser's component (one of {sorted(index)})")
+    library, class_name = index[attr]
+    cls = getattr(__import__(library), class_name)
+    config = cls.load_config(folder / attr)
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers built by __init__ stay real
+        skeleton = cls.from_config(config)
+    skeleton.eval()
+    files = _checkpoint_files(folder / attr, variant)
+    dtypes = _dtypes(files, torch_dtype)
+    for name, t in (*skeleton.named_parameters(), *skeleton.named_buffers()):
+        if t.is_meta and name in dtypes:
+            _set_tensor(skeleton, name, torch.empty_like(t, dtype=dtypes[name]))  # still meta, right dtype
+    pipeline = DiffusionPipeline.from_pretrained(folder, **{attr: skeleton}, torch_dtype=torch_dtype, variant=variant)
+
+    args, kwargs = capture_denoiser_call(pipeline, attr, **({"prompt": ""} | (call_kwargs or {})))
+    traced = trace_denoiser(skeleton, args, kwargs, policy=policy, latent=latent)
+    source = "given"
+    if plan is None:
+        plan, source = cached_plan(traced, n_stages, lambda: profile_blocks(traced, skeleton, args, kwargs,
+                                                                            measure_time=False),
+                                   cost="flops", bandwidth=bandwidth, layouts=layouts, max_slowdown=max_slowdown,
+                                   device="meta")
+    program = split_graph(traced, plan).stages[stage]
+    keep = {id(t) for seg in program.segments for m in [seg.module(skeleton)] for t in (*m.parameters(), *m.buffers())}
+    foreign = {name for k, blocks in enumerate(plan.stages) if k != stage for block in blocks
+               for name, t in block_tensors(skeleton, block) if id(t) not in keep}
+
+    released: dict[str, tuple[torch.Size, torch.dtype, torch.device]] = {}
+    opened: dict[Path, Any] = {}
+    for name, t in [*skeleton.named_parameters(remove_duplicate=False), *skeleton.named_buffers(remove_duplicate=False)]:
+        if name in foreign:
+            released[name] = (t.shape, t.dtype, device)
+            _set_tensor(skeleton, name, torch.empty(0, dtype=t.dtype, device=device))
+        elif name in files:
+            if files[name] not in opened:
+                from safetensors import safe_open
+
+                opened[files[name]] = safe_open(str(files[name]), framework="pt", device=str(device))
+            _set_tensor(skeleton, name, opened[files[name]].get_tensor(name).to(dtypes[name]))
+        elif t.is_meta:
+            raise ValueError(f"{class_name} weight {name!r} is not in the checkpoint at {folder / attr}; stage-only "
+                             "loading needs every weight a stage uses in the safetensors files")
+        else:
+            _set_tensor(skeleton, name, t.to(device))  # a buffer made by __init__ (not saved)
+    if device.type != "cpu":
+        for name, component in pipeline.components.items():
+            if name != attr and isinstance(component, torch.nn.Module):
+                component.to(device)
+    return StageLoad(pipeline, plan, source, released)
+
+
+def read_model_index(path: str) -> tuple[Path, dict[str, Any]]:
+    """The pipeline folder (a hub id resolves to its files in the local cache) and its model_index.json."""
+    if os.path.isdir(path):
+        folder = Path(path)
+    else:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(path))  # downloaded where the hub is reachable and the cache lacks it
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"{path!r} is not a diffusers pipeline folder (no model_index.json); pass the folder "
+                         "that save_pretrained wrote, or a hub id")
+    return folder, json.loads((folder / "model_index.json").read_text())
+
+
+def _checkpoint_files(folder: Path, variant: str | None) -> dict[str, Path]:
+    """Tensor name -> safetensors file of a diffusers model folder (one file, or shards with an index)."""
+    stem = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    single = folder / f"{stem}.safetensors"
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(single), framework="pt") as f:
+            return {name: single for name in f.keys()}
+    raise ValueError(f"{folder} has no {stem}.safetensors (or its index): stage-only loading reads safetensors; "
+                     "save the model with save_pretrained(safe_serialization=True), or load the pipeline whole "
+                     "and use AsyncDiff(pipeline, ...)")
+
+
+def _dtypes(files: dict[str, Path], torch_dtype: torch.dtype | None) -> dict[str, torch.dtype]:
+    """The dtype each tensor will have: ``torch_dtype`` for floating ones where given, else as stored."""
+    from safetensors import safe_open
+
+    dtypes = {}
+    for file in set(files.values()):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                stored = _SAFETENSORS_DTYPES[f.get_slice(name).get_dtype()]
+                dtypes[name] = torch_dtype if torch_dtype is not None and stored.is_floating_point else stored
+    return dtypes
+
+
+def _set_tensor(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    if attr in owner._parameters:
+        owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[attr] = value

@@ -1,0 +1,66 @@
+"""Stage-only loading (Note [stage-only loading]): each rank reads only its stage's weights from
+a saved pipeline folder, and the pipeline still computes what the whole model computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from toys import stage_only_scenario
+
+from asyncdiff.adapters.loading import load_stage_only
+from asyncdiff.engine.launch import launch
+from asyncdiff.models.sd import build_sd15
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd15")
+    pipe = build_sd15("tiny", 0)
+    pipe.save_pretrained(folder)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    pipe.unet.save_pretrained(folder / "unet", max_shard_size="1MB")  # shards and an index, as large models come
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    return folder
+
+
+def _bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def test_each_rank_loads_its_stage_and_the_result_is_the_model(saved):
+    reference = DiffusionPipeline.from_pretrained(saved)
+    whole = _bytes(reference.unet)
+    with torch.no_grad():
+        want = reference("a cat", num_inference_steps=STEPS, output_type="latent",
+                         generator=torch.Generator().manual_seed(0)).images
+    results = launch(stage_only_scenario, 2, str(saved), STEPS)
+    for rank, r in results.items():
+        assert 0 < r["loaded"] < whole, (rank, r["loaded"], whole)  # never the whole denoiser
+        assert r["released"] > 0 and r["source"].startswith("counted now (FLOPs)")
+        assert r["after_remove"] == whole  # remove(): the whole denoiser, gathered from the owners
+        # all warm-up: the sequential model, as the same process computes it after remove()
+        torch.testing.assert_close(r["latents"], r["plain_after_remove"], rtol=1e-5, atol=1e-5)
+        # ... which is the pipeline loaded whole (here with more threads: float noise only)
+        torch.testing.assert_close(r["plain_after_remove"], want, rtol=1e-4, atol=1e-4)
+    assert results[0]["loaded"] + results[1]["loaded"] >= whole
+
+
+def test_stage_only_load_keeps_other_stages_as_placeholders(saved):
+    load = load_stage_only(str(saved), denoiser_attr=None, latent="sample", n_stages=2, stage=1,
+                           device=torch.device("cpu"), torch_dtype=torch.float16)
+    unet = load.pipeline.unet
+    assert not any(t.is_meta for t in (*unet.parameters(), *unet.buffers()))
+    mine = set(load.plan.stages[1])
+    for name, (shape, dtype, _) in load.released.items():
+        assert unet.get_parameter(name).numel() == 0 and dtype == torch.float16 and len(shape) > 0
+        assert not any(name.startswith(f"{block}.") for block in mine)
+    assert all(p.dtype == torch.float16 for p in unet.parameters())
+    assert load.pipeline.text_encoder.dtype == torch.float16  # the other components load as usual
+
+
+def test_a_folder_without_safetensors_is_a_clear_error(saved, tmp_path):
+    with pytest.raises(ValueError, match="is not a diffusers pipeline folder"):
+        load_stage_only(str(tmp_path), denoiser_attr=None, latent=None, n_stages=2, stage=0, device=torch.device("cpu"))
