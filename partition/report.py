@@ -80,7 +80,8 @@ class PartitionReport:
     broadcast_bytes: int = 0  # what broadcasting every block's output to every other rank would send
     source: str = ""  # where the plan came from: "given", "measured now, saved to PATH", "cached at PATH"
     main_path_depth: int = 0  # stage crossings from the latent to the output (Note [staleness])
-    candidates: tuple[tuple[str, float, int], ...] = ()  # each layout's best plan: (layout, modelled s, depth)
+    # each layout's best plan: (layout, modelled s, main-path depth, predicted drift or None)
+    candidates: tuple[tuple[str, float, int, float | None], ...] = ()
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -102,9 +103,10 @@ class PartitionReport:
             rows.append(f"plan: {self.source}; main-path depth {self.main_path_depth} (the output is "
                         f"{self.main_path_depth} step{'s' if self.main_path_depth != 1 else ''} behind the latent "
                         "after warm-up)")
-        for layout, step, depth in self.candidates:
+        for layout, step, depth, drift in self.candidates:
             rows.append(f"  considered {layout:<10} modelled step {step:.4g} s, speed-up "
-                        f"{self.sequential_s / step if step else 1.0:.2f}x, main-path depth {depth}")
+                        f"{self.sequential_s / step if step else 1.0:.2f}x, main-path depth {depth}"
+                        + (f", predicted drift {drift:.4f}" if drift is not None else ""))
         if self.broadcast_bytes:
             rows.append(f"sent per step: {self.p2p_bytes / 1e6:.3f} MB point to point, "
                         f"{self.p2p_bytes / self.broadcast_bytes:.1%} of the {self.broadcast_bytes / 1e6:.1f} MB "

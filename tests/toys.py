@@ -427,3 +427,22 @@ def stage_only_scenario(path: str, steps: int) -> dict[str, Any]:
     result["after_remove"] = held(pipe.unet)
     result["plain_after_remove"] = latents(pipe)
     return result
+
+
+def fixed_calls(steps: int) -> list[tuple[tuple[torch.Tensor, torch.Tensor], dict[str, Any]]]:
+    """``steps`` calls of :class:`ToyDenoiser` with inputs fixed in advance (not fed back)."""
+    g = torch.Generator().manual_seed(3)
+    return [((torch.randn(1, 4, 8, 8, generator=g), torch.tensor([float(steps - t)])), {"return_dict": False})
+            for t in range(steps)]
+
+
+def fixed_input_engine(layout: str, steps: int, warm_up: int) -> tuple[list[torch.Tensor], Any]:
+    """:func:`fixed_calls` through an engine with one ``layout`` plan on this process group: the
+    outputs and the plan."""
+    from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
+
+    torch.manual_seed(0)
+    config = EngineConfig(model_n=dist.get_world_size(), warm_up=warm_up, cost="flops", layouts=(layout,))
+    engine = AsyncEngine(ToyDenoiser(), config, latent="sample")
+    with torch.no_grad():
+        return [engine(*args, **kwargs)[0] for args, kwargs in fixed_calls(steps)], engine.plan

@@ -7,6 +7,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -84,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--max-slowdown", type=float, default=MAX_SLOWDOWN,
                      help="take the least stale plan within this fraction of the fastest modelled step")
     ins.add_argument("--replan", action="store_true", help="plan anew instead of reading the plan cache")
+    ins.add_argument("--drift", type=int, default=0, metavar="STEPS",
+                     help="run STEPS real steps and predict each plan's drift from stale inputs (loads real weights)")
     ins.add_argument("--prompt", default="a photo of a cat")
     ins.add_argument("--json", dest="json_path", default=None, help="write the report as JSON")
     ins.add_argument("--html", dest="html_path", default=None, help="write the plan as an HTML picture")
@@ -143,8 +146,10 @@ def _inspect(args: argparse.Namespace) -> int:
     from asyncdiff.inspection import load_for_inspection, pipeline_report
     from asyncdiff.models.builders import example_inputs
 
-    pipe = load_for_inspection(args.pipeline, args.size, args.model, on_meta=args.cost == "flops")
+    pipe = load_for_inspection(args.pipeline, args.size, args.model, on_meta=args.cost == "flops" and not args.drift)
     call = {} if args.model else example_inputs(args.pipeline, args.size)
+    if "prompt" in inspect.signature(type(pipe).__call__).parameters:  # not for unconditional pipelines
+        call["prompt"] = args.prompt
     plan = None
     if args.plan:
         from asyncdiff.partition.plan import Plan
@@ -152,9 +157,9 @@ def _inspect(args: argparse.Namespace) -> int:
         with open(args.plan) as f:
             plan = Plan.from_json(f.read())
     _, report = pipeline_report(pipe, stages=args.stages, cost=args.cost, link=args.bandwidth, policy=args.policy,
-                                plan=plan, max_slowdown=args.max_slowdown, replan=args.replan,
+                                plan=plan, max_slowdown=args.max_slowdown, replan=args.replan, drift_steps=args.drift,
                                 name=f"{args.model or args.pipeline} ({args.size if not args.model else 'loaded'})",
-                                prompt=args.prompt, **call)
+                                **call)
     print(report.table())
     if args.json_path:
         with open(args.json_path, "w") as f:

@@ -1,0 +1,94 @@
+"""What a plan's stale inputs cost, measured in one process before any run (Note [predicted drift]).
+
+Note [predicted drift]: the main-path depth (Note [staleness]) counts how old the oldest path to
+the output is, but not how much each stale value matters: a wrapped UNet plan keeps the long
+high-resolution skip connections fresh while its main path is two steps old, and on the trained
+digits model it stayed closer to the sequential images than the contiguous plan whose every input
+is one step old (BENCHMARKS.md). So measure it: record the denoiser's inputs over a few
+sequential steps of a real call, then run each candidate plan's stage programs in one process
+exactly as the engine schedules them after warm-up: a segment reads values of its own stage from
+this step, and values from other stages from the previous step's (simulated) run. The *predicted
+drift* of a plan is the mean relative L2 distance of its outputs from the sequential outputs on
+the same inputs: the error stale inputs add per step, before the scheduler compounds it. It costs
+one split run per recorded step and candidate, and needs the real weights.
+
+Example:
+    >>> import torch
+    >>> from asyncdiff.partition.plan import Plan
+    >>> from asyncdiff.partition.split import split_graph
+    >>> from asyncdiff.partition.trace import trace_denoiser
+    >>> net = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(4)])
+    >>> calls = [((torch.randn(2, 4),), {}) for _ in range(3)]
+    >>> traced = trace_denoiser(net, *calls[0])
+    >>> one = split_graph(traced, Plan(stages=(("0", "1", "2", "3"),)))
+    >>> predicted_drift(traced, one, net, calls)  # a single stage reads nothing stale
+    0.0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from asyncdiff.partition.split import SplitDenoiser
+from asyncdiff.partition.trace import TracedDenoiser
+
+__all__ = ["predicted_drift", "record_calls", "simulate_async"]
+
+
+def simulate_async(split: SplitDenoiser, denoiser: torch.nn.Module, calls: Sequence[list[torch.Tensor]],
+                   warm_up: int = 1) -> list[list[Any]]:
+    """The output leaves of each call as the engine computes them (stride 1), in one process:
+    the first ``warm_up`` calls sequentially, then every cross-stage input one step stale."""
+    stale_inputs = {(t.value, t.dst_segment) for t in split.transfers}
+    previous: dict[str, Any] = {}
+    outputs = []
+    with torch.no_grad():
+        for step, tensors in enumerate(calls):
+            values: dict[str, Any] = {}
+            leaves: tuple[Any, ...] = ()
+            for seg in split.segments:
+                inputs = [previous[v] if step >= warm_up and (v, seg.index) in stale_inputs else values[v]
+                          for v in seg.inputs]
+                outs, seg_leaves = seg.module(denoiser)(*tensors, *inputs)
+                values.update(zip(seg.outputs, outs))
+                if seg.index == split.output_segment:
+                    leaves = seg_leaves
+            previous = values
+            outputs.append(list(leaves))
+    return outputs
+
+
+def predicted_drift(traced: TracedDenoiser, split: SplitDenoiser, denoiser: torch.nn.Module,
+                    calls: Sequence[tuple[tuple[Any, ...], dict[str, Any]]], warm_up: int = 1) -> float:
+    """Note [predicted drift]: mean relative L2 distance of ``split``'s asynchronous outputs from the
+    sequential ones over the recorded ``calls`` after ``warm_up``."""
+    flat = [traced.flatten_call(args, kwargs) for args, kwargs in calls]
+    asynchronous = simulate_async(split, denoiser, flat, warm_up)
+    sequential = simulate_async(split, denoiser, flat, warm_up=len(flat))
+    errors = []
+    for got, want in list(zip(asynchronous, sequential))[warm_up:]:
+        g = torch.cat([t.float().flatten() for t in got if isinstance(t, torch.Tensor)])
+        w = torch.cat([t.float().flatten() for t in want if isinstance(t, torch.Tensor)])
+        errors.append(float((g - w).norm() / w.norm().clamp_min(1e-30)))
+    return sum(errors) / len(errors) if errors else 0.0
+
+
+def record_calls(pipeline: Any, denoiser: str, **call_kwargs: Any) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """Every call ``pipeline(**call_kwargs)`` makes to ``pipeline.<denoiser>``, inputs copied."""
+    module = getattr(pipeline, denoiser)
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def keep(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        calls.append(pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, (args, kwargs)))
+
+    handle = module.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            pipeline(**call_kwargs)
+    finally:
+        handle.remove()
+    return calls

@@ -1,0 +1,50 @@
+"""Note [predicted drift]: the one-process simulation of asynchronous steps is the engine's
+schedule, so the drift it predicts is the drift the engine adds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from toys import ToyDenoiser, fixed_calls, fixed_input_engine
+
+from asyncdiff.engine.launch import launch
+from asyncdiff.partition.auto import auto_plan
+from asyncdiff.partition.drift import predicted_drift, simulate_async
+from asyncdiff.partition.profile import profile_blocks
+from asyncdiff.partition.report import LINKS
+from asyncdiff.partition.split import split_graph
+from asyncdiff.partition.trace import trace_denoiser
+
+STEPS = 5
+
+
+def _split(layout: str, n_stages: int):
+    torch.manual_seed(0)
+    toy = ToyDenoiser()
+    calls = fixed_calls(STEPS)
+    traced = trace_denoiser(toy, *calls[0], latent="sample")
+    plan = auto_plan(traced, profile_blocks(traced, toy, *calls[0], measure_time=False), n_stages, cost="flops",
+                     layouts=(layout,), bandwidth=LINKS["gloo"].planner_bandwidth("flop"))  # as the engine plans
+    return toy, calls, traced, split_graph(traced, plan)
+
+
+@pytest.mark.parametrize("layout, n_stages", [("contiguous", 2), ("contiguous", 3), ("wrapped", 3)])
+def test_simulation_is_what_the_engine_computes(layout, n_stages):
+    toy, calls, traced, split = _split(layout, n_stages)
+    simulated = simulate_async(split, toy, [traced.flatten_call(*c) for c in calls], warm_up=1)
+    engine, plan = launch(fixed_input_engine, n_stages, layout, STEPS, 1)[0]
+    assert plan == split.plan
+    for step, (got, want) in enumerate(zip(engine, simulated)):
+        torch.testing.assert_close(got, want[0], rtol=1e-6, atol=1e-6, msg=f"step {step}")
+    with torch.no_grad():
+        sequential = [toy(*args, **kwargs)[0] for args, kwargs in calls]
+    assert not torch.allclose(simulated[-1][0], sequential[-1])  # stale inputs do change the output
+
+
+def test_predicted_drift_is_zero_at_full_warm_up_and_grows_with_stages():
+    drifts = {}
+    for n_stages in (2, 3):
+        toy, calls, traced, split = _split("contiguous", n_stages)
+        assert predicted_drift(traced, split, toy, calls, warm_up=STEPS) == 0.0
+        drifts[n_stages] = predicted_drift(traced, split, toy, calls)
+    assert 0 < drifts[2] < drifts[3]
