@@ -40,6 +40,7 @@ class Setting:
     refresh_drift: float | None = None
     transfer_dtype: str | None = None
     plan: str = "flops"  # flops (the sweeps above), or in the plans sweep: default, fastest, contiguous, wrapped, mid
+    plan_json: str | None = None  # the plans sweep: the plan itself, made once in the main process
 
 
 def _generate(pipe: Any, steps: int, seeds: int, first_seed: int = 0) -> tuple[torch.Tensor, float]:
@@ -68,7 +69,7 @@ def sweep_worker(settings: list[Setting], steps: int, seeds: int) -> list[tuple[
         async_diff = AsyncDiff(pipe, model_n=model_n, stride=setting.stride, warm_up=setting.warm_up,
                                time_shift=setting.time_shift, refresh_every=setting.refresh_every,
                                refresh_drift=setting.refresh_drift, transfer_dtype=setting.transfer_dtype,
-                               **_plan_options(setting.plan, pipe, model_n))
+                               **_plan_options(setting, pipe, model_n))
         _generate(pipe, 2, 1)  # plan once, outside the timing
         refreshes = 0
         images, seconds = [], 0.0
@@ -83,28 +84,58 @@ def sweep_worker(settings: list[Setting], steps: int, seeds: int) -> list[tuple[
     return results
 
 
-def _plan_options(kind: str, pipe: Any, model_n: int) -> dict[str, Any]:
-    """AsyncDiff's planning options for a plan kind of the plans sweep (plans measured anew)."""
-    if kind == "flops":
-        return {"cost": "flops"}
-    if kind == "mid":  # stage 0: everything up to the mid block; the rest on the last stage
-        from asyncdiff.adapters.capture import capture_denoiser_call
-        from asyncdiff.models.digits import digits_inputs
+def _plan_options(setting: Setting, pipe: Any, model_n: int) -> dict[str, Any]:
+    """AsyncDiff's planning options: FLOP plans for the sweeps, the given plan for the plans sweep."""
+    if setting.plan_json is not None:
         from asyncdiff.partition.plan import Plan
-        from asyncdiff.partition.trace import trace_denoiser
 
-        args, kwargs = capture_denoiser_call(pipe, "unet", num_inference_steps=2, **digits_inputs())
-        blocks = trace_denoiser(pipe.unet, args, kwargs).blocks
-        cut = max(i for i, b in enumerate(blocks) if b.startswith("mid_block")) + 1
-        if model_n != 2:
-            raise ValueError("the mid-block cut is a 2-stage plan")
-        return {"plan": Plan(stages=(blocks[:cut], blocks[cut:]))}
-    options: dict[str, Any] = {"cost": "time", "replan": True}
-    if kind == "fastest":
-        options["max_slowdown"] = 0.0
-    elif kind in ("contiguous", "wrapped"):
-        options["layouts"] = (kind,)
-    return options
+        return {"plan": Plan.from_json(setting.plan_json)}
+    return {"cost": "flops"}
+
+
+def sweep_plans(devices: list[int], steps: int) -> dict[int, list[tuple[str, str, int, dict[int, float], str]]]:
+    """Per device count: (kind, plan JSON, main-path depth, predicted drift per warm-up, layout) of each plan
+    kind, all made from one measured profile of the digits UNet in this process and planned for
+    gloo as the engine would; every worker then runs exactly these plans."""
+    from asyncdiff.adapters.capture import capture_denoiser_call
+    from asyncdiff.inspection import denoiser_outputs, trajectory_drift
+    from asyncdiff.models.digits import build_digits, digits_inputs
+    from asyncdiff.partition.auto import auto_plan, block_values
+    from asyncdiff.partition.drift import AsyncSimulator
+    from asyncdiff.partition.plan import Plan
+    from asyncdiff.partition.planner import main_path_depth
+    from asyncdiff.partition.profile import profile_blocks
+    from asyncdiff.partition.report import LINKS
+    from asyncdiff.partition.split import split_graph
+    from asyncdiff.partition.trace import trace_denoiser
+
+    pipe = build_digits()
+    call = {"output_type": "pt", **digits_inputs()}
+    args, kwargs = capture_denoiser_call(pipe, "unet", **call)
+    traced = trace_denoiser(pipe.unet, args, kwargs)
+    costs = profile_blocks(traced, pipe.unet, args, kwargs, repeats=7)
+    bandwidth = LINKS["gloo"].planner_bandwidth("s")
+    reference = denoiser_outputs(pipe, "unet", None, steps, call)
+    found: dict[int, list[tuple[str, str, int, dict[int, float], str]]] = {}
+    for n in devices:
+        kinds: dict[str, Plan] = {
+            "default": auto_plan(traced, costs, n, bandwidth=bandwidth),
+            "fastest": auto_plan(traced, costs, n, bandwidth=bandwidth, max_slowdown=0.0),
+            "contiguous": auto_plan(traced, costs, n, bandwidth=bandwidth, layouts=("contiguous",)),
+            "wrapped": auto_plan(traced, costs, n, bandwidth=bandwidth, layouts=("wrapped",)),
+        }
+        if n == 2:  # stage 0: everything up to the mid block (as the reference implementation cuts)
+            cut = max(i for i, b in enumerate(traced.blocks) if b.startswith("mid_block")) + 1
+            kinds["mid"] = Plan(stages=(traced.blocks[:cut], traced.blocks[cut:]))
+        found[n] = []
+        for kind, plan in kinds.items():
+            split = split_graph(traced, plan)
+            depth = main_path_depth(block_values(traced), [plan.stage_of(b) for b in traced.blocks])
+            drift = {w: trajectory_drift(pipe, "unet", AsyncSimulator(traced, split, pipe.unet, w), reference, steps,
+                                         call) for w in (1, 2)}
+            layout = "wrapped" if plan.stage_of(traced.blocks[-1]) == 0 else "contiguous"
+            found[n].append((kind, plan.to_json(), depth, drift, layout))
+    return found
 
 
 def _depth(async_diff: Any) -> int:
@@ -148,25 +179,33 @@ def main() -> None:
         plans[2] += [Setting(1, 1, False, None, d) for d in (0.02, 0.05, 0.1)]
     if args.sweep == "transfer":
         plans = {2: [Setting(1, 1, transfer_dtype=wire) for wire in (None, "bfloat16", "float16", "float8")]}
+    predicted: dict[tuple[int, int, str], float] = {}
+    layouts: dict[tuple[int, str], str] = {}
     if args.sweep == "plans":
-        kinds = ("default", "fastest", "contiguous", "wrapped")
-        plans = {n: [Setting(1, w, plan=k) for w in (1, 2) for k in kinds + (("mid",) if n == 2 else ())]
-                 for n in devices if n <= 3}
+        made = sweep_plans([n for n in devices if n <= 3], args.steps)
+        plans = {n: [Setting(1, w, plan=kind, plan_json=text) for w in (1, 2) for kind, text, _, _, _ in made[n]]
+                 for n in made}
+        predicted = {(n, w, kind): drift[w] for n in made for kind, _, _, drift, _ in made[n] for w in drift}
+        layouts = {(n, kind): layout for n in made for kind, _, _, _, layout in made[n]}
     for n, settings in plans.items():
         for setting, images, seconds, refreshes, depth in launch(sweep_worker, n, settings, args.steps,
                                                                  args.seeds)[0]:
             rows.append({"devices": n, **asdict(setting), "refreshes": refreshes, "seconds": seconds, "depth": depth,
+                         "predicted_drift": predicted.get((n, setting.warm_up, setting.plan)),
+                         "layout": layouts.get((n, setting.plan), "contiguous"),
                          **digit_metrics(images), **deviation(images, reference)})
             row = rows[-1]
             print(f"N={n} {setting} depth {depth}: confidence {row['confidence']:.3f} classes {row['classes']} "
                   f"frechet {row['frechet']:.2f} psnr {row['psnr']:.1f} dB max_abs {row['max_abs']:.3f} "
                   f"{seconds:.2f} s", flush=True)
     if args.sweep == "plans":
-        print("\n| devices | warm-up | plan | main-path depth | confidence | Fréchet | PSNR dB | max abs | seconds |")
-        print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+        print("\n| devices | warm-up | plan | layout | main-path depth | predicted drift | confidence | Fréchet | PSNR dB "
+              "| max abs | seconds |")
+        print("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows[1:]:
-            print(f"| {r['devices']} | {r['warm_up']} | {r['plan']} | {r['depth']} | {r['confidence']:.3f} | "
-                  f"{r['frechet']:.2f} | {r['psnr']:.1f} | {r['max_abs']:.3f} | {r['seconds']:.2f} |")
+            print(f"| {r['devices']} | {r['warm_up']} | {r['plan']} | {r['layout']} | {r['depth']} | "
+                  f"{r['predicted_drift']:.4f} | {r['confidence']:.3f} | {r['frechet']:.2f} | {r['psnr']:.1f} | "
+                  f"{r['max_abs']:.3f} | {r['seconds']:.2f} |")
     print("\n| devices | stride | warm-up | time shift | refresh | transfer | confidence | classes | Fréchet | PSNR dB "
           "| max abs | seconds |")
     print("|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|")

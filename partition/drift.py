@@ -36,30 +36,46 @@ import torch.utils._pytree as pytree
 from asyncdiff.partition.split import SplitDenoiser
 from asyncdiff.partition.trace import TracedDenoiser
 
-__all__ = ["predicted_drift", "record_calls", "simulate_async"]
+__all__ = ["AsyncSimulator", "predicted_drift", "record_calls", "simulate_async"]
+
+
+class AsyncSimulator:
+    """The engine's schedule (stride 1) for one split, run in one process: call it as the denoiser.
+    The first ``warm_up`` calls run sequentially; after that every value a segment receives from
+    another stage is the one computed at the previous call (Note [stale inputs])."""
+
+    def __init__(self, traced: TracedDenoiser, split: SplitDenoiser, denoiser: torch.nn.Module,
+                 warm_up: int = 1) -> None:
+        self.traced, self.split, self.denoiser, self.warm_up = traced, split, denoiser, warm_up
+        self.stale_inputs = {(t.value, t.dst_segment) for t in split.transfers}
+        self.modules = [seg.module(denoiser) for seg in split.segments]
+        self.previous: dict[str, Any] = {}
+        self.step = 0
+
+    def leaves(self, tensors: list[torch.Tensor]) -> list[Any]:
+        """One step on flat call tensors: the output leaves."""
+        values: dict[str, Any] = {}
+        leaves: tuple[Any, ...] = ()
+        with torch.no_grad():
+            for seg, module in zip(self.split.segments, self.modules):
+                inputs = [self.previous[v] if self.step >= self.warm_up and (v, seg.index) in self.stale_inputs
+                          else values[v] for v in seg.inputs]
+                outs, seg_leaves = module(*tensors, *inputs)
+                values.update(zip(seg.outputs, outs))
+                if seg.index == self.split.output_segment:
+                    leaves = seg_leaves
+        self.previous, self.step = values, self.step + 1
+        return list(leaves)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.traced.unflatten_output(self.leaves(self.traced.flatten_call(args, kwargs)))
 
 
 def simulate_async(split: SplitDenoiser, denoiser: torch.nn.Module, calls: Sequence[list[torch.Tensor]],
-                   warm_up: int = 1) -> list[list[Any]]:
-    """The output leaves of each call as the engine computes them (stride 1), in one process:
-    the first ``warm_up`` calls sequentially, then every cross-stage input one step stale."""
-    stale_inputs = {(t.value, t.dst_segment) for t in split.transfers}
-    previous: dict[str, Any] = {}
-    outputs = []
-    with torch.no_grad():
-        for step, tensors in enumerate(calls):
-            values: dict[str, Any] = {}
-            leaves: tuple[Any, ...] = ()
-            for seg in split.segments:
-                inputs = [previous[v] if step >= warm_up and (v, seg.index) in stale_inputs else values[v]
-                          for v in seg.inputs]
-                outs, seg_leaves = seg.module(denoiser)(*tensors, *inputs)
-                values.update(zip(seg.outputs, outs))
-                if seg.index == split.output_segment:
-                    leaves = seg_leaves
-            previous = values
-            outputs.append(list(leaves))
-    return outputs
+                   warm_up: int = 1, traced: TracedDenoiser | None = None) -> list[list[Any]]:
+    """The output leaves of each of ``calls`` (flat call tensors) under :class:`AsyncSimulator`."""
+    simulator = AsyncSimulator(traced, split, denoiser, warm_up)  # type: ignore[arg-type]
+    return [simulator.leaves(tensors) for tensors in calls]
 
 
 def predicted_drift(traced: TracedDenoiser, split: SplitDenoiser, denoiser: torch.nn.Module,
@@ -67,8 +83,8 @@ def predicted_drift(traced: TracedDenoiser, split: SplitDenoiser, denoiser: torc
     """Note [predicted drift]: mean relative L2 distance of ``split``'s asynchronous outputs from the
     sequential ones over the recorded ``calls`` after ``warm_up``."""
     flat = [traced.flatten_call(args, kwargs) for args, kwargs in calls]
-    asynchronous = simulate_async(split, denoiser, flat, warm_up)
-    sequential = simulate_async(split, denoiser, flat, warm_up=len(flat))
+    asynchronous = simulate_async(split, denoiser, flat, warm_up, traced)
+    sequential = simulate_async(split, denoiser, flat, len(flat), traced)
     errors = []
     for got, want in list(zip(asynchronous, sequential))[warm_up:]:
         g = torch.cat([t.float().flatten() for t in got if isinstance(t, torch.Tensor)])

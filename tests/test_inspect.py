@@ -66,3 +66,21 @@ def test_pipeline_that_cannot_run_on_meta_gets_a_clear_error(capsys):
 def test_wan_inspects_with_real_weights(capsys):
     assert main(["inspect", "--pipeline", "wan", "--size", "tiny", "--stages", "2", "--cost", "time"]) == 0
     assert "imbalance (max/mean stage cost)" in capsys.readouterr().out
+
+
+def test_inspect_lists_every_layout_with_depth_and_predicted_drift(tmp_path, capsys, monkeypatch):
+    """Note [staleness] and Note [predicted drift]: each layout's best plan with its main-path depth
+    and the deviation a simulated asynchronous run adds; the plan source on the first and second run."""
+    monkeypatch.setenv("ASYNCDIFF_PLAN_CACHE", str(tmp_path))
+    command = ["inspect", "--pipeline", "digits", "--stages", "2", "--cost", "time", "--bandwidth", "gloo",
+               "--drift", "4"]
+    assert main(command) == 0
+    first = capsys.readouterr().out
+    considered = [line for line in first.splitlines() if line.strip().startswith("considered")]
+    assert [line.split()[1] for line in considered] == ["contiguous", "wrapped"]
+    depths = [int(line.split("main-path depth ")[1].split(",")[0]) for line in considered]
+    drifts = [float(line.split("predicted drift ")[1]) for line in considered]
+    assert depths == [1, 2] and all(d > 0 for d in drifts)
+    assert "plan: measured now, saved to" in first
+    assert main(command[:-2]) == 0  # same call and options: the cached plan
+    assert f"plan: cached at {tmp_path}" in capsys.readouterr().out

@@ -11,36 +11,38 @@ Example (a new architecture, no adapter needed):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
 from asyncdiff.partition.auto import block_values, plan_candidates
 from asyncdiff.partition.blocks import BlockPolicy
 from asyncdiff.partition.cache import cached_plan, device_kind
-from asyncdiff.partition.drift import predicted_drift, record_calls
+from asyncdiff.partition.drift import AsyncSimulator
 from asyncdiff.partition.planner import LAYOUTS, MAX_SLOWDOWN, main_path_depth
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.profile import profile_blocks
 from asyncdiff.partition.report import LINKS, PartitionReport, build_report
-from asyncdiff.partition.split import split_graph
-from asyncdiff.partition.trace import call_signature, trace_denoiser
+from asyncdiff.partition.split import SplitDenoiser, split_graph
+from asyncdiff.partition.trace import TracedDenoiser, trace_denoiser
 
-__all__ = ["load_for_inspection", "partition_report", "pipeline_report"]
+__all__ = ["denoiser_outputs", "load_for_inspection", "partition_report", "pipeline_report", "trajectory_drift"]
 
 
 def partition_report(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, stages: int,
                      cost: str = "flops", link: str = "gloo", policy: str | BlockPolicy = "fine",
                      latent: str | None = None, plan: Plan | None = None, name: str | None = None,
                      layouts: tuple[str, ...] = LAYOUTS, max_slowdown: float = MAX_SLOWDOWN, replan: bool = False,
-                     calls: list[tuple[tuple[Any, ...], dict[str, Any]]] | None = None,
+                     drift: Callable[[TracedDenoiser, SplitDenoiser], float] | None = None,
                      ) -> tuple[Plan, PartitionReport]:
     """Trace ``denoiser(*args, **kwargs)``, profile its blocks, plan ``stages`` stages (or use
     ``plan``) and report, with every layout's best plan and its staleness (Note [staleness]).
     ``cost="flops"`` works on ``meta`` tensors (no weights needed). Plans come from the plan cache
     where it has one for this call and options (Note [plan cache]; ``replan=True``: plan anew).
-    ``calls``: the denoiser's calls over consecutive steps of a real run (same signature): each
-    considered plan then gets its predicted drift (Note [predicted drift]; needs real weights)."""
+    ``drift``: gives each considered plan's predicted drift (Note [predicted drift]), e.g. from
+    :func:`trajectory_drift`."""
     if link not in LINKS:
         raise ValueError(f"link={link!r} is not a preset; use one of {sorted(LINKS)}")
     on_meta = any(isinstance(t, torch.Tensor) and t.is_meta for t in (*denoiser.parameters(), *args))
@@ -62,12 +64,12 @@ def partition_report(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: d
     depth = main_path_depth(values, [plan.stage_of(b) for b in traced.blocks])
     considered = []
     for c in plan_candidates(traced, costs, stages, cost=cost, bandwidth=bandwidth, layouts=layouts):
-        drift = None
-        if calls:
+        predicted = None
+        if drift is not None:
             candidate = Plan(stages=tuple(tuple(b for b, s in zip(traced.blocks, c.assignment) if s == k)
                                           for k in range(stages)))
-            drift = predicted_drift(traced, split_graph(traced, candidate), denoiser, calls)
-        considered.append((c.layout, LINKS[link].seconds(c.step, unit), c.depth, drift))
+            predicted = drift(traced, split_graph(traced, candidate))
+        considered.append((c.layout, LINKS[link].seconds(c.step, unit), c.depth, predicted))
     return plan, dataclasses.replace(report, source=source, main_path_depth=depth, candidates=tuple(considered))
 
 
@@ -76,23 +78,69 @@ def pipeline_report(pipeline: Any, *, stages: int, cost: str = "flops", link: st
                     max_slowdown: float = MAX_SLOWDOWN, replan: bool = False, drift_steps: int = 0,
                     **call_kwargs: Any) -> tuple[Plan, PartitionReport]:
     """:func:`partition_report` for a diffusers pipeline's denoiser, called as the pipeline calls it.
-    ``drift_steps``: record a real run of that many steps and give each considered plan its
-    predicted drift (Note [predicted drift]; needs real weights)."""
+    ``drift_steps``: give each considered plan its predicted drift over a run of that many steps
+    with warm-up 1 (:func:`trajectory_drift`; needs real weights)."""
     from asyncdiff.adapters.capture import capture_denoiser_call
     from asyncdiff.adapters.registry import adapter_for
 
     adapter = adapter_for(pipeline)
     args, kwargs = capture_denoiser_call(pipeline, adapter.denoiser, **call_kwargs)
     denoiser = getattr(pipeline, adapter.denoiser)
-    calls = None
+    drift = None
     if drift_steps:
-        calls = record_calls(pipeline, adapter.denoiser, **{**call_kwargs, "num_inference_steps": drift_steps})
-        if any(call_signature(denoiser, *c)[0] != call_signature(denoiser, args, kwargs)[0] for c in calls):
-            raise ValueError(f"{type(pipeline).__name__} calls its denoiser with more than one signature per run "
-                             "(guidance as two calls?); predicted drift needs one call per step: drop --drift")
+        reference = denoiser_outputs(pipeline, adapter.denoiser, None, drift_steps, call_kwargs)
+
+        def drift(traced: TracedDenoiser, split: SplitDenoiser) -> float:
+            return trajectory_drift(pipeline, adapter.denoiser, AsyncSimulator(traced, split, denoiser), reference,
+                                    drift_steps, call_kwargs)
     return partition_report(denoiser, args, kwargs, stages=stages, cost=cost, link=link, policy=policy,
                             latent=adapter.latent, name=name or adapter.name, plan=plan,
-                            max_slowdown=max_slowdown, replan=replan, calls=calls)
+                            max_slowdown=max_slowdown, replan=replan, drift=drift)
+
+
+def trajectory_drift(pipeline: Any, attr: str, simulator: AsyncSimulator, reference: list[torch.Tensor], steps: int,
+                     call_kwargs: dict[str, Any]) -> float:
+    """Note [predicted drift]: run the pipeline with its denoiser's outputs replaced by
+    ``simulator``'s (the engine's asynchronous schedule, in this process) and give the mean
+    relative distance of those outputs from the sequential run's ``reference`` outputs, step by
+    step after warm-up. The trajectories share seed and inputs, so this is the deviation the
+    engine would add on this call."""
+    outputs = denoiser_outputs(pipeline, attr, simulator, steps, call_kwargs)
+    if len(outputs) != len(reference):
+        raise ValueError(f"the simulated run called the denoiser {len(outputs)} times, the sequential one "
+                         f"{len(reference)}; predicted drift needs the same calls")
+    errors = [float((o - r).norm() / r.norm().clamp_min(1e-30))
+              for o, r in list(zip(outputs, reference))[simulator.warm_up:]]
+    return sum(errors) / len(errors) if errors else 0.0
+
+
+def denoiser_outputs(pipeline: Any, attr: str, simulator: AsyncSimulator | None, steps: int,
+                      call_kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The denoiser's first output tensor at every call of one seeded run (replaced by ``simulator``'s)."""
+    import inspect
+
+    outputs: list[torch.Tensor] = []
+
+    def hook(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        if simulator is not None:
+            try:
+                output = simulator(*args, **kwargs)
+            except ValueError as err:  # a call with another signature: a second call per step
+                raise ValueError(f"{type(pipeline).__name__} calls its denoiser with more than one signature per "
+                                 f"run (guidance as two calls?); predicted drift needs one call per step ({err})") from err
+        outputs.append(next(t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)).detach().float().clone())
+        return output
+
+    kwargs = {**call_kwargs, "num_inference_steps": steps}
+    if "generator" in inspect.signature(type(pipeline).__call__).parameters:
+        kwargs["generator"] = torch.Generator().manual_seed(0)
+    handle = getattr(pipeline, attr).register_forward_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            pipeline(**kwargs)
+    finally:
+        handle.remove()
+    return outputs
 
 
 def load_for_inspection(pipeline: str, size: str, model: str | None, *, on_meta: bool) -> Any:
