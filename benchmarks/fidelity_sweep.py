@@ -98,7 +98,7 @@ def sweep_plans(devices: list[int], steps: int) -> dict[int, list[tuple[str, str
     kind, all made from one measured profile of the digits UNet in this process and planned for
     gloo as the engine would; every worker then runs exactly these plans."""
     from asyncdiff.adapters.capture import capture_denoiser_call
-    from asyncdiff.inspection import denoiser_outputs, trajectory_drift
+    from asyncdiff.inspection import final_latents
     from asyncdiff.models.digits import build_digits, digits_inputs
     from asyncdiff.partition.auto import auto_plan, block_values
     from asyncdiff.partition.drift import AsyncSimulator
@@ -115,7 +115,7 @@ def sweep_plans(devices: list[int], steps: int) -> dict[int, list[tuple[str, str
     traced = trace_denoiser(pipe.unet, args, kwargs)
     costs = profile_blocks(traced, pipe.unet, args, kwargs, repeats=7)
     bandwidth = LINKS["gloo"].planner_bandwidth("s")
-    reference = denoiser_outputs(pipe, "unet", None, steps, call)
+    reference = final_latents(pipe, "unet", None, steps, call)
     found: dict[int, list[tuple[str, str, int, dict[int, float], str]]] = {}
     for n in devices:
         kinds: dict[str, Plan] = {
@@ -131,8 +131,8 @@ def sweep_plans(devices: list[int], steps: int) -> dict[int, list[tuple[str, str
         for kind, plan in kinds.items():
             split = split_graph(traced, plan)
             depth = main_path_depth(block_values(traced), [plan.stage_of(b) for b in traced.blocks])
-            drift = {w: trajectory_drift(pipe, "unet", AsyncSimulator(traced, split, pipe.unet, w), reference, steps,
-                                         call) for w in (1, 2)}
+            drift = {w: float((final_latents(pipe, "unet", AsyncSimulator(traced, split, pipe.unet, w), steps, call)
+                               - reference).norm() / reference.norm()) for w in (1, 2)}
             layout = "wrapped" if plan.stage_of(traced.blocks[-1]) == 0 else "contiguous"
             found[n].append((kind, plan.to_json(), depth, drift, layout))
     return found

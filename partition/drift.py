@@ -1,16 +1,18 @@
 """What a plan's stale inputs cost, measured in one process before any run (Note [predicted drift]).
 
 Note [predicted drift]: the main-path depth (Note [staleness]) counts how old the oldest path to
-the output is, but not how much each stale value matters: a wrapped UNet plan keeps the long
-high-resolution skip connections fresh while its main path is two steps old, and on the trained
-digits model it stayed closer to the sequential images than the contiguous plan whose every input
-is one step old (BENCHMARKS.md). So measure it: record the denoiser's inputs over a few
-sequential steps of a real call, then run each candidate plan's stage programs in one process
-exactly as the engine schedules them after warm-up: a segment reads values of its own stage from
-this step, and values from other stages from the previous step's (simulated) run. The *predicted
-drift* of a plan is the mean relative L2 distance of its outputs from the sequential outputs on
-the same inputs: the error stale inputs add per step, before the scheduler compounds it. It costs
-one split run per recorded step and candidate, and needs the real weights.
+the output is, not how much each stale value matters: a wrapped UNet plan keeps the long
+high-resolution skip connections fresh while its main path is two steps old. So measure it: run
+a candidate plan's stage programs in one process exactly as the engine schedules them
+(:class:`AsyncSimulator`: a segment reads values of its own stage from this step and values
+from other stages from the previous step's run; equal to the engine's outputs, tests/test_drift.py).
+Two measures are built on it. ``predicted_drift`` feeds recorded sequential inputs and averages
+the relative distance of the denoiser's outputs per step: cheap, but it ignores how errors
+compound through the scheduler, and on the trained digits model it ranked plans opposite to
+their image fidelity (BENCHMARKS.md). ``asyncdiff.inspection.final_latents`` runs the whole
+pipeline with the simulator standing in for the denoiser: the final latents are the engine's
+for that call and seed, so their distance from the sequential run's is the deviation the plan
+will add, at the cost of one sequential run per candidate (needs the real weights).
 
 Example:
     >>> import torch

@@ -28,7 +28,7 @@ from asyncdiff.partition.report import LINKS, PartitionReport, build_report
 from asyncdiff.partition.split import SplitDenoiser, split_graph
 from asyncdiff.partition.trace import TracedDenoiser, trace_denoiser
 
-__all__ = ["denoiser_outputs", "load_for_inspection", "partition_report", "pipeline_report", "trajectory_drift"]
+__all__ = ["final_latents", "load_for_inspection", "partition_report", "pipeline_report"]
 
 
 def partition_report(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, stages: int,
@@ -41,8 +41,7 @@ def partition_report(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: d
     ``plan``) and report, with every layout's best plan and its staleness (Note [staleness]).
     ``cost="flops"`` works on ``meta`` tensors (no weights needed). Plans come from the plan cache
     where it has one for this call and options (Note [plan cache]; ``replan=True``: plan anew).
-    ``drift``: gives each considered plan's predicted drift (Note [predicted drift]), e.g. from
-    :func:`trajectory_drift`."""
+    ``drift``: gives each considered plan's predicted drift (Note [predicted drift])."""
     if link not in LINKS:
         raise ValueError(f"link={link!r} is not a preset; use one of {sorted(LINKS)}")
     on_meta = any(isinstance(t, torch.Tensor) and t.is_meta for t in (*denoiser.parameters(), *args))
@@ -78,8 +77,9 @@ def pipeline_report(pipeline: Any, *, stages: int, cost: str = "flops", link: st
                     max_slowdown: float = MAX_SLOWDOWN, replan: bool = False, drift_steps: int = 0,
                     **call_kwargs: Any) -> tuple[Plan, PartitionReport]:
     """:func:`partition_report` for a diffusers pipeline's denoiser, called as the pipeline calls it.
-    ``drift_steps``: give each considered plan its predicted drift over a run of that many steps
-    with warm-up 1 (:func:`trajectory_drift`; needs real weights)."""
+    ``drift_steps``: give each considered plan its predicted drift: the relative distance of the
+    final latents of a run of that many steps (warm-up 1) under the engine's schedule, simulated
+    in this process (:func:`final_latents`), from the sequential run's (needs real weights)."""
     from asyncdiff.adapters.capture import capture_denoiser_call
     from asyncdiff.adapters.registry import adapter_for
 
@@ -88,59 +88,56 @@ def pipeline_report(pipeline: Any, *, stages: int, cost: str = "flops", link: st
     denoiser = getattr(pipeline, adapter.denoiser)
     drift = None
     if drift_steps:
-        reference = denoiser_outputs(pipeline, adapter.denoiser, None, drift_steps, call_kwargs)
+        reference = final_latents(pipeline, adapter.denoiser, None, drift_steps, call_kwargs)
 
         def drift(traced: TracedDenoiser, split: SplitDenoiser) -> float:
-            return trajectory_drift(pipeline, adapter.denoiser, AsyncSimulator(traced, split, denoiser), reference,
-                                    drift_steps, call_kwargs)
+            simulated = final_latents(pipeline, adapter.denoiser, AsyncSimulator(traced, split, denoiser),
+                                      drift_steps, call_kwargs)
+            return float((simulated - reference).norm() / reference.norm().clamp_min(1e-30))
     return partition_report(denoiser, args, kwargs, stages=stages, cost=cost, link=link, policy=policy,
                             latent=adapter.latent, name=name or adapter.name, plan=plan,
                             max_slowdown=max_slowdown, replan=replan, drift=drift)
 
 
-def trajectory_drift(pipeline: Any, attr: str, simulator: AsyncSimulator, reference: list[torch.Tensor], steps: int,
-                     call_kwargs: dict[str, Any]) -> float:
-    """Note [predicted drift]: run the pipeline with its denoiser's outputs replaced by
-    ``simulator``'s (the engine's asynchronous schedule, in this process) and give the mean
-    relative distance of those outputs from the sequential run's ``reference`` outputs, step by
-    step after warm-up. The trajectories share seed and inputs, so this is the deviation the
-    engine would add on this call."""
-    outputs = denoiser_outputs(pipeline, attr, simulator, steps, call_kwargs)
-    if len(outputs) != len(reference):
-        raise ValueError(f"the simulated run called the denoiser {len(outputs)} times, the sequential one "
-                         f"{len(reference)}; predicted drift needs the same calls")
-    errors = [float((o - r).norm() / r.norm().clamp_min(1e-30))
-              for o, r in list(zip(outputs, reference))[simulator.warm_up:]]
-    return sum(errors) / len(errors) if errors else 0.0
-
-
-def denoiser_outputs(pipeline: Any, attr: str, simulator: AsyncSimulator | None, steps: int,
-                      call_kwargs: dict[str, Any]) -> list[torch.Tensor]:
-    """The denoiser's first output tensor at every call of one seeded run (replaced by ``simulator``'s)."""
+def final_latents(pipeline: Any, attr: str, simulator: AsyncSimulator | None, steps: int,
+                  call_kwargs: dict[str, Any]) -> torch.Tensor:
+    """The latents after the last scheduler step of one seeded run of ``pipeline``, with the
+    denoiser's outputs replaced by ``simulator``'s where given (Note [predicted drift]: the
+    engine's asynchronous schedule in this process; the run is exactly the engine's)."""
     import inspect
 
-    outputs: list[torch.Tensor] = []
-
     def hook(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-        if simulator is not None:
-            try:
-                output = simulator(*args, **kwargs)
-            except ValueError as err:  # a call with another signature: a second call per step
-                raise ValueError(f"{type(pipeline).__name__} calls its denoiser with more than one signature per "
-                                 f"run (guidance as two calls?); predicted drift needs one call per step ({err})") from err
-        outputs.append(next(t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)).detach().float().clone())
-        return output
+        if simulator is None:
+            return output
+        try:
+            return simulator(*args, **kwargs)
+        except ValueError as err:  # a call with another signature: a second call per step
+            raise ValueError(f"{type(pipeline).__name__} calls its denoiser with more than one signature per run "
+                             f"(guidance as two calls?); predicted drift needs one call per step ({err})") from err
+
+    scheduler = pipeline.scheduler
+    original = scheduler.step
+    last: list[torch.Tensor] = []
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        last[:] = [next(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)).detach().float().clone()]
+        return out
 
     kwargs = {**call_kwargs, "num_inference_steps": steps}
     if "generator" in inspect.signature(type(pipeline).__call__).parameters:
         kwargs["generator"] = torch.Generator().manual_seed(0)
     handle = getattr(pipeline, attr).register_forward_hook(hook, with_kwargs=True)
+    scheduler.step = step
     try:
         with torch.no_grad():
             pipeline(**kwargs)
     finally:
         handle.remove()
-    return outputs
+        del scheduler.step  # the class's method shows through again
+    if not last:
+        raise ValueError(f"{type(pipeline).__name__} made no scheduler step; predicted drift needs one")
+    return last[0]
 
 
 def load_for_inspection(pipeline: str, size: str, model: str | None, *, on_meta: bool) -> Any:
