@@ -15,8 +15,9 @@ cut short still leaves what it measured):
 4. ``compile``: the stage programs of a 2-stage SD 1.5 plan under ``torch.compile`` (default
    and ``reduce-overhead``, i.e. CUDA graphs): does a stage compile, is it the same, what it gains.
 5. ``memory``: per stage of 2-stage SDXL and Flux plans, the weights a rank keeps and the peak
-   CUDA memory of running that stage alone. There is no stage-only loader yet, so a rank still
-   loads the whole model first (peak = full model until it exists).
+   CUDA memory of running that stage alone; ``loading``: a saved full-size SD 1.5 pipeline loaded
+   by the stage-only loader (Note [stage-only loading]) for each stage of 2, against loading the
+   whole pipeline: the denoiser bytes each holds and the peak CUDA memory of the load.
 
 Without CUDA the same sections run in a reduced form (``tiny`` sizes, float32, CPU, the
 ``aot_eager`` compile backend, no pytest) so that CI keeps the script working. Sections are
@@ -481,13 +482,57 @@ def table(results: dict[str, Any]) -> str:
         peak = f", peak running alone {row['stage_peak_gb']:.2f} GB" if "stage_peak_gb" in row else ""
         lines.append(f"memory   {row['model']} stage {row['stage']} keeps {row['weights_gb']:.3f} of "
                      f"{row['model_weights_gb']:.3f} GB weights{peak}")
+    for row in results.get("loading", []):
+        peak = f", peak CUDA memory of the load {row['peak_gb']:.2f} GB" if "peak_gb" in row else ""
+        lines.append(f"loading  {row['model']} {row['load']:<12} denoiser {row['denoiser_gb']:.3f} GB held{peak} "
+                     f"({row['seconds']:.1f} s)")
     for section, error in results.get("errors", {}).items():
         lines.append(f"ERROR    {section}: {error}")
     return "\n".join(lines)
 
 
+def run_loading(ctx: Context) -> list[dict[str, Any]]:
+    """A saved SD 1.5 pipeline loaded whole and stage-only (2 stages): denoiser bytes held, peak memory."""
+    import tempfile
+
+    from diffusers import DiffusionPipeline
+
+    from asyncdiff.adapters.loading import load_stage_only
+    from asyncdiff.models.sd import build_sd15
+
+    dtype = torch.float16 if ctx.device == "cuda" else torch.float32
+    device = torch.device(ctx.device)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        build_sd15("full" if ctx.full else "tiny", 0, dtype=dtype).save_pretrained(folder)
+        saved_s = time.perf_counter() - start
+        for stage in (None, 0, 1):
+            _free(ctx.device)
+            base = torch.cuda.memory_allocated() if ctx.device == "cuda" else 0
+            if ctx.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            if stage is None:
+                pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
+            else:
+                pipe = load_stage_only(folder, denoiser_attr=None, latent="sample", n_stages=2, stage=stage,
+                                       device=device, torch_dtype=dtype).pipeline
+            row: dict[str, Any] = {"model": "sd15", "load": "whole" if stage is None else f"stage {stage} of 2",
+                                   "seconds": time.perf_counter() - start, "build_and_save_s": saved_s,
+                                   "denoiser_gb": sum(t.numel() * t.element_size() for t in
+                                                      (*pipe.unet.parameters(), *pipe.unet.buffers())) / 1e9}
+            if ctx.device == "cuda":
+                torch.cuda.synchronize()
+                row["peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 1e9
+            rows.append(row)
+            pipe = None  # free before the next load
+    return rows
+
+
 SECTIONS: dict[str, Callable[[Context], list[dict[str, Any]]]] = {
-    "tests": run_tests, "overhead": run_overhead, "profile": run_profile, "compile": run_compile}
+    "tests": run_tests, "overhead": run_overhead, "profile": run_profile, "compile": run_compile,
+    "loading": run_loading}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -402,12 +402,17 @@ class AsyncEngine:
         return compiled.traced.unflatten_output(
             [next(received) if isinstance(x, torch.fx.Node) else x for x in template])
 
+    def drain(self) -> None:
+        """Wait for the transfers still in flight (the last step's sends): before the process
+        group goes away, or a new call starts."""
+        for state in self.branches:
+            state.drain()
+
     def reset_state(self, warm_up: int | None = None) -> None:
         """Start a new pipeline call (optionally with a new ``warm_up``); drains pending transfers."""
         if warm_up is not None:
             self.schedule = self.config.schedule(_check_warm_up(warm_up))
-        for state in self.branches:
-            state.drain()
+        self.drain()
         self.branches = [StageState()]
         self.step, self.branch, self.seconds = 0, 0, []
         self._calls += 1

@@ -9,7 +9,7 @@ from benchmarks.gpu_check import main, table
 
 def test_gpu_check_runs_its_reduced_form_on_cpu(tmp_path, capsys):
     results = main(["--out", str(tmp_path), "--models", "sd15,flux", "--rounds", "1",
-                    "--sections", "tests,overhead,profile,compile"])
+                    "--sections", "tests,overhead,profile,compile,loading"])
     assert results["errors"] == {}
     assert json.loads((tmp_path / "gpu_check.json").read_text())["overhead"] == results["overhead"]
     assert results["tests"][0]["status"].startswith("skipped: no CUDA")
@@ -30,4 +30,7 @@ def test_gpu_check_runs_its_reduced_form_on_cpu(tmp_path, capsys):
     (first, second) = [r for r in results["memory"] if r["model"] == "flux"]
     assert 0 < first["weights_gb"] < first["model_weights_gb"] and 0 < second["weights_gb"] < first["model_weights_gb"]
     assert first["weights_gb"] + second["weights_gb"] >= first["model_weights_gb"]
+    # the stage-only loader: each of 2 stages holds part of the denoiser the whole load holds
+    whole, first, second = (r["denoiser_gb"] for r in results["loading"])
+    assert 0 < first < whole and 0 < second < whole and first + second >= whole
     assert "overhead sd15" in table(results) and "compile  sd15 stage 1" in capsys.readouterr().out

@@ -245,6 +245,8 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
     with torch.no_grad():
         output = pipe(**_call_kwargs(spec, pipe, final))
     plan_s = async_diff.engine.compile_seconds if async_diff is not None else 0.0
+    if async_diff is not None:
+        async_diff.engine.drain()  # no transfer may outlive the process group
     memory = memory_per_rank(denoiser)
     result: dict[str, Any] = {
         "pipeline": spec.pipeline, "size": spec.size, "devices": spec.devices, "stride": spec.stride,
@@ -293,7 +295,10 @@ def run(spec: GenerateSpec) -> dict[str, Any]:
 
     if under_torchrun():
         init_from_env()
-        return worker(spec)
+        result = worker(spec)
+        dist.barrier()  # the group this call joined: leave it together, not at interpreter exit
+        dist.destroy_process_group()
+        return result
     if spec.devices == 1:
         torch.set_num_threads(spec.threads_per_device)
         return worker(spec)
