@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
 from asyncdiff.engine.launch import launch
+from asyncdiff.engine.runtime import stages_for
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def sweep_worker(settings: list[Setting], steps: int, seeds: int) -> list[tuple[
     pipe = build_digits()
     results = []
     for setting in settings:
-        model_n = dist.get_world_size() - setting.stride + 1
+        model_n = stages_for(dist.get_world_size(), setting.stride)
         async_diff = AsyncDiff(pipe, model_n=model_n, stride=setting.stride, warm_up=setting.warm_up,
                                time_shift=setting.time_shift, refresh_every=setting.refresh_every,
                                refresh_drift=setting.refresh_drift, transfer_dtype=setting.transfer_dtype,
@@ -98,8 +98,6 @@ def sweep_plans(devices: list[int], steps: int) -> dict[int, list[tuple[str, str
     kind, all made from one measured profile of the digits UNet in this process and planned for
     gloo as the engine would; every worker then runs exactly these plans."""
     from asyncdiff.adapters.capture import capture_denoiser_call
-    from asyncdiff.inspection import final_latents
-    from asyncdiff.models.digits import build_digits, digits_inputs
     from asyncdiff.partition.auto import auto_plan, block_values
     from asyncdiff.partition.drift import AsyncSimulator
     from asyncdiff.partition.plan import Plan
@@ -108,6 +106,9 @@ def sweep_plans(devices: list[int], steps: int) -> dict[int, list[tuple[str, str
     from asyncdiff.partition.report import LINKS
     from asyncdiff.partition.split import split_graph
     from asyncdiff.partition.trace import trace_denoiser
+
+    from asyncdiff.inspection import final_latents
+    from asyncdiff.models.digits import build_digits, digits_inputs
 
     pipe = build_digits()
     call = {"output_type": "pt", **digits_inputs()}
@@ -170,7 +171,7 @@ def main() -> None:
                                    "seconds": reference_s, **digit_metrics(reference),
                                    "psnr": float("inf"), "max_abs": 0.0}]
     plans: dict[int, list[Setting]] = {
-        n: [Setting(stride, warm_up, shift) for stride in (1, 2) if n - stride + 1 >= 2
+        n: [Setting(stride, warm_up, shift) for stride in (1, 2) if stages_for(n, stride) >= 2
             for warm_up in (1, 2, 4, 8) for shift in (False, True)]
         for n in devices
     }

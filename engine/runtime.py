@@ -56,9 +56,17 @@ from asyncdiff.partition.trace import (
 )
 from asyncdiff.partition.verify import verify_split
 
-__all__ = ["TRANSFER_DTYPES", "AsyncEngine", "EngineConfig", "StageError", "StageState", "block_tensors"]
+__all__ = ["TRANSFER_DTYPES", "AsyncEngine", "EngineConfig", "StageError", "StageState", "block_tensors",
+           "stages_for"]
 
 TRANSFER_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float8": FP8}  # wire dtypes by name
+
+
+def stages_for(devices: int, stride: int) -> int:
+    """How many stages ``devices`` processes run with ``stride``: one each for stride 1; for stride
+    2 the extra process repeats the last stage (Note [stride 2]). The inverse of
+    :attr:`EngineConfig.world_size`; the one place this arithmetic lives."""
+    return devices - stride + 1
 
 
 class StageError(RuntimeError):
@@ -163,7 +171,7 @@ class EngineConfig:
             raise ValueError(
                 f"world size is {world_size} but model_n={self.model_n}, stride={self.stride} need "
                 f"{self.world_size} processes; launch with --nproc_per_node={self.world_size} "
-                f"or use model_n={world_size - self.stride + 1}"
+                f"or use model_n={stages_for(world_size, self.stride)}"
             )
 
 

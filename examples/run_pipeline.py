@@ -13,6 +13,7 @@ import argparse
 
 import torch
 import torch.distributed as dist
+from asyncdiff.engine.runtime import stages_for
 from PIL import Image
 
 from asyncdiff import AsyncDiff
@@ -45,7 +46,7 @@ if args.pipeline != "svd":
     call["prompt"] = args.prompt
 
 dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-model_n = dist.get_world_size() - args.stride + 1
+model_n = stages_for(dist.get_world_size(), args.stride)
 async_diff = AsyncDiff(pipeline, model_n=model_n, stride=args.stride, warm_up=args.warm_up, time_shift=args.time_shift)
 async_diff.reset_state(warm_up=args.warm_up)
 with torch.no_grad():

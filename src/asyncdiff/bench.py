@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from asyncdiff.engine.runtime import stages_for
 from asyncdiff.generate import GenerateSpec, run
 
 __all__ = ["BenchRow", "bench", "format_rows", "plot_rows"]
@@ -45,7 +46,7 @@ def bench(base: GenerateSpec, devices: list[int], strides: list[int]) -> list[Be
                      max(reference["denoiser_mb"]), max(reference["peak_mb"]))]
     for n in sorted(set(devices) - {1}):
         for stride in strides:
-            if n - stride + 1 < 2:
+            if stages_for(n, stride) < 2:
                 continue
             result = run(replace(base, devices=n, stride=stride, out=None))
             delta = result["latents"].float() - reference["latents"].float()

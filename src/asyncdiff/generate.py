@@ -75,7 +75,7 @@ class GenerateSpec:
         if self.devices > 1:
             from asyncdiff.engine.runtime import EngineConfig
 
-            if self.devices - self.stride + 1 < 2:
+            if self.stages < 2:
                 raise ValueError(f"devices={self.devices} with stride={self.stride} leaves fewer than 2 stages; "
                                  f"use devices >= {self.stride + 1}")
             EngineConfig(model_n=self.stages, stride=self.stride, warm_up=self.warm_up, time_shift=self.time_shift,
@@ -85,7 +85,9 @@ class GenerateSpec:
 
     @property
     def stages(self) -> int:
-        return self.devices - self.stride + 1 if self.devices > 1 else 1
+        from asyncdiff.engine.runtime import stages_for
+
+        return stages_for(self.devices, self.stride) if self.devices > 1 else 1
 
 
 def _load_pipeline(spec: GenerateSpec) -> Any:
