@@ -57,7 +57,7 @@ def load_stage_only(path: str, *, denoiser_attr: str | None, latent: str | None,
     from diffusers import DiffusionPipeline
 
     from asyncdiff.adapters.capture import capture_denoiser_call
-    from asyncdiff.engine.runtime import block_tensors
+    from asyncdiff.engine.runtime import foreign_tensors
     from asyncdiff.partition.cache import cached_plan
     from asyncdiff.partition.profile import profile_blocks
     from asyncdiff.partition.split import split_graph
@@ -91,9 +91,8 @@ def load_stage_only(path: str, *, denoiser_attr: str | None, latent: str | None,
                                    cost="flops", bandwidth=bandwidth, layouts=layouts, max_slowdown=max_slowdown,
                                    device="meta")
     program = split_graph(traced, plan).stages[stage]
-    keep = {id(t) for seg in program.segments for m in [seg.module(skeleton)] for t in (*m.parameters(), *m.buffers())}
-    foreign = {name for k, blocks in enumerate(plan.stages) if k != stage for block in blocks
-               for name, t in block_tensors(skeleton, block) if id(t) not in keep}
+    foreign = {name for name, _ in foreign_tensors(skeleton, plan, stage, [seg.module(skeleton)
+                                                                           for seg in program.segments])}
 
     released: dict[str, tuple[torch.Size, torch.dtype, torch.device]] = {}
     opened: dict[Path, Any] = {}

@@ -98,10 +98,9 @@ def sweep_plans(devices: list[int], steps: int) -> dict[int, list[tuple[str, str
     kind, all made from one measured profile of the digits UNet in this process and planned for
     gloo as the engine would; every worker then runs exactly these plans."""
     from asyncdiff.adapters.capture import capture_denoiser_call
-    from asyncdiff.partition.auto import auto_plan, block_values
+    from asyncdiff.partition.auto import auto_plan, plan_depth, plan_layout
     from asyncdiff.partition.drift import AsyncSimulator
     from asyncdiff.partition.plan import Plan
-    from asyncdiff.partition.planner import main_path_depth
     from asyncdiff.partition.profile import profile_blocks
     from asyncdiff.partition.report import LINKS
     from asyncdiff.partition.split import split_graph
@@ -131,21 +130,18 @@ def sweep_plans(devices: list[int], steps: int) -> dict[int, list[tuple[str, str
         found[n] = []
         for kind, plan in kinds.items():
             split = split_graph(traced, plan)
-            depth = main_path_depth(block_values(traced), [plan.stage_of(b) for b in traced.blocks])
+            depth = plan_depth(traced, plan)
             drift = {w: float((final_latents(pipe, "unet", AsyncSimulator(traced, split, pipe.unet, w), steps, call)
                                - reference).norm() / reference.norm()) for w in (1, 2)}
-            layout = "wrapped" if plan.stage_of(traced.blocks[-1]) == 0 else "contiguous"
+            layout = plan_layout(traced, plan)
             found[n].append((kind, plan.to_json(), depth, drift, layout))
     return found
 
 
 def _depth(async_diff: Any) -> int:
-    from asyncdiff.partition.auto import block_values
-    from asyncdiff.partition.planner import main_path_depth
+    from asyncdiff.partition.auto import plan_depth
 
-    compiled = next(iter(async_diff.engine._compiled.values()))
-    traced, plan = compiled.traced, async_diff.engine.plan
-    return main_path_depth(block_values(traced), [plan.stage_of(b) for b in traced.blocks])
+    return plan_depth(next(iter(async_diff.engine._compiled.values())).traced, async_diff.engine.plan)
 
 
 def main() -> None:

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
-from asyncdiff.partition.auto import auto_plan
+from asyncdiff.partition.auto import auto_plan, plan_layout
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.profile import BlockCost, profile_blocks
 from asyncdiff.partition.report import LINKS, build_report
@@ -279,10 +279,6 @@ def _measured(plan: Plan, traced: TracedDenoiser, costs: dict[str, BlockCost]) -
     return Plan(stages=plan.stages, costs=seconds, cost_unit="s", notes=plan.notes)
 
 
-def _layout(plan: Plan, traced: TracedDenoiser) -> str:
-    return "wrapped" if plan.stage_of(traced.blocks[-1]) == 0 and plan.n_stages > 1 else "contiguous"
-
-
 def run_profile(ctx: Context) -> list[dict[str, Any]]:
     """Per-block times, plans for 2/4/8 stages by time and by FLOPs, modelled speed-ups per link."""
     rows = []
@@ -316,8 +312,8 @@ def run_profile(ctx: Context) -> list[dict[str, Any]]:
                 report = build_report(name, traced, costs, plan, split_graph(traced, plan), LINKS[link])
                 flop_report = build_report(name, traced, costs, flop_plan, split_graph(traced, flop_plan), LINKS[link])
                 row["plans"].append({
-                    "stages": n, "link": link, "layout": _layout(plan, traced), "imbalance": plan.imbalance,
-                    "speedup": report.speedup, "flop_plan_layout": _layout(flop_plan, traced),
+                    "stages": n, "link": link, "layout": plan_layout(traced, plan), "imbalance": plan.imbalance,
+                    "speedup": report.speedup, "flop_plan_layout": plan_layout(traced, flop_plan),
                     "flop_plan_imbalance": flop_plan.imbalance, "flop_plan_speedup": flop_report.speedup,
                     "recv_mb_max": max(s.recv_bytes for s in report.stages) / 1e6,
                     "stage_ms": [round(c * 1e3, 3) for c in plan.costs],

@@ -57,7 +57,7 @@ from asyncdiff.partition.trace import (
 from asyncdiff.partition.verify import verify_split
 
 __all__ = ["TRANSFER_DTYPES", "AsyncEngine", "EngineConfig", "StageError", "StageState", "block_tensors",
-           "stages_for"]
+           "foreign_tensors", "stages_for"]
 
 TRANSFER_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float8": FP8}  # wire dtypes by name
 
@@ -510,15 +510,10 @@ class AsyncEngine:
     def _release_foreign_weights(self, modules: list[torch.fx.GraphModule]) -> None:
         """Free parameters and buffers of blocks other stages own (kept: anything ``modules`` use)."""
         assert self.plan is not None
-        keep = {id(t) for m in modules for t in (*m.parameters(), *m.buffers())}
-        for k, stage in enumerate(self.plan.stages):
-            if k == self.stage:
-                continue
-            for block in stage:
-                for name, t in block_tensors(self.denoiser, block):
-                    if id(t) not in keep and name not in self._released:
-                        self._released[name] = (t.shape, t.dtype, t.device)
-                        t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+        for name, t in foreign_tensors(self.denoiser, self.plan, self.stage, modules):
+            if name not in self._released:
+                self._released[name] = (t.shape, t.dtype, t.device)
+                t.data = torch.empty(0, dtype=t.dtype, device=t.device)
 
     @property
     def bytes_sent_per_step(self) -> int:
@@ -586,6 +581,19 @@ def _check_warm_up(warm_up: int) -> int:
 def _output_template(traced: TracedDenoiser) -> tuple[Any, ...]:
     output = next(n for n in traced.graph.nodes if n.op == "output")
     return tuple(output.args[0])
+
+
+def foreign_tensors(denoiser: torch.nn.Module, plan: Plan, stage: int,
+                    modules: list[torch.nn.Module]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The parameters and buffers of other stages' blocks that none of ``modules`` (this stage's
+    programs) uses: what a rank releases, or never loads (Note [stage-only loading])."""
+    keep = {id(t) for m in modules for t in (*m.parameters(), *m.buffers())}
+    for k, blocks in enumerate(plan.stages):
+        if k != stage:
+            for block in blocks:
+                for name, t in block_tensors(denoiser, block):
+                    if id(t) not in keep:
+                        yield name, t
 
 
 def block_tensors(denoiser: torch.nn.Module, block: str) -> Iterator[tuple[str, torch.Tensor]]:

@@ -22,12 +22,21 @@ from collections.abc import Mapping, Sequence
 import torch.fx
 
 from asyncdiff.partition.plan import Plan
-from asyncdiff.partition.planner import LAYOUTS, MAX_SLOWDOWN, Candidate, Value, candidates, choose, stage_times
+from asyncdiff.partition.planner import (
+    LAYOUTS,
+    MAX_SLOWDOWN,
+    Candidate,
+    Value,
+    candidates,
+    choose,
+    main_path_depth,
+    stage_times,
+)
 from asyncdiff.partition.profile import BlockCost
 from asyncdiff.partition.split import place_latent_nodes
 from asyncdiff.partition.trace import INPLACE_OPS, TracedDenoiser
 
-__all__ = ["COSTS", "auto_plan", "block_values", "inplace_spans", "plan_candidates"]
+__all__ = ["COSTS", "auto_plan", "block_values", "inplace_spans", "plan_candidates", "plan_depth", "plan_layout"]
 
 COSTS = ("time", "flops")
 
@@ -120,3 +129,13 @@ def auto_plan(traced: TracedDenoiser, costs: Mapping[str, BlockCost], n_stages: 
     modeled = stage_times(problem.costs, problem.values, chosen.assignment, bandwidth)
     return Plan(stages=stages, costs=stage_costs, cost_unit="s" if cost == "time" else "flop",
                 notes={"modeled_step": max(modeled), "main_path_depth": chosen.depth})
+
+
+def plan_depth(traced: TracedDenoiser, plan: Plan) -> int:
+    """``plan``'s main-path depth on ``traced`` (Note [staleness])."""
+    return main_path_depth(block_values(traced), [plan.stage_of(b) for b in traced.blocks])
+
+
+def plan_layout(traced: TracedDenoiser, plan: Plan) -> str:
+    """``"wrapped"`` where stage 0 also runs the last block, else ``"contiguous"``."""
+    return "wrapped" if plan.n_stages > 1 and plan.stage_of(traced.blocks[-1]) == 0 else "contiguous"

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from asyncdiff.partition.auto import block_values, plan_candidates
+from asyncdiff.partition.auto import plan_candidates, plan_depth
 from asyncdiff.partition.blocks import BlockPolicy
 from asyncdiff.partition.cache import cached_plan, device_kind
 from asyncdiff.partition.drift import AsyncSimulator
-from asyncdiff.partition.planner import LAYOUTS, MAX_SLOWDOWN, main_path_depth
+from asyncdiff.partition.planner import LAYOUTS, MAX_SLOWDOWN
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.profile import profile_blocks
 from asyncdiff.partition.report import LINKS, PartitionReport, build_report
@@ -59,8 +59,7 @@ def partition_report(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: d
                                    max_slowdown=max_slowdown, device=device_kind(device), replan=replan)
     split = split_graph(traced, plan)
     report = build_report(name or type(denoiser).__name__, traced, costs, plan, split, LINKS[link])
-    values = block_values(traced)
-    depth = main_path_depth(values, [plan.stage_of(b) for b in traced.blocks])
+    depth = plan_depth(traced, plan)
     considered = []
     for c in plan_candidates(traced, costs, stages, cost=cost, bandwidth=bandwidth, layouts=layouts):
         predicted = None
