@@ -187,6 +187,9 @@ def test_local_device_choice(monkeypatch):
     ({"model_n": 2, "refresh_every": 0}, r"refresh_every=0 must be >= 1"),
     ({"model_n": 2, "stride": 2, "refresh_every": 3}, r"refresh_every works with stride=1 only"),
     ({"model_n": 2, "refresh_drift": -0.1}, r"refresh_drift=-0.1 must be >= 0, with stride=1"),
+    ({"model_n": 2, "max_slowdown": -0.5}, r"max_slowdown=-0.5 must be a number >= 0 \(0: the fastest plan\)"),
+    ({"model_n": 2, "compile": "yes"}, r"compile='yes' must be True or False"),
+    ({"model_n": 2, "verify": 1}, r"verify=1 must be True or False"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):

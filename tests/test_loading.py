@@ -64,3 +64,13 @@ def test_stage_only_load_keeps_other_stages_as_placeholders(saved):
 def test_a_folder_without_safetensors_is_a_clear_error(saved, tmp_path):
     with pytest.raises(ValueError, match="is not a diffusers pipeline folder"):
         load_stage_only(str(tmp_path), denoiser_attr=None, latent=None, n_stages=2, stage=0, device=torch.device("cpu"))
+
+
+def test_a_checkpoint_without_safetensors_says_how_to_load_it(tmp_path):
+    pipe = build_sd15("tiny", 0)
+    pipe.save_pretrained(tmp_path)
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    pipe.unet.save_pretrained(tmp_path / "unet", safe_serialization=False)  # a .bin checkpoint
+    with pytest.raises(ValueError, match=r"has no diffusion_pytorch_model.safetensors \(or its index\): stage-only "
+                                         r"loading reads safetensors; save the model with save_pretrained"):
+        load_stage_only(str(tmp_path), denoiser_attr=None, latent=None, n_stages=2, stage=0, device=torch.device("cpu"))
