@@ -90,7 +90,6 @@ class AsyncDiff:
         from diffusers import DiffusionPipeline
 
         from asyncdiff.adapters.loading import load_stage_only, read_model_index
-        from asyncdiff.partition.report import LINKS
 
         config = EngineConfig(model_n=model_n, stride=stride, warm_up=warm_up, time_shift=time_shift, policy=policy,
                               cost="flops", layouts=tuple(layouts), max_slowdown=max_slowdown)
@@ -101,12 +100,11 @@ class AsyncDiff:
             torch.cuda.set_device(device)
         folder, index = read_model_index(path)
         registered = registered_adapter(getattr(__import__("diffusers"), index["_class_name"], DiffusionPipeline))
-        link = "pcie" if device.type == "cuda" else "gloo"  # what EngineConfig(bandwidth="auto") plans for
         load = load_stage_only(str(folder), denoiser_attr=registered.denoiser if registered else None,
                                latent=registered.latent if registered else None, n_stages=model_n,
                                stage=min(rank, model_n - 1), device=device, torch_dtype=torch_dtype, variant=variant,
                                plan=plan, policy=policy, layouts=config.plan_layouts, max_slowdown=max_slowdown,
-                               bandwidth=LINKS[link].planner_bandwidth("flop"), call_kwargs=call_kwargs)
+                               bandwidth=config.planner_bandwidth(device), call_kwargs=call_kwargs)
         async_diff = cls(load.pipeline, model_n, stride, warm_up, time_shift, plan=load.plan, policy=policy,
                          layouts=layouts, max_slowdown=max_slowdown, adapter=registered, released=load.released,
                          **options)

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.fx
+
 from asyncdiff.engine.comm import Pending, StageChannel
 from asyncdiff.engine.schedule import Schedule, StepKind
 from asyncdiff.kernels.pack import FP8, PackLayout, pack, unpack
@@ -156,6 +157,16 @@ class EngineConfig:
 
     def schedule(self, warm_up: int) -> Schedule:
         return Schedule(self.model_n, warm_up, self.stride, self.time_shift, self.refresh_every)
+
+    def planner_bandwidth(self, device: torch.device) -> float | None:
+        """Bytes per cost unit for the planner's communication term on ``device`` (``"auto"``:
+        ``pcie`` on CUDA, ``gloo`` on CPU); None where the plan ignores communication."""
+        name = self.bandwidth
+        if name is None:
+            return None
+        if name == "auto":
+            name = "pcie" if device.type == "cuda" else "gloo"
+        return LINKS[name].planner_bandwidth("s" if self.cost == "time" else "flop")
 
     @property
     def plan_layouts(self) -> tuple[str, ...]:
@@ -458,53 +469,46 @@ class AsyncEngine:
         self.compile_seconds += time.perf_counter() - start
         return compiled
 
-    def _make_plan(self, traced: TracedDenoiser, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Plan:
-        """Rank 0 plans (or reads the plan cache); every rank gets the same plan, or the same error."""
-        text, error, source = None, None, ""
+    def _from_rank0(self, compute: Callable[[], Any]) -> Any:
+        """``compute()`` on rank 0, its result on every rank; a ``ValueError`` it raises is raised
+        on every rank, with the same message."""
+        result, error = None, None
         if self.rank == 0:
             try:
-                text, source = self._plan_on_this_rank(traced, args, kwargs)
+                result = compute()
             except ValueError as err:
                 error = str(err)
         if self.collective is not None:
-            box = [(text, error, source)]
+            box = [(result, error)]
             dist.broadcast_object_list(box, src=0, group=self.collective)
-            text, error, source = box[0]
+            result, error = box[0]
         if error is not None:
             raise ValueError(error)
-        self.plan_source = source
+        return result
+
+    def _make_plan(self, traced: TracedDenoiser, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Plan:
+        """Rank 0 plans (or reads the plan cache); every rank gets the same plan, or the same error."""
+        text, self.plan_source = self._from_rank0(lambda: self._plan_on_this_rank(traced, args, kwargs))
         return Plan.from_json(text)
 
     def _plan_on_this_rank(self, traced: TracedDenoiser, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str]:
         """(plan JSON, where it came from): the cached plan of this call and options, or a new one."""
         config = self.config
+        device = _device_of(traced.flatten_call(args, kwargs))
         plan, source = cached_plan(
             traced, config.model_n,
             lambda: profile_blocks(traced, self.denoiser, args, kwargs, repeats=config.profile_repeats,
                                    measure_time=config.cost == "time"),
-            cost=config.cost, bandwidth=self._planner_bandwidth(args, kwargs, traced), layouts=config.plan_layouts,
-            max_slowdown=config.max_slowdown, device=device_kind(_device_of(traced.flatten_call(args, kwargs))),
-            replan=config.replan)
+            cost=config.cost, bandwidth=config.planner_bandwidth(device), layouts=config.plan_layouts,
+            max_slowdown=config.max_slowdown, device=device_kind(device), replan=config.replan)
         return plan.to_json(), source
 
     def _verify(self, traced: TracedDenoiser, split: SplitDenoiser, args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> None:
         """Rank 0 checks the split against the denoiser; every rank raises the same error if it fails."""
-        error = verify_split(traced, split, self.denoiser, args, kwargs) if self.rank == 0 else None
-        if self.collective is not None:
-            box = [error]
-            dist.broadcast_object_list(box, src=0, group=self.collective)
-            error = box[0]
+        error = self._from_rank0(lambda: verify_split(traced, split, self.denoiser, args, kwargs))
         if error is not None:
             raise ValueError(error)
-
-    def _planner_bandwidth(self, args: tuple[Any, ...], kwargs: dict[str, Any], traced: TracedDenoiser) -> float | None:
-        name = self.config.bandwidth
-        if name is None:
-            return None
-        if name == "auto":
-            name = "pcie" if _device_of(traced.flatten_call(args, kwargs)).type == "cuda" else "gloo"
-        return LINKS[name].planner_bandwidth("s" if self.config.cost == "time" else "flop")
 
     # -- weights ----------------------------------------------------------------------------
     def _release_foreign_weights(self, modules: list[torch.fx.GraphModule]) -> None:

@@ -16,6 +16,7 @@ from asyncdiff.partition.auto import auto_plan
 from asyncdiff.partition.profile import profile_blocks
 from asyncdiff.partition.split import split_graph
 from asyncdiff.partition.trace import trace_denoiser
+from asyncdiff.partition.verify import run_split
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -87,13 +88,6 @@ def test_split_programs_on_cuda_reproduce_the_denoiser(stages):
         costs = profile_blocks(traced, unet, args, kwargs, repeats=2)
         assert all(c.seconds > 0 for c in costs.values())  # timed on the GPU with synchronisation
         split = split_graph(traced, auto_plan(traced, costs, stages, cost="time"))
-        values, leaves = {}, ()
-        tensors = traced.flatten_call(args, kwargs)
-        for seg in split.segments:
-            outputs, seg_leaves = seg.module(unet)(*tensors, *[values[v] for v in seg.inputs])
-            values.update(zip(seg.outputs, outputs))
-            if seg.index == split.output_segment:
-                leaves = seg_leaves
-        got = traced.unflatten_output(list(leaves))[0]
+        got = traced.unflatten_output(run_split(split, unet, traced.flatten_call(args, kwargs)))[0]
         want = unet(*args, **kwargs)[0]
     torch.testing.assert_close(got, want, rtol=0, atol=0)
