@@ -44,6 +44,10 @@ class AsyncDiff:
     ``refresh_drift=d`` does so whenever the boundary values moved by more than ``d`` (relative)
     over the last step. ``compile=True`` runs each rank's stage under ``torch.compile``. The first
     call checks that the split reproduces the denoiser (Note [verify]; ``verify=False`` skips it).
+    ``guidance=2`` and ``batch=D`` split every denoiser call's batch (the guidance halves, the
+    prompts) over slices of ``model_n`` stages each, exactly (Note [hybrid mesh]): the world is
+    ``guidance * batch * (model_n + stride - 1)`` processes. ``parallel="auto"`` chooses the
+    three for the world size at the first call (Note [choosing the mesh]).
     ``released``: set by :meth:`from_pretrained` (weights this rank never loaded).
     """
 
@@ -52,12 +56,13 @@ class AsyncDiff:
                  cost: str = "time", layouts: tuple[str, ...] = LAYOUTS, transfer_dtype: str | None = None,
                  refresh_every: int | None = None, refresh_drift: float | None = None,
                  max_slowdown: float = MAX_SLOWDOWN, replan: bool = False, verify: bool = True,
-                 compile: bool = False, adapter: Adapter | None = None,
-                 released: dict[str, tuple[Any, Any, Any]] | None = None) -> None:
+                 compile: bool = False, guidance: int = 1, batch: int = 1, parallel: str | None = None,
+                 adapter: Adapter | None = None, released: dict[str, tuple[Any, Any, Any]] | None = None) -> None:
         config = EngineConfig(model_n=model_n, stride=stride, warm_up=warm_up, time_shift=time_shift,
                               policy=policy, cost=cost, layouts=tuple(layouts), transfer_dtype=transfer_dtype,
                               refresh_every=refresh_every, refresh_drift=refresh_drift, compile=compile,
-                              max_slowdown=max_slowdown, replan=replan, verify=verify)
+                              max_slowdown=max_slowdown, replan=replan, verify=verify, guidance=guidance,
+                              batch=batch, parallel=parallel)
         _join_processes(config)
         self.pipeline = pipeline
         self.adapter = adapter or adapter_for(pipeline)
@@ -67,7 +72,7 @@ class AsyncDiff:
             pipeline.to(device)
         self.engine = AsyncEngine(self.denoiser, config, plan=plan, latent=self.adapter.latent,
                                   timestep_arg=self.adapter.timestep, timesteps=self._timestep_of_step,
-                                  marks_steps=True, released=released)
+                                  marks_steps=True, guided=functools.partial(_guided, pipeline), released=released)
         attach(self.denoiser, self.engine)
         self._original_class = type(pipeline)
         pipeline.__class__ = _resetting_subclass(self._original_class)
@@ -91,8 +96,12 @@ class AsyncDiff:
 
         from asyncdiff.adapters.loading import load_stage_only, read_model_index
 
+        if options.get("parallel") is not None:
+            raise ValueError(f"parallel={options['parallel']!r}: from_pretrained loads one stage per rank before "
+                             f"the first call, when 'auto' would choose; give guidance, batch and model_n instead")
         config = EngineConfig(model_n=model_n, stride=stride, warm_up=warm_up, time_shift=time_shift, policy=policy,
-                              cost="flops", layouts=tuple(layouts), max_slowdown=max_slowdown)
+                              cost="flops", layouts=tuple(layouts), max_slowdown=max_slowdown,
+                              guidance=options.get("guidance", 1), batch=options.get("batch", 1))
         _join_processes(config)
         rank = dist.get_rank() if dist.is_initialized() else 0
         device = local_device()
@@ -102,7 +111,7 @@ class AsyncDiff:
         registered = registered_adapter(getattr(__import__("diffusers"), index["_class_name"], DiffusionPipeline))
         load = load_stage_only(str(folder), denoiser_attr=registered.denoiser if registered else None,
                                latent=registered.latent if registered else None, n_stages=model_n,
-                               stage=min(rank, model_n - 1), device=device, torch_dtype=torch_dtype, variant=variant,
+                               stage=min(rank % config.stage_world, model_n - 1), device=device, torch_dtype=torch_dtype, variant=variant,
                                plan=plan, policy=policy, layouts=config.plan_layouts, max_slowdown=max_slowdown,
                                bandwidth=config.planner_bandwidth(device), call_kwargs=call_kwargs)
         async_diff = cls(load.pipeline, model_n, stride, warm_up, time_shift, plan=load.plan, policy=policy,
@@ -134,9 +143,19 @@ class AsyncDiff:
         del self.pipeline._asyncdiff
 
 
+def _guided(pipeline: Any) -> bool | None:
+    """Whether ``pipeline``'s running call batches classifier-free guidance (diffusers' property)."""
+    try:
+        guided = pipeline.do_classifier_free_guidance
+    except Exception:  # no such property, or one that reads a value this call has not set
+        return None
+    return bool(guided) if isinstance(guided, (bool, int)) else None
+
+
 def _join_processes(config: EngineConfig) -> None:
     """Join torchrun's process group where the configuration needs several processes."""
-    if config.world_size > 1 and not dist.is_initialized():
+    several = config.world_size > 1 or (config.parallel == "auto" and under_torchrun())
+    if several and not dist.is_initialized():
         if not under_torchrun():
             raise RuntimeError(f"model_n={config.model_n}, stride={config.stride} need {config.world_size} processes; "
                                f"start with torchrun --nproc_per_node={config.world_size}")

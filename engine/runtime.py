@@ -25,6 +25,7 @@ step it ran.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import inspect
 import time
@@ -35,13 +36,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.fx
+import torch.utils._pytree as pytree
 
 from asyncdiff.engine.comm import Pending, StageChannel
+from asyncdiff.engine.mesh import ProcessMesh, gather_batch, split_batch, verify_batch_split
 from asyncdiff.engine.schedule import Schedule, StepKind
 from asyncdiff.kernels.pack import FP8, PackLayout, pack, unpack
-from asyncdiff.partition.auto import COSTS
+from asyncdiff.partition.auto import COSTS, auto_plan
 from asyncdiff.partition.blocks import BlockPolicy
 from asyncdiff.partition.cache import cached_plan, device_kind
+from asyncdiff.partition.hybrid import ParallelOption, choose_parallel, parallel_degrees
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.planner import LAYOUTS, MAX_SLOWDOWN
 from asyncdiff.partition.profile import profile_blocks
@@ -63,11 +67,12 @@ __all__ = ["TRANSFER_DTYPES", "AsyncEngine", "EngineConfig", "StageError", "Stag
 TRANSFER_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float8": FP8}  # wire dtypes by name
 
 
-def stages_for(devices: int, stride: int) -> int:
-    """How many stages ``devices`` processes run with ``stride``: one each for stride 1; for stride
-    2 the extra process repeats the last stage (Note [stride 2]). The inverse of
-    :attr:`EngineConfig.world_size`; the one place this arithmetic lives."""
-    return devices - stride + 1
+def stages_for(devices: int, stride: int, data: int = 1) -> int:
+    """How many stages ``devices`` processes run with ``stride`` in each of ``data`` slices (guidance
+    x batch, Note [hybrid mesh]): one each for stride 1; for stride 2 the extra process repeats
+    the last stage (Note [stride 2]). The inverse of :attr:`EngineConfig.world_size`; the one
+    place this arithmetic lives."""
+    return devices // data - stride + 1
 
 
 class StageError(RuntimeError):
@@ -100,7 +105,13 @@ class EngineConfig:
     relative amount over the last step (stride 1; Note [adaptive refresh]);
     ``compile``: run this rank's stage programs under ``torch.compile`` (inductor). Each segment
     is compiled on its first call; measured on an H200, an SD 1.5 stage ran 1.7x faster
-    (BENCHMARKS.md, GPU check). Compiled kernels round differently from eager ones (float noise).
+    (BENCHMARKS.md, GPU check). Compiled kernels round differently from eager ones (float noise);
+    ``guidance`` (1 or 2) and ``batch``: slices that each take a share of every denoiser call's
+    batch, exactly (Note [hybrid mesh] in :mod:`asyncdiff.engine.mesh`); the world is
+    ``guidance * batch * (model_n + stride - 1)`` processes;
+    ``parallel="auto"``: choose ``guidance``, ``batch`` and ``model_n`` for the world size at the
+    first call (Note [choosing the mesh] in :mod:`asyncdiff.partition.hybrid`); the given ones
+    are a placeholder until then.
     """
 
     model_n: int
@@ -120,6 +131,9 @@ class EngineConfig:
     max_slowdown: float = MAX_SLOWDOWN
     replan: bool = False
     verify: bool = True
+    guidance: int = 1
+    batch: int = 1
+    parallel: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_n, int) or self.model_n < 1:
@@ -150,6 +164,13 @@ class EngineConfig:
         for flag in ("compile", "replan", "verify"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag}={getattr(self, flag)!r} must be True or False")
+        if self.guidance not in (1, 2):
+            raise ValueError(f"guidance={self.guidance!r} must be 1 or 2 (2: the guidance halves of the batch "
+                             f"on different slices)")
+        if not isinstance(self.batch, int) or self.batch < 1:
+            raise ValueError(f"batch={self.batch!r} must be an integer >= 1 (slices the prompt batch is split over)")
+        if self.parallel not in (None, "auto"):
+            raise ValueError(f"parallel={self.parallel!r} must be None (the degrees as given) or 'auto'")
         if self.profile_repeats < 1:
             raise ValueError(f"profile_repeats={self.profile_repeats} must be >= 1")
         BlockPolicy.parse(self.policy)
@@ -173,16 +194,29 @@ class EngineConfig:
         return ("contiguous",) if self.stride == 2 else self.layouts
 
     @property
-    def world_size(self) -> int:
-        """Processes this configuration needs: ``model_n`` for stride 1, ``model_n + 1`` for stride 2."""
+    def data(self) -> int:
+        """Slices the batch of each denoiser call is split over: ``guidance * batch``."""
+        return self.guidance * self.batch
+
+    @property
+    def stage_world(self) -> int:
+        """Processes of one stage engine: ``model_n`` for stride 1, ``model_n + 1`` for stride 2."""
         return self.model_n + self.stride - 1
 
+    @property
+    def world_size(self) -> int:
+        """Processes this configuration needs: ``guidance * batch * (model_n + stride - 1)``."""
+        return self.data * self.stage_world
+
     def check_world_size(self, world_size: int) -> None:
-        if world_size != self.world_size:
+        if world_size != self.world_size and self.parallel != "auto":
+            fix = (f"or use model_n={stages_for(world_size, self.stride, self.data)}"
+                   if world_size % self.data == 0 and stages_for(world_size, self.stride, self.data) >= 1
+                   else "or parallel='auto'")
             raise ValueError(
-                f"world size is {world_size} but model_n={self.model_n}, stride={self.stride} need "
-                f"{self.world_size} processes; launch with --nproc_per_node={self.world_size} "
-                f"or use model_n={stages_for(world_size, self.stride)}"
+                f"world size is {world_size} but guidance={self.guidance} x batch={self.batch} x "
+                f"(model_n={self.model_n} + stride={self.stride} - 1) = {self.world_size} processes; "
+                f"launch with --nproc_per_node={self.world_size} {fix}"
             )
 
 
@@ -239,9 +273,8 @@ class AsyncEngine:
     """
 
     def __init__(self, denoiser: torch.nn.Module, config: EngineConfig, *, plan: Plan | None = None,
-                 latent: str | None = None, group: dist.ProcessGroup | None = None,
-                 timestep_arg: str | None = None, timesteps: Callable[[int], Any] | None = None,
-                 marks_steps: bool = False,
+                 latent: str | None = None, timestep_arg: str | None = None, timesteps: Callable[[int], Any] | None = None,
+                 marks_steps: bool = False, guided: Callable[[], bool | None] | None = None,
                  released: dict[str, tuple[torch.Size, torch.dtype, torch.device]] | None = None) -> None:
         """``timestep_arg`` names the denoiser's timestep argument and ``timesteps(step)`` gives the
         timestep of any step of the current call; both are needed for stride 2 and time shift.
@@ -250,26 +283,28 @@ class AsyncEngine:
         [branches]); without it every call is a step. ``released``: weights this rank never loaded
         (Note [stage-only loading] in :mod:`asyncdiff.adapters.loading`), by name: (true shape,
         dtype, device) of 0-size placeholders, which :meth:`restore_weights` fills from their
-        owners; the check of Note [verify] needs every weight, so it does not run then."""
+        owners; the check of Note [verify] needs every weight, so it does not run then.
+        ``guided()``: whether the running pipeline call batches classifier-free guidance (None:
+        unknown), which ``parallel="auto"`` needs to offer a guidance dimension."""
         self.denoiser, self.config, self.plan, self.latent = denoiser, config, plan, latent
         if (config.stride == 2 or config.time_shift) and (timestep_arg is None or timesteps is None):
             raise ValueError("stride=2 and time_shift=True feed stages other steps' timesteps: pass "
                              "timestep_arg and timesteps (AsyncDiff does this from the pipeline's scheduler)")
         self.timestep_arg, self.timesteps = timestep_arg, timesteps
         self.distributed = dist.is_available() and dist.is_initialized()
-        world = dist.get_world_size(group) if self.distributed else 1
-        config.check_world_size(world)
-        if plan is not None and plan.n_stages != config.model_n:
+        self.world = dist.get_world_size() if self.distributed else 1
+        self.global_rank = dist.get_rank() if self.distributed else 0
+        config.check_world_size(self.world)
+        if plan is not None and plan.n_stages != config.model_n and config.parallel is None:
             raise ValueError(f"plan has {plan.n_stages} stages but model_n={config.model_n}; "
                              "pass a plan with model_n stages")
-        self.rank = dist.get_rank(group) if self.distributed else 0
-        self.stage = min(self.rank, config.model_n - 1)  # stride 2: the extra rank repeats the last stage
-        self.ranks = list(range(world))
-        self.group = group
-        # Collectives (plan, final output) on their own group, apart from point-to-point traffic.
-        self.collective = dist.new_group(
-            self.ranks, timeout=datetime.timedelta(seconds=config.timeout_s)) if world > 1 else None
-        self.schedule = config.schedule(config.warm_up)
+        self.guided = guided
+        self.parallel_options: list[ParallelOption] = []  # what parallel="auto" chose from
+        timeout = datetime.timedelta(seconds=config.timeout_s)
+        # Rank 0's decisions (plan, verification, the mesh) reach every rank on their own group.
+        self.decisions = dist.new_group(list(range(self.world)), timeout=timeout) if self.world > 1 else None
+        self._setup(config if config.parallel is None else self._placeholder(config))
+        self._split_checked: set[CallSignature] = set()  # call signatures whose batch split is verified
         self._released: dict[str, tuple[torch.Size, torch.dtype, torch.device]] = dict(released or {})
         self.skeleton = meta_copy(denoiser, {name: shape for name, (shape, _, _) in self._released.items()})
         self.marks_steps = marks_steps
@@ -282,8 +317,45 @@ class AsyncEngine:
         self.compile_seconds = 0.0  # tracing, profiling, planning and splitting, all signatures
         self.plan_source = "given" if plan is not None else ""  # where the plan came from (Note [plan cache])
 
+    def _setup(self, config: EngineConfig) -> None:
+        """Take ``config``'s degrees: this rank's slice, stage and groups (Note [hybrid mesh])."""
+        self.config = config
+        self.mesh: ProcessMesh | None = None
+        if config.data > 1:
+            device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            self.mesh = ProcessMesh(config.guidance, config.batch, config.stage_world, device_type, config.timeout_s)
+            self.ranks, self.group, self.collective = self.mesh.stage_ranks, self.mesh.stage_group, \
+                self.mesh.stage_collective
+        else:
+            self.ranks, self.group, self.collective = list(range(self.world)), None, self.decisions
+        self.rank = self.ranks.index(self.global_rank)  # this rank's place in its slice
+        self.stage = min(self.rank, config.model_n - 1)  # stride 2: the extra rank repeats the last stage
+        self.schedule = config.schedule(config.warm_up)
+
+    @staticmethod
+    def _placeholder(config: EngineConfig) -> EngineConfig:
+        """Until ``parallel="auto"`` has chosen (at the first call): nothing runs in parallel yet."""
+        return dataclasses.replace(config, model_n=1, stride=1, guidance=1, batch=1)
+
     # -- per call ---------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """One denoiser call: this slice's share of the batch through its stages (Note [hybrid mesh])."""
+        if self.config.parallel == "auto" and not self.parallel_options:
+            with self._where(self.step):
+                self._choose_parallel(args, kwargs)
+        if self.config.data == 1:
+            return self._call_stages(args, kwargs)
+        step, parts = self.step, self.config.data
+        with self._where(step):
+            n = self._split_batch_size(args, kwargs)
+            assert self.mesh is not None
+            index = self.mesh.data_index
+            args, kwargs = split_batch(args, n, parts, index), split_batch(kwargs, n, parts, index)
+        output = self._call_stages(args, kwargs)
+        with self._where(step):
+            return gather_batch(output, n // parts, self.mesh.data_group, parts)
+
+    def _call_stages(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         step, branch = self.step, self.branch
         start = time.perf_counter()
         with self._where(step):
@@ -409,7 +481,7 @@ class AsyncEngine:
 
     def _share_output(self, compiled: _Compiled, leaves: tuple[Any, ...], owner: int) -> Any:
         template = _output_template(compiled.traced)
-        mine = self.rank == owner
+        mine = self.global_rank == owner
         if mine:
             buffer = pack([x for x in leaves if isinstance(x, torch.Tensor)], compiled.output_layout)
         else:
@@ -435,6 +507,79 @@ class AsyncEngine:
         self.branches = [StageState()]
         self.step, self.branch, self.seconds = 0, 0, []
         self._calls += 1
+
+    # -- guidance and batch slices (Note [hybrid mesh]) ---------------------------------------
+    def _batch_size(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+        """The first dimension of the latent argument (or of the first tensor argument)."""
+        bound = inspect.signature(type(self.denoiser).forward).bind(None, *args, **kwargs).arguments
+        latent = bound.get(self.latent) if self.latent else None
+        if not isinstance(latent, torch.Tensor):
+            latent = next((x for x in pytree.tree_leaves(list(bound.values())) if isinstance(x, torch.Tensor)), None)
+        if latent is None or latent.dim() == 0:
+            raise ValueError(f"{type(self.denoiser).__name__} was called without a batched tensor; guidance/batch "
+                             f"parallelism needs one: use guidance=1, batch=1")
+        return latent.shape[0]
+
+    def _split_batch_size(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+        """This call's batch, checked to split evenly over the slices; the first call of each call
+        signature also checks that splitting it is exact (Note [batch split])."""
+        n, config = self._batch_size(args, kwargs), self.config
+        if n % config.data:
+            need = []
+            if config.guidance > 1:
+                need.append("guidance=2 needs a pipeline that batches its guidance into one denoiser call "
+                            "(guidance_scale > 1; a pipeline that calls its denoiser once per guidance branch "
+                            "cannot split it)")
+            if config.batch > 1:
+                need.append(f"batch={config.batch} needs a number of prompts x images per prompt divisible by "
+                            f"{config.batch}")
+            raise ValueError(f"this denoiser call's batch is {n}, which guidance={config.guidance} x "
+                             f"batch={config.batch} = {config.data} slices cannot split evenly: {'; '.join(need)}; "
+                             f"use parallel='auto' or fewer slices")
+        signature, _ = call_signature(self.denoiser, args, kwargs)
+        if config.verify and not self._released and signature not in self._split_checked:
+            error = self._from_rank0(lambda: verify_batch_split(self.denoiser, args, kwargs, n, config.data))
+            if error is not None:
+                raise ValueError(error)
+        self._split_checked.add(signature)
+        return n
+
+    def _choose_parallel(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """``parallel="auto"``: rank 0 models every way to use the world's processes for this call
+        and picks one (Note [choosing the mesh]); every rank then takes it."""
+        n = self._batch_size(args, kwargs)
+        guided = self.guided() if self.guided is not None else None
+        degrees = parallel_degrees(self.world, self.config.stride, n, guided)
+        self.parallel_options = self._from_rank0(lambda: [self._model_option(d, n, args, kwargs) for d in degrees])
+        chosen = choose_parallel(self.parallel_options, self.config.max_slowdown)
+        if chosen.plan is not None:
+            self.plan, self.plan_source = Plan.from_json(chosen.plan), "measured now (parallel='auto')"
+        self._setup(dataclasses.replace(self.config, model_n=chosen.stages, guidance=chosen.guidance,
+                                        batch=chosen.batch))
+
+    def _model_option(self, degrees: tuple[int, int, int], n: int, args: tuple[Any, ...],
+                      kwargs: dict[str, Any]) -> ParallelOption:
+        """Trace and profile one slice's share of this call; model a step with ``degrees``'
+        stages on it, plus the output's broadcast in the slice and its all-gather over slices."""
+        guidance, batch, stages = degrees
+        config, parts = self.config, guidance * batch
+        args, kwargs = split_batch(args, n, parts, 0), split_batch(kwargs, n, parts, 0)
+        traced = trace_denoiser(self.denoiser, args, kwargs, policy=config.policy, latent=self.latent,
+                                skeleton=self.skeleton)
+        costs = profile_blocks(traced, self.denoiser, args, kwargs, repeats=config.profile_repeats,
+                               measure_time=config.cost == "time")
+        device = _device_of(traced.flatten_call(args, kwargs))
+        bandwidth = config.planner_bandwidth(device)
+        out_bytes = sum(traced.specs[node.name].nbytes for node in _output_template(traced)
+                        if isinstance(node, torch.fx.Node))
+        comm = (out_bytes * (parts - 1) + (out_bytes if stages > 1 else 0)) / bandwidth if bandwidth else 0.0
+        if stages == 1:
+            total = sum(c.seconds if config.cost == "time" else float(c.flops) for c in costs.values())
+            return ParallelOption(guidance, batch, stages, total + comm, 0, None)
+        plan = auto_plan(traced, costs, stages, cost=config.cost, bandwidth=bandwidth, layouts=config.plan_layouts,
+                         max_slowdown=config.max_slowdown)
+        return ParallelOption(guidance, batch, stages, float(plan.notes["modeled_step"]) + comm,
+                              int(plan.notes["main_path_depth"]), plan.to_json())
 
     # -- planning ---------------------------------------------------------------------------
     def _compile(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Compiled:
@@ -473,14 +618,14 @@ class AsyncEngine:
         """``compute()`` on rank 0, its result on every rank; a ``ValueError`` it raises is raised
         on every rank, with the same message."""
         result, error = None, None
-        if self.rank == 0:
+        if self.global_rank == 0:
             try:
                 result = compute()
             except ValueError as err:
                 error = str(err)
-        if self.collective is not None:
+        if self.decisions is not None:
             box = [(result, error)]
-            dist.broadcast_object_list(box, src=0, group=self.collective)
+            dist.broadcast_object_list(box, src=0, group=self.decisions)
             result, error = box[0]
         if error is not None:
             raise ValueError(error)

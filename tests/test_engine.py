@@ -199,15 +199,19 @@ def test_bad_config(kwargs, match):
 def test_stride_2_needs_a_contiguous_layout_and_timesteps():
     with pytest.raises(ValueError, match=r"stride=2 runs contiguous plans only"):
         EngineConfig(model_n=2, stride=2, layouts=("wrapped",))
-    with pytest.raises(ValueError, match=r"world size is 2 but model_n=2, stride=2 need 3 processes"):
+    with pytest.raises(ValueError, match=r"world size is 2 but guidance=1 x batch=1 x \(model_n=2 \+ stride=2 - 1\) "
+                                         r"= 3 processes"):
         EngineConfig(model_n=2, stride=2).check_world_size(2)
 
 
 def test_world_size_must_fit_model_n_and_stride():
-    with pytest.raises(ValueError, match=r"world size is 3 but model_n=2, stride=1 need 2 processes; "
-                                         r"launch with --nproc_per_node=2 or use model_n=3"):
+    with pytest.raises(ValueError, match=r"world size is 3 but guidance=1 x batch=1 x \(model_n=2 \+ stride=1 - 1\) "
+                                         r"= 2 processes; launch with --nproc_per_node=2 or use model_n=3"):
         EngineConfig(model_n=2).check_world_size(3)
-    with pytest.raises(ValueError, match=r"world size is 1 but model_n=2"):
+    with pytest.raises(ValueError, match=r"world size is 6 but guidance=2 x batch=1 x \(model_n=2 \+ stride=1 - 1\) "
+                                         r"= 4 processes; launch with --nproc_per_node=4 or use model_n=3"):
+        EngineConfig(model_n=2, guidance=2).check_world_size(6)
+    with pytest.raises(ValueError, match=r"world size is 1 but guidance=1 x batch=1 x \(model_n=2"):
         AsyncEngine(ToyDenoiser(), EngineConfig(model_n=2))
 
 

@@ -446,3 +446,38 @@ def fixed_input_engine(layout: str, steps: int, warm_up: int) -> tuple[list[torc
     engine = AsyncEngine(ToyDenoiser(), config, latent="sample")
     with torch.no_grad():
         return [engine(*args, **kwargs)[0] for args, kwargs in fixed_calls(steps)], engine.plan
+
+
+def hybrid_scenarios(guidance: int, batch: int, steps: int, prompts: int, plan_json: str | None = None,
+                     guidance_scale: float = 7.5, parallel: str | None = None) -> dict[str, Any]:
+    """Note [hybrid mesh] on the tiny SD 1.5 pipeline with ``prompts`` prompts: the plain
+    pipeline's latents, then guidance x batch slices of the remaining processes' stages with
+    every step a warm-up step, and with warm-up 1 (the plan from ``plan_json``, or FLOP-planned)."""
+    from asyncdiff import AsyncDiff
+    from asyncdiff.engine.runtime import stages_for
+    from asyncdiff.models.sd import build_sd15
+    from asyncdiff.partition.plan import Plan
+
+    pipe = build_sd15("tiny", seed=0)
+
+    def latents() -> torch.Tensor:
+        with torch.no_grad():
+            return pipe(["a cat", "a dog", "a red house", "a boat"][:prompts], num_inference_steps=steps,
+                        guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(0),
+                        output_type="latent").images
+
+    results: dict[str, Any] = {"reference": latents()}
+    stages = stages_for(dist.get_world_size(), 1, guidance * batch)
+    plan = Plan.from_json(plan_json) if plan_json else None
+    async_diff = AsyncDiff(pipe, model_n=stages, warm_up=steps, guidance=guidance, batch=batch, plan=plan,
+                           cost="flops", parallel=parallel)
+    results["exact"] = latents()
+    config = async_diff.engine.config
+    results["degrees"] = (config.guidance, config.batch, config.model_n)
+    results["options"] = [(o.guidance, o.batch, o.stages, o.depth) for o in async_diff.engine.parallel_options]
+    async_diff.reset_state(warm_up=1)
+    results["stale"] = latents()
+    results["plan"] = async_diff.plan
+    results["denoiser_bytes"] = sum(t.numel() for t in pipe.unet.parameters())
+    async_diff.remove()
+    return results

@@ -1,0 +1,135 @@
+"""Several kinds of parallelism over one set of processes: guidance x batch x stage.
+
+Note [hybrid mesh]: N stale stages are one way to use N devices. Splitting the batch of every
+denoiser call is another, and it is exact (no stale input anywhere): a pipeline with
+classifier-free guidance calls its denoiser on a batch of 2B (the unconditional half, then the
+conditional half), and B prompts or images per prompt make a batch too. The processes form a
+device mesh (``init_device_mesh``) with three named dimensions, ``guidance`` x ``batch`` x
+``stage``, whose product is the world size (``stage`` counts the processes of one stage engine:
+``model_n`` plus one for stride 2). Each (guidance, batch) coordinate is a *slice*: the stage
+engine runs inside it unchanged, and its point-to-point traffic and collectives stay inside it.
+Per call, every slice takes its share of the batch (chunk ``g * batch + b`` of ``guidance *
+batch`` equal chunks), runs it through its stages, and one all-gather over the *data group* (the
+ranks at one stage coordinate of every slice) gives every rank the whole output, so that the
+pipeline's own loop (guidance, scheduler, decoding) runs unchanged on every rank.
+
+What is split: every tensor argument whose first dimension equals the latent's batch size; the
+rest (a 0-d timestep, position ids) goes whole to every slice. Guidance and batch are one
+mechanism on the denoiser's batch; the names say which part of the batch a dimension splits,
+which the automatic choice needs (a guidance dimension exists only where the pipeline batches
+its guidance) and the user reads. A pipeline that makes its guidance two calls (Note [branches]
+in runtime.py) has a batch of B per call: batch parallelism applies, guidance parallelism does
+not, and asking for it is an error at the first call.
+
+Note [batch split]: a split batch is exact in arithmetic but not always in the last bits: a
+matrix multiply of B rows may take another blocking, and so another summation order, than one
+of 2B rows. So the first call of each call signature checks on rank 0, while every weight is
+still there, that the denoiser's output on the whole batch equals its outputs on the chunks,
+concatenated, to Note [verify]'s tolerance (1e-4 of the output's largest magnitude in float32).
+A denoiser that mixes samples (a norm over the batch, a reshape of the batch into tokens) differs
+by far more and stops every rank with an error; ``verify=False`` skips the check.
+
+Example (not run here: needs 4 processes)::
+
+    mesh = ProcessMesh(guidance=2, batch=1, stage_world=2, device_type="cpu")
+    mesh.stage_ranks    # [0, 1] on ranks 0 and 1, [2, 3] on ranks 2 and 3
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.utils._pytree as pytree
+from torch.distributed.device_mesh import init_device_mesh
+
+from asyncdiff.kernels.pack import PackLayout, pack, unpack
+
+__all__ = ["DIMS", "ProcessMesh", "gather_batch", "split_batch"]
+
+DIMS = ("guidance", "batch", "stage")
+
+
+class ProcessMesh:
+    """This process's place in the guidance x batch x stage mesh and the groups it talks on
+    (Note [hybrid mesh]); every process of the world constructs it at the same time."""
+
+    def __init__(self, guidance: int, batch: int, stage_world: int, device_type: str,
+                 timeout_s: float = 300.0) -> None:
+        world = dist.get_world_size()
+        if guidance * batch * stage_world != world:
+            raise ValueError(f"guidance={guidance} x batch={batch} x {stage_world} stage processes = "
+                             f"{guidance * batch * stage_world} processes, but the world size is {world}")
+        self.mesh = init_device_mesh(device_type, (guidance, batch, stage_world), mesh_dim_names=DIMS)
+        g, b, s = self.mesh.get_coordinate()
+        grid = self.mesh.mesh
+        self.guidance, self.batch = guidance, batch
+        self.stage_ranks: list[int] = grid[g, b].tolist()
+        self.stage_group = self.mesh.get_group("stage")
+        self.data_index = g * batch + b
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # Every process takes part in creating every subgroup; each keeps its own.
+        self.stage_collective, _ = dist.new_subgroups_by_enumeration(
+            [grid[i, j].tolist() for i in range(guidance) for j in range(batch)], timeout=timeout)
+        self.data_group, _ = dist.new_subgroups_by_enumeration(
+            [grid[:, :, k].flatten().tolist() for k in range(stage_world)], timeout=timeout)
+
+    @property
+    def data_size(self) -> int:
+        return self.guidance * self.batch
+
+
+def _leading(x: Any, n: int) -> bool:
+    return isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == n
+
+
+def split_batch(tree: Any, n: int, parts: int, index: int) -> Any:
+    """Chunk ``index`` of ``parts`` of every tensor in ``tree`` whose first dimension is ``n``
+    (Note [hybrid mesh]); other leaves as they are. ``n`` must divide evenly."""
+    return pytree.tree_map(lambda x: x.tensor_split(parts)[index] if _leading(x, n) else x, tree)
+
+
+def gather_batch(output: Any, chunk: int, group: dist.ProcessGroup | None, parts: int) -> Any:
+    """The whole batch from every data rank's ``output`` (tensors whose first dimension is
+    ``chunk``), concatenated in data-rank order; one all-gather of one packed buffer."""
+    leaves, spec = pytree.tree_flatten(output)
+    split = [i for i, x in enumerate(leaves) if _leading(x, chunk)]
+    layout = PackLayout.of([(leaves[i].shape, leaves[i].dtype) for i in split])
+    mine = pack([leaves[i] for i in split], layout)
+    every = [torch.empty_like(mine) for _ in range(parts)]
+    dist.all_gather(every, mine, group=group)
+    pieces = [unpack(buffer, layout) for buffer in every]
+    for j, i in enumerate(split):
+        leaves[i] = torch.cat([piece[j] for piece in pieces])
+    return pytree.tree_unflatten(leaves, spec)
+
+
+def concat_chunks(outputs: Sequence[Any], chunk: int) -> Any:
+    """One process's equivalent of :func:`gather_batch`: chunk outputs concatenated."""
+    leaves = [pytree.tree_flatten(o)[0] for o in outputs]
+    spec = pytree.tree_flatten(outputs[0])[1]
+    merged = [torch.cat([ls[i] for ls in leaves]) if _leading(x, chunk) else x for i, x in enumerate(leaves[0])]
+    return pytree.tree_unflatten(merged, spec)
+
+
+def verify_batch_split(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], n: int,
+                       parts: int) -> str | None:
+    """Note [batch split]: None where ``denoiser`` on the whole batch equals its outputs on
+    ``parts`` chunks, concatenated; else the error. Two denoiser calls' work, on one process."""
+    from asyncdiff.partition.verify import _difference, _eager, _fresh, _tensor_leaves
+
+    whole = _eager(denoiser)(*_fresh(args), **_fresh(kwargs))
+    chunks = [_eager(denoiser)(*_fresh(split_batch(args, n, parts, i)), **_fresh(split_batch(kwargs, n, parts, i)))
+              for i in range(parts)]
+    want, got = _tensor_leaves(whole), _tensor_leaves(concat_chunks(chunks, n // parts))
+    for i, (g, w) in enumerate(zip(got, want)):
+        error = _difference(g, w)
+        if error is not None:
+            return (f"{type(denoiser).__name__} gives other values on a split batch: output {i} differs by {error} "
+                    f"between one call on the batch of {n} and {parts} calls on chunks of {n // parts}; it mixes "
+                    f"samples of the batch, so guidance/batch parallelism cannot be exact for it: use "
+                    f"guidance=1, batch=1 (stages only)")
+    return None
