@@ -39,10 +39,10 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from asyncdiff.engine.comm import Pending, StageChannel
-from asyncdiff.engine.mesh import ProcessMesh, gather_batch, split_batch, verify_batch_split
+from asyncdiff.engine.mesh import ProcessMesh, gather_batch, model_option, split_batch, verify_batch_split
 from asyncdiff.engine.schedule import Schedule, StepKind
 from asyncdiff.kernels.pack import FP8, PackLayout, pack, unpack
-from asyncdiff.partition.auto import COSTS, auto_plan
+from asyncdiff.partition.auto import COSTS
 from asyncdiff.partition.blocks import BlockPolicy
 from asyncdiff.partition.cache import cached_plan, device_kind
 from asyncdiff.partition.hybrid import ParallelOption, choose_parallel, parallel_degrees
@@ -538,7 +538,9 @@ class AsyncEngine:
                              f"use parallel='auto' or fewer slices")
         signature, _ = call_signature(self.denoiser, args, kwargs)
         if config.verify and not self._released and signature not in self._split_checked:
+            start = time.perf_counter()
             error = self._from_rank0(lambda: verify_batch_split(self.denoiser, args, kwargs, n, config.data))
+            self.compile_seconds += time.perf_counter() - start
             if error is not None:
                 raise ValueError(error)
         self._split_checked.add(signature)
@@ -547,39 +549,27 @@ class AsyncEngine:
     def _choose_parallel(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """``parallel="auto"``: rank 0 models every way to use the world's processes for this call
         and picks one (Note [choosing the mesh]); every rank then takes it."""
+        start = time.perf_counter()
         n = self._batch_size(args, kwargs)
         guided = self.guided() if self.guided is not None else None
         degrees = parallel_degrees(self.world, self.config.stride, n, guided)
-        self.parallel_options = self._from_rank0(lambda: [self._model_option(d, n, args, kwargs) for d in degrees])
+        config = self.config
+
+        def model() -> list[ParallelOption]:
+            tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+            bandwidth = config.planner_bandwidth(_device_of(tensors))
+            return [model_option(self.denoiser, args, kwargs, d, n, policy=config.policy, latent=self.latent,
+                                 skeleton=self.skeleton, cost=config.cost, bandwidth=bandwidth,
+                                 layouts=config.plan_layouts, max_slowdown=config.max_slowdown,
+                                 repeats=config.profile_repeats) for d in degrees]
+
+        self.parallel_options = self._from_rank0(model)
         chosen = choose_parallel(self.parallel_options, self.config.max_slowdown)
         if chosen.plan is not None:
             self.plan, self.plan_source = Plan.from_json(chosen.plan), "measured now (parallel='auto')"
         self._setup(dataclasses.replace(self.config, model_n=chosen.stages, guidance=chosen.guidance,
                                         batch=chosen.batch))
-
-    def _model_option(self, degrees: tuple[int, int, int], n: int, args: tuple[Any, ...],
-                      kwargs: dict[str, Any]) -> ParallelOption:
-        """Trace and profile one slice's share of this call; model a step with ``degrees``'
-        stages on it, plus the output's broadcast in the slice and its all-gather over slices."""
-        guidance, batch, stages = degrees
-        config, parts = self.config, guidance * batch
-        args, kwargs = split_batch(args, n, parts, 0), split_batch(kwargs, n, parts, 0)
-        traced = trace_denoiser(self.denoiser, args, kwargs, policy=config.policy, latent=self.latent,
-                                skeleton=self.skeleton)
-        costs = profile_blocks(traced, self.denoiser, args, kwargs, repeats=config.profile_repeats,
-                               measure_time=config.cost == "time")
-        device = _device_of(traced.flatten_call(args, kwargs))
-        bandwidth = config.planner_bandwidth(device)
-        out_bytes = sum(traced.specs[node.name].nbytes for node in _output_template(traced)
-                        if isinstance(node, torch.fx.Node))
-        comm = (out_bytes * (parts - 1) + (out_bytes if stages > 1 else 0)) / bandwidth if bandwidth else 0.0
-        if stages == 1:
-            total = sum(c.seconds if config.cost == "time" else float(c.flops) for c in costs.values())
-            return ParallelOption(guidance, batch, stages, total + comm, 0, None)
-        plan = auto_plan(traced, costs, stages, cost=config.cost, bandwidth=bandwidth, layouts=config.plan_layouts,
-                         max_slowdown=config.max_slowdown)
-        return ParallelOption(guidance, batch, stages, float(plan.notes["modeled_step"]) + comm,
-                              int(plan.notes["main_path_depth"]), plan.to_json())
+        self.compile_seconds += time.perf_counter() - start
 
     # -- planning ---------------------------------------------------------------------------
     def _compile(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Compiled:

@@ -90,8 +90,8 @@ def _tensor_leaves(tree: Any) -> list[torch.Tensor]:
     return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
 
 
-def _difference(got: torch.Tensor, want: torch.Tensor) -> str | None:
-    """None when ``got`` equals ``want`` to float noise; else how they differ."""
+def _difference(got: torch.Tensor, want: torch.Tensor, looser: float = 1.0) -> str | None:
+    """None when ``got`` equals ``want`` to float noise (``looser`` times the tolerance); else how they differ."""
     if got.shape != want.shape or got.dtype != want.dtype:
         return f"shape/dtype {tuple(got.shape)} {got.dtype} against {tuple(want.shape)} {want.dtype}"
     if torch.equal(got, want) or got.numel() == 0:
@@ -105,7 +105,7 @@ def _difference(got: torch.Tensor, want: torch.Tensor) -> str | None:
     finite = ~torch.isnan(w)
     err = float((g - w)[finite].abs().max()) if bool(finite.any()) else 0.0
     scale = float(w[finite].abs().max()) if bool(finite.any()) else 0.0
-    allowed = _TOLERANCE.get(got.dtype, 1e-2) * max(scale, 1e-30)
+    allowed = _TOLERANCE.get(got.dtype, 1e-2) * looser * max(scale, 1e-30)
     if err <= allowed:
         return None
     return f"{err:.3g} (max abs; {allowed:.3g} allowed, the output's largest magnitude is {scale:.3g})"

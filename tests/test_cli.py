@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -83,7 +84,7 @@ def test_bench_table_json_and_plot(tmp_path):
     done = run_cli("bench", "--size", "tiny", "--devices", "1,2", "--steps", "3", "--warm-up", "1",
                    "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png"))
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "| devices | stride | warm-up | seconds | speed-up |" in done.stdout
+    assert "| devices | mesh (guidance x batch x stages) | stride | warm-up | seconds | speed-up |" in done.stdout
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert [(r["devices"], r["stride"]) for r in rows] == [(1, 1), (2, 1)]
     assert rows[0]["speedup"] == 1.0 and rows[1]["deviation"] > 0  # warm-up 1 of 3 steps: stale inputs
@@ -114,3 +115,42 @@ def test_same_command_same_plan_and_same_image_in_fresh_processes(tmp_path, monk
     assert records[0]["plan"] == records[1]["plan"] == records[2]["plan"]
     assert images[0] == images[1] == images[2]
     assert records[0]["main_path_depth"] in (1, 2)  # contiguous or wrapped 2-stage plan
+
+
+def test_guidance_parallel_gives_the_sequential_picture_and_auto_lists_its_options(tmp_path):
+    """Note [hybrid mesh]: the guidance halves on two processes; Note [choosing the mesh]: auto."""
+    records, pictures = {}, {}
+    for label, extra in (("sequential", ("--devices", "1")), ("guidance", ("--devices", "2", "--guidance-parallel")),
+                         ("auto", ("--devices", "2", "--parallel", "auto", "--cost", "flops"))):
+        out = tmp_path / f"{label}.png"
+        done = run_cli("generate", "--steps", "3", "--seed", "2", "--out", str(out), *extra)
+        assert done.returncode == 0, done.stderr[-2000:]
+        records[label] = json.loads(done.stdout.strip().splitlines()[-1])
+        with Image.open(out) as image:
+            pictures[label] = np.asarray(image, dtype=np.int16)
+    assert (records["guidance"]["guidance"], records["guidance"]["stages"]) == (2, 1)
+    assert records["guidance"]["main_path_depth"] == 0
+    assert np.abs(pictures["guidance"] - pictures["sequential"]).max() <= 1  # float noise, at most 1/255
+    options = records["auto"]["parallel_options"]
+    assert [(o["guidance"], o["stages"], o["main_path_depth"]) for o in options] == [(1, 2, 1), (2, 1, 0)]
+    assert (records["auto"]["guidance"], records["auto"]["stages"]) == (2, 1)  # FLOPs: the exact split is faster
+
+
+def test_mesh_arithmetic_errors_before_starting_processes(capsys):
+    assert main(["generate", "--devices", "3", "--guidance-parallel"]) == 2
+    assert ("devices=3 is not a multiple of guidance=2 x batch=1 = 2 slices; use devices = a multiple of 2"
+            in capsys.readouterr().err)
+    assert main(["generate", "--devices", "1", "--batch-parallel", "2"]) == 2
+    assert "guidance/batch parallelism and parallel='auto' need devices >= 2" in capsys.readouterr().err
+    assert main(["bench", "--slices", "3x1"]) == 2
+    assert "--slices='3x1' must list settings of 1x1, 2x1, 1x2, 2x2, auto" in capsys.readouterr().err
+
+
+def test_inspect_lists_every_way_to_use_the_devices(capsys):
+    assert main(["inspect", "--size", "tiny", "--devices", "4", "--cost", "flops", "--bandwidth", "nvlink"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "4 devices, denoiser batch 2, stride 1, flops on nvlink" in lines[0]
+    assert [line[2:].split(":")[0] for line in lines[1:]] == [
+        "guidance 1 x batch 1 x stages 4", "guidance 2 x batch 1 x stages 2"]
+    assert sum(line.startswith("*") for line in lines[1:]) == 1
+    assert all(line.endswith("step(s) stale") for line in lines[1:])  # a guidance half of 2 is 2 stages again

@@ -70,13 +70,17 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--transfer-dtype", default=None, choices=tuple(TRANSFER_DTYPES),
                      help="send boundary values of asynchronous steps in this narrower dtype "
                      "(float8: e4m3 with a per-tensor scale)")
+    _add_mesh_options(gen)
 
     ins = commands.add_parser("inspect", help="plan a split and show it, without running anything in parallel")
     source = ins.add_mutually_exclusive_group()
     source.add_argument("--pipeline", default="sd15", choices=list(BUILDERS))
     source.add_argument("--model", default=None, help="local folder or hub id of a diffusers pipeline")
     ins.add_argument("--size", default="tiny", choices=SIZE_NAMES, help="built-in model size")
-    ins.add_argument("--stages", type=_positive, required=True)
+    what = ins.add_mutually_exclusive_group(required=True)
+    what.add_argument("--stages", type=_positive, help="plan this many stages and report the split")
+    what.add_argument("--devices", type=_positive, help="list every guidance x batch x stages way to use this many "
+                      "devices, with its modelled step and staleness, and the one --parallel auto takes")
     ins.add_argument("--cost", default="flops", choices=("time", "flops"),
                      help="flops: on meta tensors, no weights needed; time: measured on this machine")
     ins.add_argument("--bandwidth", default="nvlink", choices=sorted(LINKS), help="link preset for the step model")
@@ -105,9 +109,30 @@ def _parser() -> argparse.ArgumentParser:
                        help="what the planner balances (flops: the same plan in every run)")
     bench.add_argument("--transfer-dtype", default=None, choices=tuple(TRANSFER_DTYPES))
     bench.add_argument("--refresh-every", type=_positive, default=None)
+    bench.add_argument("--slices", default="1x1", help="comma-separated guidance x batch settings to run at each "
+                       "device count, of 1x1 (stages only), 2x1, 1x2, 2x2 and auto, e.g. 1x1,2x1,auto")
+    _add_call_options(bench)
     bench.add_argument("--json", dest="json_path", default=None, help="write the rows as JSON")
     bench.add_argument("--plot", default=None, help="write a PNG of speed-up against devices")
     return parser
+
+
+def _add_mesh_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--guidance-parallel", action="store_true",
+                        help="split each denoiser call's guidance halves over two slices of devices/2 processes "
+                        "(exact; needs a pipeline that batches its guidance)")
+    parser.add_argument("--batch-parallel", type=_positive, default=1, metavar="D",
+                        help="split the prompt batch over D slices (exact; needs a batch divisible by D)")
+    parser.add_argument("--parallel", default=None, choices=("auto",),
+                        help="auto: choose guidance, batch and stage degrees for --devices at the first call "
+                        "and print the modelled alternatives")
+    _add_call_options(parser)
+
+
+def _add_call_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="the pipeline's guidance_scale (default: the pipeline's; <= 1 turns guidance off)")
+    parser.add_argument("--images-per-prompt", type=_positive, default=1, help="the pipeline's num_images_per_prompt")
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -121,7 +146,7 @@ def _int_list(text: str, option: str) -> list[int]:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from asyncdiff.bench import bench, format_rows, plot_rows, to_json
+    from asyncdiff.bench import SLICES, bench, format_rows, plot_rows, to_json
     from asyncdiff.generate import GenerateSpec
 
     devices, strides = _int_list(args.devices, "--devices"), _int_list(args.stride, "--stride")
@@ -129,10 +154,14 @@ def _bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--stride={args.stride!r}: strides are 1 or 2")
     if args.refresh_every and 2 in strides:
         raise ValueError("--refresh-every works with stride 1 only; use --stride 1")
+    slices = [v.strip() for v in args.slices.split(",") if v.strip()]
+    if not slices or set(slices) - set(SLICES):
+        raise ValueError(f"--slices={args.slices!r} must list settings of {', '.join(SLICES)}")
     spec = GenerateSpec(pipeline=args.pipeline, size=args.size, steps=args.steps, warm_up=args.warm_up, seed=args.seed,
                         prompt=args.prompt, threads_per_device=args.threads_per_device, devices=1, out=None,
-                        transfer_dtype=args.transfer_dtype, refresh_every=args.refresh_every, cost=args.cost)
-    rows = bench(spec, devices, strides)
+                        transfer_dtype=args.transfer_dtype, refresh_every=args.refresh_every, cost=args.cost,
+                        images_per_prompt=args.images_per_prompt, guidance_scale=args.guidance_scale)
+    rows = bench(spec, devices, strides, slices)
     print(format_rows(rows))
     if args.json_path:
         with open(args.json_path, "w") as f:
@@ -150,6 +179,13 @@ def _inspect(args: argparse.Namespace) -> int:
     call = {} if args.model else example_inputs(args.pipeline, args.size)
     if "prompt" in inspect.signature(type(pipe).__call__).parameters:  # not for unconditional pipelines
         call["prompt"] = args.prompt
+    if args.devices:
+        from asyncdiff.inspection import parallel_report
+
+        _, _, table = parallel_report(pipe, devices=args.devices, cost=args.cost, link=args.bandwidth,
+                                      policy=args.policy, max_slowdown=args.max_slowdown, **call)
+        print(table)
+        return 0
     plan = None
     if args.plan:
         from asyncdiff.partition.plan import Plan
@@ -182,7 +218,9 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed, prompt=args.prompt, out=args.out,
         threads_per_device=args.threads_per_device, policy=args.policy, cost=args.cost, plan=args.plan,
         image=args.image, mask=args.mask, transfer_dtype=args.transfer_dtype,
-        max_slowdown=args.max_slowdown, replan=args.replan,
+        max_slowdown=args.max_slowdown, replan=args.replan, guidance=2 if args.guidance_parallel else 1,
+        batch=args.batch_parallel, parallel=args.parallel, images_per_prompt=args.images_per_prompt,
+        guidance_scale=args.guidance_scale,
     )
     result = run(spec)
     if int(os.environ.get("RANK", 0)) == 0:

@@ -50,6 +50,11 @@ class GenerateSpec:
     refresh_drift: float | None = None  # a sequential step when boundary values drift past this
     max_slowdown: float = MAX_SLOWDOWN  # modelled speed the planner gives up for a less stale plan
     replan: bool = False  # plan anew instead of reusing the cached plan of this call
+    guidance: int = 1  # 2: the guidance halves of each denoiser call on two slices (Note [hybrid mesh])
+    batch: int = 1  # slices the prompt batch is split over
+    parallel: str | None = None  # "auto": choose guidance, batch and stages at the first call
+    images_per_prompt: int = 1  # the pipeline's num_images_per_prompt
+    guidance_scale: float | None = None  # the pipeline's guidance_scale (None: its default)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -67,27 +72,41 @@ class GenerateSpec:
         if self.out and self.pipeline in VIDEO_PIPELINES and self.model is None \
                 and not self.out.endswith((".gif", ".mp4")):
             raise ValueError(f"out={self.out!r}: {self.pipeline} makes a video; write .gif or .mp4")
-        for name in ("devices", "steps", "threads_per_device"):
+        for name in ("devices", "steps", "threads_per_device", "images_per_prompt"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
         if self.warm_up < 0:
             raise ValueError(f"warm-up={self.warm_up} must be >= 0")
         if self.devices > 1:
-            from asyncdiff.engine.runtime import EngineConfig
-
-            if self.stages < 2:
-                raise ValueError(f"devices={self.devices} with stride={self.stride} leaves fewer than 2 stages; "
-                                 f"use devices >= {self.stride + 1}")
-            EngineConfig(model_n=self.stages, stride=self.stride, warm_up=self.warm_up, time_shift=self.time_shift,
-                         policy=self.policy, cost=self.cost, transfer_dtype=self.transfer_dtype,
-                         refresh_every=self.refresh_every, refresh_drift=self.refresh_drift,
-                         max_slowdown=self.max_slowdown, replan=self.replan)
+            data = self.guidance * self.batch
+            if self.parallel is None and self.devices % data:
+                raise ValueError(f"devices={self.devices} is not a multiple of guidance={self.guidance} x "
+                                 f"batch={self.batch} = {data} slices; use devices = a multiple of {data}")
+            if self.parallel is None and self.stages < (2 if data == 1 else 1):
+                raise ValueError(f"devices={self.devices} with stride={self.stride} leaves fewer than "
+                                 f"{2 if data == 1 else 1} stage(s) per slice; use devices >= "
+                                 f"{data * (self.stride + (1 if data == 1 else 0))}")
+            self.engine_config()
+        elif self.guidance * self.batch > 1 or self.parallel is not None:
+            raise ValueError("guidance/batch parallelism and parallel='auto' need devices >= 2")
 
     @property
     def stages(self) -> int:
         from asyncdiff.engine.runtime import stages_for
 
-        return stages_for(self.devices, self.stride) if self.devices > 1 else 1
+        if self.parallel == "auto":
+            return stages_for(self.devices, self.stride)  # a placeholder until the first call chooses
+        return stages_for(self.devices, self.stride, self.guidance * self.batch) if self.devices > 1 else 1
+
+    def engine_config(self) -> Any:
+        """The engine's settings of this run (validated there)."""
+        from asyncdiff.engine.runtime import EngineConfig
+
+        return EngineConfig(model_n=max(1, self.stages), stride=self.stride, warm_up=self.warm_up,
+                            time_shift=self.time_shift, policy=self.policy, cost=self.cost,
+                            transfer_dtype=self.transfer_dtype, refresh_every=self.refresh_every,
+                            refresh_drift=self.refresh_drift, max_slowdown=self.max_slowdown, replan=self.replan,
+                            guidance=self.guidance, batch=self.batch, parallel=self.parallel)
 
 
 def _load_pipeline(spec: GenerateSpec) -> Any:
@@ -119,6 +138,14 @@ def _call_kwargs(spec: GenerateSpec, pipe: Any, keep: dict[str, torch.Tensor]) -
             kwargs[name] = Image.open(path).convert("RGB")
     if "prompt" in params:
         kwargs["prompt"] = spec.prompt
+    if spec.guidance_scale is not None:
+        if "guidance_scale" not in params:
+            raise ValueError(f"{type(pipe).__name__} takes no guidance_scale; drop --guidance-scale")
+        kwargs["guidance_scale"] = spec.guidance_scale
+    if spec.images_per_prompt > 1:
+        if "num_images_per_prompt" not in params:
+            raise ValueError(f"{type(pipe).__name__} takes no num_images_per_prompt; drop --images-per-prompt")
+        kwargs["num_images_per_prompt"] = spec.images_per_prompt
 
     if "callback_on_step_end" in params:
         def on_step_end(_pipe: Any, _i: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
@@ -228,7 +255,8 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
                 plan = Plan.from_json(f.read())
         options = dict(plan=plan, policy=spec.policy, transfer_dtype=spec.transfer_dtype,
                        refresh_every=spec.refresh_every, refresh_drift=spec.refresh_drift,
-                       max_slowdown=spec.max_slowdown, replan=spec.replan)
+                       max_slowdown=spec.max_slowdown, replan=spec.replan, guidance=spec.guidance,
+                       batch=spec.batch)
         if spec.model is not None:  # each rank reads only its stage's weights (Note [stage-only loading])
             async_diff = AsyncDiff.from_pretrained(spec.model, spec.stages, spec.stride, spec.warm_up,
                                                    spec.time_shift, **options)
@@ -236,7 +264,7 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
         else:
             pipe = _load_pipeline(spec)
             async_diff = AsyncDiff(pipe, model_n=spec.stages, stride=spec.stride, warm_up=spec.warm_up,
-                                   time_shift=spec.time_shift, cost=spec.cost, **options)
+                                   time_shift=spec.time_shift, cost=spec.cost, parallel=spec.parallel, **options)
         async_diff.reset_state(warm_up=spec.warm_up)
     else:
         pipe = _load_pipeline(spec)
@@ -261,6 +289,13 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
     }
     if async_diff is not None:
         from asyncdiff.partition.report import LINKS
+
+        config = async_diff.engine.config  # parallel="auto" chose its degrees at the first call
+        result.update(stages=config.model_n, guidance=config.guidance, batch=config.batch)
+        if async_diff.engine.parallel_options:
+            result["parallel_options"] = [
+                {"guidance": o.guidance, "batch": o.batch, "stages": o.stages, "modeled_step": round(o.step, 6),
+                 "main_path_depth": o.depth} for o in async_diff.engine.parallel_options]
 
         calls_per_step = max(1, timer.calls // spec.steps)  # 2 where guidance is two calls (Note [branches])
         kinds = [kind for kind, _ in async_diff.engine.seconds]

@@ -11,6 +11,7 @@ Example (a new architecture, no adapter needed):
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from asyncdiff.partition.auto import plan_candidates, plan_depth
 from asyncdiff.partition.blocks import BlockPolicy
 from asyncdiff.partition.cache import cached_plan, device_kind
 from asyncdiff.partition.drift import AsyncSimulator
+from asyncdiff.partition.hybrid import ParallelOption, choose_parallel, format_options, parallel_degrees
 from asyncdiff.partition.planner import LAYOUTS, MAX_SLOWDOWN
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.profile import profile_blocks
@@ -28,7 +30,7 @@ from asyncdiff.partition.report import LINKS, PartitionReport, build_report
 from asyncdiff.partition.split import SplitDenoiser, split_graph
 from asyncdiff.partition.trace import TracedDenoiser, trace_denoiser
 
-__all__ = ["final_latents", "load_for_inspection", "partition_report", "pipeline_report"]
+__all__ = ["final_latents", "load_for_inspection", "parallel_report", "partition_report", "pipeline_report"]
 
 
 def partition_report(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, stages: int,
@@ -98,13 +100,44 @@ def pipeline_report(pipeline: Any, *, stages: int, cost: str = "flops", link: st
                             max_slowdown=max_slowdown, replan=replan, drift=drift)
 
 
+def parallel_report(pipeline: Any, *, devices: int, stride: int = 1, cost: str = "flops", link: str = "gloo",
+                    policy: str | BlockPolicy = "fine", max_slowdown: float = MAX_SLOWDOWN,
+                    **call_kwargs: Any) -> tuple[list[ParallelOption], ParallelOption, str]:
+    """Every way to run ``pipeline``'s denoiser call on ``devices`` processes (guidance x batch x
+    stages, Note [choosing the mesh]) with its modelled step in seconds on ``link`` and its
+    staleness; the one ``parallel="auto"`` takes; and both as a table."""
+    from asyncdiff.adapters.api import _guided
+    from asyncdiff.adapters.capture import capture_denoiser_call
+    from asyncdiff.adapters.registry import adapter_for
+    from asyncdiff.engine.mesh import model_option
+
+    if link not in LINKS:
+        raise ValueError(f"link={link!r} is not a preset; use one of {sorted(LINKS)}")
+    adapter = adapter_for(pipeline)
+    args, kwargs = capture_denoiser_call(pipeline, adapter.denoiser, **call_kwargs)
+    denoiser = getattr(pipeline, adapter.denoiser)
+    bound = inspect.signature(type(denoiser).forward).bind(None, *args, **kwargs).arguments
+    latent = bound.get(adapter.latent) if adapter.latent else None
+    if not isinstance(latent, torch.Tensor):
+        latent = next(x for x in pytree.tree_leaves(list(bound.values())) if isinstance(x, torch.Tensor))
+    n, unit = latent.shape[0], "s" if cost == "time" else "flop"
+    options = [model_option(denoiser, args, kwargs, degrees, n, policy=policy, latent=adapter.latent, cost=cost,
+                            bandwidth=LINKS[link].planner_bandwidth(unit), max_slowdown=max_slowdown)
+               for degrees in parallel_degrees(devices, stride, n, _guided(pipeline))]
+    chosen = choose_parallel(options, max_slowdown)
+    options = [dataclasses.replace(o, step=LINKS[link].seconds(o.step, unit)) for o in options]
+    chosen = options[[(o.guidance, o.batch, o.stages) for o in options].index(
+        (chosen.guidance, chosen.batch, chosen.stages))]
+    title = (f"{adapter.name}: {devices} devices, denoiser batch {n}, stride {stride}, {cost} on {link} "
+             f"(* = parallel='auto')")
+    return options, chosen, f"{title}\n{format_options(options, chosen)}"
+
+
 def final_latents(pipeline: Any, attr: str, simulator: AsyncSimulator | None, steps: int,
                   call_kwargs: dict[str, Any]) -> torch.Tensor:
     """The latents after the last scheduler step of one seeded run of ``pipeline``, with the
     denoiser's outputs replaced by ``simulator``'s where given (Note [predicted drift]: the
     engine's asynchronous schedule in this process; the run is exactly the engine's)."""
-    import inspect
-
     def hook(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         if simulator is None:
             return output
