@@ -11,7 +11,7 @@ from asyncdiff.engine.launch import launch
 from asyncdiff.engine.mesh import concat_chunks, split_batch, verify_batch_split
 from asyncdiff.engine.runtime import EngineConfig, stages_for
 from asyncdiff.partition.hybrid import ParallelOption, choose_parallel, format_options, parallel_degrees
-from toys import ToyDenoiser, hybrid_scenarios
+from toys import ToyDenoiser, hybrid_scenarios, hybrid_variants
 
 STEPS = 4
 # A split batch changes GEMM shapes, so the last bits may differ (Note [batch split]); over 4
@@ -131,3 +131,17 @@ def test_guidance_parallel_without_guidance_stops_every_rank_with_the_arithmetic
                                                r"slices cannot split evenly: guidance=2 needs a pipeline that "
                                                r"batches its guidance"):
         launch(hybrid_scenarios, 2, 2, 1, STEPS, 1, None, 1.0, timeout_s=60)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_every_engine_option_runs_the_same_in_each_guidance_slice(two_stages, stride):
+    """Time shift, narrow transfers, refresh and stride 2 inside guidance slices: each slice is the
+    stages-only run on its half of the batch (float noise apart)."""
+    plan = two_stages["plan"].to_json()
+    alone = launch(hybrid_variants, 1 + stride, 1, STEPS, plan, stride)[0]
+    sliced = launch(hybrid_variants, 2 * (1 + stride), 2, STEPS, plan, stride)
+    assert sorted(alone) == (["bfloat16", "plain", "refresh_2", "time_shift"] if stride == 1 else ["plain", "time_shift"])
+    for r in sliced.values():
+        for label, latents in alone.items():
+            assert _close(r[label], latents) < SPLIT_NOISE, label
+    assert _close(alone["time_shift"], alone["plain"]) > 1e-3  # the options do change the result

@@ -481,3 +481,28 @@ def hybrid_scenarios(guidance: int, batch: int, steps: int, prompts: int, plan_j
     results["denoiser_bytes"] = sum(t.numel() for t in pipe.unet.parameters())
     async_diff.remove()
     return results
+
+
+def hybrid_variants(guidance: int, steps: int, plan_json: str, stride: int = 1) -> dict[str, Any]:
+    """Warm-up-1 latents of the tiny SD 1.5 pipeline under ``guidance`` slices of stages with each
+    engine option that changes what a stage computes: time shift, a bfloat16 wire, a refresh
+    every 2 steps (stride 1); the plan from ``plan_json``."""
+    from asyncdiff import AsyncDiff
+    from asyncdiff.engine.runtime import stages_for
+    from asyncdiff.models.sd import build_sd15
+    from asyncdiff.partition.plan import Plan
+
+    pipe = build_sd15("tiny", seed=0)
+    stages = stages_for(dist.get_world_size(), stride, guidance)
+    variants = {"plain": {}, "time_shift": {"time_shift": True}}
+    if stride == 1:
+        variants.update(bfloat16={"transfer_dtype": "bfloat16"}, refresh_2={"refresh_every": 2})
+    results: dict[str, Any] = {}
+    for label, options in variants.items():
+        async_diff = AsyncDiff(pipe, model_n=stages, stride=stride, warm_up=1, guidance=guidance,
+                               plan=Plan.from_json(plan_json), **options)
+        with torch.no_grad():
+            results[label] = pipe("a cat", num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+                                  output_type="latent").images
+        async_diff.remove()
+    return results
