@@ -57,7 +57,7 @@ from asyncdiff.partition.planner import LAYOUTS, MAX_SLOWDOWN
 from asyncdiff.partition.profile import profile_blocks
 from asyncdiff.partition.trace import trace_denoiser
 
-__all__ = ["DIMS", "ProcessMesh", "concat_chunks", "gather_batch", "model_option", "split_batch",
+__all__ = ["DIMS", "ProcessMesh", "TwoCalls", "concat_chunks", "exchange_outputs", "gather_batch", "model_option", "split_batch",
            "verify_batch_split"]
 
 DIMS = ("guidance", "batch", "stage")
@@ -155,14 +155,18 @@ def model_option(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[
                  degrees: tuple[int, int, int], n: int, *, policy: Any = "fine", latent: str | None = None,
                  skeleton: torch.nn.Module | None = None, cost: str = "time", bandwidth: float | None = None,
                  layouts: Sequence[str] = LAYOUTS, max_slowdown: float = MAX_SLOWDOWN,
-                 repeats: int = 3, profiles: dict[int, Any] | None = None) -> ParallelOption:
+                 repeats: int = 3, profiles: dict[int, Any] | None = None, two_calls: bool = False) -> ParallelOption:
     """Note [choosing the mesh]: trace and profile one slice's share of the call
     ``denoiser(*args, **kwargs)`` (batch ``n``); model a step of ``degrees = (guidance, batch,
     stages)`` on it: the planner's step for the stages, plus the output's broadcast in the slice
     and its all-gather over the slices, at ``bandwidth`` (bytes per cost unit; None: free).
-    ``profiles``: traces and profiles by number of slices, kept for the next option."""
+    ``profiles``: traces and profiles by number of slices, kept for the next option.
+    ``two_calls``: the pipeline makes its guidance two calls per step (Note [two-call guidance]):
+    guidance slices then run one call each instead of splitting the batch, and a step is two
+    calls for a slice that runs both."""
     guidance, batch, stages = degrees
-    parts = guidance * batch
+    parts = batch if two_calls else guidance * batch
+    calls = 2 // guidance if two_calls else 1
     profiles = {} if profiles is None else profiles
     if parts not in profiles:
         args, kwargs = split_batch(args, n, parts, 0), split_batch(kwargs, n, parts, 0)
@@ -172,11 +176,86 @@ def model_option(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[
     traced, costs = profiles[parts]
     output = next(node for node in traced.graph.nodes if node.op == "output")
     out_bytes = sum(traced.specs[node.name].nbytes for node in output.args[0] if isinstance(node, torch.fx.Node))
-    moved = out_bytes * (parts - 1) + (out_bytes if stages > 1 else 0)
+    moved = out_bytes * (guidance * batch - 1) + (out_bytes * calls if stages > 1 else 0)
     comm = moved / bandwidth if bandwidth else 0.0
     if stages == 1:
         total = sum(c.seconds if cost == "time" else float(c.flops) for c in costs.values())
-        return ParallelOption(guidance, batch, stages, total + comm, 0, None)
+        return ParallelOption(guidance, batch, stages, total * calls + comm, 0, None)
     plan = auto_plan(traced, costs, stages, cost=cost, bandwidth=bandwidth, layouts=layouts, max_slowdown=max_slowdown)
-    return ParallelOption(guidance, batch, stages, float(plan.notes["modeled_step"]) + comm,
+    return ParallelOption(guidance, batch, stages, float(plan.notes["modeled_step"]) * calls + comm,
                           int(plan.notes["main_path_depth"]), plan.to_json())
+
+
+def exchange_outputs(output: Any, group: dist.ProcessGroup | None, parts: int) -> list[Any]:
+    """Every data rank's ``output`` (all of one structure and shapes), in data-rank order."""
+    leaves, spec = pytree.tree_flatten(output)
+    where = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+    layout = PackLayout.of([(leaves[i].shape, leaves[i].dtype) for i in where])
+    mine = pack([leaves[i] for i in where], layout)
+    every = [torch.empty_like(mine) for _ in range(parts)]
+    dist.all_gather(every, mine, group=group)
+    outputs = []
+    for buffer in every:
+        theirs = list(leaves)
+        for i, view in zip(where, unpack(buffer, layout)):
+            theirs[i] = view
+        outputs.append(pytree.tree_unflatten(theirs, spec))
+    return outputs
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and (
+            a is b or (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))))
+    try:
+        return bool(a == b)
+    except Exception:  # values that do not compare
+        return a is b
+
+
+class TwoCalls:
+    """Note [two-call guidance]: a pipeline that makes classifier-free guidance two denoiser calls
+    per step (Wan, HunyuanVideo, Flux with true CFG) has a batch that does not split; instead,
+    with ``guidance=2``, each of the two slices runs one of the two calls. But every rank runs the
+    pipeline's loop, which makes the second call only after the first has returned: to run both
+    at once, the second slice must know the second call's arguments at the first call. They are
+    predictable: in such pipelines the two calls of a step differ only in their conditioning
+    (prompt embeddings, and whatever else differs), which does not change from step to step. So
+    the first step runs both calls on both slices (sequential speed) and learns which arguments
+    differ between them; from then on, at the first call of a step, the second slice runs the
+    first call's arguments with those replaced by the second call's of the last step, and one
+    all-gather gives every rank both outputs. The second call returns the second slice's output
+    only if its real arguments equal the predicted ones, compared exactly; if not, the call runs
+    again on both slices (one stage: no state), so the result is always the sequential one. With
+    stages in each slice a failed prediction is an error (the stale state has moved on).
+    """
+
+    def __init__(self) -> None:
+        self.first: list[Any] = []  # this step's first call, flattened
+        self.second: list[Any] | None = None  # the last step's second call
+        self.differs: list[bool] = []  # which leaves differ between the two calls
+        self.predicted: list[Any] | None = None
+        self.pending: Any = None  # the second slice's output for this step's second call
+
+    @property
+    def learned(self) -> bool:
+        return self.second is not None
+
+    def predict(self, first: list[Any], spec: pytree.TreeSpec) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """The second call's ``(args, kwargs)`` predicted from this step's ``first``, or None."""
+        self.predicted = None
+        if self.second is None or len(self.second) != len(first):
+            return None
+        self.predicted = [b if d else a for a, b, d in zip(first, self.second, self.differs)]
+        return pytree.tree_unflatten(self.predicted, spec)
+
+    def held(self, second: list[Any]) -> bool:
+        """Whether the real second call is the predicted one."""
+        return self.predicted is not None and len(second) == len(self.predicted) and \
+            all(_same(a, b) for a, b in zip(second, self.predicted))
+
+    def learn(self, second: list[Any], spec: pytree.TreeSpec) -> None:
+        same_shape = len(second) == len(self.first)
+        self.differs = [not _same(a, b) for a, b in zip(second, self.first)] if same_shape else []
+        self.second = second if same_shape else None
+        self.pending = None

@@ -39,13 +39,21 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from asyncdiff.engine.comm import Pending, StageChannel
-from asyncdiff.engine.mesh import ProcessMesh, gather_batch, model_option, split_batch, verify_batch_split
+from asyncdiff.engine.mesh import (
+    ProcessMesh,
+    TwoCalls,
+    exchange_outputs,
+    gather_batch,
+    model_option,
+    split_batch,
+    verify_batch_split,
+)
 from asyncdiff.engine.schedule import Schedule, StepKind
 from asyncdiff.kernels.pack import FP8, PackLayout, pack, unpack
 from asyncdiff.partition.auto import COSTS
 from asyncdiff.partition.blocks import BlockPolicy
 from asyncdiff.partition.cache import cached_plan, device_kind
-from asyncdiff.partition.hybrid import ParallelOption, choose_parallel, parallel_degrees
+from asyncdiff.partition.hybrid import ParallelOption, choose_parallel, parallel_degrees, two_calls
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.planner import LAYOUTS, MAX_SLOWDOWN
 from asyncdiff.partition.profile import profile_blocks
@@ -311,6 +319,7 @@ class AsyncEngine:
         self.step = 0  # the denoising step of the running pipeline call
         self.branch = 0  # which call of the running step comes next (Note [branches])
         self.branches: list[StageState] = [StageState()]
+        self.two_calls = TwoCalls()  # Note [two-call guidance]
         self.seconds: list[tuple[str, float]] = []  # (step kind, wall time) per call, this pipeline call
         self._calls = 0  # pipeline calls so far (reset_state), to key errors by (Note [first error])
         self._compiled: dict[CallSignature, _Compiled] = {}
@@ -339,7 +348,8 @@ class AsyncEngine:
 
     # -- per call ---------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """One denoiser call: this slice's share of the batch through its stages (Note [hybrid mesh])."""
+        """One denoiser call: this slice's share of the batch through its stages (Note [hybrid
+        mesh]), or this slice's guidance branch (Note [two-call guidance])."""
         if self.config.parallel == "auto" and not self.parallel_options:
             with self._where(self.step):
                 self._choose_parallel(args, kwargs)
@@ -347,7 +357,10 @@ class AsyncEngine:
             return self._call_stages(args, kwargs)
         step, parts = self.step, self.config.data
         with self._where(step):
-            n = self._split_batch_size(args, kwargs)
+            n = self._batch_size(args, kwargs)
+            if n % parts and self.config.guidance == 2 and self.config.batch == 1 and self.marks_steps:
+                return self._call_branch(args, kwargs)
+            self._check_split(n, args, kwargs)
             assert self.mesh is not None
             index = self.mesh.data_index
             args, kwargs = split_batch(args, n, parts, index), split_batch(kwargs, n, parts, index)
@@ -355,8 +368,47 @@ class AsyncEngine:
         with self._where(step):
             return gather_batch(output, n // parts, self.mesh.data_group, parts)
 
-    def _call_stages(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        step, branch = self.step, self.branch
+    def _call_branch(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Note [two-call guidance]: this slice runs its own branch of the step; at the first call
+        of a step the second slice runs its branch's predicted call; one all-gather shares both."""
+        assert self.mesh is not None
+        branch, mine, calls = self.branch, self.mesh.data_index, self.two_calls
+        self.branch += 1
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        if branch > 1:
+            raise ValueError("guidance=2 runs the two guidance calls of a step on two slices, but this pipeline "
+                             "calls its denoiser more than twice per step; use guidance=1")
+        if branch == 0:
+            if self.step > 0 and not calls.learned:  # no second call in the first step: no guidance
+                n = self._batch_size(args, kwargs)
+                self._check_split(n, args, kwargs)
+            calls.first = leaves
+            predicted = calls.predict(leaves, spec)
+            if predicted is None:  # the first step: learn what the second call changes
+                calls.pending = None
+                return self._call_stages(args, kwargs, branch=0 if mine == 0 else 1)
+            own = (args, kwargs) if mine == 0 else predicted
+            output = self._call_stages(*own, branch=0)
+            both = exchange_outputs(output, self.mesh.data_group, 2)
+            calls.pending = both[1]
+            return both[0]
+        try:
+            if calls.pending is not None and calls.held(leaves):
+                return calls.pending
+            if calls.pending is not None and self.config.model_n > 1:
+                raise ValueError("guidance=2 with stages predicts a step's second guidance call from its first "
+                                 "and the last step's second (Note [two-call guidance]), but this pipeline's second "
+                                 "call differed; use guidance=1")
+            # the first step, or a prediction that failed: both slices run it (stateless: one stage)
+            return self._call_stages(args, kwargs, branch=0 if mine == 1 else 1)
+        finally:
+            calls.learn(leaves, spec)
+
+    def _call_stages(self, args: tuple[Any, ...], kwargs: dict[str, Any], branch: int | None = None) -> Any:
+        """This rank's stage of one call (Note [stale inputs]); ``branch``: whose stale state it
+        uses (Note [branches]), by default the running call's."""
+        counted = branch is None  # a call of the pipeline's own sequence (else _call_branch counts)
+        step, branch = self.step, self.branch if branch is None else branch
         start = time.perf_counter()
         with self._where(step):
             compiled = self._compile(args, kwargs)
@@ -378,7 +430,9 @@ class AsyncEngine:
             else:
                 output = self._share_output(compiled, leaves, self._output_rank(compiled, kind))
         self.seconds.append((kind, time.perf_counter() - start))
-        if self.marks_steps:
+        if not counted:
+            pass
+        elif self.marks_steps:
             self.branch += 1
         else:
             self.step += 1
@@ -505,6 +559,7 @@ class AsyncEngine:
             self.schedule = self.config.schedule(_check_warm_up(warm_up))
         self.drain()
         self.branches = [StageState()]
+        self.two_calls = TwoCalls()
         self.step, self.branch, self.seconds = 0, 0, []
         self._calls += 1
 
@@ -520,16 +575,16 @@ class AsyncEngine:
                              f"parallelism needs one: use guidance=1, batch=1")
         return latent.shape[0]
 
-    def _split_batch_size(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
-        """This call's batch, checked to split evenly over the slices; the first call of each call
+    def _check_split(self, n: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """That this call's batch ``n`` splits evenly over the slices; the first call of each call
         signature also checks that splitting it is exact (Note [batch split])."""
-        n, config = self._batch_size(args, kwargs), self.config
+        config = self.config
         if n % config.data:
             need = []
             if config.guidance > 1:
-                need.append("guidance=2 needs a pipeline that batches its guidance into one denoiser call "
-                            "(guidance_scale > 1; a pipeline that calls its denoiser once per guidance branch "
-                            "cannot split it)")
+                need.append("guidance=2 needs a pipeline with classifier-free guidance (guidance_scale > 1), "
+                            "batched into one denoiser call or made as two calls per step"
+                            + (" (with batch=1)" if config.batch > 1 else ""))
             if config.batch > 1:
                 need.append(f"batch={config.batch} needs a number of prompts x images per prompt divisible by "
                             f"{config.batch}")
@@ -544,7 +599,6 @@ class AsyncEngine:
             if error is not None:
                 raise ValueError(error)
         self._split_checked.add(signature)
-        return n
 
     def _choose_parallel(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """``parallel="auto"``: rank 0 models every way to use the world's processes for this call
@@ -555,13 +609,16 @@ class AsyncEngine:
         degrees = parallel_degrees(self.world, self.config.stride, n, guided)
         config = self.config
 
+        profiles: dict[int, Any] = {}
+
         def model() -> list[ParallelOption]:
             tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
             bandwidth = config.planner_bandwidth(_device_of(tensors))
             return [model_option(self.denoiser, args, kwargs, d, n, policy=config.policy, latent=self.latent,
                                  skeleton=self.skeleton, cost=config.cost, bandwidth=bandwidth,
                                  layouts=config.plan_layouts, max_slowdown=config.max_slowdown,
-                                 repeats=config.profile_repeats) for d in degrees]
+                                 repeats=config.profile_repeats, profiles=profiles,
+                                 two_calls=two_calls(n, guided)) for d in degrees]
 
         self.parallel_options = self._from_rank0(model)
         chosen = choose_parallel(self.parallel_options, self.config.max_slowdown)

@@ -13,10 +13,15 @@ stages, then the fastest. Exact dimensions come first and stages are added only 
 Where the pipeline batches classifier-free guidance (the batch is 2B: unconditional, then
 conditional), an even split names its first factor ``guidance`` (the halves are the two
 guidance branches); the rest is ``batch``. Where it does not (or it is not known), every split
-is ``batch``. This module is pure: the engine profiles, these functions decide.
+is ``batch``. A guided pipeline whose batch is odd makes its guidance two calls per step (Note
+[two-call guidance] in :mod:`asyncdiff.engine.mesh`): then ``guidance=2`` puts one call on each of
+two slices, and a step of the other options is two calls. This module is pure: the engine
+profiles, these functions decide.
 
 Example:
     >>> parallel_degrees(world=4, stride=1, n=2, guided=True)
+    [(1, 1, 4), (2, 1, 2)]
+    >>> parallel_degrees(world=4, stride=1, n=1, guided=True)  # two calls per step
     [(1, 1, 4), (2, 1, 2)]
     >>> options = [ParallelOption(1, 1, 2, step=0.55, depth=1), ParallelOption(2, 1, 1, step=0.56, depth=0)]
     >>> choose_parallel(options).guidance
@@ -30,7 +35,7 @@ from dataclasses import dataclass
 
 from asyncdiff.partition.planner import MAX_SLOWDOWN
 
-__all__ = ["ParallelOption", "choose_parallel", "format_options", "parallel_degrees"]
+__all__ = ["ParallelOption", "choose_parallel", "format_options", "parallel_degrees", "two_calls"]
 
 
 @dataclass(frozen=True)
@@ -50,12 +55,18 @@ class ParallelOption:
         return f"guidance {self.guidance} x batch {self.batch} x stages {self.stages}"
 
 
+def two_calls(n: int, guided: bool | None) -> bool:
+    """Whether a pipeline call with denoiser batch ``n`` makes its guidance two calls per step."""
+    return bool(guided) and n % 2 == 1
+
+
 def parallel_degrees(world: int, stride: int, n: int, guided: bool | None) -> list[tuple[int, int, int]]:
     """Every ``(guidance, batch, stages)`` that runs a batch of ``n`` on ``world`` processes with
     ``stride``, fewest slices first (Note [choosing the mesh])."""
+    two = two_calls(n, guided)
     found = []
     for data in range(1, world + 1):
-        if world % data or n % data:
+        if world % data or (data > 2 if two else n % data):
             continue
         stages = world // data - stride + 1
         if stages < 1 or (stride == 2 and stages < 2):

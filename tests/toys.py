@@ -276,11 +276,14 @@ class TwoCallGuidance(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, cond: torch.Tensor, uncond: torch.Tensor, steps: int, batched: bool = False,
-                 guidance: float = 5.0) -> torch.Tensor:
+                 guidance: float = 5.0, drift: float = 0.0) -> torch.Tensor:
+        """``drift``: the unconditional embedding grows by this fraction every step."""
         self.scheduler.set_timesteps(steps)
         size = self.unet.config.sample_size
         latents = torch.randn((1, self.unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(0))
-        for t in self.scheduler.timesteps:
+        for i, t in enumerate(self.scheduler.timesteps):
+            if drift:
+                uncond = uncond * (1 + drift * i)
             if batched:
                 both = self.unet(torch.cat([latents] * 2), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
                 uncond_noise, cond_noise = both.chunk(2)
@@ -505,4 +508,36 @@ def hybrid_variants(guidance: int, steps: int, plan_json: str, stride: int = 1) 
             results[label] = pipe("a cat", num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
                                   output_type="latent").images
         async_diff.remove()
+    return results
+
+
+def two_call_hybrid(guidance: int, steps: int, plan_json: str | None = None) -> dict[str, Any]:
+    """Note [two-call guidance]: the two-call pipeline, plain; under ``guidance`` slices of the
+    remaining processes' stages with every step a warm-up step, then warm-up 1; then a call whose
+    second branch changes its conditioning every step (the prediction fails)."""
+    from asyncdiff import AsyncDiff
+    from asyncdiff.engine.runtime import stages_for
+    from asyncdiff.models.sd import build_sd15
+    from asyncdiff.partition.plan import Plan
+
+    sd = build_sd15("tiny", seed=0)
+    pipe = TwoCallGuidance(sd.unet, sd.scheduler)
+    g = torch.Generator().manual_seed(1)
+    cond, uncond = (torch.randn(1, 77, sd.unet.config.cross_attention_dim, generator=g) for _ in range(2))
+    results: dict[str, Any] = {"plain": pipe(cond, uncond, steps)}
+    stages = stages_for(dist.get_world_size(), 1, guidance)
+    async_diff = AsyncDiff(pipe, model_n=stages, warm_up=steps, guidance=guidance, cost="flops",
+                           plan=Plan.from_json(plan_json) if plan_json else None)
+    results["exact"] = pipe(cond, uncond, steps)
+    async_diff.reset_state(warm_up=1)
+    results["stale"] = pipe(cond, uncond, steps)
+    results["plan"] = async_diff.plan
+    results["calls"] = len(async_diff.engine.seconds)  # stage runs on this rank: 2 in the first step, then 1
+
+    try:
+        results["drifting"] = pipe(cond, uncond, steps, drift=0.01)
+    except Exception as err:
+        results["drifting"] = f"{type(err).__name__}: {err}"
+    async_diff.remove()
+    results["drifting_plain"] = pipe(cond, uncond, steps, drift=0.01)
     return results

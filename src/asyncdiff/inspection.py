@@ -22,7 +22,13 @@ from asyncdiff.partition.auto import plan_candidates, plan_depth
 from asyncdiff.partition.blocks import BlockPolicy
 from asyncdiff.partition.cache import cached_plan, device_kind
 from asyncdiff.partition.drift import AsyncSimulator
-from asyncdiff.partition.hybrid import ParallelOption, choose_parallel, format_options, parallel_degrees
+from asyncdiff.partition.hybrid import (
+    ParallelOption,
+    choose_parallel,
+    format_options,
+    parallel_degrees,
+    two_calls,
+)
 from asyncdiff.partition.planner import LAYOUTS, MAX_SLOWDOWN
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.profile import profile_blocks
@@ -121,9 +127,11 @@ def parallel_report(pipeline: Any, *, devices: int, stride: int = 1, cost: str =
     if not isinstance(latent, torch.Tensor):
         latent = next(x for x in pytree.tree_leaves(list(bound.values())) if isinstance(x, torch.Tensor))
     n, unit = latent.shape[0], "s" if cost == "time" else "flop"
+    guided, profiles = _guided(pipeline), {}
     options = [model_option(denoiser, args, kwargs, degrees, n, policy=policy, latent=adapter.latent, cost=cost,
-                            bandwidth=LINKS[link].planner_bandwidth(unit), max_slowdown=max_slowdown)
-               for degrees in parallel_degrees(devices, stride, n, _guided(pipeline))]
+                            bandwidth=LINKS[link].planner_bandwidth(unit), max_slowdown=max_slowdown,
+                            profiles=profiles, two_calls=two_calls(n, guided))
+               for degrees in parallel_degrees(devices, stride, n, guided)]
     chosen = choose_parallel(options, max_slowdown)
     options = [dataclasses.replace(o, step=LINKS[link].seconds(o.step, unit)) for o in options]
     chosen = options[[(o.guidance, o.batch, o.stages) for o in options].index(
