@@ -11,7 +11,7 @@ from asyncdiff.engine.launch import launch
 from asyncdiff.engine.mesh import concat_chunks, split_batch, verify_batch_split
 from asyncdiff.engine.runtime import EngineConfig, stages_for
 from asyncdiff.partition.hybrid import ParallelOption, choose_parallel, format_options, parallel_degrees
-from toys import ToyDenoiser, hybrid_scenarios, hybrid_variants
+from toys import ToyDenoiser, hybrid_scenarios, hybrid_variants, two_call_hybrid
 
 STEPS = 4
 # A split batch changes GEMM shapes, so the last bits may differ (Note [batch split]); over 4
@@ -25,6 +25,8 @@ def test_degrees_of_a_world():
     assert parallel_degrees(4, 1, 4, guided=True) == [(1, 1, 4), (2, 1, 2), (2, 2, 1)]
     assert parallel_degrees(4, 1, 4, guided=None) == [(1, 1, 4), (1, 2, 2), (1, 4, 1)]
     assert parallel_degrees(4, 2, 2, guided=True) == [(1, 1, 3)]  # stride 2 needs 2 stages in a slice
+    assert parallel_degrees(4, 1, 1, guided=True) == [(1, 1, 4), (2, 1, 2)]  # guidance as two calls per step
+    assert parallel_degrees(4, 1, 3, guided=None) == [(1, 1, 4)]
     assert stages_for(8, 1, 2) == 4 and stages_for(6, 2, 2) == 2
     with pytest.raises(ValueError, match=r"no way to run a batch of 2 on 2 processes with stride=2"):
         parallel_degrees(2, 2, 2, guided=True)
@@ -127,9 +129,10 @@ def test_auto_takes_guidance_where_the_pipeline_batches_it_and_stages_where_not(
 
 
 def test_guidance_parallel_without_guidance_stops_every_rank_with_the_arithmetic():
-    with pytest.raises(ChildFailedError, match=r"this denoiser call's batch is 1, which guidance=2 x batch=1 = 2 "
-                                               r"slices cannot split evenly: guidance=2 needs a pipeline that "
-                                               r"batches its guidance"):
+    """The first step may be a step of two calls (Note [two-call guidance]); the second step knows."""
+    with pytest.raises(ChildFailedError, match=r"\[stage 0 \| step 1\] ValueError: this denoiser call's batch is 1, "
+                                               r"which guidance=2 x batch=1 = 2 slices cannot split evenly: "
+                                               r"guidance=2 needs a pipeline with classifier-free guidance"):
         launch(hybrid_scenarios, 2, 2, 1, STEPS, 1, None, 1.0, timeout_s=60)
 
 
@@ -145,3 +148,29 @@ def test_every_engine_option_runs_the_same_in_each_guidance_slice(two_stages, st
         for label, latents in alone.items():
             assert _close(r[label], latents) < SPLIT_NOISE, label
     assert _close(alone["time_shift"], alone["plain"]) > 1e-3  # the options do change the result
+
+
+@pytest.fixture(scope="module")
+def two_call_stages():
+    """The two-call pipeline on 2 stages with a branch state each (Note [branches])."""
+    return launch(two_call_hybrid, 2, 1, STEPS)[0]
+
+
+def test_two_call_guidance_on_two_slices_is_the_sequential_pipeline_bit_for_bit():
+    """Note [two-call guidance]: each slice runs one of a step's two calls, the second predicted and
+    checked; where the second call's arguments move every step, the check fails and it is recomputed."""
+    for r in launch(two_call_hybrid, 2, 2, STEPS).values():
+        torch.testing.assert_close(r["exact"], r["plain"], rtol=0, atol=0)
+        torch.testing.assert_close(r["stale"], r["plain"], rtol=0, atol=0)
+        assert r["calls"] == 2 + (STEPS - 1)  # both calls in the first step, then one per step
+        torch.testing.assert_close(r["drifting"], r["drifting_plain"], rtol=0, atol=0)
+
+
+def test_two_call_guidance_x_stages_2_is_the_2_stage_run_in_each_slice(two_call_stages):
+    results = launch(two_call_hybrid, 4, 2, STEPS, two_call_stages["plan"].to_json())
+    assert _close(two_call_stages["stale"], two_call_stages["plain"]) > 0.1
+    for r in results.values():
+        torch.testing.assert_close(r["exact"], r["plain"], rtol=0, atol=0)
+        torch.testing.assert_close(r["stale"], two_call_stages["stale"], rtol=0, atol=0)
+        assert r["drifting"].endswith("but this pipeline's second call differed; use guidance=1")
+        assert r["drifting"].startswith(f"StageError: [stage {0 if r is results[0] or r is results[2] else 1} | step 1]")

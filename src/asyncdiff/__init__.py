@@ -24,6 +24,10 @@ Glossary, used everywhere in this package:
 - *main-path depth*: how many steps the output lags the latent after warm-up, the number of stage
   crossings on the main path (Note [staleness]).
 - *plan cache*: the plans kept on disk per traced call and options (Note [plan cache]).
+- *slice*: the processes of one (guidance, batch) coordinate of the device mesh, running the
+  stage engine on their share of each denoiser call's batch (Note [hybrid mesh]).
+- *guidance* / *batch* (degrees): how many slices split the guidance halves / the prompts;
+  ``model_n`` stays the number of stages per slice.
 
 Example (under ``torchrun --nproc_per_node=2``)::
 

@@ -83,9 +83,9 @@ class GenerateSpec:
                 raise ValueError(f"devices={self.devices} is not a multiple of guidance={self.guidance} x "
                                  f"batch={self.batch} = {data} slices; use devices = a multiple of {data}")
             if self.parallel is None and self.stages < (2 if data == 1 else 1):
-                raise ValueError(f"devices={self.devices} with stride={self.stride} leaves fewer than "
-                                 f"{2 if data == 1 else 1} stage(s) per slice; use devices >= "
-                                 f"{data * (self.stride + (1 if data == 1 else 0))}")
+                fewer = "2 stages" if data == 1 else f"1 stage in each of {data} slices"
+                raise ValueError(f"devices={self.devices} with stride={self.stride} leaves fewer than {fewer}; "
+                                 f"use devices >= {data * (self.stride + (1 if data == 1 else 0))}")
             self.engine_config()
         elif self.guidance * self.batch > 1 or self.parallel is not None:
             raise ValueError("guidance/batch parallelism and parallel='auto' need devices >= 2")
@@ -297,7 +297,9 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
                 {"guidance": o.guidance, "batch": o.batch, "stages": o.stages, "modeled_step": round(o.step, 6),
                  "main_path_depth": o.depth} for o in async_diff.engine.parallel_options]
 
-        calls_per_step = max(1, timer.calls // spec.steps)  # 2 where guidance is two calls (Note [branches])
+        # stage runs per step: 2 where guidance is two calls (Note [branches]), 1 again where two
+        # guidance slices run one call each (Note [two-call guidance])
+        calls_per_step = max(1, round(len(async_diff.engine.seconds) / spec.steps))
         kinds = [kind for kind, _ in async_diff.engine.seconds]
         result["refresh_steps"] = kinds.count("refresh") // calls_per_step
         steady = [s for kind, s in async_diff.engine.seconds if kind != "warm-up"]
