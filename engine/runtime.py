@@ -10,6 +10,11 @@ first one also makes the plan: rank 0 profiles the blocks, plans, and broadcasts
 that every rank uses the same cuts. After planning, each rank releases the weights of blocks
 that other stages own (:meth:`AsyncEngine.restore_weights` brings them back).
 
+The engine's other rooms: ``config.py`` (:class:`EngineConfig`, the device arithmetic),
+``stage.py`` (one stage's state and one step of it), ``weights.py`` (release and restore),
+``errors.py`` (``[stage k | step t]`` errors, Note [first error]), ``mesh.py`` (guidance and
+batch slices, Note [hybrid mesh]), ``schedule.py`` and ``comm.py``.
+
 Note [branches]: some pipelines call their denoiser more than once per denoising step, e.g.
 classifier-free guidance as two calls (conditional, then unconditional) instead of one batch of
 two. Each such call is a *branch*: its stale inputs must come from the same branch of the
@@ -29,8 +34,7 @@ import dataclasses
 import datetime
 import inspect
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,7 +42,9 @@ import torch.distributed as dist
 import torch.fx
 import torch.utils._pytree as pytree
 
-from asyncdiff.engine.comm import Pending, StageChannel
+from asyncdiff.engine.comm import StageChannel
+from asyncdiff.engine.config import TRANSFER_DTYPES, EngineConfig, check_warm_up, stages_for
+from asyncdiff.engine.errors import StageError, located
 from asyncdiff.engine.mesh import (
     ProcessMesh,
     TwoCalls,
@@ -48,227 +54,28 @@ from asyncdiff.engine.mesh import (
     split_batch,
     verify_batch_split,
 )
-from asyncdiff.engine.schedule import Schedule, StepKind
-from asyncdiff.kernels.pack import FP8, PackLayout, pack, unpack
-from asyncdiff.partition.auto import COSTS
-from asyncdiff.partition.blocks import BlockPolicy
+from asyncdiff.engine.schedule import StepKind
+from asyncdiff.engine.stage import CompiledCall, StageState, drifted, output_template, run_stage, share_output
+from asyncdiff.engine.weights import block_tensors, foreign_tensors, release_foreign, restore
+from asyncdiff.kernels.pack import PackLayout
 from asyncdiff.partition.cache import cached_plan, device_kind
 from asyncdiff.partition.hybrid import ParallelOption, choose_parallel, parallel_degrees, two_calls
 from asyncdiff.partition.plan import Plan
-from asyncdiff.partition.planner import LAYOUTS, MAX_SLOWDOWN
 from asyncdiff.partition.profile import profile_blocks
-from asyncdiff.partition.report import LINKS
-from asyncdiff.partition.split import SplitDenoiser, StageProgram, split_graph
+from asyncdiff.partition.split import SplitDenoiser, split_graph
 from asyncdiff.partition.trace import (
     CallSignature,
     TracedDenoiser,
     call_signature,
     meta_copy,
-    module_of,
     trace_denoiser,
 )
 from asyncdiff.partition.verify import verify_split
 
+# EngineConfig, StageError, StageState and the weight helpers are re-exported: they were defined here.
 __all__ = ["TRANSFER_DTYPES", "AsyncEngine", "EngineConfig", "StageError", "StageState", "block_tensors",
            "foreign_tensors", "stages_for"]
 
-TRANSFER_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float8": FP8}  # wire dtypes by name
-
-
-def stages_for(devices: int, stride: int, data: int = 1) -> int:
-    """How many stages ``devices`` processes run with ``stride`` in each of ``data`` slices (guidance
-    x batch, Note [hybrid mesh]): one each for stride 1; for stride 2 the extra process repeats
-    the last stage (Note [stride 2]). The inverse of :attr:`EngineConfig.world_size`; the one
-    place this arithmetic lives."""
-    return devices // data - stride + 1
-
-
-class StageError(RuntimeError):
-    """An error inside the engine, prefixed with where it happened: ``[stage k | step t]``."""
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """How to split and run a denoiser. Validated here; no side effects.
-
-    ``model_n``: number of stages; ``stride``: denoising steps per parallel round; ``warm_up``:
-    sequential steps at the start of every pipeline call; ``policy``: block granularity;
-    ``cost``: what the planner balances (``"time"`` measured on rank 0, or ``"flops"``);
-    ``bandwidth``: the link the planner's communication term assumes: a preset name of
-    :data:`asyncdiff.partition.report.LINKS`, ``"auto"`` (``gloo`` on CPU, ``pcie`` on CUDA), or
-    ``None`` to plan for compute only;
-    ``layouts``: which plan shapes the planner may choose (``"contiguous"``, ``"wrapped"``);
-    ``max_slowdown``: the planner takes the least stale plan whose modelled step is within this
-    fraction of the fastest (Note [staleness] in :mod:`asyncdiff.partition.planner`; 0: the fastest);
-    ``replan``: plan anew even where the plan cache holds a plan for this call (Note [plan cache]
-    in :mod:`asyncdiff.partition.cache`), and overwrite it;
-    ``verify``: on the first call, check that the stage programs reproduce the denoiser before
-    relying on them (Note [verify] in :mod:`asyncdiff.partition.verify`; about two denoiser calls
-    on rank 0), and stop every rank with an error naming the first differing block if not;
-    ``transfer_dtype``: send boundary values of asynchronous steps in ``"bfloat16"`` or ``"float16"``
-    (half the bytes of float32) or ``"float8"`` (e4m3 with a per-tensor scale: a quarter), at a
-    rounding cost; warm-up and refresh steps still send exact values (Note [exact warm-up]);
-    ``refresh_every``: run every K-th step after warm-up sequentially again (stride 1);
-    ``refresh_drift``: run a step sequentially when the boundary values changed by more than this
-    relative amount over the last step (stride 1; Note [adaptive refresh]);
-    ``compile``: run this rank's stage programs under ``torch.compile`` (inductor). Each segment
-    is compiled on its first call; measured on an H200, an SD 1.5 stage ran 1.7x faster
-    (BENCHMARKS.md, GPU check). Compiled kernels round differently from eager ones (float noise);
-    ``guidance`` (1 or 2) and ``batch``: slices that each take a share of every denoiser call's
-    batch, exactly (Note [hybrid mesh] in :mod:`asyncdiff.engine.mesh`); the world is
-    ``guidance * batch * (model_n + stride - 1)`` processes;
-    ``parallel="auto"``: choose ``guidance``, ``batch`` and ``model_n`` for the world size at the
-    first call (Note [choosing the mesh] in :mod:`asyncdiff.partition.hybrid`); the given ones
-    are a placeholder until then.
-    """
-
-    model_n: int
-    stride: int = 1
-    warm_up: int = 1
-    time_shift: bool = False
-    policy: str | BlockPolicy = "fine"
-    cost: str = "time"
-    bandwidth: str | None = "auto"
-    profile_repeats: int = 3
-    timeout_s: float = 300.0
-    layouts: tuple[str, ...] = LAYOUTS
-    transfer_dtype: str | None = None
-    refresh_every: int | None = None
-    refresh_drift: float | None = None
-    compile: bool = False
-    max_slowdown: float = MAX_SLOWDOWN
-    replan: bool = False
-    verify: bool = True
-    guidance: int = 1
-    batch: int = 1
-    parallel: str | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.model_n, int) or self.model_n < 1:
-            raise ValueError(f"model_n={self.model_n!r} must be an integer >= 1 (the number of stages)")
-        if self.stride not in (1, 2):
-            raise ValueError(f"stride={self.stride!r} must be 1 or 2")
-        if not isinstance(self.warm_up, int) or self.warm_up < 0:
-            raise ValueError(f"warm_up={self.warm_up!r} must be an integer >= 0 (sequential steps per call)")
-        if not isinstance(self.time_shift, bool):
-            raise ValueError(f"time_shift={self.time_shift!r} must be True or False")
-        if self.cost not in COSTS:
-            raise ValueError(f"cost={self.cost!r} must be one of {COSTS}")
-        if not self.layouts or set(self.layouts) - set(LAYOUTS):
-            raise ValueError(f"layouts={self.layouts!r} must be a non-empty subset of {LAYOUTS}")
-        if self.bandwidth is not None and self.bandwidth != "auto" and self.bandwidth not in LINKS:
-            raise ValueError(f"bandwidth={self.bandwidth!r} must be 'auto', None or a link preset {sorted(LINKS)}")
-        if self.transfer_dtype is not None and self.transfer_dtype not in TRANSFER_DTYPES:
-            raise ValueError(f"transfer_dtype={self.transfer_dtype!r} must be one of "
-                             f"{(None, *TRANSFER_DTYPES)}")
-        if self.stride == 2 and "contiguous" not in self.layouts:
-            raise ValueError(f"stride=2 runs contiguous plans only (the extra rank repeats the last stage); "
-                             f"layouts={self.layouts!r} must include 'contiguous'")
-        if self.refresh_drift is not None and (self.refresh_drift < 0 or self.stride != 1):
-            raise ValueError(f"refresh_drift={self.refresh_drift!r} must be >= 0, with stride=1 "
-                             f"(stride={self.stride}); or None: never")
-        if not isinstance(self.max_slowdown, (int, float)) or not self.max_slowdown >= 0:
-            raise ValueError(f"max_slowdown={self.max_slowdown!r} must be a number >= 0 (0: the fastest plan)")
-        for flag in ("compile", "replan", "verify"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"{flag}={getattr(self, flag)!r} must be True or False")
-        if self.guidance not in (1, 2):
-            raise ValueError(f"guidance={self.guidance!r} must be 1 or 2 (2: the guidance halves of the batch "
-                             f"on different slices)")
-        if not isinstance(self.batch, int) or self.batch < 1:
-            raise ValueError(f"batch={self.batch!r} must be an integer >= 1 (slices the prompt batch is split over)")
-        if self.parallel not in (None, "auto"):
-            raise ValueError(f"parallel={self.parallel!r} must be None (the degrees as given) or 'auto'")
-        if self.profile_repeats < 1:
-            raise ValueError(f"profile_repeats={self.profile_repeats} must be >= 1")
-        BlockPolicy.parse(self.policy)
-        self.schedule(self.warm_up)  # validates refresh_every against stride
-
-    def schedule(self, warm_up: int) -> Schedule:
-        return Schedule(self.model_n, warm_up, self.stride, self.time_shift, self.refresh_every)
-
-    def planner_bandwidth(self, device: torch.device) -> float | None:
-        """Bytes per cost unit for the planner's communication term on ``device`` (``"auto"``:
-        ``pcie`` on CUDA, ``gloo`` on CPU); None where the plan ignores communication."""
-        name = self.bandwidth
-        if name is None:
-            return None
-        if name == "auto":
-            name = "pcie" if device.type == "cuda" else "gloo"
-        return LINKS[name].planner_bandwidth("s" if self.cost == "time" else "flop")
-
-    @property
-    def plan_layouts(self) -> tuple[str, ...]:
-        return ("contiguous",) if self.stride == 2 else self.layouts
-
-    @property
-    def data(self) -> int:
-        """Slices the batch of each denoiser call is split over: ``guidance * batch``."""
-        return self.guidance * self.batch
-
-    @property
-    def stage_world(self) -> int:
-        """Processes of one stage engine: ``model_n`` for stride 1, ``model_n + 1`` for stride 2."""
-        return self.model_n + self.stride - 1
-
-    @property
-    def world_size(self) -> int:
-        """Processes this configuration needs: ``guidance * batch * (model_n + stride - 1)``."""
-        return self.data * self.stage_world
-
-    def check_world_size(self, world_size: int) -> None:
-        if world_size != self.world_size and self.parallel != "auto":
-            fix = (f"or use model_n={stages_for(world_size, self.stride, self.data)}"
-                   if world_size % self.data == 0 and stages_for(world_size, self.stride, self.data) >= 1
-                   else "or parallel='auto'")
-            raise ValueError(
-                f"world size is {world_size} but guidance={self.guidance} x batch={self.batch} x "
-                f"(model_n={self.model_n} + stride={self.stride} - 1) = {self.world_size} processes; "
-                f"launch with --nproc_per_node={self.world_size} {fix}"
-            )
-
-
-@dataclass
-class StageState:
-    """What lives across the steps of one pipeline call, for one branch (Note [branches]);
-    :meth:`reset` at every call."""
-
-    stale: dict[str, torch.Tensor] = field(default_factory=dict)  # values received for use at the next step
-    pending: Pending | None = None  # an asynchronous step's sends, and receives for the next step
-    inflight: list[Pending] = field(default_factory=list)  # a warm-up step's sends
-    channel: StageChannel | None = None  # where ``pending`` was posted
-    reuse: tuple[Any, ...] = ()  # stride 2: the last stage's round output, the next step's prediction
-    previous: dict[str, torch.Tensor] = field(default_factory=dict)  # last step's stale values (adaptive refresh)
-
-    def drain(self) -> None:
-        if self.pending is not None and self.channel is not None:
-            self.stale = self.channel.wait(self.pending)
-        for pending in self.inflight:
-            for work in pending.works:
-                work.wait()
-        self.pending, self.inflight = None, []
-
-    def reset(self) -> None:
-        self.stale, self.pending, self.inflight, self.channel, self.reuse, self.previous = {}, None, [], None, (), {}
-
-
-@dataclass
-class _Compiled:
-    """Everything this rank needs for one call signature."""
-
-    traced: TracedDenoiser
-    split: SplitDenoiser
-    program: StageProgram
-    modules: list[Callable[..., Any]]  # one per segment of this stage (compiled or not)
-    make_channel: Callable[[int], StageChannel]  # the channel of a branch (Note [branches])
-    output_layout: PackLayout
-    device: torch.device
-    channels: list[StageChannel] = field(default_factory=list)
-
-    def channel(self, branch: int) -> StageChannel:
-        while len(self.channels) <= branch:
-            self.channels.append(self.make_channel(len(self.channels)))
-        return self.channels[branch]
 
 
 class AsyncEngine:
@@ -322,7 +129,7 @@ class AsyncEngine:
         self.two_calls = TwoCalls()  # Note [two-call guidance]
         self.seconds: list[tuple[str, float]] = []  # (step kind, wall time) per call, this pipeline call
         self._calls = 0  # pipeline calls so far (reset_state), to key errors by (Note [first error])
-        self._compiled: dict[CallSignature, _Compiled] = {}
+        self._compiled: dict[CallSignature, CompiledCall] = {}
         self.compile_seconds = 0.0  # tracing, profiling, planning and splitting, all signatures
         self.plan_source = "given" if plan is not None else ""  # where the plan came from (Note [plan cache])
 
@@ -418,17 +225,18 @@ class AsyncEngine:
             state.drain()  # the previous step's sends, an asynchronous step's receives
             state.channel = compiled.channel(branch)
             kind = self.schedule.kind(step)
-            if self.config.refresh_drift is not None and self._drifted(state, compiled, decide=kind == StepKind.ASYNC):
+            if self.config.refresh_drift is not None and drifted(state, compiled, kind == StepKind.ASYNC, self.config.refresh_drift, self.collective):
                 kind = StepKind.REFRESH
             shifted = self.schedule.timestep_step(step, self.rank)
             if shifted != step:
                 args, kwargs = self._with_timestep(args, kwargs, shifted)
             tensors = compiled.traced.flatten_call(args, kwargs)
-            leaves = self._run_stage(compiled, state, tensors, kind)
+            leaves = run_stage(compiled, state, tensors, kind, extra=self.rank >= self.config.model_n)
             if self.config.model_n == 1:
                 output = compiled.traced.unflatten_output(list(leaves))
             else:
-                output = self._share_output(compiled, leaves, self._output_rank(compiled, kind))
+                output = share_output(compiled, leaves, self._output_rank(compiled, kind), self.global_rank,
+                                      self.collective)
         self.seconds.append((kind, time.perf_counter() - start))
         if not counted:
             pass
@@ -458,7 +266,7 @@ class AsyncEngine:
         stage = max(cost + nbytes / bytes_per_s for cost, nbytes in zip(self.plan.costs, recv))
         return stage + compiled.output_layout.nbytes / bytes_per_s
 
-    def _output_rank(self, compiled: _Compiled, kind: str) -> int:
+    def _output_rank(self, compiled: CompiledCall, kind: str) -> int:
         if kind == StepKind.ROUND:
             return self.ranks[-1]  # the extra rank: this step's prediction (Note [stride 2])
         return self.ranks[compiled.split.output_stage]
@@ -474,79 +282,6 @@ class AsyncEngine:
         bound.arguments[self.timestep_arg] = value
         return bound.args, bound.kwargs
 
-    def _run_stage(self, compiled: _Compiled, state: StageState, tensors: list[torch.Tensor],
-                   kind: str) -> tuple[Any, ...]:
-        """This rank's segments for one step (Note [stale inputs] and [stride 2] in schedule.py).
-
-        Warm-up: before each segment, wait for this step's values from other stages; after it,
-        send. Asynchronous step or round: run every segment on the values received for it during
-        the previous computing step, then send this step's values and post the receives for the
-        next one. Reuse step (stride 2): nothing runs.
-        """
-        channel, split = state.channel, compiled.split
-        assert channel is not None
-        if kind == StepKind.REUSE:
-            return state.reuse
-        sync = kind in (StepKind.WARM_UP, StepKind.REFRESH)
-        if sync and self.rank >= self.config.model_n:  # the extra rank only collects its first inputs
-            state.stale = channel.wait(channel.post({}, [], channel.recv_keys, exact=True))
-            return ()
-        env: dict[str, torch.Tensor] = {}
-        received: dict[str, torch.Tensor] = {}
-        leaves: tuple[Any, ...] = ()
-        for seg, module in zip(compiled.program.segments, compiled.modules):
-            if sync and channel.recvs_into(seg.index):
-                received.update(channel.wait(channel.post({}, [], channel.recvs_into(seg.index), exact=True)))
-            fresh = {**received, **env} if sync else {**state.stale, **env}
-            outputs, seg_leaves = module(*tensors, *[fresh[v] for v in seg.inputs])
-            env.update(zip(seg.outputs, outputs))
-            if seg.index == split.output_segment:
-                leaves = seg_leaves
-            if sync and channel.sends_from(seg.index):
-                state.inflight.append(channel.post(env, channel.sends_from(seg.index), [], exact=True))
-        if sync:
-            state.stale = received  # what the first asynchronous step after warm-up consumes
-        elif channel.send_groups or channel.recv_groups:
-            state.pending = channel.post(env, list(channel.send_groups), channel.recv_keys)
-        if kind == StepKind.ROUND:
-            state.reuse = leaves
-        return leaves
-
-    def _drifted(self, state: StageState, compiled: _Compiled, decide: bool) -> bool:
-        """Note [adaptive refresh]: whether the boundary values changed, over the last step, by more
-        than ``refresh_drift`` (relative L2 norm, the largest over all values and ranks). Stale
-        inputs are one step old, so this is how wrong they are about to be. All ranks take the
-        same decision (an all-reduce of one number), as a sequential step needs every rank. Every
-        step keeps a copy of the values it received; only ``decide`` steps compare and reduce."""
-        previous = state.previous
-        state.previous = {name: value.clone() for name, value in state.stale.items()}  # receive buffers get reused
-        if not decide:
-            return False
-        drift = 0.0
-        for name, value in state.stale.items():
-            if name in previous:
-                before = previous[name].float()
-                drift = max(drift, ((value.float() - before).norm() / before.norm().clamp_min(1e-12)).item())
-        if self.collective is not None:
-            flag = torch.tensor([drift], dtype=torch.float64, device=compiled.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.collective)
-            drift = flag.item()
-        return drift > self.config.refresh_drift
-
-    def _share_output(self, compiled: _Compiled, leaves: tuple[Any, ...], owner: int) -> Any:
-        template = _output_template(compiled.traced)
-        mine = self.global_rank == owner
-        if mine:
-            buffer = pack([x for x in leaves if isinstance(x, torch.Tensor)], compiled.output_layout)
-        else:
-            buffer = torch.empty(compiled.output_layout.nbytes, dtype=torch.uint8, device=compiled.device)
-        dist.broadcast(buffer, src=owner, group=self.collective)
-        if mine:
-            return compiled.traced.unflatten_output(list(leaves))
-        received = iter(unpack(buffer, compiled.output_layout))
-        return compiled.traced.unflatten_output(
-            [next(received) if isinstance(x, torch.fx.Node) else x for x in template])
-
     def drain(self) -> None:
         """Wait for the transfers still in flight (the last step's sends): before the process
         group goes away, or a new call starts."""
@@ -556,7 +291,7 @@ class AsyncEngine:
     def reset_state(self, warm_up: int | None = None) -> None:
         """Start a new pipeline call (optionally with a new ``warm_up``); drains pending transfers."""
         if warm_up is not None:
-            self.schedule = self.config.schedule(_check_warm_up(warm_up))
+            self.schedule = self.config.schedule(check_warm_up(warm_up))
         self.drain()
         self.branches = [StageState()]
         self.two_calls = TwoCalls()
@@ -629,7 +364,7 @@ class AsyncEngine:
         self.compile_seconds += time.perf_counter() - start
 
     # -- planning ---------------------------------------------------------------------------
-    def _compile(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Compiled:
+    def _compile(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CompiledCall:
         signature, _ = call_signature(self.denoiser, args, kwargs)
         compiled = self._compiled.get(signature)
         if compiled is not None:
@@ -644,16 +379,16 @@ class AsyncEngine:
             self._verify(traced, split, args, kwargs)
         program = split.stages[self.stage]
         modules = [seg.module(self.denoiser) for seg in program.segments]
-        self._release_foreign_weights(modules)
+        release_foreign(self.denoiser, self.plan, self.stage, modules, self._released)
         if self.config.compile:  # after the release: compiled code must not capture released weights
             modules = [torch.compile(m) for m in modules]
         device = _device_of(traced.flatten_call(args, kwargs))
-        out_specs = [traced.specs[n.name] for n in _output_template(traced) if isinstance(n, torch.fx.Node)]
+        out_specs = [traced.specs[n.name] for n in output_template(traced) if isinstance(n, torch.fx.Node)]
         destinations = {k: [self.ranks[k]] for k in range(self.config.model_n)}
         if self.config.stride == 2:  # the extra rank receives what the last stage receives
             destinations[self.config.model_n - 1].append(self.ranks[-1])
         transfer_dtype = TRANSFER_DTYPES.get(self.config.transfer_dtype)
-        compiled = _Compiled(traced, split, program, modules,
+        compiled = CompiledCall(traced, split, program, modules,
                              lambda branch: StageChannel(program, len(split.segments), destinations, self.group,
                                                          device, transfer_dtype, branch=branch),
                              PackLayout.of([(s.shape, s.torch_dtype) for s in out_specs]), device)
@@ -703,14 +438,6 @@ class AsyncEngine:
             raise ValueError(error)
 
     # -- weights ----------------------------------------------------------------------------
-    def _release_foreign_weights(self, modules: list[torch.fx.GraphModule]) -> None:
-        """Free parameters and buffers of blocks other stages own (kept: anything ``modules`` use)."""
-        assert self.plan is not None
-        for name, t in foreign_tensors(self.denoiser, self.plan, self.stage, modules):
-            if name not in self._released:
-                self._released[name] = (t.shape, t.dtype, t.device)
-                t.data = torch.empty(0, dtype=t.dtype, device=t.device)
-
     @property
     def bytes_sent_per_step(self) -> int:
         """Point-to-point bytes this rank sends per step (boundary values only)."""
@@ -722,81 +449,12 @@ class AsyncEngine:
 
     def restore_weights(self) -> None:
         """Bring back released weights from the ranks that own them (collective: all ranks call it)."""
-        if self.plan is None or self.collective is None:
-            return
-        for k, stage in enumerate(self.plan.stages):
-            for block in stage:
-                for name, t in block_tensors(self.denoiser, block):
-                    if name in self._released:
-                        shape, dtype, device = self._released.pop(name)
-                        t.data = torch.empty(shape, dtype=dtype, device=device)
-                    dist.broadcast(t.data, src=self.ranks[k], group=self.collective)
+        if self.plan is not None and self.collective is not None:
+            restore(self.denoiser, self.plan, self._released, self.ranks, self.collective)
 
     # -- helpers ----------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _where(self, step: int) -> Iterator[None]:
-        try:
-            yield
-        except StageError:
-            raise
-        except Exception as err:
-            raise StageError(self._with_first_error(f"[stage {self.stage} | step {step}] {type(err).__name__}: {err}")) \
-                from err
-
-    def _with_first_error(self, mine: str) -> str:
-        """Note [first error]: when a stage fails, its peers fail too, with a lost connection, and
-        the launcher may report either. So every failing rank records its error in the process
-        group's store unless one is there already, and reports that first one beside its own.
-        The stage that really failed records first: its peers only notice once it has gone."""
-        store = _default_store()
-        if store is None:
-            return mine
-        try:
-            first = store.compare_set(f"asyncdiff/first_error/{self._calls}", "", mine).decode()
-        except Exception:  # the store left with the rank that hosted it
-            return mine
-        same = first.split("] ", 1)[-1] == mine.split("] ", 1)[-1]  # one error all ranks raise (a broadcast one)
-        return mine if first == mine or same else f"{mine}; the first failure was {first}"
-
-
-def _default_store() -> dist.Store | None:
-    if not dist.is_initialized():
-        return None
-    try:
-        return dist.distributed_c10d._get_default_store()
-    except (AttributeError, RuntimeError, ValueError):
-        return None
-
-
-def _check_warm_up(warm_up: int) -> int:
-    if not isinstance(warm_up, int) or warm_up < 0:
-        raise ValueError(f"warm_up={warm_up!r} must be an integer >= 0 (sequential steps per call)")
-    return warm_up
-
-
-def _output_template(traced: TracedDenoiser) -> tuple[Any, ...]:
-    output = next(n for n in traced.graph.nodes if n.op == "output")
-    return tuple(output.args[0])
-
-
-def foreign_tensors(denoiser: torch.nn.Module, plan: Plan, stage: int,
-                    modules: list[torch.nn.Module]) -> Iterator[tuple[str, torch.Tensor]]:
-    """The parameters and buffers of other stages' blocks that none of ``modules`` (this stage's
-    programs) uses: what a rank releases, or never loads (Note [stage-only loading])."""
-    keep = {id(t) for m in modules for t in (*m.parameters(), *m.buffers())}
-    for k, blocks in enumerate(plan.stages):
-        if k != stage:
-            for block in blocks:
-                for name, t in block_tensors(denoiser, block):
-                    if id(t) not in keep:
-                        yield name, t
-
-
-def block_tensors(denoiser: torch.nn.Module, block: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(qualified name, tensor)`` of every parameter and buffer of ``block``'s module."""
-    module = denoiser.get_submodule(module_of(block))
-    for name, t in (*module.named_parameters(), *module.named_buffers()):
-        yield f"{module_of(block)}.{name}", t
+    def _where(self, step: int) -> contextlib.AbstractContextManager[None]:
+        return located(self.stage, step, self._calls)
 
 
 def _device_of(tensors: list[torch.Tensor]) -> torch.device:
