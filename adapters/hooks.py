@@ -26,9 +26,8 @@ class EngineHook(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         return self.engine(*args, **kwargs)
 
-    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        self.engine.reset_state()
-        return module
+    # Not stateful for the registry: the engine's state resets at every pipeline call, through
+    # the AsyncDiff API's pipeline subclass (adapters/api.py), which also marks the steps.
 
 
 def attach(denoiser: torch.nn.Module, engine: AsyncEngine) -> None:

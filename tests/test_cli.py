@@ -154,3 +154,48 @@ def test_inspect_lists_every_way_to_use_the_devices(capsys):
         "guidance 1 x batch 1 x stages 4", "guidance 2 x batch 1 x stages 2"]
     assert sum(line.startswith("*") for line in lines[1:]) == 1
     assert all(line.endswith("step(s) stale") for line in lines[1:])  # a guidance half of 2 is 2 stages again
+
+
+@pytest.mark.parametrize("devices", ["1", "2"])
+def test_user_errors_read_the_same_at_any_device_count(devices, tmp_path, capsys):
+    """Checked before any process starts: one line, exit code 2, whatever --devices says."""
+    for args, message in [
+        (["--out", str(tmp_path / "missing" / "x.png")], f"the folder '{tmp_path / 'missing'}' does not exist"),
+        (["--out", str(tmp_path / "x.bmp")], "has no known suffix; write .png, .jpg or .webp (images)"),
+        (["--model", str(tmp_path / "no-model")], "is not a folder (and not a hub id, which is 'owner/name')"),
+    ]:
+        assert main(["generate", "--devices", devices, *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+
+
+def test_json_is_the_last_line_even_with_the_progress_bar_on_the_same_stream(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "asyncdiff.cli", "generate", "--devices", "1", "--steps", "2",
+                           "--out", str(tmp_path / "a.png")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["steps"] == 2
+    assert "requires torchvision" not in done.stdout  # a library notice that is not the user's business
+
+
+def test_version_and_defaults_in_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("asyncdiff ")
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "denoising steps (default: 20)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_more_processes_than_cores_is_said(monkeypatch):
+    from asyncdiff.generate import GenerateSpec, _warn_oversubscribed
+
+    monkeypatch.setenv("ASYNCDIFF_DEVICE", "cpu")
+    monkeypatch.setattr("os.sched_getaffinity", lambda _: {0, 1}, raising=False)
+    with pytest.warns(UserWarning, match=r"devices=3 x threads-per-device=1 = 3 threads on 2 CPU cores"):
+        _warn_oversubscribed(GenerateSpec(devices=3))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_oversubscribed(GenerateSpec(devices=2))  # fits: nothing said

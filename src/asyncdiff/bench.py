@@ -95,7 +95,10 @@ def format_rows(rows: list[BenchRow]) -> str:
 
 
 def plot_rows(rows: list[BenchRow], path: str, title: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("--plot draws with matplotlib, an extra: pip install 'asyncdiff[plot]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

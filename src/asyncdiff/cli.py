@@ -37,27 +37,31 @@ def _parser() -> argparse.ArgumentParser:
     from asyncdiff.partition.planner import MAX_SLOWDOWN
     from asyncdiff.partition.report import LINKS
 
+    from importlib.metadata import version
+
     parser = argparse.ArgumentParser(prog="asyncdiff", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"asyncdiff {version('asyncdiff')}")
     commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="generate an image on N processes")
+    defaults = argparse.ArgumentDefaultsHelpFormatter  # every option's help ends with its default
+    gen = commands.add_parser("generate", help="generate an image on N processes", formatter_class=defaults)
     gen.add_argument("--pipeline", default="sd15", choices=list(BUILDERS))
     gen.add_argument("--size", default="tiny", choices=SIZE_NAMES, help="built-in model size")
     gen.add_argument("--model", default=None, help="local folder or hub id to load real weights from")
     gen.add_argument("--devices", type=_positive, default=2, help="processes; 1 runs the plain pipeline")
     gen.add_argument("--stride", type=int, default=1, choices=(1, 2),
                      help="steps per parallel round; with --devices D the denoiser is cut into D - stride + 1 stages")
-    gen.add_argument("--steps", type=_positive, default=20)
+    gen.add_argument("--steps", type=_positive, default=20, help="denoising steps")
     gen.add_argument("--warm-up", type=_non_negative, default=1, help="sequential steps per call")
     gen.add_argument("--time-shift", action="store_true", help="feed stages the previous step's timestep")
     gen.add_argument("--refresh-every", type=_positive, default=None,
                      help="run every K-th step after warm-up sequentially (stride 1): fidelity for speed")
     gen.add_argument("--refresh-drift", type=float, default=None,
                      help="run a step sequentially when boundary values moved by more than this (relative)")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--prompt", default="a photo of a cat")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    gen.add_argument("--prompt", default="a photo of a cat", help="text prompt (pipelines that take one)")
     gen.add_argument("--out", default=None, help="image (.png) or video (.gif, .mp4) written by rank 0; "
                      "default out.png, or out.gif for video pipelines")
-    gen.add_argument("--threads-per-device", type=_positive, default=1)
+    gen.add_argument("--threads-per-device", type=_positive, default=1, help="torch threads per process")
     gen.add_argument("--policy", default="fine", choices=("coarse", "fine", "finer"), help="block granularity")
     gen.add_argument("--cost", default="time", choices=("time", "flops"), help="what the planner balances")
     gen.add_argument("--plan", default=None, help="plan JSON (from asyncdiff inspect --json) to use instead of planning")
@@ -72,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
                      "(float8: e4m3 with a per-tensor scale)")
     _add_mesh_options(gen)
 
-    ins = commands.add_parser("inspect", help="plan a split and show it, without running anything in parallel")
+    ins = commands.add_parser("inspect", help="plan a split and show it, without running anything in parallel",
+                              formatter_class=defaults)
     source = ins.add_mutually_exclusive_group()
     source.add_argument("--pipeline", default="sd15", choices=list(BUILDERS))
     source.add_argument("--model", default=None, help="local folder or hub id of a diffusers pipeline")
@@ -95,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", dest="json_path", default=None, help="write the report as JSON")
     ins.add_argument("--html", dest="html_path", default=None, help="write the plan as an HTML picture")
 
-    bench = commands.add_parser("bench", help="sequential reference against parallel settings: speed and deviation")
+    bench = commands.add_parser("bench", help="sequential reference against parallel settings: speed and deviation",
+                                formatter_class=defaults)
     bench.add_argument("--pipeline", default="sd15", choices=list(BUILDERS))
     bench.add_argument("--size", default="bench", choices=SIZE_NAMES)
     bench.add_argument("--devices", default="1,2", help="comma-separated process counts, e.g. 1,2,3")

@@ -72,6 +72,16 @@ class GenerateSpec:
         if self.out and self.pipeline in VIDEO_PIPELINES and self.model is None \
                 and not self.out.endswith((".gif", ".mp4")):
             raise ValueError(f"out={self.out!r}: {self.pipeline} makes a video; write .gif or .mp4")
+        if self.out:
+            folder = os.path.dirname(os.path.abspath(self.out))
+            if not os.path.isdir(folder):
+                raise ValueError(f"out={self.out!r}: the folder {folder!r} does not exist; create it or write elsewhere")
+            if not self.out.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".gif", ".mp4")):
+                raise ValueError(f"out={self.out!r} has no known suffix; write .png, .jpg or .webp (images), "
+                                 f".gif or .mp4 (videos)")
+        if self.model is not None and _looks_local(self.model) and not os.path.isdir(self.model):
+            raise ValueError(f"model={self.model!r} is not a folder (and not a hub id, which is 'owner/name'); "
+                             f"pass a saved pipeline's folder or a hub id")
         for name in ("devices", "steps", "threads_per_device", "images_per_prompt"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
@@ -107,6 +117,11 @@ class GenerateSpec:
                             transfer_dtype=self.transfer_dtype, refresh_every=self.refresh_every,
                             refresh_drift=self.refresh_drift, max_slowdown=self.max_slowdown, replan=self.replan,
                             guidance=self.guidance, batch=self.batch, parallel=self.parallel)
+
+
+def _looks_local(model: str) -> bool:
+    """A path rather than a hub id (``owner/name``): absolute, relative, or more than one slash."""
+    return model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep != "/" and os.sep in model
 
 
 def _load_pipeline(spec: GenerateSpec) -> Any:
@@ -268,7 +283,7 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
         async_diff.reset_state(warm_up=spec.warm_up)
     else:
         pipe = _load_pipeline(spec)
-    pipe.set_progress_bar_config(disable=rank != 0, leave=False)
+    pipe.set_progress_bar_config(disable=rank != 0, leave=True)  # the bar ends its line: the JSON stays alone
     denoiser = getattr(pipe, (async_diff.adapter if async_diff else _adapter(pipe)).denoiser)
     timer = _StepTimer(denoiser)
     final: dict[str, torch.Tensor] = {}
@@ -279,7 +294,8 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
         async_diff.engine.drain()  # no transfer may outlive the process group
     memory = memory_per_rank(denoiser)
     result: dict[str, Any] = {
-        "pipeline": spec.pipeline, "size": spec.size, "devices": spec.devices, "stride": spec.stride,
+        "pipeline": spec.model or spec.pipeline, "size": "loaded" if spec.model else spec.size,
+        "devices": spec.devices, "stride": spec.stride,
         "stages": spec.stages, "steps": spec.steps, "warm_up": spec.warm_up, "time_shift": spec.time_shift,
         "refresh_every": spec.refresh_every, "refresh_drift": spec.refresh_drift,
         "seed": spec.seed,
@@ -341,8 +357,25 @@ def run(spec: GenerateSpec) -> dict[str, Any]:
     if spec.devices == 1:
         torch.set_num_threads(spec.threads_per_device)
         return worker(spec)
+    _warn_oversubscribed(spec)
     results = launch(worker, spec.devices, spec, threads=spec.threads_per_device)
     return results[0]
+
+
+def _warn_oversubscribed(spec: GenerateSpec) -> None:
+    """Say so where the processes need more cores (CPU) or GPUs than this machine has."""
+    import warnings
+
+    from asyncdiff.engine.launch import local_device
+
+    if local_device().type == "cuda":
+        return  # launch's local_device() refuses more processes than GPUs, with the fix
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    need = spec.devices * spec.threads_per_device
+    if need > cores:
+        warnings.warn(f"devices={spec.devices} x threads-per-device={spec.threads_per_device} = {need} threads on "
+                      f"{cores} CPU cores: the processes share cores, so times are not what {spec.devices} devices "
+                      f"would give", stacklevel=2)
 
 
 def memory_per_rank(denoiser: torch.nn.Module) -> dict[str, Any]:

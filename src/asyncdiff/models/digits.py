@@ -94,7 +94,11 @@ def load_digits16() -> tuple[torch.Tensor, torch.Tensor]:
         >>> tuple(images.shape), int(labels[0])
         ((1797, 1, 16, 16), 0)
     """
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ImportError("the digits data comes from scikit-learn, an extra: pip install 'asyncdiff[fidelity]'") \
+            from None
 
     digits = load_digits()
     small = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
