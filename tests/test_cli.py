@@ -199,3 +199,16 @@ def test_more_processes_than_cores_is_said(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _warn_oversubscribed(GenerateSpec(devices=2))  # fits: nothing said
+
+
+def test_demo_puts_the_sequential_and_the_parallel_digits_side_by_side(tmp_path):
+    out = tmp_path / "digits.png"
+    done = run_cli("demo", "--steps", "6", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 2 and result["samples"] == 16 and result["speedup"] > 0
+    assert 10 < result["psnr_db"] < 80  # stale inputs: close to the sequential digits, not equal
+    assert 0.5 <= result["same_digit"] <= 1 and 0 < result["confidence_parallel"] <= 1
+    assert "sequential (left) and on 2 processes" in done.stderr
+    with Image.open(out) as picture:  # two 4 x 4 grids of 64-pixel tiles with 4-pixel gaps, 24 pixels apart
+        assert picture.size == (2 * (4 * 64 + 3 * 4) + 24, 4 * 64 + 3 * 4)

@@ -193,19 +193,22 @@ def final_latents(output: Any, keep: dict[str, torch.Tensor]) -> torch.Tensor:
                        "the pipeline needs callback_on_step_end, callback or output_type='pt'")
 
 
-def _grid(images: torch.Tensor) -> Any:
-    """A ``(N, C, H, W)`` batch in ``[0, 1]`` tiled into one near-square PIL image."""
+def _grid(images: torch.Tensor, gap: int = 2, scale: int = 1) -> Any:
+    """A ``(N, C, H, W)`` batch in ``[0, 1]`` tiled into one near-square PIL image, ``gap`` white
+    pixels between tiles, each pixel ``scale`` x ``scale``."""
     import math
 
     from PIL import Image
 
+    images = images.repeat_interleave(scale, -1).repeat_interleave(scale, -2) if scale > 1 else images
     count, channels, height, width = images.shape
     columns = math.ceil(math.sqrt(count))
     rows = math.ceil(count / columns)
-    canvas = images.new_zeros(channels, rows * height, columns * width)
+    canvas = images.new_ones(channels, rows * (height + gap) - gap, columns * (width + gap) - gap)
     for i, image in enumerate(images):
         row, column = divmod(i, columns)
-        canvas[:, row * height:(row + 1) * height, column * width:(column + 1) * width] = image
+        top, left = row * (height + gap), column * (width + gap)
+        canvas[:, top:top + height, left:left + width] = image
     pixels = (canvas.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
 
