@@ -4,9 +4,9 @@
     torchrun --nproc_per_node=3 examples/run_pipeline.py --pipeline svd --stride 2 --out svd.gif
     torchrun --nproc_per_node=2 examples/run_pipeline.py --pipeline sd21 --model stabilityai/stable-diffusion-2-1
 
-Systems: sd15, sd21, sdxl, sdxl-inpaint, controlnet-sdxl, sd-upscaler, sd3, svd, animatediff. Image
-inputs (mask, control picture, low-resolution picture, first frame) are built-in pictures unless
-you pass --image.
+Systems: every entry of ``asyncdiff.models.builders.SYSTEMS`` (``asyncdiff generate --help`` lists
+them). Image inputs (mask, control picture, low-resolution picture, first frame) are built-in
+pictures unless you pass --image.
 """
 
 import argparse
@@ -18,10 +18,10 @@ from PIL import Image
 
 from asyncdiff import AsyncDiff
 from asyncdiff.generate import save_output
-from asyncdiff.models.builders import BUILDERS, example_inputs
+from asyncdiff.models.builders import SYSTEMS, system
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--pipeline", default="sd15", choices=list(BUILDERS))
+parser.add_argument("--pipeline", default="sd15", choices=list(SYSTEMS))
 parser.add_argument("--size", default="tiny", choices=("tiny", "bench", "full"))
 parser.add_argument("--model", default=None, help="local folder or hub id with real weights")
 parser.add_argument("--image", default=None, help="input picture for pipelines that take one")
@@ -38,11 +38,11 @@ if args.model:
 
     pipeline = DiffusionPipeline.from_pretrained(args.model)
 else:
-    pipeline = BUILDERS[args.pipeline](args.size, 0)
-call = example_inputs(args.pipeline, args.size, seed=0)
+    pipeline = system(args.pipeline).build(args.size, 0)
+call = system(args.pipeline).inputs(args.size, 0)
 if args.image:
     call["image"] = Image.open(args.image).convert("RGB")
-if args.pipeline != "svd":
+if system(args.pipeline).prompt:
     call["prompt"] = args.prompt
 
 dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")

@@ -104,5 +104,14 @@ def test_bad_size_names_the_size(name: str) -> None:
 
 
 def test_unknown_pipeline_name_is_refused() -> None:
-    with pytest.raises(ValueError, match="name='sd99'"):
+    with pytest.raises(ValueError, match="pipeline='sd99' is not a built-in system"):
         example_inputs("sd99", "tiny", 0)
+
+
+def test_one_record_per_system() -> None:
+    from asyncdiff.models.builders import SYSTEMS, VIDEO_SYSTEMS, system
+
+    assert list(BUILDERS) == list(SYSTEMS) and all(s.about for s in SYSTEMS.values())
+    assert VIDEO_SYSTEMS == ("svd", "animatediff", "wan")
+    assert [n for n, s in SYSTEMS.items() if not s.prompt] == ["svd", "digits"]
+    assert system("wan").output == "video" and system("digits").output == "samples"

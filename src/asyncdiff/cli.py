@@ -32,7 +32,7 @@ def _non_negative(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     from asyncdiff.engine.runtime import TRANSFER_DTYPES
-    from asyncdiff.models.builders import BUILDERS
+    from asyncdiff.models.builders import SYSTEMS
     from asyncdiff.models.common import SIZE_NAMES
     from asyncdiff.partition.planner import MAX_SLOWDOWN
     from asyncdiff.partition.report import LINKS
@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     demo.add_argument("--out", default="digits.png", help="the picture: sequential grid left, parallel grid right")
     gen = commands.add_parser("generate", help="generate an image on N processes", formatter_class=defaults)
-    gen.add_argument("--pipeline", default="sd15", choices=list(BUILDERS))
+    systems = "built-in system: " + "; ".join(f"{name}: {s.about}" for name, s in SYSTEMS.items())
+    gen.add_argument("--pipeline", default="sd15", choices=list(SYSTEMS), help=systems)
     gen.add_argument("--size", default="tiny", choices=SIZE_NAMES, help="built-in model size")
     gen.add_argument("--model", default=None, help="local folder or hub id to load real weights from")
     gen.add_argument("--devices", type=_positive, default=2, help="processes; 1 runs the plain pipeline")
@@ -86,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     ins = commands.add_parser("inspect", help="plan a split and show it, without running anything in parallel",
                               formatter_class=defaults)
     source = ins.add_mutually_exclusive_group()
-    source.add_argument("--pipeline", default="sd15", choices=list(BUILDERS))
+    source.add_argument("--pipeline", default="sd15", choices=list(SYSTEMS), help="built-in system")
     source.add_argument("--model", default=None, help="local folder or hub id of a diffusers pipeline")
     ins.add_argument("--size", default="tiny", choices=SIZE_NAMES, help="built-in model size")
     what = ins.add_mutually_exclusive_group(required=True)
@@ -109,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="sequential reference against parallel settings: speed and deviation",
                                 formatter_class=defaults)
-    bench.add_argument("--pipeline", default="sd15", choices=list(BUILDERS))
+    bench.add_argument("--pipeline", default="sd15", choices=list(SYSTEMS), help="built-in system")
     bench.add_argument("--size", default="bench", choices=SIZE_NAMES)
     bench.add_argument("--devices", default="1,2", help="comma-separated process counts, e.g. 1,2,3")
     bench.add_argument("--stride", default="1", help="comma-separated strides, e.g. 1,2")

@@ -19,11 +19,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from asyncdiff.models.builders import VIDEO_SYSTEMS as VIDEO_PIPELINES
 from asyncdiff.partition.planner import MAX_SLOWDOWN
 
 __all__ = ["VIDEO_PIPELINES", "GenerateSpec", "final_latents", "run", "save_output", "worker"]
-
-VIDEO_PIPELINES = ("svd", "animatediff", "wan")
 
 
 @dataclass(frozen=True)
@@ -58,11 +57,10 @@ class GenerateSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from asyncdiff.models.builders import BUILDERS
+        from asyncdiff.models.builders import system
         from asyncdiff.models.common import SIZE_NAMES
 
-        if self.pipeline not in BUILDERS:
-            raise ValueError(f"pipeline={self.pipeline!r} is not a built-in pipeline; use one of {sorted(BUILDERS)}")
+        system(self.pipeline)  # a ValueError naming the choices
         if self.size not in SIZE_NAMES:
             raise ValueError(f"size={self.size!r} is not a built-in size; use one of {list(SIZE_NAMES)}")
         for name in ("image", "mask", "plan"):
@@ -125,13 +123,13 @@ def _looks_local(model: str) -> bool:
 
 
 def _load_pipeline(spec: GenerateSpec) -> Any:
-    from asyncdiff.models.builders import BUILDERS
+    from asyncdiff.models.builders import system
 
     if spec.model is not None:
         from diffusers import DiffusionPipeline
 
         return DiffusionPipeline.from_pretrained(spec.model)
-    return BUILDERS[spec.pipeline](spec.size, spec.seed)
+    return system(spec.pipeline).build(spec.size, spec.seed)
 
 
 def _call_kwargs(spec: GenerateSpec, pipe: Any, keep: dict[str, torch.Tensor]) -> dict[str, Any]:

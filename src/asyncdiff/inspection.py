@@ -186,14 +186,13 @@ def load_for_inspection(pipeline: str, size: str, model: str | None, *, on_meta:
         from diffusers import DiffusionPipeline
 
         return DiffusionPipeline.from_pretrained(model)
-    from asyncdiff.models.builders import BUILDERS
+    from asyncdiff.models.builders import system
 
-    if pipeline not in BUILDERS:
-        raise ValueError(f"pipeline={pipeline!r} has no built-in model; use one of {sorted(BUILDERS)} or --model PATH")
+    build = system(pipeline).build
     if not on_meta:
-        return BUILDERS[pipeline](size, 0)
+        return build(size, 0)
     # Schedulers copy tables to the CPU while they are built, so only modules go to meta.
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
-        return BUILDERS[pipeline](size, 0)
+        return build(size, 0)

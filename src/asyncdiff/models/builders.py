@@ -1,4 +1,6 @@
-"""Every offline pipeline builder by name, and the call kwargs that make an example run.
+"""Every built-in system as one :class:`System` record: builder, example call, what it makes.
+
+Adding a system is one module with its builder and inputs, and one line in :data:`SYSTEMS`.
 
 Each builder takes ``(size, seed)`` with ``size`` one of ``tiny``, ``bench``, ``full`` and returns
 a ready diffusers pipeline with seeded random weights; ``digits`` is the exception, a small
@@ -20,6 +22,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from asyncdiff.models import sd
@@ -40,7 +43,7 @@ from asyncdiff.models.svd import build_svd, svd_inputs
 from asyncdiff.models.upscaler import build_sd_upscaler, sd_upscaler_inputs
 from asyncdiff.models.wan import build_wan, wan_inputs
 
-__all__ = ["BUILDERS", "example_inputs"]
+__all__ = ["BUILDERS", "SYSTEMS", "VIDEO_SYSTEMS", "System", "example_inputs", "system"]
 
 
 def _sd15_inputs(size: str = "tiny", seed: int = 0) -> dict[str, Any]:
@@ -48,33 +51,44 @@ def _sd15_inputs(size: str = "tiny", seed: int = 0) -> dict[str, Any]:
     return {"height": spec.resolution, "width": spec.resolution}
 
 
-BUILDERS: dict[str, Callable[[str, int], Any]] = {
-    "sd15": sd.build_sd15,
-    "sd21": build_sd21,
-    "sdxl": build_sdxl,
-    "sdxl-inpaint": build_sdxl_inpaint,
-    "controlnet-sdxl": build_controlnet_sdxl,
-    "sd-upscaler": build_sd_upscaler,
-    "sd3": build_sd3,
-    "svd": build_svd,
-    "animatediff": build_animatediff,
-    "wan": build_wan,
-    "digits": build_digits,
-}
+@dataclass(frozen=True)
+class System:
+    """One built-in system: its builder ``build(size, seed)``, the call kwargs of an example run
+    ``inputs(size, seed)`` (besides the prompt), whether it takes a prompt, and what it makes
+    (``"image"``, ``"video"``, or ``"samples"``: a batch of pictures tiled into one grid)."""
 
-_INPUTS: dict[str, Callable[[str, int], dict[str, Any]]] = {
-    "sd15": _sd15_inputs,
-    "sd21": sd21_inputs,
-    "sdxl": sdxl_inputs,
-    "sdxl-inpaint": sdxl_inpaint_inputs,
-    "controlnet-sdxl": controlnet_sdxl_inputs,
-    "sd-upscaler": sd_upscaler_inputs,
-    "sd3": sd3_inputs,
-    "svd": svd_inputs,
-    "animatediff": animatediff_inputs,
-    "wan": wan_inputs,
-    "digits": digits_inputs,
-}
+    name: str
+    build: Callable[[str, int], Any]
+    inputs: Callable[[str, int], dict[str, Any]]
+    output: str = "image"
+    prompt: bool = True
+    about: str = ""
+
+
+SYSTEMS: dict[str, System] = {s.name: s for s in (
+    System("sd15", sd.build_sd15, _sd15_inputs, about="Stable Diffusion 1.5-shaped UNet, CFG batch 2"),
+    System("sd21", build_sd21, sd21_inputs, about="SD 2.1 (v-prediction, linear projections)"),
+    System("sdxl", build_sdxl, sdxl_inputs, about="SDXL base: two text encoders, added conditioning"),
+    System("sdxl-inpaint", build_sdxl_inpaint, sdxl_inpaint_inputs, about="SDXL inpainting (9 input channels)"),
+    System("controlnet-sdxl", build_controlnet_sdxl, controlnet_sdxl_inputs, about="SDXL with a ControlNet"),
+    System("sd-upscaler", build_sd_upscaler, sd_upscaler_inputs, about="the x4 upscaler (noise-level conditioning)"),
+    System("sd3", build_sd3, sd3_inputs, about="SD3-shaped MMDiT, flow matching"),
+    System("svd", build_svd, svd_inputs, output="video", prompt=False, about="Stable Video Diffusion, image to video"),
+    System("animatediff", build_animatediff, animatediff_inputs, output="video", about="AnimateDiff motion UNet"),
+    System("wan", build_wan, wan_inputs, output="video", about="Wan 2.1-shaped DiT, guidance as two calls per step"),
+    System("digits", build_digits, digits_inputs, output="samples", prompt=False,
+           about="a small DDIM model trained here on handwritten digits"),
+)}
+
+BUILDERS: dict[str, Callable[[str, int], Any]] = {name: s.build for name, s in SYSTEMS.items()}
+VIDEO_SYSTEMS = tuple(name for name, s in SYSTEMS.items() if s.output == "video")
+
+
+def system(name: str) -> System:
+    """The built-in system ``name``, or a ``ValueError`` naming the choices."""
+    if name not in SYSTEMS:
+        raise ValueError(f"pipeline={name!r} is not a built-in system; use one of {sorted(SYSTEMS)}")
+    return SYSTEMS[name]
 
 
 def example_inputs(name: str, size: str = "tiny", seed: int = 0) -> dict[str, Any]:
@@ -83,6 +97,4 @@ def example_inputs(name: str, size: str = "tiny", seed: int = 0) -> dict[str, An
     Pictures are drawn from ``seed``; sizes and frame counts follow the builder's ``size``.
     ``svd`` is image-to-video and takes no prompt at all.
     """
-    if name not in _INPUTS:
-        raise ValueError(f"pipeline name={name!r} has no builder; use one of {sorted(_INPUTS)}")
-    return _INPUTS[name](size, seed)
+    return system(name).inputs(size, seed)
