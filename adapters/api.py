@@ -27,7 +27,9 @@ from asyncdiff.partition.blocks import BlockPolicy
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.planner import LAYOUTS, MAX_SLOWDOWN
 
-__all__ = ["AsyncDiff"]
+__all__ = ["TEXT_ENCODERS", "AsyncDiff"]
+
+TEXT_ENCODERS = ("every", "rank0")  # where the text encoders live
 
 
 class AsyncDiff:
@@ -48,6 +50,8 @@ class AsyncDiff:
     prompts) over slices of ``model_n`` stages each, exactly (Note [hybrid mesh]): the world is
     ``guidance * batch * (model_n + stride - 1)`` processes. ``parallel="auto"`` chooses the
     three for the world size at the first call (Note [choosing the mesh]).
+    ``text_encoders="rank0"``: only rank 0 keeps the text encoders; it broadcasts the prompt
+    embeddings to the others (Note [encoders on one rank] in :mod:`asyncdiff.adapters.encoders`).
     ``released``: set by :meth:`from_pretrained` (weights this rank never loaded).
     """
 
@@ -57,7 +61,11 @@ class AsyncDiff:
                  refresh_every: int | None = None, refresh_drift: float | None = None,
                  max_slowdown: float = MAX_SLOWDOWN, replan: bool = False, verify: bool = True,
                  compile: bool = False, guidance: int = 1, batch: int = 1, parallel: str | None = None,
-                 adapter: Adapter | None = None, released: dict[str, tuple[Any, Any, Any]] | None = None) -> None:
+                 text_encoders: str = "every", adapter: Adapter | None = None,
+                 released: dict[str, tuple[Any, Any, Any]] | None = None) -> None:
+        if text_encoders not in TEXT_ENCODERS:
+            raise ValueError(f"text_encoders={text_encoders!r} must be 'every' (each rank keeps its own) or "
+                             f"'rank0' (rank 0 keeps them and broadcasts the prompt embeddings)")
         config = EngineConfig(model_n=model_n, stride=stride, warm_up=warm_up, time_shift=time_shift,
                               policy=policy, cost=cost, layouts=tuple(layouts), transfer_dtype=transfer_dtype,
                               refresh_every=refresh_every, refresh_drift=refresh_drift, compile=compile,
@@ -67,6 +75,11 @@ class AsyncDiff:
         self.pipeline = pipeline
         self.adapter = adapter or adapter_for(pipeline)
         self.denoiser = getattr(pipeline, self.adapter.denoiser)
+        self.shared_encoders = None  # Note [encoders on one rank]
+        if text_encoders == "rank0" and dist.is_initialized() and dist.get_world_size() > 1:
+            from asyncdiff.adapters.encoders import share_text_encoders
+
+            self.shared_encoders = share_text_encoders(pipeline, owner=0, device=local_device())
         device = local_device()
         if device.type == "cuda" and getattr(self.denoiser, "device", device).type != "cuda":
             pipeline.to(device)
@@ -109,11 +122,17 @@ class AsyncDiff:
             torch.cuda.set_device(device)
         folder, index = read_model_index(path)
         registered = registered_adapter(getattr(__import__("diffusers"), index["_class_name"], DiffusionPipeline))
+        weight_free = {}
+        if options.get("text_encoders", "every") == "rank0" and rank != 0:  # Note [encoders on one rank]
+            from asyncdiff.adapters.loading import encoder_skeletons
+
+            weight_free = encoder_skeletons(folder, index, torch_dtype, variant)
         load = load_stage_only(str(folder), denoiser_attr=registered.denoiser if registered else None,
                                latent=registered.latent if registered else None, n_stages=model_n,
                                stage=min(rank % config.stage_world, model_n - 1), device=device, torch_dtype=torch_dtype, variant=variant,
                                plan=plan, policy=policy, layouts=config.plan_layouts, max_slowdown=max_slowdown,
-                               bandwidth=config.planner_bandwidth(device), call_kwargs=call_kwargs)
+                               bandwidth=config.planner_bandwidth(device), call_kwargs=call_kwargs,
+                               components=weight_free)
         async_diff = cls(load.pipeline, model_n, stride, warm_up, time_shift, plan=load.plan, policy=policy,
                          layouts=layouts, max_slowdown=max_slowdown, adapter=registered, released=load.released,
                          **options)
@@ -138,6 +157,9 @@ class AsyncDiff:
         """Detach the engine; released weights come back from their owners (all ranks call it)."""
         self.engine.reset_state()
         self.engine.restore_weights()
+        if self.shared_encoders is not None:
+            self.shared_encoders.restore()
+            self.shared_encoders = None
         detach(self.denoiser)
         self.pipeline.__class__ = self._original_class
         del self.pipeline._asyncdiff

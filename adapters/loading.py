@@ -50,9 +50,12 @@ def load_stage_only(path: str, *, denoiser_attr: str | None, latent: str | None,
                     device: torch.device, torch_dtype: torch.dtype | None = None, variant: str | None = None,
                     plan: Plan | None = None, policy: Any = "fine", layouts: tuple[str, ...] = ("contiguous", "wrapped"),
                     max_slowdown: float = 0.05, bandwidth: float | None = None,
-                    call_kwargs: dict[str, Any] | None = None) -> StageLoad:
+                    call_kwargs: dict[str, Any] | None = None,
+                    components: dict[str, torch.nn.Module] | None = None) -> StageLoad:
     """Load the diffusers pipeline at ``path`` (a folder, or a hub id in the local cache) with its
-    denoiser holding only stage ``stage`` of ``n_stages`` (Note [stage-only loading])."""
+    denoiser holding only stage ``stage`` of ``n_stages`` (Note [stage-only loading]);
+    ``components``: pipeline components to use as given instead of loading them (weight-free
+    text encoders, Note [encoders on one rank])."""
     from accelerate import init_empty_weights
     from diffusers import DiffusionPipeline
 
@@ -80,7 +83,8 @@ def load_stage_only(path: str, *, denoiser_attr: str | None, latent: str | None,
     for name, t in (*skeleton.named_parameters(), *skeleton.named_buffers()):
         if t.is_meta and name in dtypes:
             _set_tensor(skeleton, name, torch.empty_like(t, dtype=dtypes[name]))  # still meta, right dtype
-    pipeline = DiffusionPipeline.from_pretrained(folder, **{attr: skeleton}, torch_dtype=torch_dtype, variant=variant)
+    pipeline = DiffusionPipeline.from_pretrained(folder, **{attr: skeleton}, **(components or {}),
+                                                 torch_dtype=torch_dtype, variant=variant)
 
     args, kwargs = capture_denoiser_call(pipeline, attr, **({"prompt": ""} | (call_kwargs or {})))
     traced = trace_denoiser(skeleton, args, kwargs, policy=policy, latent=latent)
@@ -132,9 +136,10 @@ def read_model_index(path: str) -> tuple[Path, dict[str, Any]]:
     return folder, json.loads((folder / "model_index.json").read_text())
 
 
-def _checkpoint_files(folder: Path, variant: str | None) -> dict[str, Path]:
-    """Tensor name -> safetensors file of a diffusers model folder (one file, or shards with an index)."""
-    stem = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
+def _checkpoint_files(folder: Path, variant: str | None, stem: str = "diffusion_pytorch_model") -> dict[str, Path]:
+    """Tensor name -> safetensors file of a diffusers (or, ``stem="model"``, transformers) model
+    folder (one file, or shards with an index)."""
+    stem = stem + (f".{variant}" if variant else "")
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -161,6 +166,30 @@ def _dtypes(files: dict[str, Path], torch_dtype: torch.dtype | None) -> dict[str
                 stored = _SAFETENSORS_DTYPES[f.get_slice(name).get_dtype()]
                 dtypes[name] = torch_dtype if torch_dtype is not None and stored.is_floating_point else stored
     return dtypes
+
+
+def encoder_skeletons(folder: Path, index: dict[str, Any], torch_dtype: torch.dtype | None,
+                      variant: str | None) -> dict[str, torch.nn.Module]:
+    """The pipeline's text encoders built from their configs with weight-free (meta) parameters
+    in the dtype they will have (``torch_dtype``, else the checkpoint's): for the ranks that never
+    run them (Note [encoders on one rank] in :mod:`asyncdiff.adapters.encoders`)."""
+    from accelerate import init_empty_weights
+
+    skeletons = {}
+    for name, entry in index.items():
+        if not (name.startswith("text_encoder") and isinstance(entry, list) and entry[0]):
+            continue
+        cls = getattr(__import__(entry[0]), entry[1])
+        with init_empty_weights(include_buffers=False):
+            model = cls(cls.config_class.from_pretrained(folder / name))
+        stored = list(_dtypes(_checkpoint_files(folder / name, variant, stem="model"), torch_dtype).values())
+        floating = [d for d in stored if d.is_floating_point]
+        dtype = torch_dtype or (max(set(floating), key=floating.count) if floating else torch.float32)
+        for key, t in [*model.named_parameters(), *model.named_buffers()]:
+            if t.is_meta and t.is_floating_point():
+                _set_tensor(model, key, torch.empty_like(t, dtype=dtype))
+        skeletons[name] = model.eval()
+    return skeletons
 
 
 def _set_tensor(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:

@@ -74,3 +74,15 @@ def test_a_checkpoint_without_safetensors_says_how_to_load_it(tmp_path):
     with pytest.raises(ValueError, match=r"has no diffusion_pytorch_model.safetensors \(or its index\): stage-only "
                                          r"loading reads safetensors; save the model with save_pretrained"):
         load_stage_only(str(tmp_path), denoiser_attr=None, latent=None, n_stages=2, stage=0, device=torch.device("cpu"))
+
+
+def test_text_encoders_never_load_on_the_other_ranks(saved):
+    """Note [encoders on one rank] with stage-only loading: rank 1 builds the text encoder without
+    weights and receives the embeddings; the result is the model's; remove() brings it back."""
+    whole = _bytes(DiffusionPipeline.from_pretrained(saved).text_encoder)
+    results = launch(stage_only_scenario, 2, str(saved), STEPS, "rank0")
+    assert results[0]["encoder"] == whole and results[1]["encoder"] == 0
+    for r in results.values():
+        assert r["encoder_after_remove"] == whole
+        torch.testing.assert_close(r["latents"], r["plain_after_remove"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[1]["latents"], results[0]["latents"], rtol=0, atol=0)

@@ -407,9 +407,10 @@ def adapter_scenarios(kind: str, steps: int) -> dict[str, Any]:
     return results
 
 
-def stage_only_scenario(path: str, steps: int) -> dict[str, Any]:
+def stage_only_scenario(path: str, steps: int, text_encoders: str = "every") -> dict[str, Any]:
     """``AsyncDiff.from_pretrained`` on this process group (every step a warm-up step): the latents,
-    the denoiser bytes this rank holds before and after ``remove()``, and the plan's source."""
+    the denoiser (and text encoder) bytes this rank holds before and after ``remove()``, and the
+    plan's source."""
     from asyncdiff import AsyncDiff
 
     def held(module: torch.nn.Module) -> int:
@@ -420,14 +421,15 @@ def stage_only_scenario(path: str, steps: int) -> dict[str, Any]:
             return pipe("a cat", num_inference_steps=steps, output_type="latent",
                         generator=torch.Generator().manual_seed(0)).images
 
-    async_diff = AsyncDiff.from_pretrained(path, model_n=dist.get_world_size(), warm_up=steps)
+    async_diff = AsyncDiff.from_pretrained(path, model_n=dist.get_world_size(), warm_up=steps,
+                                           text_encoders=text_encoders)
     pipe = async_diff.pipeline
-    loaded = held(pipe.unet)
+    loaded, encoder = held(pipe.unet), held(pipe.text_encoder)
     parallel = latents(pipe)
     result = {"loaded": loaded, "latents": parallel, "source": async_diff.engine.plan_source,
-              "released": len(async_diff.engine.released_weights)}
+              "released": len(async_diff.engine.released_weights), "encoder": encoder}
     async_diff.remove()
-    result["after_remove"] = held(pipe.unet)
+    result["after_remove"], result["encoder_after_remove"] = held(pipe.unet), held(pipe.text_encoder)
     result["plain_after_remove"] = latents(pipe)
     return result
 
@@ -540,4 +542,38 @@ def two_call_hybrid(guidance: int, steps: int, plan_json: str | None = None) -> 
         results["drifting"] = f"{type(err).__name__}: {err}"
     async_diff.remove()
     results["drifting_plain"] = pipe(cond, uncond, steps, drift=0.01)
+    return results
+
+
+def encoder_scenarios(name: str, steps: int) -> dict[str, Any]:
+    """Note [encoders on one rank]: built-in system ``name`` on this process group with every rank
+    holding its text encoders, then with rank 0 only; the encoders' bytes held meanwhile and a
+    checksum of their weights after ``remove()``."""
+    from asyncdiff import AsyncDiff
+    from asyncdiff.adapters.encoders import text_encoders
+    from asyncdiff.generate import GenerateSpec, _call_kwargs
+    from asyncdiff.generate import final_latents as latents_of
+    from asyncdiff.models.builders import system
+
+    pipe = system(name).build("tiny", 0)
+    spec = GenerateSpec(pipeline=name, devices=dist.get_world_size(), steps=steps, warm_up=1)
+
+    def run() -> torch.Tensor:
+        keep: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            return latents_of(pipe(**_call_kwargs(spec, pipe, keep)), keep)
+
+    def held() -> int:
+        return sum(t.numel() for e in text_encoders(pipe).values() for t in e.parameters())
+
+    results: dict[str, Any] = {"whole": held()}
+    async_diff = AsyncDiff(pipe, model_n=spec.stages, warm_up=1, cost="flops")
+    results["every"] = run()
+    plan = async_diff.plan
+    async_diff.remove()
+    async_diff = AsyncDiff(pipe, model_n=spec.stages, warm_up=1, plan=plan, text_encoders="rank0")
+    results["rank0"], results["held"] = run(), held()
+    async_diff.remove()
+    results["restored"] = held()
+    results["checksum"] = sum(float(t.double().sum()) for e in text_encoders(pipe).values() for t in e.parameters())
     return results

@@ -140,6 +140,8 @@ def _add_mesh_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parallel", default=None, choices=("auto",),
                         help="auto: choose guidance, batch and stage degrees for --devices at the first call "
                         "and print the modelled alternatives")
+    parser.add_argument("--text-encoders", default="every", choices=("every", "rank0"),
+                        help="rank0: only rank 0 keeps the text encoders and broadcasts the prompt embeddings")
     _add_call_options(parser)
 
 
@@ -234,7 +236,7 @@ def _generate(args: argparse.Namespace) -> int:
         image=args.image, mask=args.mask, transfer_dtype=args.transfer_dtype,
         max_slowdown=args.max_slowdown, replan=args.replan, guidance=2 if args.guidance_parallel else 1,
         batch=args.batch_parallel, parallel=args.parallel, images_per_prompt=args.images_per_prompt,
-        guidance_scale=args.guidance_scale,
+        guidance_scale=args.guidance_scale, text_encoders=args.text_encoders,
     )
     result = run(spec)
     if int(os.environ.get("RANK", 0)) == 0:

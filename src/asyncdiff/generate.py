@@ -54,6 +54,7 @@ class GenerateSpec:
     parallel: str | None = None  # "auto": choose guidance, batch and stages at the first call
     images_per_prompt: int = 1  # the pipeline's num_images_per_prompt
     guidance_scale: float | None = None  # the pipeline's guidance_scale (None: its default)
+    text_encoders: str = "every"  # "rank0": only rank 0 keeps them (Note [encoders on one rank])
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -80,6 +81,9 @@ class GenerateSpec:
         if self.model is not None and _looks_local(self.model) and not os.path.isdir(self.model):
             raise ValueError(f"model={self.model!r} is not a folder (and not a hub id, which is 'owner/name'); "
                              f"pass a saved pipeline's folder or a hub id")
+        if self.text_encoders not in ("every", "rank0"):
+            raise ValueError(f"text_encoders={self.text_encoders!r} must be 'every' (each rank keeps its own) "
+                             f"or 'rank0' (rank 0 keeps them and broadcasts the prompt embeddings)")
         for name in ("devices", "steps", "threads_per_device", "images_per_prompt"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
@@ -272,7 +276,7 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
         options = dict(plan=plan, policy=spec.policy, transfer_dtype=spec.transfer_dtype,
                        refresh_every=spec.refresh_every, refresh_drift=spec.refresh_drift,
                        max_slowdown=spec.max_slowdown, replan=spec.replan, guidance=spec.guidance,
-                       batch=spec.batch)
+                       batch=spec.batch, text_encoders=spec.text_encoders)
         if spec.model is not None:  # each rank reads only its stage's weights (Note [stage-only loading])
             async_diff = AsyncDiff.from_pretrained(spec.model, spec.stages, spec.stride, spec.warm_up,
                                                    spec.time_shift, **options)
@@ -293,7 +297,7 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
     plan_s = async_diff.engine.compile_seconds if async_diff is not None else 0.0
     if async_diff is not None:
         async_diff.engine.drain()  # no transfer may outlive the process group
-    memory = memory_per_rank(denoiser)
+    memory = memory_per_rank(denoiser, list(text_encoders(pipe).values()))
     result: dict[str, Any] = {
         "pipeline": spec.model or spec.pipeline, "size": "loaded" if spec.model else spec.size,
         "devices": spec.devices, "stride": spec.stride,
@@ -338,6 +342,12 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
     return result
 
 
+def text_encoders(pipe: Any) -> dict[str, torch.nn.Module]:
+    from asyncdiff.adapters.encoders import text_encoders as found
+
+    return found(pipe)
+
+
 def _adapter(pipe: Any) -> Any:
     from asyncdiff.adapters.registry import adapter_for
 
@@ -379,25 +389,30 @@ def _warn_oversubscribed(spec: GenerateSpec) -> None:
                       f"would give", stacklevel=2)
 
 
-def memory_per_rank(denoiser: torch.nn.Module) -> dict[str, Any]:
+def memory_per_rank(denoiser: torch.nn.Module, encoders: list[torch.nn.Module] = ()) -> dict[str, Any]:
     """Per rank (a list in rank order; every rank must call this): the denoiser's weights the rank
-    holds (released stages hold none) and the process's peak memory: CUDA's most allocated on a
-    GPU, else the peak resident set size (the whole process: libraries and other components too)."""
+    holds (released stages hold none), the text encoders' (Note [encoders on one rank]), and the
+    process's peak memory: CUDA's most allocated on a GPU, else the peak resident set size (the
+    whole process: libraries and other components too)."""
     import resource
 
-    held = sum(t.numel() * t.element_size() for t in (*denoiser.parameters(), *denoiser.buffers()))
+    def nbytes(module: torch.nn.Module) -> int:
+        return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+    held, text = nbytes(denoiser), sum(nbytes(e) for e in encoders)
     device = next((p.device for p in denoiser.parameters()), torch.device("cpu"))
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device), "CUDA max_memory_allocated"
     else:  # ru_maxrss is in KiB on Linux
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS"
-    mine = (held, peak)
+    mine = (held, text, peak)
     every = [mine]
     if dist.is_initialized():
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, mine)
-    return {"denoiser_mb": [round(h / 1e6, 2) for h, _ in every], "peak_mb": [round(p / 1e6, 1) for _, p in every],
-            "peak_memory": kind}
+    return {"denoiser_mb": [round(h / 1e6, 2) for h, _, _ in every],
+            "text_encoder_mb": [round(t / 1e6, 2) for _, t, _ in every],
+            "peak_mb": [round(p / 1e6, 1) for _, _, p in every], "peak_memory": kind}
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:
