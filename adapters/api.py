@@ -96,15 +96,18 @@ class AsyncDiff:
                         time_shift: bool = False, *, torch_dtype: torch.dtype | None = None,
                         variant: str | None = None, plan: Plan | None = None, policy: str | BlockPolicy = "fine",
                         layouts: tuple[str, ...] = LAYOUTS, max_slowdown: float = MAX_SLOWDOWN,
-                        call_kwargs: dict[str, Any] | None = None, **options: Any) -> AsyncDiff:
+                        call_kwargs: dict[str, Any] | None = None, cost: str = "flops",
+                        **options: Any) -> AsyncDiff:
         """Load the diffusers pipeline at ``path`` (folder or hub id) with this rank holding only
         its stage's denoiser weights from the start (Note [stage-only loading] in
         :mod:`asyncdiff.adapters.loading`), the engine attached: ``async_diff.pipeline(prompt)``.
 
-        The plan is counted in FLOPs on the weight-free model (the same on every rank), unless
+        The plan is counted in FLOPs (or weight bytes) on the weight-free model (the same on every rank), unless
         ``plan`` is given or cached. ``call_kwargs``: the call whose denoiser input the planner
         traces (default: an empty prompt at the pipeline's default size). ``options``: as for
-        :class:`AsyncDiff`. ``remove()`` gathers the whole denoiser on every rank."""
+        :class:`AsyncDiff`. ``cost="bytes"`` balances the weights each rank holds instead of the
+        FLOPs (for a model that does not fit one device). ``remove()`` gathers the whole denoiser
+        on every rank."""
         from diffusers import DiffusionPipeline
 
         from asyncdiff.adapters.loading import load_stage_only, read_model_index
@@ -113,7 +116,7 @@ class AsyncDiff:
             raise ValueError(f"parallel={options['parallel']!r}: from_pretrained loads one stage per rank before "
                              f"the first call, when 'auto' would choose; give guidance, batch and model_n instead")
         config = EngineConfig(model_n=model_n, stride=stride, warm_up=warm_up, time_shift=time_shift, policy=policy,
-                              cost="flops", layouts=tuple(layouts), max_slowdown=max_slowdown,
+                              cost=cost, layouts=tuple(layouts), max_slowdown=max_slowdown,
                               guidance=options.get("guidance", 1), batch=options.get("batch", 1))
         _join_processes(config)
         rank = dist.get_rank() if dist.is_initialized() else 0
@@ -132,8 +135,8 @@ class AsyncDiff:
                                stage=min(rank % config.stage_world, model_n - 1), device=device, torch_dtype=torch_dtype, variant=variant,
                                plan=plan, policy=policy, layouts=config.plan_layouts, max_slowdown=max_slowdown,
                                bandwidth=config.planner_bandwidth(device), call_kwargs=call_kwargs,
-                               components=weight_free)
-        async_diff = cls(load.pipeline, model_n, stride, warm_up, time_shift, plan=load.plan, policy=policy,
+                               components=weight_free, cost=cost)
+        async_diff = cls(load.pipeline, model_n, stride, warm_up, time_shift, plan=load.plan, policy=policy, cost=cost,
                          layouts=layouts, max_slowdown=max_slowdown, adapter=registered, released=load.released,
                          **options)
         async_diff.engine.plan_source = load.source

@@ -51,11 +51,12 @@ def load_stage_only(path: str, *, denoiser_attr: str | None, latent: str | None,
                     plan: Plan | None = None, policy: Any = "fine", layouts: tuple[str, ...] = ("contiguous", "wrapped"),
                     max_slowdown: float = 0.05, bandwidth: float | None = None,
                     call_kwargs: dict[str, Any] | None = None,
-                    components: dict[str, torch.nn.Module] | None = None) -> StageLoad:
+                    components: dict[str, torch.nn.Module] | None = None, cost: str = "flops") -> StageLoad:
     """Load the diffusers pipeline at ``path`` (a folder, or a hub id in the local cache) with its
     denoiser holding only stage ``stage`` of ``n_stages`` (Note [stage-only loading]);
     ``components``: pipeline components to use as given instead of loading them (weight-free
-    text encoders, Note [encoders on one rank])."""
+    text encoders, Note [encoders on one rank]); ``cost``: ``"flops"`` balances compute,
+    ``"bytes"`` the weights each rank holds (for a model that does not fit one device)."""
     from accelerate import init_empty_weights
     from diffusers import DiffusionPipeline
 
@@ -92,7 +93,7 @@ def load_stage_only(path: str, *, denoiser_attr: str | None, latent: str | None,
     if plan is None:
         plan, source = cached_plan(traced, n_stages, lambda: profile_blocks(traced, skeleton, args, kwargs,
                                                                             measure_time=False),
-                                   cost="flops", bandwidth=bandwidth, layouts=layouts, max_slowdown=max_slowdown,
+                                   cost=cost, bandwidth=bandwidth, layouts=layouts, max_slowdown=max_slowdown,
                                    device="meta")
     program = split_graph(traced, plan).stages[stage]
     foreign = {name for name, _ in foreign_tensors(skeleton, plan, stage, [seg.module(skeleton)

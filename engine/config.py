@@ -141,6 +141,8 @@ class EngineConfig:
             return None
         if name == "auto":
             name = "pcie" if device.type == "cuda" else "gloo"
+        if self.cost == "bytes":
+            return None  # balancing weights: the links do not enter
         return LINKS[name].planner_bandwidth("s" if self.cost == "time" else "flop")
 
     @property

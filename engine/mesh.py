@@ -51,7 +51,7 @@ import torch.utils._pytree as pytree
 from torch.distributed.device_mesh import init_device_mesh
 
 from asyncdiff.kernels.pack import PackLayout, pack, unpack
-from asyncdiff.partition.auto import auto_plan
+from asyncdiff.partition.auto import auto_plan, block_cost
 from asyncdiff.partition.hybrid import ParallelOption
 from asyncdiff.partition.planner import LAYOUTS, MAX_SLOWDOWN
 from asyncdiff.partition.profile import profile_blocks
@@ -179,7 +179,7 @@ def model_option(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[
     moved = out_bytes * (guidance * batch - 1) + (out_bytes * calls if stages > 1 else 0)
     comm = moved / bandwidth if bandwidth else 0.0
     if stages == 1:
-        total = sum(c.seconds if cost == "time" else float(c.flops) for c in costs.values())
+        total = sum(block_cost(c, cost) for c in costs.values())
         return ParallelOption(guidance, batch, stages, total * calls + comm, 0, None)
     plan = auto_plan(traced, costs, stages, cost=cost, bandwidth=bandwidth, layouts=layouts, max_slowdown=max_slowdown)
     return ParallelOption(guidance, batch, stages, float(plan.notes["modeled_step"]) * calls + comm,

@@ -36,9 +36,15 @@ from asyncdiff.partition.profile import BlockCost
 from asyncdiff.partition.split import place_latent_nodes
 from asyncdiff.partition.trace import INPLACE_OPS, TracedDenoiser
 
-__all__ = ["COSTS", "auto_plan", "block_values", "inplace_spans", "plan_candidates", "plan_depth", "plan_layout"]
+__all__ = ["COSTS", "COST_UNITS", "auto_plan", "block_cost", "block_values", "inplace_spans", "plan_candidates", "plan_depth", "plan_layout"]
 
-COSTS = ("time", "flops")
+COSTS = ("time", "flops", "bytes")  # measured seconds, counted FLOPs, or weight bytes (memory balance)
+COST_UNITS = {"time": "s", "flops": "flop", "bytes": "byte"}
+
+
+def block_cost(c: BlockCost, cost: str) -> float:
+    """One block's cost for the planner under ``cost`` (one of :data:`COSTS`)."""
+    return c.seconds if cost == "time" else float(c.flops if cost == "flops" else c.param_bytes)
 
 
 def block_values(traced: TracedDenoiser, costs: Mapping[str, BlockCost] | None = None) -> list[Value]:
@@ -84,7 +90,7 @@ class _Problem:
     def __init__(self, traced: TracedDenoiser, costs: Mapping[str, BlockCost], cost: str) -> None:
         if cost not in COSTS:
             raise ValueError(f"cost={cost!r} is not a cost model; use one of {COSTS}")
-        per_block = [costs[b].seconds if cost == "time" else float(costs[b].flops) for b in traced.blocks]
+        per_block = [block_cost(costs[b], cost) for b in traced.blocks]
         glued = [False] * len(per_block)  # glued[i]: block i joins block i - 1's unit
         for first, last in inplace_spans(traced):
             for i in range(first + 1, last + 1):
@@ -127,7 +133,7 @@ def auto_plan(traced: TracedDenoiser, costs: Mapping[str, BlockCost], n_stages: 
     stages = tuple(tuple(b for b, s in zip(traced.blocks, assignment) if s == k) for k in range(n_stages))
     stage_costs = tuple(sum(c for c, s in zip(problem.costs, chosen.assignment) if s == k) for k in range(n_stages))
     modeled = stage_times(problem.costs, problem.values, chosen.assignment, bandwidth)
-    return Plan(stages=stages, costs=stage_costs, cost_unit="s" if cost == "time" else "flop",
+    return Plan(stages=stages, costs=stage_costs, cost_unit=COST_UNITS[cost],
                 notes={"modeled_step": max(modeled), "main_path_depth": chosen.depth})
 
 

@@ -119,7 +119,7 @@ def cached_plan(traced: TracedDenoiser, n_stages: int, profile: Callable[[], Map
     plan = auto_plan(traced, profile(), n_stages, cost=cost, bandwidth=bandwidth, layouts=layouts,
                      max_slowdown=max_slowdown)
     path = cache.store(key, plan)
-    made = "measured now" if cost == "time" else "counted now (FLOPs)"
+    made = {"time": "measured now", "flops": "counted now (FLOPs)"}.get(cost, f"counted now ({cost})")
     return plan, f"{made}, saved to {path}" if path else f"{made}, not cached"
 
 

@@ -145,3 +145,25 @@ def test_plan_json_round_trip_and_validation():
     with pytest.raises(ValueError, match="not in any stage"):
         plan.check_covers(["a", "b", "c", "d"])
     Plan(stages=(("a", "c"), ("b",))).check_covers(["a", "b", "c"])  # a wrapped plan is valid
+
+
+def test_a_byte_plan_balances_the_weights_a_flop_plan_does_not():
+    """cost="bytes": each stage holds about its share of the weights (a UNet's weights sit in its
+    low-resolution blocks, its FLOPs in the high-resolution ones)."""
+    from asyncdiff.adapters.capture import capture_denoiser_call
+    from asyncdiff.models.sd import build_sd15
+    from asyncdiff.partition.auto import auto_plan
+    from asyncdiff.partition.profile import profile_blocks
+    from asyncdiff.partition.trace import trace_denoiser
+
+    pipe = build_sd15("bench", 0)
+    args, kwargs = capture_denoiser_call(pipe, "unet", prompt="a cat")
+    traced = trace_denoiser(pipe.unet, args, kwargs)
+    costs = profile_blocks(traced, pipe.unet, args, kwargs, measure_time=False)
+    total = sum(c.param_bytes for c in costs.values())
+    share = {}
+    for cost in ("flops", "bytes"):
+        plan = auto_plan(traced, costs, 2, cost=cost, layouts=("contiguous",))
+        share[cost] = max(sum(costs[b].param_bytes for b in stage) for stage in plan.stages) / total
+        assert plan.cost_unit == {"flops": "flop", "bytes": "byte"}[cost]
+    assert share["bytes"] <= 0.55 < share["flops"]

@@ -71,7 +71,9 @@ def _parser() -> argparse.ArgumentParser:
                      "default out.png, or out.gif for video pipelines")
     gen.add_argument("--threads-per-device", type=_positive, default=1, help="torch threads per process")
     gen.add_argument("--policy", default="fine", choices=("coarse", "fine", "finer"), help="block granularity")
-    gen.add_argument("--cost", default="time", choices=("time", "flops"), help="what the planner balances")
+    gen.add_argument("--cost", default="time", choices=("time", "flops", "bytes"),
+                     help="what the planner balances: measured time, FLOPs, or the weight bytes each rank holds "
+                     "(with --model, each rank then loads about 1/N of the denoiser; --model plans on FLOPs otherwise)")
     gen.add_argument("--plan", default=None, help="plan JSON (from asyncdiff inspect --json) to use instead of planning")
     gen.add_argument("--max-slowdown", type=float, default=MAX_SLOWDOWN,
                      help="take the least stale plan within this fraction of the fastest modelled step")

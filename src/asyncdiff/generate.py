@@ -279,7 +279,8 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
                        batch=spec.batch, text_encoders=spec.text_encoders)
         if spec.model is not None:  # each rank reads only its stage's weights (Note [stage-only loading])
             async_diff = AsyncDiff.from_pretrained(spec.model, spec.stages, spec.stride, spec.warm_up,
-                                                   spec.time_shift, **options)
+                                                   spec.time_shift, cost="bytes" if spec.cost == "bytes" else "flops",
+                                                   **options)
             pipe = async_diff.pipeline
         else:
             pipe = _load_pipeline(spec)
@@ -389,13 +390,24 @@ def _warn_oversubscribed(spec: GenerateSpec) -> None:
                       f"would give", stacklevel=2)
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size: ``VmHWM`` of ``/proc/self/status`` (of this program
+    only; ``ru_maxrss`` keeps the high-water mark of the process a launcher forked from), else
+    ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
 def memory_per_rank(denoiser: torch.nn.Module, encoders: list[torch.nn.Module] = ()) -> dict[str, Any]:
     """Per rank (a list in rank order; every rank must call this): the denoiser's weights the rank
     holds (released stages hold none), the text encoders' (Note [encoders on one rank]), and the
     process's peak memory: CUDA's most allocated on a GPU, else the peak resident set size (the
     whole process: libraries and other components too)."""
-    import resource
-
     def nbytes(module: torch.nn.Module) -> int:
         return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
@@ -403,8 +415,8 @@ def memory_per_rank(denoiser: torch.nn.Module, encoders: list[torch.nn.Module] =
     device = next((p.device for p in denoiser.parameters()), torch.device("cpu"))
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device), "CUDA max_memory_allocated"
-    else:  # ru_maxrss is in KiB on Linux
-        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS"
+    else:
+        peak, kind = peak_rss_bytes(), "peak RSS"
     mine = (held, text, peak)
     every = [mine]
     if dist.is_initialized():
