@@ -86,3 +86,13 @@ def test_text_encoders_never_load_on_the_other_ranks(saved):
         assert r["encoder_after_remove"] == whole
         torch.testing.assert_close(r["latents"], r["plain_after_remove"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(results[1]["latents"], results[0]["latents"], rtol=0, atol=0)
+
+
+def test_stage_only_loading_in_guidance_slices(saved):
+    """Note [hybrid mesh] with Note [stage-only loading]: 4 processes, guidance 2 x stages 2; each
+    rank loads the stage it runs in its slice."""
+    results = launch(stage_only_scenario, 4, str(saved), STEPS, "every", 2)
+    for rank, r in results.items():
+        assert r["loaded"] == results[rank % 2]["loaded"]  # the same stage in both slices
+        torch.testing.assert_close(r["latents"], r["plain_after_remove"], rtol=1e-4, atol=1e-4)
+    assert results[0]["loaded"] != results[1]["loaded"]

@@ -407,7 +407,7 @@ def adapter_scenarios(kind: str, steps: int) -> dict[str, Any]:
     return results
 
 
-def stage_only_scenario(path: str, steps: int, text_encoders: str = "every") -> dict[str, Any]:
+def stage_only_scenario(path: str, steps: int, text_encoders: str = "every", guidance: int = 1) -> dict[str, Any]:
     """``AsyncDiff.from_pretrained`` on this process group (every step a warm-up step): the latents,
     the denoiser (and text encoder) bytes this rank holds before and after ``remove()``, and the
     plan's source."""
@@ -421,8 +421,8 @@ def stage_only_scenario(path: str, steps: int, text_encoders: str = "every") -> 
             return pipe("a cat", num_inference_steps=steps, output_type="latent",
                         generator=torch.Generator().manual_seed(0)).images
 
-    async_diff = AsyncDiff.from_pretrained(path, model_n=dist.get_world_size(), warm_up=steps,
-                                           text_encoders=text_encoders)
+    async_diff = AsyncDiff.from_pretrained(path, model_n=dist.get_world_size() // guidance, warm_up=steps,
+                                           text_encoders=text_encoders, guidance=guidance)
     pipe = async_diff.pipeline
     loaded, encoder = held(pipe.unet), held(pipe.text_encoder)
     parallel = latents(pipe)
