@@ -85,4 +85,4 @@ def test_generate_writes_a_grid_and_keeps_the_samples(tmp_path) -> None:
     result = run(GenerateSpec(pipeline="digits", devices=1, steps=20, out=str(out)))
     assert tuple(result["latents"].shape) == (16, 1, 16, 16)  # the batch, as the final sample
     assert 0.0 <= result["latents"].min() and result["latents"].max() <= 1.0
-    assert Image.open(out).size == (64, 64)  # 4 x 4 digits of 16 x 16
+    assert Image.open(out).size == (4 * 16 + 3 * 2,) * 2  # 4 x 4 digits of 16 x 16, 2-pixel gaps

@@ -181,7 +181,7 @@ def test_local_device_choice(monkeypatch):
     ({"model_n": 2, "stride": 3}, r"stride=3 must be 1 or 2"),
     ({"model_n": 2, "warm_up": -1}, r"warm_up=-1 must be an integer >= 0"),
     ({"model_n": 0}, r"model_n=0 must be an integer >= 1"),
-    ({"model_n": 2, "cost": "bytes"}, r"cost='bytes' must be one of"),
+    ({"model_n": 2, "cost": "bits"}, r"cost='bits' must be one of"),
     ({"model_n": 2, "transfer_dtype": "int8"}, r"transfer_dtype='int8' must be one of"),
     ({"model_n": 2, "bandwidth": "wifi"}, r"bandwidth='wifi' must be 'auto', None or a link preset"),
     ({"model_n": 2, "refresh_every": 0}, r"refresh_every=0 must be >= 1"),
