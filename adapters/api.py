@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -75,6 +76,7 @@ class AsyncDiff:
         self.pipeline = pipeline
         self.adapter = adapter or adapter_for(pipeline)
         self.denoiser = getattr(pipeline, self.adapter.denoiser)
+        _warn_other_denoisers(pipeline, self.adapter.denoiser, self.denoiser)
         self.shared_encoders = None  # Note [encoders on one rank]
         if text_encoders == "rank0" and dist.is_initialized() and dist.get_world_size() > 1:
             from asyncdiff.adapters.encoders import share_text_encoders
@@ -166,6 +168,25 @@ class AsyncDiff:
         detach(self.denoiser)
         self.pipeline.__class__ = self._original_class
         del self.pipeline._asyncdiff
+
+
+def other_denoisers(pipeline: Any, attr: str, denoiser: torch.nn.Module) -> list[str]:
+    """Components that are denoisers too but not ``attr`` (Wan 2.2's ``transformer_2`` takes the
+    low-noise steps): the same class, or named ``<attr>_<k>``."""
+    try:
+        components = pipeline.components
+    except Exception:  # not a diffusers pipeline, or one whose modules do not match its signature
+        return []
+    return [name for name, c in components.items() if name != attr and isinstance(c, torch.nn.Module)
+            and c is not denoiser and (type(c) is type(denoiser) or name.startswith(f"{attr}_"))]
+
+
+def _warn_other_denoisers(pipeline: Any, attr: str, denoiser: torch.nn.Module) -> None:
+    others = other_denoisers(pipeline, attr, denoiser)
+    if others:
+        warnings.warn(f"{type(pipeline).__name__} has another denoiser ({', '.join(others)}) besides {attr!r}; "
+                      f"asyncdiff splits only {attr!r}, so the steps the other takes run whole on every rank "
+                      f"(no speed-up or memory saving there)", stacklevel=3)
 
 
 def _guided(pipeline: Any) -> bool | None:

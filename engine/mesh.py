@@ -232,6 +232,7 @@ class TwoCalls:
 
     def __init__(self) -> None:
         self.first: list[Any] = []  # this step's first call, flattened
+        self.shapes: list[Any] = []  # the shapes of the last step's first call
         self.second: list[Any] | None = None  # the last step's second call
         self.differs: list[bool] = []  # which leaves differ between the two calls
         self.predicted: list[Any] | None = None
@@ -244,7 +245,9 @@ class TwoCalls:
     def predict(self, first: list[Any], spec: pytree.TreeSpec) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         """The second call's ``(args, kwargs)`` predicted from this step's ``first``, or None."""
         self.predicted = None
-        if self.second is None or len(self.second) != len(first):
+        shapes = [(x.shape, x.dtype) if isinstance(x, torch.Tensor) else None for x in first]
+        same_loop, self.shapes = shapes == self.shapes, shapes  # else another loop began (Note [a second loop])
+        if self.second is None or len(self.second) != len(first) or not same_loop:
             return None
         self.predicted = [b if d else a for a, b, d in zip(first, self.second, self.differs)]
         return pytree.tree_unflatten(self.predicted, spec)

@@ -127,6 +127,7 @@ class AsyncEngine:
         self.branch = 0  # which call of the running step comes next (Note [branches])
         self.branches: list[StageState] = [StageState()]
         self.two_calls = TwoCalls()  # Note [two-call guidance]
+        self._loop: CompiledCall | None = None  # Note [a second loop]
         self.seconds: list[tuple[str, float]] = []  # (step kind, wall time) per call, this pipeline call
         self._calls = 0  # pipeline calls so far (reset_state), to key errors by (Note [first error])
         self._compiled: dict[CallSignature, CompiledCall] = {}
@@ -219,6 +220,11 @@ class AsyncEngine:
         start = time.perf_counter()
         with self._where(step):
             compiled = self._compile(args, kwargs)
+            if branch == 0:
+                if step > 0 and compiled is not self._loop:  # Note [a second loop]
+                    self._new_loop()
+                    step = 0
+                self._loop = compiled
             while len(self.branches) <= branch:
                 self.branches.append(StageState())
             state = self.branches[branch]
@@ -245,6 +251,14 @@ class AsyncEngine:
         else:
             self.step += 1
         return output
+
+    def _new_loop(self) -> None:
+        """Note [a second loop]: a step's first call has another call signature than the last
+        step's: the pipeline has begun another denoising loop in the same call (a second
+        resolution, a refiner pass). Stale values of the other shapes mean nothing to it, so it
+        starts as a call does: step 0, fresh state, warm-up first."""
+        self.drain()
+        self.branches, self.step = [StageState()], 0
 
     def end_step(self) -> None:
         """The pipeline finished a denoising step (``marks_steps``): the next call starts the next one."""
@@ -295,6 +309,7 @@ class AsyncEngine:
         self.drain()
         self.branches = [StageState()]
         self.two_calls = TwoCalls()
+        self._loop: CompiledCall | None = None  # the call signature of this loop's first calls
         self.step, self.branch, self.seconds = 0, 0, []
         self._calls += 1
 

@@ -39,3 +39,24 @@ def test_generic_adapter_takes_the_first_tensor_argument_as_latent():
     x, t, e = torch.randn(2, 4, 8, 8), torch.tensor(5), torch.randn(2, 77, 32)
     with torch.no_grad():
         torch.testing.assert_close(engine(x, t, e).sample, pipe.unet(x, t, e).sample, rtol=0, atol=0)
+
+
+def test_a_second_denoiser_that_stays_whole_is_said():
+    """Wan 2.2-style pipelines carry a second denoiser for the low-noise steps: it is not split."""
+    import copy
+
+    from diffusers import DiffusionPipeline
+
+    from asyncdiff import AsyncDiff
+    from asyncdiff.models.sd import build_sd15
+
+    class TwoUNets(DiffusionPipeline):
+        def __init__(self, unet: torch.nn.Module, unet_2: torch.nn.Module, scheduler: object) -> None:
+            super().__init__()
+            self.register_modules(unet=unet, unet_2=unet_2, scheduler=scheduler)
+
+    sd = build_sd15("tiny", 0)
+    pipe = TwoUNets(sd.unet, copy.deepcopy(sd.unet), sd.scheduler)
+    with pytest.warns(UserWarning, match=r"has another denoiser \(unet_2\) besides 'unet'; asyncdiff splits only"):
+        async_diff = AsyncDiff(pipe, model_n=1)
+    async_diff.remove()

@@ -21,6 +21,7 @@ from toys import (
     toy_engine,
     toy_steps,
     tuple_engine,
+    two_loop_scenarios,
 )
 
 STEPS = 6
@@ -270,3 +271,12 @@ def test_a_tuple_of_tensors_crosses_stages_element_by_element():
     torch.testing.assert_close(launch(tuple_engine, 2, 3, 3)[0], sequential, rtol=0, atol=0)
     stale = launch(tuple_engine, 2, 3, 1)[0]
     assert torch.isfinite(stale).all() and not torch.equal(stale, sequential)
+
+
+def test_a_second_denoising_loop_in_one_call_starts_with_its_own_warm_up():
+    """Note [a second loop]: the second loop (another resolution) begins at step 0 with fresh
+    state, so it warms up again instead of reading stale values of the first loop's shapes."""
+    for r in launch(two_loop_scenarios, 2, 3).values():
+        torch.testing.assert_close(r["exact"], r["plain"], rtol=1e-5, atol=1e-5)
+        assert r["kinds"] == ["warm-up", "async", "async"] * 2
+        assert 0 < ((r["stale"] - r["plain"]).norm() / r["plain"].norm()).item() < 0.5

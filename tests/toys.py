@@ -577,3 +577,43 @@ def encoder_scenarios(name: str, steps: int) -> dict[str, Any]:
     results["restored"] = held()
     results["checksum"] = sum(float(t.double().sum()) for e in text_encoders(pipe).values() for t in e.parameters())
     return results
+
+
+class TwoLoops(DiffusionPipeline):
+    """Two denoising loops in one call, the second at twice the resolution (as VisualCloze and
+    refiner-style pipelines do): Note [a second loop]."""
+
+    def __init__(self, unet: torch.nn.Module, scheduler: Any) -> None:
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @torch.no_grad()
+    def __call__(self, cond: torch.Tensor, steps: int) -> torch.Tensor:
+        size = self.unet.config.sample_size
+        latents = torch.randn((1, self.unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(0))
+        for loop in range(2):
+            if loop:
+                latents = torch.nn.functional.interpolate(latents, scale_factor=2.0)
+            self.scheduler.set_timesteps(steps)
+            for t in self.scheduler.timesteps:
+                noise = self.unet(latents, t, encoder_hidden_states=cond).sample
+                latents = self.scheduler.step(noise, t, latents).prev_sample
+        return latents
+
+
+def two_loop_scenarios(steps: int) -> dict[str, Any]:
+    """The two-loop pipeline, plain, with every step of both loops a warm-up step, and stale."""
+    from asyncdiff import AsyncDiff
+    from asyncdiff.models.sd import build_sd15
+
+    sd = build_sd15("tiny", seed=0)
+    pipe = TwoLoops(sd.unet, sd.scheduler)
+    cond = torch.randn(1, 77, sd.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    results: dict[str, Any] = {"plain": pipe(cond, steps)}
+    async_diff = AsyncDiff(pipe, model_n=dist.get_world_size(), warm_up=steps, cost="flops")
+    results["exact"] = pipe(cond, steps)
+    async_diff.reset_state(warm_up=1)
+    results["stale"] = pipe(cond, steps)
+    results["kinds"] = [kind for kind, _ in async_diff.engine.seconds]
+    async_diff.remove()
+    return results
