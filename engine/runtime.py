@@ -20,7 +20,9 @@ classifier-free guidance as two calls (conditional, then unconditional) instead 
 two. Each such call is a *branch*: its stale inputs must come from the same branch of the
 previous step, never from the other branch's call just before it (that would mix conditional
 and unconditional activations). So every branch has its own :class:`StageState` and its own
-channel (tags and receive buffers); the k-th call of a step is branch k. Where a step ends is
+channel (tags and receive buffers). A pipeline that names its calls (diffusers'
+``cache_context("cond" | "uncond")``, heard by the hook in ``adapters/hooks.py``) gets a branch
+per name, in order of first appearance; otherwise the k-th call of a step is branch k. Where a step ends is
 told by :meth:`AsyncEngine.end_step` (the ``AsyncDiff`` API calls it after each
 ``scheduler.step`` of the pipeline); without ``marks_steps`` every call is a step of its own.
 A branch that a step skips (guidance only in some steps) keeps its stale values from the last
@@ -128,6 +130,9 @@ class AsyncEngine:
         self.branches: list[StageState] = [StageState()]
         self.two_calls = TwoCalls()  # Note [two-call guidance]
         self._loop: CompiledCall | None = None  # Note [a second loop]
+        self.branch_name: str | None = None  # the pipeline's name for the running call, if it gives one
+        self._branch_names: dict[str, int] = {}  # branch name -> branch, in order of first appearance
+        self.branch_log: list[int] = []  # the branch of every call of this pipeline call
         self.seconds: list[tuple[str, float]] = []  # (step kind, wall time) per call, this pipeline call
         self._calls = 0  # pipeline calls so far (reset_state), to key errors by (Note [first error])
         self._compiled: dict[CallSignature, CompiledCall] = {}
@@ -158,6 +163,9 @@ class AsyncEngine:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """One denoiser call: this slice's share of the batch through its stages (Note [hybrid
         mesh]), or this slice's guidance branch (Note [two-call guidance])."""
+        if self.branch_name is not None and self.marks_steps:  # Note [branches]: the pipeline names it
+            self.branch = self._branch_names.setdefault(self.branch_name, len(self._branch_names))
+        self.branch_log.append(self.branch)
         if self.config.parallel == "auto" and not self.parallel_options:
             with self._where(self.step):
                 self._choose_parallel(args, kwargs)
@@ -310,6 +318,7 @@ class AsyncEngine:
         self.branches = [StageState()]
         self.two_calls = TwoCalls()
         self._loop: CompiledCall | None = None  # the call signature of this loop's first calls
+        self._branch_names, self.branch_log = {}, []
         self.step, self.branch, self.seconds = 0, 0, []
         self._calls += 1
 

@@ -21,6 +21,7 @@ from toys import (
     toy_engine,
     toy_steps,
     tuple_engine,
+    named_branch_scenarios,
     two_loop_scenarios,
 )
 
@@ -279,4 +280,13 @@ def test_a_second_denoising_loop_in_one_call_starts_with_its_own_warm_up():
     for r in launch(two_loop_scenarios, 2, 3).values():
         torch.testing.assert_close(r["exact"], r["plain"], rtol=1e-5, atol=1e-5)
         assert r["kinds"] == ["warm-up", "async", "async"] * 2
+        assert 0 < ((r["stale"] - r["plain"]).norm() / r["plain"].norm()).item() < 0.5
+
+
+def test_named_calls_keep_their_branch_when_a_step_skips_one():
+    """Note [branches]: with diffusers' cache context the branch follows the call's name, so a step
+    without guidance does not hand the conditional call the unconditional branch's stale state."""
+    for r in launch(named_branch_scenarios, 2, 5).values():
+        torch.testing.assert_close(r["exact"], r["plain"], rtol=1e-5, atol=1e-5)
+        assert r["branches"] == [0, 1, 1, 0, 1, 1, 0, 1]  # uncond is branch 0, cond 1, in every step
         assert 0 < ((r["stale"] - r["plain"]).norm() / r["plain"].norm()).item() < 0.5

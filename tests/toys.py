@@ -617,3 +617,54 @@ def two_loop_scenarios(steps: int) -> dict[str, Any]:
     results["kinds"] = [kind for kind, _ in async_diff.engine.seconds]
     async_diff.remove()
     return results
+
+
+class NamedGuidance(DiffusionPipeline):
+    """Guidance as two named calls (diffusers' cache context: ``"uncond"``, then ``"cond"``) in
+    even steps, the conditional call alone in odd steps (guidance in some steps only)."""
+
+    def __init__(self, unet: torch.nn.Module, scheduler: Any) -> None:
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    def _named(self, name: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+        from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+        _set_cache_context(self.unet, CacheContext(name))  # what model.cache_context(name) does
+        try:
+            return self.unet(*args, **kwargs).sample
+        finally:
+            _set_cache_context(self.unet, None)
+
+    @torch.no_grad()
+    def __call__(self, cond: torch.Tensor, uncond: torch.Tensor, steps: int) -> torch.Tensor:
+        self.scheduler.set_timesteps(steps)
+        size = self.unet.config.sample_size
+        latents = torch.randn((1, self.unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(0))
+        for i, t in enumerate(self.scheduler.timesteps):
+            if i % 2 == 0:
+                uncond_noise = self._named("uncond", latents, t, encoder_hidden_states=uncond)
+            noise = self._named("cond", latents, t, encoder_hidden_states=cond)
+            if i % 2 == 0:
+                noise = uncond_noise + 5.0 * (noise - uncond_noise)
+            latents = self.scheduler.step(noise, t, latents).prev_sample
+        return latents
+
+
+def named_branch_scenarios(steps: int) -> dict[str, Any]:
+    """Note [branches] with named calls: plain, all warm-up, stale, and the branch of each call."""
+    from asyncdiff import AsyncDiff
+    from asyncdiff.models.sd import build_sd15
+
+    sd = build_sd15("tiny", seed=0)
+    pipe = NamedGuidance(sd.unet, sd.scheduler)
+    g = torch.Generator().manual_seed(1)
+    cond, uncond = (torch.randn(1, 77, sd.unet.config.cross_attention_dim, generator=g) for _ in range(2))
+    results: dict[str, Any] = {"plain": pipe(cond, uncond, steps)}
+    async_diff = AsyncDiff(pipe, model_n=dist.get_world_size(), warm_up=steps, cost="flops")
+    results["exact"] = pipe(cond, uncond, steps)
+    async_diff.reset_state(warm_up=1)
+    results["stale"] = pipe(cond, uncond, steps)
+    results["branches"] = list(async_diff.engine.branch_log)
+    async_diff.remove()
+    return results
