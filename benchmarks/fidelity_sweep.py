@@ -1,8 +1,8 @@
 """What stale inputs cost on a trained model: the fidelity sweep of issue 6, for BENCHMARKS.md.
 
-    python -m benchmarks.fidelity_sweep [--steps 50] [--seeds 4] [--json docs/fidelity.json] [--plot docs/fidelity.png]
-    python -m benchmarks.fidelity_sweep --sweep transfer [--json docs/fidelity-transfer.json]
-    python -m benchmarks.fidelity_sweep --sweep plans [--json docs/fidelity-plans.json]
+    python -m benchmarks.fidelity_sweep [--steps 50] [--seeds 4] [--json results/fidelity.json] [--plot results/fidelity.png]
+    python -m benchmarks.fidelity_sweep --sweep transfer [--json results/fidelity-transfer.json]
+    python -m benchmarks.fidelity_sweep --sweep plans [--json results/fidelity-plans.json]
 
 The shipped trained digits model (``asyncdiff.models.digits``, a DDIM pipeline) generates the same
 batches (fixed seeds) sequentially and under every setting: devices N in {2, 3, 4}, stride {1, 2},

@@ -28,6 +28,8 @@ Glossary, used everywhere in this package:
   stage engine on their share of each denoiser call's batch (Note [hybrid mesh]).
 - *guidance* / *batch* (degrees): how many slices split the guidance halves / the prompts;
   ``model_n`` stays the number of stages per slice.
+- *loop*: one denoising loop of a pipeline call; a call may run a second one at another
+  resolution, which starts at step 0 with its own warm-up (Note [a second loop]).
 
 Example (under ``torchrun --nproc_per_node=2``)::
 
