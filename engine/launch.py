@@ -6,10 +6,10 @@ error reaches the caller; under ``torchrun`` itself, use :func:`init_from_env` d
 several machines, start the program with ``torchrun --nnodes ...``: nothing here is
 single-machine except :func:`launch`.
 
-Example:
-    >>> results = launch(_rank_and_world, 2)   # doctest: +SKIP
-    >>> results
-    {0: (0, 2), 1: (1, 2)}
+Example (starts processes, so not run as a doctest)::
+
+    results = launch(_rank_and_world, 2)
+    results   # {0: (0, 2), 1: (1, 2)}
 """
 
 from __future__ import annotations
