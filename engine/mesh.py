@@ -57,7 +57,7 @@ from asyncdiff.partition.planner import LAYOUTS, MAX_SLOWDOWN
 from asyncdiff.partition.profile import profile_blocks
 from asyncdiff.partition.trace import trace_denoiser
 
-__all__ = ["DIMS", "ProcessMesh", "TwoCalls", "concat_chunks", "exchange_outputs", "gather_batch", "model_option", "split_batch",
+__all__ = ["DIMS", "ProcessMesh", "TwoCalls", "batch_size", "concat_chunks", "exchange_outputs", "gather_batch", "model_option", "split_batch",
            "verify_batch_split"]
 
 DIMS = ("guidance", "batch", "stage")
@@ -91,6 +91,21 @@ class ProcessMesh:
     @property
     def data_size(self) -> int:
         return self.guidance * self.batch
+
+
+def batch_size(denoiser: torch.nn.Module, latent: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """The batch of the call ``denoiser(*args, **kwargs)``: the first dimension of the argument
+    named ``latent`` (or of the first tensor argument)."""
+    import inspect
+
+    bound = inspect.signature(type(denoiser).forward).bind(None, *args, **kwargs).arguments
+    value = bound.get(latent) if latent else None
+    if not isinstance(value, torch.Tensor):
+        value = next((x for x in pytree.tree_leaves(list(bound.values())) if isinstance(x, torch.Tensor)), None)
+    if value is None or value.dim() == 0:
+        raise ValueError(f"{type(denoiser).__name__} was called without a batched tensor; guidance/batch "
+                         f"parallelism needs one: use guidance=1, batch=1")
+    return value.shape[0]
 
 
 def _leading(x: Any, n: int) -> bool:

@@ -50,6 +50,7 @@ from asyncdiff.engine.errors import StageError, located
 from asyncdiff.engine.mesh import (
     ProcessMesh,
     TwoCalls,
+    batch_size,
     exchange_outputs,
     gather_batch,
     model_option,
@@ -324,15 +325,7 @@ class AsyncEngine:
 
     # -- guidance and batch slices (Note [hybrid mesh]) ---------------------------------------
     def _batch_size(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
-        """The first dimension of the latent argument (or of the first tensor argument)."""
-        bound = inspect.signature(type(self.denoiser).forward).bind(None, *args, **kwargs).arguments
-        latent = bound.get(self.latent) if self.latent else None
-        if not isinstance(latent, torch.Tensor):
-            latent = next((x for x in pytree.tree_leaves(list(bound.values())) if isinstance(x, torch.Tensor)), None)
-        if latent is None or latent.dim() == 0:
-            raise ValueError(f"{type(self.denoiser).__name__} was called without a batched tensor; guidance/batch "
-                             f"parallelism needs one: use guidance=1, batch=1")
-        return latent.shape[0]
+        return batch_size(self.denoiser, self.latent, args, kwargs)
 
     def _check_split(self, n: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """That this call's batch ``n`` splits evenly over the slices; the first call of each call
@@ -350,14 +343,16 @@ class AsyncEngine:
             raise ValueError(f"this denoiser call's batch is {n}, which guidance={config.guidance} x "
                              f"batch={config.batch} = {config.data} slices cannot split evenly: {'; '.join(need)}; "
                              f"use parallel='auto' or fewer slices")
+        if not config.verify or self._released:  # nothing to check with, or asked not to
+            return
         signature, _ = call_signature(self.denoiser, args, kwargs)
-        if config.verify and not self._released and signature not in self._split_checked:
+        if signature not in self._split_checked:
             start = time.perf_counter()
             error = self._from_rank0(lambda: verify_batch_split(self.denoiser, args, kwargs, n, config.data))
             self.compile_seconds += time.perf_counter() - start
             if error is not None:
                 raise ValueError(error)
-        self._split_checked.add(signature)
+            self._split_checked.add(signature)
 
     def _choose_parallel(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """``parallel="auto"``: rank 0 models every way to use the world's processes for this call

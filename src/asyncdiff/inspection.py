@@ -115,18 +115,14 @@ def parallel_report(pipeline: Any, *, devices: int, stride: int = 1, cost: str =
     from asyncdiff.adapters.api import _guided
     from asyncdiff.adapters.capture import capture_denoiser_call
     from asyncdiff.adapters.registry import adapter_for
-    from asyncdiff.engine.mesh import model_option
+    from asyncdiff.engine.mesh import batch_size, model_option
 
     if link not in LINKS:
         raise ValueError(f"link={link!r} is not a preset; use one of {sorted(LINKS)}")
     adapter = adapter_for(pipeline)
     args, kwargs = capture_denoiser_call(pipeline, adapter.denoiser, **call_kwargs)
     denoiser = getattr(pipeline, adapter.denoiser)
-    bound = inspect.signature(type(denoiser).forward).bind(None, *args, **kwargs).arguments
-    latent = bound.get(adapter.latent) if adapter.latent else None
-    if not isinstance(latent, torch.Tensor):
-        latent = next(x for x in pytree.tree_leaves(list(bound.values())) if isinstance(x, torch.Tensor))
-    n, unit = latent.shape[0], "s" if cost == "time" else "flop"
+    n, unit = batch_size(denoiser, adapter.latent, args, kwargs), "s" if cost == "time" else "flop"
     guided, profiles = _guided(pipeline), {}
     options = [model_option(denoiser, args, kwargs, degrees, n, policy=policy, latent=adapter.latent, cost=cost,
                             bandwidth=LINKS[link].planner_bandwidth(unit), max_slowdown=max_slowdown,
