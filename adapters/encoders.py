@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.utils._pytree as pytree
 from diffusers.hooks import HookRegistry, ModelHook
 
+from asyncdiff.adapters.loading import _set_tensor
 from asyncdiff.kernels.pack import PackLayout, pack, unpack
 
 __all__ = ["ENCODER_HOOK", "SharedEncoders", "share_text_encoders", "text_encoders"]
@@ -113,8 +114,3 @@ def share_text_encoders(pipeline: Any, owner: int = 0, device: torch.device | No
     """Keep ``pipeline``'s text encoders on rank ``owner`` only (collective: every rank calls it)."""
     return SharedEncoders(pipeline, owner, device)
 
-
-def _set_tensor(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
-    from asyncdiff.adapters.loading import _set_tensor as replace
-
-    replace(module, name, value)

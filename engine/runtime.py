@@ -253,11 +253,9 @@ class AsyncEngine:
                 output = share_output(compiled, leaves, self._output_rank(compiled, kind), self.global_rank,
                                       self.collective)
         self.seconds.append((kind, time.perf_counter() - start))
-        if not counted:
-            pass
-        elif self.marks_steps:
+        if counted and self.marks_steps:
             self.branch += 1
-        else:
+        elif counted:
             self.step += 1
         return output
 

@@ -298,6 +298,8 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
     plan_s = async_diff.engine.compile_seconds if async_diff is not None else 0.0
     if async_diff is not None:
         async_diff.engine.drain()  # no transfer may outlive the process group
+    from asyncdiff.adapters.encoders import text_encoders
+
     memory = memory_per_rank(denoiser, list(text_encoders(pipe).values()))
     result: dict[str, Any] = {
         "pipeline": spec.model or spec.pipeline, "size": "loaded" if spec.model else spec.size,
@@ -341,12 +343,6 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
         save_output(output, spec.out)
     result["latents"] = final_latents(output, final).cpu()
     return result
-
-
-def text_encoders(pipe: Any) -> dict[str, torch.nn.Module]:
-    from asyncdiff.adapters.encoders import text_encoders as found
-
-    return found(pipe)
 
 
 def _adapter(pipe: Any) -> Any:
