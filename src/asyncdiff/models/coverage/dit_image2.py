@@ -1,0 +1,3 @@
+"""Coverage cases: more image diffusion transformers (Qwen-Image, CogView, HunyuanDiT, ...)."""
+
+CASES = ()

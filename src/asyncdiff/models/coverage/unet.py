@@ -1,0 +1,3 @@
+"""Coverage cases: UNet pipelines beyond the built-in systems."""
+
+CASES = ()

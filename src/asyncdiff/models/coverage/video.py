@@ -1,0 +1,3 @@
+"""Coverage cases: video diffusion transformers."""
+
+CASES = ()

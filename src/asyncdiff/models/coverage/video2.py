@@ -1,0 +1,3 @@
+"""Coverage cases: more video diffusion transformers (Wan 2.2, VACE, SkyReels-V2, ...)."""
+
+CASES = ()
