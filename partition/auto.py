@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import operator
 from collections.abc import Mapping, Sequence
 
 import torch.fx
@@ -34,7 +33,7 @@ from asyncdiff.partition.planner import (
 )
 from asyncdiff.partition.profile import BlockCost
 from asyncdiff.partition.split import place_latent_nodes
-from asyncdiff.partition.trace import INPLACE_OPS, TracedDenoiser
+from asyncdiff.partition.trace import TracedDenoiser, updated_base
 
 __all__ = ["COSTS", "COST_UNITS", "auto_plan", "block_cost", "block_values", "inplace_spans", "plan_candidates", "plan_depth", "plan_layout"]
 
@@ -73,11 +72,9 @@ def inplace_spans(traced: TracedDenoiser) -> list[tuple[int, int]]:
     pos = place_latent_nodes(traced, {traced.block_node[b]: i for i, b in enumerate(traced.blocks)}, last)
     spans = []
     for node in traced.graph.nodes:
-        if node.op != "call_function" or node.target not in INPLACE_OPS.values() or node.name not in pos:
+        source = updated_base(node)
+        if source is None or node.name not in pos:
             continue
-        source = node.args[0]
-        while isinstance(source, torch.fx.Node) and source.op == "call_function" and source.target is operator.getitem:
-            source = source.args[0]
         if isinstance(source, torch.fx.Node) and source.name in pos and pos[source.name] < pos[node.name]:
             spans.append((pos[source.name], pos[node.name]))
     return spans

@@ -37,13 +37,13 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx
 
 from asyncdiff.partition.plan import Plan
-from asyncdiff.partition.trace import ROOT, TensorSpec, TracedDenoiser
+from asyncdiff.partition.trace import TensorSpec, TracedDenoiser, holder
 
 __all__ = ["Segment", "SplitDenoiser", "StageProgram", "Transfer", "place_latent_nodes", "split_graph"]
 
@@ -74,12 +74,11 @@ class Segment:
     graph: torch.fx.Graph
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    constants: Mapping[str, torch.Tensor] = field(default_factory=dict, compare=False)  # Note [tensor constants]
 
     def module(self, denoiser: torch.nn.Module) -> torch.fx.GraphModule:
         """The program bound to ``denoiser``: it references only this segment's modules."""
-        holder = torch.nn.Module()
-        setattr(holder, ROOT, denoiser)
-        return torch.fx.GraphModule(holder, self.graph, f"Segment{self.index}")
+        return torch.fx.GraphModule(holder(denoiser, self.constants), self.graph, f"Segment{self.index}")
 
 
 @dataclass(frozen=True)
@@ -151,6 +150,10 @@ def place_latent_nodes(traced: TracedDenoiser, block_position: Mapping[str, int]
             users = [output_position if u.op == "output" else position[u.name] for u in node.users]
             position[node.name] = min(users, default=output_position)
     for node in nodes:
+        if node.name in position and not node.users and node.name not in block_position:
+            # an update nobody reads afterwards (Note [in-place updates]) runs right after its inputs
+            inputs = [position[i.name] for i in node.all_input_nodes if i.name in position]
+            position[node.name] = max(inputs, default=output_position)
         if node.op == "call_function" and node.target is operator.getitem and node.name in position:
             source = node.args[0]
             if isinstance(source, torch.fx.Node) and source.name in position:
@@ -217,11 +220,12 @@ def split_graph(traced: TracedDenoiser, plan: Plan) -> SplitDenoiser:
             _link(arg.name, source_segment(arg.name, output_segment), output_segment, traced, stage_of_segment,
                   inputs, outputs, transfers)
 
+    graphs = [_segment_graph(nodes, i, computed_in, inputs[i], outputs[i], output_node if i == output_segment else None)
+              for i in range(len(runs))]
     segments = tuple(
-        Segment(i, stage, tuple(blocks),
-                _segment_graph(nodes, i, computed_in, inputs[i], outputs[i],
-                               output_node if i == output_segment else None),
-                tuple(inputs[i]), tuple(outputs[i]))
+        Segment(i, stage, tuple(blocks), graphs[i], tuple(inputs[i]), tuple(outputs[i]),
+                {n.target: traced.constants[n.target] for n in graphs[i].nodes
+                 if n.op == "get_attr" and n.target in traced.constants})
         for i, (stage, blocks) in enumerate(runs)
     )
     stages = tuple(

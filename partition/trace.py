@@ -38,7 +38,8 @@ from torch.fx.experimental.meta_tracer import MetaProxy, MetaTracer
 
 from asyncdiff.partition.blocks import BlockPolicy
 
-__all__ = ["CallSignature", "TensorSpec", "TraceError", "TracedDenoiser", "meta_copy", "module_of", "trace_denoiser"]
+__all__ = ["CallSignature", "TensorSpec", "TraceError", "TracedDenoiser", "holder", "meta_copy", "module_of",
+           "trace_denoiser", "updated_base"]
 
 ROOT = "denoiser"  # attribute under which the traced root holds the denoiser
 
@@ -152,6 +153,11 @@ class _ShapeProxy(MetaProxy):
     def ndim(self) -> Any:
         return self.dim()
 
+    @property
+    def data(self) -> _ShapeProxy:
+        # `.data` is the same storage without autograd history; inference runs without autograd
+        return self
+
     def __len__(self) -> int:
         meta = getattr(self, "_tensor_meta", None)
         if isinstance(meta, (torch.Tensor, tuple, list)):
@@ -201,6 +207,71 @@ for _name, _op in INPLACE_OPS.items():
     setattr(_ShapeProxy, _name, _inplace_method(_op))
 
 
+def setitem(x: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
+    """``x[index] = value``, returning ``x``: item assignment as a graph node (Note [in-place updates])."""
+    x[index] = value
+    return x
+
+
+def after(x: torch.Tensor, *updates: Any) -> torch.Tensor:
+    """``x``, once ``updates`` (in-place updates of ``x`` or of a view of it) have run."""
+    return x
+
+
+def _setitem_method(self: _ShapeProxy, index: Any, value: Any) -> None:
+    self.tracer.create_proxy("call_function", setitem, (self, index, value), {})
+
+
+_ShapeProxy.__setitem__ = _setitem_method  # type: ignore[method-assign]
+# views share their base's storage: an in-place update of a view updates the base
+_VIEW_METHODS = {"view", "view_as", "reshape", "transpose", "permute", "unflatten", "flatten", "squeeze",
+                 "unsqueeze", "narrow", "select", "expand", "chunk", "split", "unbind", "as_strided", "t"}
+# in-place methods that do not update their tensor's values
+_NOT_UPDATES = {"requires_grad_", "share_memory_", "retain_grad_"}
+
+
+def updated_base(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The tensor an in-place node updates, seen through views (``x.data[:, 1:].copy_(...)``
+    updates ``x``); ``None`` if ``node`` updates nothing."""
+    if node.op == "call_function" and (node.target in INPLACE_OPS.values() or node.target is setitem):
+        target = node.args[0]
+    elif node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("__") \
+            and node.target not in _NOT_UPDATES:
+        target = node.args[0]
+    else:
+        return None
+    while isinstance(target, torch.fx.Node):
+        if target.op == "call_function" and target.target in (operator.getitem, getattr) and \
+                (target.target is not getattr or target.args[1] == "data"):
+            target = target.args[0]
+        elif target.op == "call_method" and target.target in _VIEW_METHODS:
+            target = target.args[0]
+        else:
+            return target
+    return None
+
+
+def _order_updates(graph: torch.fx.Graph) -> None:
+    """Note [in-place updates]: a node that reads a tensor after an in-place update of it (or of a
+    view of it) reads ``after(tensor, update)`` instead, so the graph's edges say that the update
+    comes first; for ``x += y`` Python's rebinding already does."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        base = updated_base(node)
+        if base is None or (node.op == "call_function" and node.target in INPLACE_OPS.values() and node.args[0] is base):
+            continue
+        later = [u for u in base.users if order.get(u, -1) > order[node] and u is not node]
+        if not later:
+            continue
+        with graph.inserting_after(node):
+            ordered = graph.call_function(after, (base, node))
+        if "asyncdiff_value" in base.meta:
+            ordered.meta["asyncdiff_value"] = base.meta["asyncdiff_value"]
+        order[ordered] = order[node]
+        for user in later:
+            user.replace_input_with(base, ordered)
+
+
 class _BlockTracer(MetaTracer):
     proxy_buffer_attributes = True  # a buffer read in traced code stays a reference to the buffer
 
@@ -209,9 +280,21 @@ class _BlockTracer(MetaTracer):
         self.block_paths = {f"{ROOT}.{b}" for b in blocks}
         self.node_meta: dict[torch.fx.Node, Any] = {}
 
-    def create_proxy(self, *args: Any, **kwargs: Any) -> Any:
+    def create_proxy(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     *rest: Any, **options: Any) -> Any:
+        forward = getattr(self, "orig_forward", None)  # the leaf's forward; its children's calls replace it
+        with warnings.catch_warnings(record=True) as records:
+            warnings.simplefilter("always")
+            proxy = super().create_proxy(kind, target, args, kwargs, *rest, **options)
+        if records and kind in ("call_function", "call_method", "call_module"):
+            # MetaTracer cannot mix a tensor constant (Note [tensor constants]) with meta values
+            meta = self._meta_with_constants(kind, target if kind != "call_module" else forward, args, kwargs)
+            if meta is not None:
+                proxy.install_tensor_meta(meta)
+                records = []
+        for record in records:
+            warnings.warn_explicit(record.message, record.category, record.filename, record.lineno)
         # MetaTracer keeps each node's meta value on the proxy only; keep it per node.
-        proxy = super().create_proxy(*args, **kwargs)
         meta = getattr(proxy, "_tensor_meta", None)
         if meta is not None:
             self.node_meta[proxy.node] = meta
@@ -219,6 +302,30 @@ class _BlockTracer(MetaTracer):
 
     def proxy(self, node: torch.fx.Node) -> _ShapeProxy:
         return _ShapeProxy(node, self)
+
+    def _meta_with_constants(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        def to_meta(v: Any) -> Any:
+            if isinstance(v, torch.fx.Proxy):
+                return getattr(v, "_tensor_meta", v)
+            if isinstance(v, torch.Tensor) and not v.is_meta:
+                return v.to("meta")
+            return v
+
+        args, kwargs = pytree.tree_map(to_meta, (args, kwargs))
+        if any(isinstance(v, torch.fx.Proxy) for v in pytree.tree_leaves((args, kwargs))):
+            return None  # an input without a meta value: the failure is elsewhere
+        try:
+            if kind == "call_function":
+                return target(*args, **kwargs)
+            if kind == "call_method":
+                return getattr(args[0], target)(*args[1:], **kwargs)
+            self._disable_module_getattr = True
+            try:
+                return target(*args, **kwargs)
+            finally:
+                self._disable_module_getattr = False
+        except Exception:
+            return None
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name in self.block_paths
@@ -245,8 +352,9 @@ class TracedDenoiser:
     """
 
     def __init__(self, root: _Root, graph: torch.fx.Graph, input_names: list[str], latent: str,
-                 signature: CallSignature) -> None:
+                 signature: CallSignature, constants: Mapping[str, torch.Tensor] | None = None) -> None:
         self.root = root
+        self.constants = dict(constants or {})  # Note [tensor constants]
         self.graph = graph
         self.input_names = tuple(input_names)
         self.latent = latent
@@ -289,9 +397,7 @@ class TracedDenoiser:
 
     def graph_module(self, denoiser: torch.nn.Module) -> torch.fx.GraphModule:
         """The traced graph bound to ``denoiser``'s real modules (same structure as traced)."""
-        holder = torch.nn.Module()
-        setattr(holder, ROOT, denoiser)
-        return torch.fx.GraphModule(holder, self.graph, f"Traced{type(denoiser).__name__}")
+        return torch.fx.GraphModule(holder(denoiser, self.constants), self.graph, f"Traced{type(denoiser).__name__}")
 
     def flatten_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
         """Tensor leaves of a call, checked against the traced signature."""
@@ -302,6 +408,17 @@ class TracedDenoiser:
 
     def unflatten_output(self, leaves: list[Any]) -> Any:
         return pytree.tree_unflatten(leaves, self.out_spec)
+
+
+def holder(denoiser: torch.nn.Module, constants: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """The root a traced graph runs on: ``denoiser`` under :data:`ROOT`, and the trace's tensor
+    constants (Note [tensor constants]) on the denoiser's device."""
+    root = torch.nn.Module()
+    setattr(root, ROOT, denoiser)
+    device = next((t.device for t in _tensors(denoiser)), None)
+    for name, value in constants.items():
+        setattr(root, name, value.to(device) if device is not None and value.dim() > 0 else value)
+    return root
 
 
 def _trace_hint(err: Exception) -> str:
@@ -406,17 +523,21 @@ def trace_denoiser(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: dic
         )
     for node, meta in tracer.node_meta.items():
         node.meta["asyncdiff_value"] = meta
-    constants = [n.target for n in graph.nodes if n.op == "get_attr" and not str(n.target).startswith(f"{ROOT}.")]
-    if constants:
-        raise TraceError(
-            f"tracing {type(denoiser).__name__}: the traced code made tensor constants {constants[:3]} (a tensor "
-            "built outside the traced inputs, weights and buffers); make the module that builds it a block "
-            "(policy='coarse' or a predicate)"
-        )
+    # Note [tensor constants]: a tensor the traced code built from Python values (position ids,
+    # `torch.tensor([0] * batch)`) is part of the specialised program, like the shapes it came from
+    constants = {n.target: getattr(root, n.target) for n in graph.nodes
+                 if n.op == "get_attr" and not str(n.target).startswith(f"{ROOT}.")}
+    for name, value in constants.items():
+        if not isinstance(value, torch.Tensor) or value.is_meta:
+            raise TraceError(f"tracing {type(denoiser).__name__}: the traced code made constant {name!r} "
+                             f"({type(value).__name__}{' on meta' if isinstance(value, torch.Tensor) else ''}) "
+                             "whose value the trace cannot know; make the module that builds it a block "
+                             "(policy='coarse' or a predicate)")
+    _order_updates(graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     _share_device_nodes(graph, placeholders[0] if placeholders else None)
     graph.lint()
-    return TracedDenoiser(root, graph, names, latent, signature)
+    return TracedDenoiser(root, graph, names, latent, signature, constants)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.profile import profile_blocks
 from asyncdiff.partition.split import split_graph
 from asyncdiff.partition.trace import TraceError, trace_denoiser
+from asyncdiff.partition.verify import run_split
 from toys import ToyDenoiser, WithBranchy
 
 
@@ -166,3 +167,36 @@ def test_shape_arithmetic_and_iteration_trace_exactly():
     with torch.no_grad():
         got = traced.unflatten_output(list(traced.graph_module(model)(*traced.flatten_call(args, {}))))[0]
         torch.testing.assert_close(got, model(*args)[0], rtol=0, atol=0)
+
+
+class _UpdatesAndConstants(torch.nn.Module):
+    """Issue 11's in-place code: item assignment on the latent stream (read afterwards through an
+    alias, as eager code sees it), ``.data[...].copy_`` on a block's output, and tensor constants
+    built from Python values (position ids filled by item assignment, ``torch.tensor([0] * batch)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, sample: torch.Tensor) -> tuple[torch.Tensor]:
+        h = self.a(sample)
+        skip = h
+        ids = torch.zeros(sample.shape[0], 8)
+        ids[:, 1] = ids[:, 1] + torch.arange(sample.shape[0])
+        h[:, 1:] = h[:, 1:] * 2
+        g = self.b(h + ids)
+        g.data[:, :2].copy_(g[:, 2:4])
+        return (self.c(g) + skip + torch.tensor([0] * sample.shape[0])[:, None],)
+
+
+@pytest.mark.parametrize("stages", [(("a",), ("b", "c")), (("a", "b"), ("c",)), (("a",), ("b",), ("c",))],
+                         ids=["a|bc", "ab|c", "a|b|c"])
+def test_item_assignment_data_copies_and_constants_split_exactly(stages):
+    model, args = _UpdatesAndConstants(), (torch.randn(4, 8),)
+    traced = trace_denoiser(model, args, {})
+    assert traced.blocks == ("a", "b", "c") and len(traced.constants) == 2
+    with torch.no_grad():
+        want = model(*args)[0]
+        got = run_split(split_graph(traced, Plan(stages=stages)), model, traced.flatten_call(args, {}))
+    torch.testing.assert_close(traced.unflatten_output(list(got))[0], want, rtol=0, atol=0)
