@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
-from torch.fx.experimental.meta_tracer import MetaProxy, MetaTracer
+from torch.fx.experimental.meta_tracer import MetaDeviceAttribute, MetaProxy, MetaTracer
 
 from asyncdiff.partition.blocks import BlockPolicy
 
@@ -154,6 +154,10 @@ class _ShapeProxy(MetaProxy):
         return self.dim()
 
     @property
+    def device(self) -> _Device:
+        return _Device(self, "device")
+
+    @property
     def data(self) -> _ShapeProxy:
         # `.data` is the same storage without autograd history; inference runs without autograd
         return self
@@ -184,6 +188,38 @@ class _ShapeProxy(MetaProxy):
         if isinstance(meta, (torch.Tensor, tuple, list)) and not (isinstance(meta, torch.Tensor) and meta.dim() == 0):
             return iter([self[i] for i in range(len(meta))])
         return super().__iter__()
+
+
+class _Device(MetaDeviceAttribute):
+    """A traced value's ``.device``: in the graph a read of the device (every rank reads its own),
+    while the traced code asks about it (``x.device.type == "mps"``, ``t.device != x.device``) it
+    is the device the traced call's tensors live on: the trace specialises on it, as on shapes."""
+
+    @property
+    def _real(self) -> torch.device:
+        return self.tracer.device
+
+    @property
+    def type(self) -> str:
+        return self._real.type
+
+    @property
+    def index(self) -> int | None:
+        return self._real.index
+
+    def __eq__(self, other: object) -> bool:  # type: ignore[override]
+        if isinstance(other, _Device):
+            return True
+        try:
+            return self._real == torch.device(other)  # type: ignore[arg-type]
+        except (TypeError, RuntimeError):
+            return False
+
+    def __ne__(self, other: object) -> bool:  # type: ignore[override]
+        return not self.__eq__(other)
+
+    def __hash__(self) -> int:
+        return hash(self._real)
 
 
 # Note [in-place updates]: Python runs ``x += y`` as ``x = x.__iadd__(y)``, and a torch.fx proxy
@@ -275,9 +311,10 @@ def _order_updates(graph: torch.fx.Graph) -> None:
 class _BlockTracer(MetaTracer):
     proxy_buffer_attributes = True  # a buffer read in traced code stays a reference to the buffer
 
-    def __init__(self, blocks: set[str]) -> None:
+    def __init__(self, blocks: set[str], device: torch.device) -> None:
         super().__init__()
         self.block_paths = {f"{ROOT}.{b}" for b in blocks}
+        self.device = device  # where the traced call's tensors live (_Device)
         self.node_meta: dict[torch.fx.Node, Any] = {}
 
     def create_proxy(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -286,7 +323,8 @@ class _BlockTracer(MetaTracer):
         with warnings.catch_warnings(record=True) as records:
             warnings.simplefilter("always")
             proxy = super().create_proxy(kind, target, args, kwargs, *rest, **options)
-        if records and kind in ("call_function", "call_method", "call_module"):
+        if records and kind in ("call_function", "call_method", "call_module") and any(
+                isinstance(v, torch.Tensor) and not v.is_meta for v in pytree.tree_leaves((args, kwargs))):
             # MetaTracer cannot mix a tensor constant (Note [tensor constants]) with meta values
             meta = self._meta_with_constants(kind, target if kind != "call_module" else forward, args, kwargs)
             if meta is not None:
@@ -500,7 +538,7 @@ def trace_denoiser(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: dic
     elif latent not in names:
         raise ValueError(f"latent={latent!r} is not a tensor argument of this call; tensor arguments: {names}")
     blocks = policy.blocks(skeleton)
-    tracer = _BlockTracer(blocks)
+    tracer = _BlockTracer(blocks, tensors[0].device)
     meta_args = {n: torch.empty_like(t, device="meta") for n, t in zip(names, tensors)}
     try:
         with _proxies_are_tensors(), torch.no_grad(), _quiet_meta_warnings() as caught:

@@ -200,3 +200,38 @@ def test_item_assignment_data_copies_and_constants_split_exactly(stages):
         want = model(*args)[0]
         got = run_split(split_graph(traced, Plan(stages=stages)), model, traced.flatten_call(args, {}))
     torch.testing.assert_close(traced.unflatten_output(list(got))[0], want, rtol=0, atol=0)
+
+
+class _CachedRope:
+    """A plain object caching a table per device, as Z-Image's rotary embedder does."""
+
+    def __init__(self) -> None:
+        self.freqs = [torch.randn(8, generator=torch.Generator().manual_seed(1))]
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.freqs[0].device != ids.device:
+            self.freqs = [f.to(ids.device) for f in self.freqs]
+        return ids * self.freqs[0]
+
+
+class _AsksDevice(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.rope = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), _CachedRope()
+
+    def forward(self, sample: torch.Tensor) -> tuple[torch.Tensor]:
+        if sample.device.type == "mps":
+            sample = sample * 2
+        h = self.rope(self.a(sample))
+        return (self.b(h + torch.ones(1, device=sample.device)),)
+
+
+def test_device_questions_are_answered_from_the_call():
+    """``x.device.type == ...`` and ``t.device != x.device`` specialise like shapes (issue 11)."""
+    model, args = _AsksDevice(), (torch.randn(4, 8),)
+    traced = trace_denoiser(model, args, {})
+    assert traced.blocks == ("a", "b")
+    with torch.no_grad():
+        got = run_split(split_graph(traced, Plan(stages=(("a",), ("b",)))), model, traced.flatten_call(args, {}))
+        torch.testing.assert_close(traced.unflatten_output(list(got))[0], model(*args)[0], rtol=0, atol=0)

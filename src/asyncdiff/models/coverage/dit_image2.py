@@ -36,7 +36,8 @@ def qwen_image() -> tuple[Any, dict[str, Any]]:
                              tokenizer=None, transformer=transformer)
     # true CFG: a second transformer call per step on the negative prompt, then norm rescaling
     return finish(pipe), {"prompt_embeds": embeds(1, 8, 16), "prompt_embeds_mask": _mask(8, 6),
-                          "negative_prompt_embeds": embeds(1, 8, 16, seed=1), "negative_prompt_embeds_mask": _mask(8, 5),
+                          "negative_prompt_embeds": embeds(1, 8, 16, seed=1),
+                          "negative_prompt_embeds_mask": _mask(8, 5),
                           "true_cfg_scale": 4.0, "height": 32, "width": 32, "output_type": "latent"}
 
 
@@ -54,7 +55,11 @@ def qwen_image_edit() -> tuple[Any, dict[str, Any]]:
 
 
 def cogview3plus() -> tuple[Any, dict[str, Any]]:
-    from diffusers import CogVideoXDDIMScheduler, CogView3PlusPipeline, CogView3PlusTransformer2DModel
+    from diffusers import (
+        CogVideoXDDIMScheduler,
+        CogView3PlusPipeline,
+        CogView3PlusTransformer2DModel,
+    )
 
     transformer = seeded(CogView3PlusTransformer2DModel, patch_size=2, in_channels=4, num_layers=2,
                          attention_head_dim=8, num_attention_heads=2, out_channels=4, text_embed_dim=32,
@@ -67,7 +72,11 @@ def cogview3plus() -> tuple[Any, dict[str, Any]]:
 
 
 def cogview4() -> tuple[Any, dict[str, Any]]:
-    from diffusers import CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
+    from diffusers import (
+        CogView4Pipeline,
+        CogView4Transformer2DModel,
+        FlowMatchEulerDiscreteScheduler,
+    )
 
     transformer = seeded(CogView4Transformer2DModel, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
                          attention_head_dim=8, num_attention_heads=2, text_embed_dim=32, time_embed_dim=16,
@@ -92,7 +101,8 @@ def hunyuandit() -> tuple[Any, dict[str, Any]]:
                               scheduler=DDPMScheduler(), safety_checker=None, feature_extractor=None,
                               requires_safety_checker=False, text_encoder_2=None, tokenizer_2=None)
     return finish(pipe), {"prompt_embeds": embeds(1, 8, 32), "prompt_attention_mask": _mask(8, 6),
-                          "negative_prompt_embeds": embeds(1, 8, 32, seed=1), "negative_prompt_attention_mask": _mask(8, 2),
+                          "negative_prompt_embeds": embeds(1, 8, 32, seed=1),
+                          "negative_prompt_attention_mask": _mask(8, 2),
                           "prompt_embeds_2": embeds(1, 8, 32, seed=2), "prompt_attention_mask_2": _mask(8, 7),
                           "negative_prompt_embeds_2": embeds(1, 8, 32, seed=3),
                           "negative_prompt_attention_mask_2": _mask(8, 2),
@@ -113,7 +123,9 @@ def _sdxl_unet(text_width: int, pooled_width: int, **config: Any) -> Any:
 
 def kolors() -> tuple[Any, dict[str, Any]]:
     from diffusers import EulerDiscreteScheduler
-    from diffusers.pipelines.kolors.pipeline_kolors import KolorsPipeline  # the top-level name needs sentencepiece
+
+    # from its module: the top-level name needs sentencepiece (for the ChatGLM tokenizer), not installed here
+    from diffusers.pipelines.kolors.pipeline_kolors import KolorsPipeline
 
     # Kolors projects ChatGLM's hidden states (4096 wide in the real model) with encoder_hid_proj
     unet = _sdxl_unet(16, 32, encoder_hid_dim=32, encoder_hid_dim_type="text_proj")
@@ -127,14 +139,19 @@ def kolors() -> tuple[Any, dict[str, Any]]:
 
 
 def pag_sd() -> tuple[Any, dict[str, Any]]:
-    from diffusers import DDIMScheduler, StableDiffusionPAGPipeline, UNet2DConditionModel
+    from diffusers import (
+        DDIMScheduler,
+        StableDiffusionPAGPipeline,
+        UNet2DConditionModel,
+    )
 
     unet = seeded(UNet2DConditionModel, sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
                   layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=2,
                   norm_num_groups=8)
     pipe = StableDiffusionPAGPipeline(vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=unet,
-                                      scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None, feature_extractor=None,
+                                      scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
+                                      safety_checker=None, feature_extractor=None,
                                       requires_safety_checker=False, pag_applied_layers=["mid"])
     # CFG + PAG: a batch of 3 (uncond, cond, cond with identity self-attention in the mid block)
     return finish(pipe), {"prompt_embeds": embeds(1, 8, 32), "negative_prompt_embeds": embeds(1, 8, 32, seed=1),
@@ -159,7 +176,8 @@ def dit() -> tuple[Any, dict[str, Any]]:
     transformer = seeded(DiTTransformer2DModel, sample_size=8, patch_size=2, in_channels=4, out_channels=8,
                          num_layers=2, attention_head_dim=8, num_attention_heads=2, num_embeds_ada_norm=1000,
                          norm_type="ada_norm_zero", norm_elementwise_affine=False)
-    pipe = DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=DDIMScheduler(steps_offset=1, clip_sample=False))
+    pipe = DiTPipeline(transformer=transformer, vae=tiny_vae(),
+                       scheduler=DDIMScheduler(steps_offset=1, clip_sample=False))
     # class-conditional with CFG on a null class; no latent output, so the tiny VAE decodes
     return finish(pipe), {"class_labels": [3, 7], "guidance_scale": 4.0, "output_type": "pt"}
 
@@ -187,8 +205,12 @@ class _NoGuardrail(torch.nn.Module):
 
 
 def cosmos2_text2image() -> tuple[Any, dict[str, Any]]:
-    from diffusers import AutoencoderKLWan, Cosmos2TextToImagePipeline, CosmosTransformer3DModel
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import (
+        AutoencoderKLWan,
+        Cosmos2TextToImagePipeline,
+        CosmosTransformer3DModel,
+        FlowMatchEulerDiscreteScheduler,
+    )
 
     # concat_padding_mask=False: the real model concatenates a padding-mask channel, resized with torchvision
     # (not installed here); the pipeline's padding mask is then unused
@@ -207,8 +229,13 @@ def cosmos2_text2image() -> tuple[Any, dict[str, Any]]:
 
 
 def hunyuanimage21() -> tuple[Any, dict[str, Any]]:
-    from diffusers import AdaptiveProjectedMixGuidance, AutoencoderKLHunyuanImage, FlowMatchEulerDiscreteScheduler
-    from diffusers import HunyuanImagePipeline, HunyuanImageTransformer2DModel
+    from diffusers import (
+        AdaptiveProjectedMixGuidance,
+        AutoencoderKLHunyuanImage,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanImagePipeline,
+        HunyuanImageTransformer2DModel,
+    )
 
     transformer = seeded(HunyuanImageTransformer2DModel, in_channels=4, out_channels=4, num_attention_heads=2,
                          attention_head_dim=8, num_layers=1, num_single_layers=1, num_refiner_layers=1,
@@ -223,7 +250,8 @@ def hunyuanimage21() -> tuple[Any, dict[str, Any]]:
                                 tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer,
                                 guider=guider, ocr_guider=None)
     return finish(pipe), {"prompt_embeds": embeds(1, 8, 32), "prompt_embeds_mask": _mask(8, 6),
-                          "negative_prompt_embeds": embeds(1, 8, 32, seed=1), "negative_prompt_embeds_mask": _mask(8, 3),
+                          "negative_prompt_embeds": embeds(1, 8, 32, seed=1),
+                          "negative_prompt_embeds_mask": _mask(8, 3),
                           "prompt_embeds_2": embeds(1, 8, 32, seed=2), "prompt_embeds_mask_2": _mask(8, 4),
                           "negative_prompt_embeds_2": embeds(1, 8, 32, seed=3),
                           "negative_prompt_embeds_mask_2": _mask(8, 2),
