@@ -12,6 +12,7 @@ Example (under ``torchrun --nproc_per_node=2``)::
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import warnings
 from collections.abc import Callable, Iterator
@@ -209,31 +210,42 @@ def _join_processes(config: EngineConfig) -> None:
 
 
 _SUBCLASSES: dict[type, type] = {}
-_NONE = object()
+
+
+_STEP_END: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("asyncdiff_step_end", default=None)
+_MARKING: dict[type, type] = {}
+
+
+def _marking_class(cls: type) -> type:
+    """``cls`` whose ``step`` calls the running pipeline call's step-end callback afterwards. A
+    class, not an instance attribute: a pipeline that deep-copies its scheduler (one per latent
+    frame, as SkyReels-V2's diffusion forcing does) gets copies that step themselves."""
+    if cls not in _MARKING:
+        def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+            out = cls.step(self, *args, **kwargs)
+            end_step = _STEP_END.get()
+            if end_step is not None:
+                end_step()
+            return out
+
+        _MARKING[cls] = type(cls.__name__, (cls,), {"step": functools.wraps(cls.step)(step), "__module__": cls.__module__})
+    return _MARKING[cls]
 
 
 @contextlib.contextmanager
 def _marking_steps(scheduler: Any, end_step: Callable[[], None]) -> Iterator[None]:
-    """For the duration of one pipeline call, ``end_step()`` after every ``scheduler.step``: the
-    scheduler's step is where a pipeline's denoising step ends, whatever its loop looks like. The
-    wrapper lives on this scheduler instance only and is removed afterwards."""
-    own = scheduler.__dict__.get("step", _NONE)  # an instance attribute to put back, if any
-    original = scheduler.step
-
-    @functools.wraps(original)
-    def step(*args: Any, **kwargs: Any) -> Any:
-        out = original(*args, **kwargs)
-        end_step()
-        return out
-
-    scheduler.step = step
+    """For the duration of one pipeline call, ``end_step()`` after every ``scheduler.step`` (and
+    every step of a copy of it): the scheduler's step is where a pipeline's denoising step ends,
+    whatever its loop looks like. The engine ends a step only once per denoiser call, so several
+    schedulers stepping after one call (one per frame) end one step."""
+    original = type(scheduler)
+    scheduler.__class__ = _marking_class(original)
+    token = _STEP_END.set(end_step)
     try:
         yield
     finally:
-        if own is _NONE:
-            del scheduler.step  # the class's method shows through again
-        else:
-            scheduler.step = own
+        _STEP_END.reset(token)
+        scheduler.__class__ = original
 
 
 def _resetting_subclass(cls: type) -> type:

@@ -5,7 +5,8 @@ unchanged and calls the denoiser, which the engine stands in for. Extra inputs (
 residuals, SVD's image latents and added time ids, SDXL's added conditioning) need no entry:
 they are call inputs, which every rank holds fresh at every step (Note [replicated conditioning]
 in :mod:`asyncdiff.partition.split`). A pipeline no adapter names still works through
-:func:`adapter_for`'s generic path when its denoiser is ``pipe.unet`` or ``pipe.transformer``.
+:func:`adapter_for`'s generic path, which finds its denoiser (``unet``, ``transformer``, a
+prior's ``prior``, Stable Cascade's ``decoder``, else its largest model that is no encoder).
 
 Example:
     >>> ADAPTERS["sd3"].denoiser, ADAPTERS["sd3"].latent
@@ -14,8 +15,11 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 __all__ = ["ADAPTERS", "Adapter", "adapter_for", "register", "registered_adapter"]
 
@@ -58,18 +62,42 @@ def registered_adapter(pipeline_class: type) -> Adapter | None:
     return None
 
 
+DENOISER_ATTRS = ("unet", "transformer", "prior", "decoder")  # where diffusers pipelines keep it
+TIMESTEP_ARGS = ("timestep", "timestep_ratio", "timesteps", "t")
+# components that are never the denoiser, when no attribute above holds one
+_NOT_DENOISERS = ("vae", "encoder", "controlnet", "adapter", "safety", "guardrail", "vocoder", "renderer",
+                  "image_processor", "feature_extractor", "tokenizer", "scheduler", "movq", "connector")
+
+
 def adapter_for(pipeline: Any) -> Adapter:
-    """The registered adapter for ``pipeline``'s class (or a base class), else the generic one."""
+    """The registered adapter for ``pipeline``'s class (or a base class), else a generic one for
+    the first of :data:`DENOISER_ATTRS` it has, else for its largest model component that is
+    not an encoder, VAE, ControlNet or adapter."""
     registered = registered_adapter(type(pipeline))
     if registered is not None:
         return registered
-    for attr in ("unet", "transformer"):
-        if getattr(pipeline, attr, None) is not None:
-            return Adapter(name=f"generic-{attr}", pipelines=(type(pipeline).__name__,), denoiser=attr, latent=None)
-    raise TypeError(
-        f"{type(pipeline).__name__} has no registered adapter and no `unet` or `transformer` attribute; "
-        "register an asyncdiff.adapters.registry.Adapter that names its denoiser attribute"
-    )
+    attr = next((a for a in DENOISER_ATTRS if isinstance(getattr(pipeline, a, None), torch.nn.Module)), None)
+    if attr is None:
+        candidates = {name: c for name, c in _components(pipeline).items()
+                      if isinstance(c, torch.nn.Module) and not any(k in name for k in _NOT_DENOISERS)}
+        attr = max(candidates, key=lambda n: sum(p.numel() for p in candidates[n].parameters()), default=None)
+    if attr is None:
+        raise TypeError(
+            f"{type(pipeline).__name__} has no registered adapter and no denoiser component ({', '.join(DENOISER_ATTRS)} "
+            "or another model that is not an encoder/VAE); register an asyncdiff.adapters.registry.Adapter that "
+            "names its denoiser attribute"
+        )
+    forward = inspect.signature(getattr(pipeline, attr).forward).parameters
+    timestep = next((t for t in TIMESTEP_ARGS if t in forward), "timestep")
+    return Adapter(name=f"generic-{attr}", pipelines=(type(pipeline).__name__,), denoiser=attr, latent=None,
+                   timestep=timestep)
+
+
+def _components(pipeline: Any) -> dict[str, Any]:
+    try:
+        return dict(pipeline.components)
+    except Exception:  # not a diffusers pipeline
+        return {k: v for k, v in vars(pipeline).items() if not k.startswith("_")}
 
 
 register(Adapter("stable-diffusion", ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",

@@ -19,13 +19,14 @@ from asyncdiff.models.coverage import CASES
 from asyncdiff.models.coverage.check import check_cases
 
 STEPS = 3
+TIMEOUT_S = 120  # a stuck case fails within this (its ranks raise), and the next case runs
 OUT = Path(__file__).resolve().parent.parent / "results" / "coverage.md"
 
 
 def matrix(names: list[str]) -> str:
-    two = {r.name: r for r in launch(check_cases, 2, names, STEPS, 1)[0]}
+    two = {r.name: r for r in launch(check_cases, 2, names, STEPS, 1, timeout_s=TIMEOUT_S)[0]}
     strided = [n for n in names if CASES[n].stride2 and two[n].status == "exact"]
-    three = {r.name: r for r in launch(check_cases, 3, strided, STEPS, 2)[0]} if strided else {}
+    three = {r.name: r for r in launch(check_cases, 3, strided, STEPS, 2, timeout_s=TIMEOUT_S)[0]} if strided else {}
     lines = ["| family | case | pipeline | denoiser | 2 processes, full warm-up | warm-up 1 | stride 2, 3 processes |",
              "|---|---|---|---|---|---|---|"]
     for name in sorted(names, key=lambda n: (CASES[n].family.lower(), n)):

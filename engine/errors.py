@@ -15,7 +15,7 @@ class StageError(RuntimeError):
 
 
 @contextlib.contextmanager
-def located(stage: int, step: int, call: int) -> Iterator[None]:
+def located(stage: int, step: int, call: int | str) -> Iterator[None]:
     """Raise anything but a :class:`StageError` as one prefixed ``[stage k | step t]``, with the
     first failure of pipeline call ``call`` on any rank beside it (Note [first error])."""
     try:
@@ -26,7 +26,7 @@ def located(stage: int, step: int, call: int) -> Iterator[None]:
         raise StageError(first_error(f"[stage {stage} | step {step}] {type(err).__name__}: {err}", call)) from err
 
 
-def first_error(mine: str, call: int) -> str:
+def first_error(mine: str, call: int | str) -> str:
     """Note [first error]: when a stage fails, its peers fail too, with a lost connection, and
     the launcher may report either. So every failing rank records its error in the process
     group's store unless one is there already, and reports that first one beside its own.

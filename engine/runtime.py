@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import datetime
 import inspect
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -79,6 +80,9 @@ from asyncdiff.partition.verify import verify_split
 __all__ = ["TRANSFER_DTYPES", "AsyncEngine", "EngineConfig", "StageError", "StageState", "block_tensors",
            "foreign_tensors", "stages_for"]
 
+
+
+_ENGINES = itertools.count()
 
 
 class AsyncEngine:
@@ -134,8 +138,10 @@ class AsyncEngine:
         self.branch_name: str | None = None  # the pipeline's name for the running call, if it gives one
         self._branch_names: dict[str, int] = {}  # branch name -> branch, in order of first appearance
         self.branch_log: list[int] = []  # the branch of every call of this pipeline call
+        self._calls_at_step_end = 0  # len(branch_log) when the last step ended
         self.seconds: list[tuple[str, float]] = []  # (step kind, wall time) per call, this pipeline call
         self._calls = 0  # pipeline calls so far (reset_state), to key errors by (Note [first error])
+        self._engine = next(_ENGINES)  # engines made in this process; every rank makes them in one order
         self._compiled: dict[CallSignature, CompiledCall] = {}
         self.compile_seconds = 0.0  # tracing, profiling, planning and splitting, all signatures
         self.plan_source = "given" if plan is not None else ""  # where the plan came from (Note [plan cache])
@@ -238,8 +244,11 @@ class AsyncEngine:
                 self.branches.append(StageState())
             state = self.branches[branch]
             state.drain()  # the previous step's sends, an asynchronous step's receives
-            state.channel = compiled.channel(branch)
             kind = self.schedule.kind(step)
+            if state.channel is not compiled.channel(branch) and kind != StepKind.WARM_UP:
+                # Note [late branches]: this branch has no stale values of this signature yet
+                kind = self._first_of_branch(kind)
+            state.channel = compiled.channel(branch)
             if self.config.refresh_drift is not None and drifted(state, compiled, kind == StepKind.ASYNC, self.config.refresh_drift, self.collective):
                 kind = StepKind.REFRESH
             shifted = self.schedule.timestep_step(step, self.rank)
@@ -259,6 +268,16 @@ class AsyncEngine:
             self.step += 1
         return output
 
+    def _first_of_branch(self, kind: str) -> str:
+        """Note [late branches]: a call whose branch (or whose signature on this branch) first
+        appears after warm-up (skip-layer guidance on some steps only) has no values from a last
+        step to run on: it runs sequentially (a refresh step), and the next one asynchronously."""
+        if self.config.stride == 2:
+            raise ValueError("this pipeline makes a new kind of denoiser call after the warm-up steps (a call "
+                             "with another signature, or an extra call per step, on some steps only); stride 2 "
+                             "cannot start it there: use stride=1, or warm_up covering those steps")
+        return StepKind.REFRESH
+
     def _new_loop(self) -> None:
         """Note [a second loop]: a step's first call has another call signature than the last
         step's: the pipeline has begun another denoising loop in the same call (a second
@@ -268,8 +287,12 @@ class AsyncEngine:
         self.branches, self.step = [StageState()], 0
 
     def end_step(self) -> None:
-        """The pipeline finished a denoising step (``marks_steps``): the next call starts the next one."""
-        self.step, self.branch = self.step + 1, 0
+        """The pipeline finished a denoising step (``marks_steps``): the next call starts the next
+        one. Without a denoiser call since the last end, nothing ends (several schedulers, one
+        per frame, may step after one call)."""
+        if len(self.branch_log) > self._calls_at_step_end:
+            self.step, self.branch = self.step + 1, 0
+            self._calls_at_step_end = len(self.branch_log)
 
     @property
     def state(self) -> StageState:
@@ -317,7 +340,7 @@ class AsyncEngine:
         self.branches = [StageState()]
         self.two_calls = TwoCalls()
         self._loop: CompiledCall | None = None  # the call signature of this loop's first calls
-        self._branch_names, self.branch_log = {}, []
+        self._branch_names, self.branch_log, self._calls_at_step_end = {}, [], 0
         self.step, self.branch, self.seconds = 0, 0, []
         self._calls += 1
 
@@ -391,7 +414,8 @@ class AsyncEngine:
                                 skeleton=self.skeleton)
         if self.plan is None:
             self.plan = self._make_plan(traced, args, kwargs)
-        split = split_graph(traced, self.plan)
+        # a call may skip planned blocks (skip-layer guidance): the others keep their stages
+        split = split_graph(traced, self.plan.restricted_to(traced.blocks))
         if self.config.verify and not self._released:  # every weight is still here (Note [verify])
             self._verify(traced, split, args, kwargs)
         program = split.stages[self.stage]
@@ -471,7 +495,7 @@ class AsyncEngine:
 
     # -- helpers ----------------------------------------------------------------------------
     def _where(self, step: int) -> contextlib.AbstractContextManager[None]:
-        return located(self.stage, step, self._calls)
+        return located(self.stage, step, f"{self._engine}.{self._calls}")
 
 
 def _device_of(tensors: list[torch.Tensor]) -> torch.device:

@@ -89,7 +89,7 @@ class _Problem:
             raise ValueError(f"cost={cost!r} is not a cost model; use one of {COSTS}")
         per_block = [block_cost(costs[b], cost) for b in traced.blocks]
         glued = [False] * len(per_block)  # glued[i]: block i joins block i - 1's unit
-        for first, last in inplace_spans(traced):
+        for first, last in (*inplace_spans(traced), *traced.repeated_spans()):
             for i in range(first + 1, last + 1):
                 glued[i] = True
         self.unit = list(itertools.accumulate(0 if g or i == 0 else 1 for i, g in enumerate(glued)))

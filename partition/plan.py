@@ -69,6 +69,22 @@ class Plan:
                 f"unknown blocks {unknown[:5]}; list every traced block exactly once"
             )
 
+    def restricted_to(self, blocks: Sequence[str]) -> Plan:
+        """This plan for a call that runs only ``blocks`` (skip-layer guidance leaves some out):
+        every block keeps its stage. Blocks the plan does not know, or a stage left without
+        blocks, are an error naming them."""
+        called = set(blocks)
+        unknown = [b for b in blocks if b not in {b for stage in self.stages for b in stage}]
+        if unknown:
+            self.check_covers(blocks)
+        stages = tuple(tuple(b for b in stage if b in called) for stage in self.stages)
+        empty = [k for k, stage in enumerate(stages) if not stage]
+        if empty:
+            raise ValueError(f"this denoiser call skips every block of stage(s) {empty} "
+                             f"({list(self.stages[empty[0]])[:3]} ...): a stage would have nothing to run; "
+                             f"use fewer stages (model_n) or a plan whose stages all run in every call")
+        return Plan(stages, self.costs, self.cost_unit, dict(self.notes))
+
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 

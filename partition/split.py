@@ -163,6 +163,11 @@ def place_latent_nodes(traced: TracedDenoiser, block_position: Mapping[str, int]
 
 def split_graph(traced: TracedDenoiser, plan: Plan) -> SplitDenoiser:
     plan.check_covers(traced.blocks)
+    for first, last in traced.repeated_spans():  # Note [merged blocks]
+        stages = {plan.stage_of(b) for b in traced.blocks[first:last + 1]}
+        if len(stages) > 1:
+            raise ValueError(f"blocks {traced.blocks[first]} .. {traced.blocks[last]} call one module several times "
+                             f"and must run on one stage, but the plan puts them on stages {sorted(stages)}")
     runs = _segments_of(traced, plan)
     stage_of_segment = [stage for stage, _ in runs]
     graph = traced.graph

@@ -36,7 +36,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 from torch.fx.experimental.meta_tracer import MetaDeviceAttribute, MetaProxy, MetaTracer
 
-from asyncdiff.partition.blocks import BlockPolicy
+from asyncdiff.partition.blocks import CONTAINERS, BlockPolicy
 
 __all__ = ["CallSignature", "TensorSpec", "TraceError", "TracedDenoiser", "holder", "meta_copy", "module_of",
            "trace_denoiser", "updated_base"]
@@ -152,6 +152,17 @@ class _ShapeProxy(MetaProxy):
     @property
     def ndim(self) -> Any:
         return self.dim()
+
+    # tensor attributes that are values (MetaProxy's lazy attribute would carry no meta value)
+    T = property(lambda self: self._attribute("T"))
+    mT = property(lambda self: self._attribute("mT"))
+    H = property(lambda self: self._attribute("H"))
+    mH = property(lambda self: self._attribute("mH"))
+    real = property(lambda self: self._attribute("real"))
+    imag = property(lambda self: self._attribute("imag"))
+
+    def _attribute(self, name: str) -> Any:
+        return self.tracer.create_proxy("call_function", getattr, (self, name), {})
 
     @property
     def device(self) -> _Device:
@@ -308,6 +319,13 @@ def _order_updates(graph: torch.fx.Graph) -> None:
             user.replace_input_with(base, ordered)
 
 
+# Note [merged blocks]: a block that holds weights and is called more than once per denoiser call
+# (CogView4 runs one feed-forward on the image and on the text tokens) must run on one stage. The
+# trace then makes the nearest module that contains it a block instead and traces again;
+# ``TracedDenoiser.merged`` lists such modules, and inspect shows them. Where only the denoiser
+# itself contains the calls (Stable Cascade's decoder loops over ModuleLists of blocks), the
+# blocks stay, and the planner keeps every block from a module's first call to its last on one
+# stage (``TracedDenoiser.repeated_spans``).
 class _BlockTracer(MetaTracer):
     proxy_buffer_attributes = True  # a buffer read in traced code stays a reference to the buffer
 
@@ -320,9 +338,12 @@ class _BlockTracer(MetaTracer):
     def create_proxy(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                      *rest: Any, **options: Any) -> Any:
         forward = getattr(self, "orig_forward", None)  # the leaf's forward; its children's calls replace it
+        stack = copy.copy(self.module_stack)  # a failed meta run of a leaf leaves its children on it
         with warnings.catch_warnings(record=True) as records:
             warnings.simplefilter("always")
             proxy = super().create_proxy(kind, target, args, kwargs, *rest, **options)
+        if records:
+            self.module_stack = stack
         if records and kind in ("call_function", "call_method", "call_module") and any(
                 isinstance(v, torch.Tensor) and not v.is_meta for v in pytree.tree_leaves((args, kwargs))):
             # MetaTracer cannot mix a tensor constant (Note [tensor constants]) with meta values
@@ -332,8 +353,14 @@ class _BlockTracer(MetaTracer):
                 records = []
         for record in records:
             warnings.warn_explicit(record.message, record.category, record.filename, record.lineno)
-        # MetaTracer keeps each node's meta value on the proxy only; keep it per node.
         meta = getattr(proxy, "_tensor_meta", None)
+        if meta is not None and any(isinstance(t, torch.Tensor) and not t.is_meta for t in pytree.tree_leaves(meta)):
+            # an op on a tensor constant and a meta value can answer with a real tensor (indexing a
+            # cached CPU table by traced ids): its shape is what the trace needs, on meta
+            meta = pytree.tree_map(lambda t: torch.empty_like(t, device="meta")
+                                   if isinstance(t, torch.Tensor) and not t.is_meta else t, meta)
+            proxy.install_tensor_meta(meta)
+        # MetaTracer keeps each node's meta value on the proxy only; keep it per node.
         if meta is not None:
             self.node_meta[proxy.node] = meta
         return proxy
@@ -372,12 +399,23 @@ class _BlockTracer(MetaTracer):
 @contextlib.contextmanager
 def _proxies_are_tensors() -> Iterator[None]:
     # diffusers takes a `torch.tensor([timesteps])` path when `torch.is_tensor(t)` is False.
-    original = torch.is_tensor
+    # Blocks run on meta tensors to learn their output shapes; `torch.autocast(x.device.type)`
+    # inside one (rotary embeddings) would ask for a "meta" autocast, which does not exist.
+    original, autocast = torch.is_tensor, torch.autocast
     torch.is_tensor = lambda obj: isinstance(obj, (torch.Tensor, torch.fx.Proxy))  # type: ignore[assignment]
+    torch.autocast = torch.amp.autocast = _MetaAutocast  # type: ignore[misc]
     try:
         yield
     finally:
         torch.is_tensor = original
+        torch.autocast = torch.amp.autocast = autocast  # type: ignore[misc]
+
+
+class _MetaAutocast(torch.autocast):
+    """``torch.autocast`` that takes device type "meta" as "cpu" (the shapes are the same)."""
+
+    def __init__(self, device_type: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
 
 
 class TracedDenoiser:
@@ -424,14 +462,18 @@ class TracedDenoiser:
         self.block_node = {b: n for n, b in self.node_block.items() if n in self.latent_nodes}
         self.blocks = tuple(self.block_node)
         self.replicated = tuple(b for n, b in self.node_block.items() if n not in self.latent_nodes)
-        skeleton = getattr(root, ROOT)
-        repeated = sorted({module_of(b) for b in self.blocks if "#" in b
-                           if next(iter(_tensors(skeleton.get_submodule(module_of(b)))), None) is not None})
-        if repeated:
-            raise TraceError(
-                f"blocks {repeated[:5]} hold weights and are called more than once per denoiser call; such a "
-                "block must run on one stage: use a coarser block policy that contains the repeated calls"
-            )
+        self.merged: tuple[str, ...] = ()  # modules made blocks because a child was called twice
+
+    def repeated_spans(self) -> list[tuple[int, int]]:
+        """Block index ranges ``(first, last)`` from a weighted module's first call to its last
+        (Note [merged blocks]): they must run on one stage."""
+        skeleton = getattr(self.root, ROOT)
+        calls: dict[str, list[int]] = {}
+        for i, b in enumerate(self.blocks):
+            if "#" in b:
+                calls.setdefault(module_of(b), []).append(i)
+        return [(min(ix), max(ix)) for m, ix in calls.items()
+                if len(ix) > 1 and next(iter(_tensors(skeleton.get_submodule(m))), None) is not None]
 
     def graph_module(self, denoiser: torch.nn.Module) -> torch.fx.GraphModule:
         """The traced graph bound to ``denoiser``'s real modules (same structure as traced)."""
@@ -537,28 +579,19 @@ def trace_denoiser(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: dic
         latent = names[0]
     elif latent not in names:
         raise ValueError(f"latent={latent!r} is not a tensor argument of this call; tensor arguments: {names}")
-    blocks = policy.blocks(skeleton)
-    tracer = _BlockTracer(blocks, tensors[0].device)
-    meta_args = {n: torch.empty_like(t, device="meta") for n, t in zip(names, tensors)}
-    try:
-        with _proxies_are_tensors(), torch.no_grad(), _quiet_meta_warnings() as caught:
-            graph = tracer.trace(root, meta_args=meta_args)
-    except Exception as err:
-        where = _innermost_module(err, skeleton)
-        raise TraceError(
-            f"tracing {type(denoiser).__name__} at {'predicate' if policy.predicate else f'depth={policy.depth}'} "
-            f"granularity failed{f' inside {where}' if where else ''}: {type(err).__name__}: {err}. "
-            f"{_trace_hint(err)}: make the module that contains it a block (policy='coarse', or a "
-            "predicate that returns True for it)"
-        ) from err
-    if caught:
-        target, reason = caught[0]
-        raise TraceError(
-            f"tracing {type(denoiser).__name__}: block {target.removeprefix(f'{ROOT}.')!r} cannot run on meta "
-            f"tensors to infer its output shape ({reason}); it branches on tensor values, which asyncdiff "
-            "cannot partition around: make the branch depend on shapes only, or use a policy where it "
-            "sits inside a larger block that does not"
-        )
+    blocks, merged = policy.blocks(skeleton), []
+    while True:  # Note [merged blocks]
+        root, _ = _make_root(skeleton, arguments)
+        tracer = _BlockTracer(blocks, tensors[0].device)
+        graph = _run_tracer(tracer, root, names, tensors, denoiser, skeleton, policy)
+        repeated = _repeated_weighted_blocks(graph, skeleton)
+        if not repeated:
+            break
+        parents = {_enclosing_module(m, skeleton) for m in repeated} - {""}
+        if not parents:
+            break  # no module contains the calls (a loop over a ModuleList): the planner keeps them together
+        blocks = {b for b in blocks if not any(b == p or b.startswith(f"{p}.") for p in parents)} | parents
+        merged.extend(sorted(parents))
     for node, meta in tracer.node_meta.items():
         node.meta["asyncdiff_value"] = meta
     # Note [tensor constants]: a tensor the traced code built from Python values (position ids,
@@ -575,20 +608,84 @@ def trace_denoiser(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: dic
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     _share_device_nodes(graph, placeholders[0] if placeholders else None)
     graph.lint()
-    return TracedDenoiser(root, graph, names, latent, signature, constants)
+    traced = TracedDenoiser(root, graph, names, latent, signature, constants)
+    traced.merged = tuple(merged)
+    return traced
+
+
+def _run_tracer(tracer: _BlockTracer, root: _Root, names: list[str], tensors: list[torch.Tensor],
+                denoiser: torch.nn.Module, skeleton: torch.nn.Module, policy: BlockPolicy) -> torch.fx.Graph:
+    meta_args = {n: torch.empty_like(t, device="meta") for n, t in zip(names, tensors)}
+    try:
+        with _proxies_are_tensors(), torch.no_grad(), _quiet_meta_warnings() as caught:
+            graph = tracer.trace(root, meta_args=meta_args)
+    except Exception as err:
+        if caught:  # the first value without a shape is the cause; the error is where it was used
+            raise _meta_error(denoiser, *caught[0]) from err
+        where = _innermost_module(err, skeleton)
+        raise TraceError(
+            f"tracing {type(denoiser).__name__} at {'predicate' if policy.predicate else f'depth={policy.depth}'} "
+            f"granularity failed{f' inside {where}' if where else ''}: {type(err).__name__}: {err}. "
+            f"{_trace_hint(err)}: make the module that contains it a block (policy='coarse', or a "
+            "predicate that returns True for it)"
+        ) from err
+    if caught:
+        raise _meta_error(denoiser, *caught[0])
+    return graph
+
+
+def _meta_error(denoiser: torch.nn.Module, target: str, reason: str) -> TraceError:
+    return TraceError(f"tracing {type(denoiser).__name__}: {target.removeprefix(f'{ROOT}.')!r} cannot run on meta "
+                      f"tensors to infer its output shape ({reason.strip().splitlines()[0][:200]}); {_meta_hint(reason)}")
+
+
+def _meta_hint(reason: str) -> str:
+    """Why a block cannot run on meta tensors, in words (issue 11: name the real cause)."""
+    if any(k in reason for k in ("item()", "data-dependent", "nonzero", "bincount", "unique", "masked_select",
+                                 "copy out of meta")):
+        return ("its output depends on tensor values (a data-dependent shape or a branch on values), which a "
+                "trace cannot know: asyncdiff cannot partition this denoiser at this block")
+    if "does not have an associated meta" in reason:
+        return ("an input's shape was lost earlier in the trace (a data-dependent shape, such as boolean-mask "
+                "indexing, upstream)")
+    return "make the code depend on shapes only, or use a policy where it sits inside a larger block"
+
+
+def _repeated_weighted_blocks(graph: torch.fx.Graph, skeleton: torch.nn.Module) -> list[str]:
+    """Modules with weights that the graph calls more than once (Note [merged blocks])."""
+    counts: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            counts[n.target] = counts.get(n.target, 0) + 1
+    return sorted(name.removeprefix(f"{ROOT}.") for name, k in counts.items()
+                  if k > 1 and next(iter(_tensors(skeleton.get_submodule(name.removeprefix(f"{ROOT}.")))), None) is not None)
+
+
+def _enclosing_module(name: str, root: torch.nn.Module) -> str:
+    """The nearest module above ``name`` that is not a container ("" for the root)."""
+    parts = name.split(".")
+    while parts:
+        parts = parts[:-1]
+        parent = ".".join(parts)
+        if not parts or not isinstance(root.get_submodule(parent), CONTAINERS):
+            return parent
+    return ""
 
 
 @contextlib.contextmanager
 def _quiet_meta_warnings() -> Iterator[list[tuple[str, str]]]:
-    """Collect MetaTracer's "could not compute metadata" warnings as (target, reason)."""
+    """Collect MetaTracer's "could not compute metadata" warnings as (target, reason), also
+    when the trace fails (a value without a shape fails later, elsewhere)."""
     caught: list[tuple[str, str]] = []
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
-        yield caught
-    for record in records:
-        found = re.match(r"Could not compute metadata for \w+ target (\S+): (.*)", str(record.message), re.S)
-        if found:
-            caught.append((found.group(1), found.group(2)))
+        try:
+            yield caught
+        finally:
+            for record in records:
+                found = re.match(r"Could not compute metadata for \w+ target (\S+): (.*)", str(record.message), re.S)
+                if found:
+                    caught.append((found.group(1), found.group(2)))
 
 
 def _innermost_module(err: BaseException, root: torch.nn.Module) -> str | None:

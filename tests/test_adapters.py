@@ -17,7 +17,7 @@ def test_known_pipelines_and_the_generic_path():
 
     generic = adapter_for(MyPipeline())
     assert (generic.name, generic.denoiser, generic.latent) == ("generic-transformer", "transformer", None)
-    with pytest.raises(TypeError, match="no registered adapter and no `unet` or `transformer`"):
+    with pytest.raises(TypeError, match="no registered adapter and no denoiser component"):
         adapter_for(object())
 
 

@@ -122,7 +122,7 @@ def test_untraceable_module_names_module_and_policy():
     module = WithBranchy()
     with pytest.raises(TraceError, match=r"inside block\.branchy \(Branchy\).*policy='coarse'"):
         trace_denoiser(module, (torch.randn(2, 4),), {}, policy="fine")
-    with pytest.raises(TraceError, match=r"block 'block.branchy' cannot run on meta tensors"):
+    with pytest.raises(TraceError, match=r"'block.branchy' cannot run on meta tensors.*depends on tensor values"):
         trace_denoiser(module, (torch.randn(2, 4),), {}, policy="coarse")
 
 

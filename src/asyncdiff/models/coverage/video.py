@@ -29,7 +29,11 @@ def _cogvideox_vae() -> Any:
 
 def cogvideox() -> tuple[Any, dict[str, Any]]:
     """CogVideoX 1.0 (2b): 3D sincos position embedding added to text+video tokens, CFG batch of 2."""
-    from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+    from diffusers import (
+        CogVideoXDDIMScheduler,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
 
     transformer = seeded(CogVideoXTransformer3DModel, num_attention_heads=2, attention_head_dim=16, in_channels=4,
                          out_channels=4, time_embed_dim=8, text_embed_dim=32, num_layers=2, sample_width=8,
@@ -45,7 +49,11 @@ def cogvideox() -> tuple[Any, dict[str, Any]]:
 def cogvideox_i2v() -> tuple[Any, dict[str, Any]]:
     """CogVideoX 1.5 image-to-video: 3D RoPE from the pipeline, temporal patches, ofs embedding, image latents
     concatenated on channels, DPM scheduler that carries the previous x0 between steps."""
-    from diffusers import CogVideoXDPMScheduler, CogVideoXImageToVideoPipeline, CogVideoXTransformer3DModel
+    from diffusers import (
+        CogVideoXDPMScheduler,
+        CogVideoXImageToVideoPipeline,
+        CogVideoXTransformer3DModel,
+    )
 
     transformer = seeded(CogVideoXTransformer3DModel, num_attention_heads=2, attention_head_dim=16, in_channels=8,
                          out_channels=4, time_embed_dim=8, ofs_embed_dim=8, text_embed_dim=32, num_layers=2,
@@ -62,7 +70,12 @@ def cogvideox_i2v() -> tuple[Any, dict[str, Any]]:
 
 def ltx_video() -> tuple[Any, dict[str, Any]]:
     """LTX-Video: patch size 1, RoPE over (frame, y, x) scaled by the frame rate, packed latent tokens."""
-    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+    from diffusers import (
+        AutoencoderKLLTXVideo,
+        FlowMatchEulerDiscreteScheduler,
+        LTXPipeline,
+        LTXVideoTransformer3DModel,
+    )
 
     transformer = seeded(LTXVideoTransformer3DModel, in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
                          num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16, num_layers=2,
@@ -85,8 +98,13 @@ def ltx_video() -> tuple[Any, dict[str, Any]]:
 def ltx2() -> tuple[Any, dict[str, Any]]:
     """LTX-2: joint audio-video transformer (two token streams with cross-modal attention), text connectors
     between the (left out) Gemma encoder and the transformer, CFG in x0 space."""
-    from diffusers import (AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, FlowMatchEulerDiscreteScheduler,
-                           LTX2Pipeline, LTX2VideoTransformer3DModel)
+    from diffusers import (
+        AutoencoderKLLTX2Audio,
+        AutoencoderKLLTX2Video,
+        FlowMatchEulerDiscreteScheduler,
+        LTX2Pipeline,
+        LTX2VideoTransformer3DModel,
+    )
     from diffusers.pipelines.ltx2 import LTX2TextConnectors
 
     transformer = seeded(LTX2VideoTransformer3DModel, in_channels=4, out_channels=4, patch_size=1, patch_size_t=1,
@@ -136,7 +154,11 @@ def _hunyuan_vae() -> Any:
 def hunyuan_video() -> tuple[Any, dict[str, Any]]:
     """HunyuanVideo: token refiner on the text, dual-stream then single-stream blocks (Flux-like), 3D RoPE,
     embedded guidance, masked text tokens."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
 
     transformer = seeded(HunyuanVideoTransformer3DModel, in_channels=4, out_channels=4, num_attention_heads=2,
                          attention_head_dim=10, num_layers=2, num_single_layers=2, num_refiner_layers=1,
@@ -155,8 +177,11 @@ def hunyuan_video() -> tuple[Any, dict[str, Any]]:
 def hunyuan_video_framepack() -> tuple[Any, dict[str, Any]]:
     """HunyuanVideo Framepack: SigLIP image tokens, clean/2x/4x history latents packed with their own patch
     embedders and RoPE; one section of 2 latent frames."""
-    from diffusers import (FlowMatchEulerDiscreteScheduler, HunyuanVideoFramepackPipeline,
-                           HunyuanVideoFramepackTransformer3DModel)
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoFramepackPipeline,
+        HunyuanVideoFramepackTransformer3DModel,
+    )
     from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
     transformer = seeded(HunyuanVideoFramepackTransformer3DModel, in_channels=4, out_channels=4,
@@ -181,8 +206,12 @@ def hunyuan_video_framepack() -> tuple[Any, dict[str, Any]]:
 def hunyuan_video15() -> tuple[Any, dict[str, Any]]:
     """HunyuanVideo 1.5: two text streams (MLLM + ByT5) and zero image tokens, condition latents and mask
     concatenated on channels, CFG through a guider (one transformer call per branch)."""
-    from diffusers import (AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline,
-                           HunyuanVideo15Transformer3DModel)
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideo15Pipeline,
+        HunyuanVideo15Transformer3DModel,
+    )
     from diffusers.guiders import ClassifierFreeGuidance
 
     transformer = seeded(HunyuanVideo15Transformer3DModel, in_channels=9, out_channels=4, num_attention_heads=2,
@@ -196,7 +225,8 @@ def hunyuan_video15() -> tuple[Any, dict[str, Any]]:
                                   scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=None,
                                   tokenizer_2=None, guider=ClassifierFreeGuidance(guidance_scale=6.0))
     return finish(pipe), {"prompt_embeds": embeds(1, 8, 16), "prompt_embeds_mask": _ones(1, 8),
-                          "negative_prompt_embeds": embeds(1, 8, 16, seed=1), "negative_prompt_embeds_mask": _ones(1, 8),
+                          "negative_prompt_embeds": embeds(1, 8, 16, seed=1),
+                          "negative_prompt_embeds_mask": _ones(1, 8),
                           "prompt_embeds_2": embeds(1, 6, 32, seed=2), "prompt_embeds_mask_2": _ones(1, 6),
                           "negative_prompt_embeds_2": embeds(1, 6, 32, seed=3),
                           "negative_prompt_embeds_mask_2": _ones(1, 6), "height": 32, "width": 32, "num_frames": 3,
@@ -205,7 +235,11 @@ def hunyuan_video15() -> tuple[Any, dict[str, Any]]:
 
 def mochi() -> tuple[Any, dict[str, Any]]:
     """Mochi: asymmetric dual-stream (text and video widths differ), learned-frequency RoPE, text mask."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        MochiPipeline,
+        MochiTransformer3DModel,
+    )
 
     transformer = seeded(MochiTransformer3DModel, patch_size=2, num_attention_heads=2, attention_head_dim=8,
                          num_layers=2, pooled_projection_dim=16, in_channels=12, out_channels=None,
@@ -236,7 +270,12 @@ def latte() -> tuple[Any, dict[str, Any]]:
 
 def allegro() -> tuple[Any, dict[str, Any]]:
     """Allegro: PixArt-style adaLN-single blocks over 3D patches with 3D RoPE from position ids."""
-    from diffusers import AllegroPipeline, AllegroTransformer3DModel, AutoencoderKLAllegro, EulerAncestralDiscreteScheduler
+    from diffusers import (
+        AllegroPipeline,
+        AllegroTransformer3DModel,
+        AutoencoderKLAllegro,
+        EulerAncestralDiscreteScheduler,
+    )
 
     transformer = seeded(AllegroTransformer3DModel, patch_size=2, patch_size_t=1, num_attention_heads=2,
                          attention_head_dim=12, in_channels=4, out_channels=4, num_layers=2, cross_attention_dim=24,
