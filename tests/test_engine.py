@@ -10,6 +10,8 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from asyncdiff.engine.launch import launch, local_device
 from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
 from toys import (
+    stalled_peer,
+    untraceable_engine,
     TUPLE_PLAN,
     ToyDenoiser,
     TupleDenoiser,
@@ -290,3 +292,19 @@ def test_named_calls_keep_their_branch_when_a_step_skips_one():
         torch.testing.assert_close(r["exact"], r["plain"], rtol=1e-5, atol=1e-5)
         assert r["branches"] == [0, 1, 1, 0, 1, 1, 0, 1]  # uncond is branch 0, cond 1, in every step
         assert 0 < ((r["stale"] - r["plain"]).norm() / r["plain"].norm()).item() < 0.5
+
+
+def test_a_stalled_rank_makes_its_peer_fail_within_the_deadline():
+    """Issue 11: no hangs. Rank 1 stalls for 40 s without failing; rank 0 stops within its 5 s
+    deadline (plus the step's own time), naming the stage and step where it waited."""
+    results = launch(stalled_peer, 2, 40.0, timeout_s=5)
+    message, seconds = results[0]
+    assert message.startswith("[stage 0 | step "), message
+    assert seconds < 30, f"rank 0 waited {seconds:.0f} s for a stalled peer"
+
+
+def test_an_untraceable_denoiser_fails_at_the_first_call_on_every_rank_with_the_cause():
+    results = launch(untraceable_engine, 2)
+    for message in results.values():
+        assert "branches on a tensor's values" in message, message
+    assert results[0].split("] ", 1)[-1] == results[1].split("] ", 1)[-1]  # the same error on every rank

@@ -668,3 +668,53 @@ def named_branch_scenarios(steps: int) -> dict[str, Any]:
     results["branches"] = list(async_diff.engine.branch_log)
     async_diff.remove()
     return results
+
+
+def stalled_peer(stall_s: float) -> tuple[str, float]:
+    """Rank 1 stalls (sleeps ``stall_s``) inside a block at step 2 without failing; rank 0 must
+    stop with an error within the deadline rather than wait. Each rank returns its error and how
+    long its failing call took."""
+    import time
+
+    from asyncdiff.engine.runtime import AsyncEngine, EngineConfig, StageError
+
+    torch.manual_seed(0)
+    toy = ToyDenoiser()
+    engine = AsyncEngine(toy, EngineConfig(model_n=2, warm_up=1, cost="flops", timeout_s=5), latent="sample")
+    if dist.get_rank() == 1:
+        for module in toy.modules():
+            if module is not toy:
+                module.register_forward_pre_hook(lambda *_: time.sleep(stall_s) if engine.step == 2 else None)
+    started = time.perf_counter()
+    try:
+        toy_steps(engine, 6)
+    except StageError as err:
+        return str(err), time.perf_counter() - started
+    return "no error", time.perf_counter() - started
+
+
+class TopLevelBranchy(torch.nn.Module):
+    """A denoiser whose own forward branches on a tensor's values: no block policy can help."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+        h = self.a(sample)
+        if h.mean() > 0:
+            h = -h
+        return self.b(h)
+
+
+def untraceable_engine() -> str:
+    """Every rank's first call of an untraceable denoiser: the error each rank raises."""
+    from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
+
+    engine = AsyncEngine(TopLevelBranchy(), EngineConfig(model_n=2, warm_up=1, cost="flops", timeout_s=30),
+                         latent="sample")
+    try:
+        engine(torch.randn(2, 4))
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return "no error"

@@ -48,7 +48,7 @@ class CaseResult:
     @property
     def cell(self) -> str:
         if self.status == "exact":
-            return "exact" if self.stale_ok else "exact, async fails"
+            return "exact" if self.stale_ok is not False else "exact, async fails"
         if self.status == "differs":
             return f"differs ({self.max_diff:.2g})"
         return f"{self.phase}: {self.error}"

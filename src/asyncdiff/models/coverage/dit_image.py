@@ -247,7 +247,7 @@ CASES = (
     Case("flux2", "Flux2", "Flux2Pipeline", flux2),
     Case("flux2-klein", "Flux2", "Flux2KleinPipeline", flux2_klein, representative=True, stride2=True),
     Case("sd35", "Stable Diffusion 3", "StableDiffusion3Pipeline", sd35),
-    Case("sd35-slg", "Stable Diffusion 3", "StableDiffusion3Pipeline", sd35_slg),
+    Case("sd35-slg", "Stable Diffusion 3", "StableDiffusion3Pipeline", sd35_slg, representative=True),
     Case("sana", "Sana", "SanaPipeline", sana),
     Case("lumina-next", "Lumina", "LuminaPipeline", lumina_next),
     Case("lumina2", "Lumina", "Lumina2Pipeline", lumina2),
@@ -255,5 +255,5 @@ CASES = (
     Case("chroma", "Chroma", "ChromaPipeline", chroma),
     Case("hidream", "HiDream", "HiDreamImagePipeline", hidream),
     Case("pixart-alpha", "PixArt", "PixArtAlphaPipeline", pixart_alpha),
-    Case("z-image", "Z-Image", "ZImagePipeline", z_image),
+    Case("z-image", "Z-Image", "ZImagePipeline", z_image, representative=True),
 )
