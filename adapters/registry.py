@@ -97,7 +97,7 @@ def _components(pipeline: Any) -> dict[str, Any]:
     try:
         return dict(pipeline.components)
     except Exception:  # not a diffusers pipeline
-        return {k: v for k, v in vars(pipeline).items() if not k.startswith("_")}
+        return {k: v for k, v in getattr(pipeline, "__dict__", {}).items() if not k.startswith("_")}
 
 
 register(Adapter("stable-diffusion", ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
