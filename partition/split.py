@@ -43,7 +43,7 @@ import torch
 import torch.fx
 
 from asyncdiff.partition.plan import Plan
-from asyncdiff.partition.trace import TensorSpec, TracedDenoiser, holder
+from asyncdiff.partition.trace import TensorSpec, TracedDenoiser, guard, holder
 
 __all__ = ["Segment", "SplitDenoiser", "StageProgram", "Transfer", "place_latent_nodes", "split_graph"]
 
@@ -179,11 +179,14 @@ def split_graph(traced: TracedDenoiser, plan: Plan) -> SplitDenoiser:
     home = place_latent_nodes(traced, segment_of_block, output_segment)
 
     # Replicated nodes: computed once per stage, in the stage's first segment that needs them.
+    first_segments = sorted({stage: i for i, stage in reversed(list(enumerate(stage_of_segment)))}.values())
     needs: dict[str, set[int]] = {}
     for node in reversed(nodes):
         if node.name in home or node.op in ("placeholder", "output"):
             continue
         segs: set[int] = set()
+        if not node.users and node.op == "call_function" and node.target is guard:
+            segs = set(first_segments)  # a check on conditioning: every stage makes it (Note [value trace])
         for u in node.users:
             if u.op == "output":
                 segs.add(output_segment)

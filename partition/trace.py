@@ -192,6 +192,26 @@ class _ShapeProxy(MetaProxy):
             return meta.size() if dim is None else meta.size(dim)
         return self.tracer.create_proxy("call_method", "size", (self,) if dim is None else (self, dim), {})
 
+    def __bool__(self) -> bool:
+        if isinstance(self.tracer, _ValueTracer):  # Note [value trace]
+            return self.tracer.decide(self, bool, "a branch on a tensor")
+        return super().__bool__()
+
+    def __int__(self) -> int:
+        if isinstance(self.tracer, _ValueTracer):
+            return self.tracer.decide(self, int, "an integer read from a tensor")
+        raise TypeError("a traced value cannot be read as a Python int")
+
+    __index__ = __int__
+
+    def __float__(self) -> float:
+        # without this, float() would fall back to __index__ and truncate
+        raise TypeError("float() argument cannot be a traced value: the code reads a tensor's value as a Python "
+                        "float, which differs every call")
+
+    def __complex__(self) -> complex:
+        raise TypeError("complex() argument cannot be a traced value")
+
     def __iter__(self) -> Iterator[Any]:
         # a value of known length (a tensor's first dimension, a tuple of tensors) iterates as
         # its items, like eager code: `for x in t.split(...)`, `zip(params, chunks)`, `list(...)`
@@ -396,6 +416,93 @@ class _BlockTracer(MetaTracer):
         return module_qualified_name in self.block_paths
 
 
+# Note [value trace]: where the meta trace cannot know a shape or a branch (it depends on tensor
+# values: mixture-of-experts routing, `nonzero`, boolean-mask indexing, `tolist()` lengths,
+# `if torch.all(x == 0)`), and the denoiser's weights are all here, the trace runs again with
+# proxies that carry the *real* values of the traced call: every node is computed on the real
+# weights, once, as the call itself would compute it. Shapes are then concrete wherever they
+# come from; a Python decision on a value (`bool`, `int` of a traced value) takes the traced
+# call's answer and leaves a `guard` in the graph, which raises at run time if a later call would
+# decide otherwise: the program is specialised on those values as on shapes, never silently wrong.
+
+
+def guard(value: Any, expected: Any, what: str) -> None:
+    """Raise unless ``what`` of ``value`` is still ``expected`` (Note [value trace])."""
+    got = bool(value) if isinstance(expected, bool) else (float(value) if isinstance(expected, float) else int(value))
+    if got != expected:
+        raise RuntimeError(f"the denoiser's control flow depends on a tensor value ({what}: traced as {expected!r}, now "
+                           f"{got!r}); its traced program does not hold for this call. Such a denoiser runs exactly "
+                           "only while that value stays as traced")
+
+
+@contextlib.contextmanager
+def _eager_modules() -> Iterator[None]:
+    """Module calls and attribute reads as outside a trace (torch.fx patches them while tracing)."""
+    from torch.fx import _symbolic_trace as fx_trace
+
+    call, getattr_ = torch.nn.Module.__call__, torch.nn.Module.__getattr__
+    torch.nn.Module.__call__, torch.nn.Module.__getattr__ = fx_trace._orig_module_call, fx_trace._orig_module_getattr
+    try:
+        yield
+    finally:
+        torch.nn.Module.__call__, torch.nn.Module.__getattr__ = call, getattr_
+
+
+class _ValueTracer(_BlockTracer):
+    """Note [value trace]: a block tracer whose proxies carry the traced call's real values,
+    computed with ``real``'s weights."""
+
+    def __init__(self, blocks: set[str], device: torch.device, real: torch.nn.Module) -> None:
+        super().__init__(blocks, device)
+        self.real = real
+        self.guards: list[torch.fx.Node] = []
+
+    def create_proxy(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     *rest: Any, **options: Any) -> Any:
+        proxy = torch.fx.Tracer.create_proxy(self, kind, target, args, kwargs, *rest, **options)
+        if kind == "placeholder":
+            value = self.meta_args.get(target)
+        elif kind == "get_attr":
+            value = self._real_attr(str(target))
+        elif kind in ("call_function", "call_method", "call_module"):
+            value = self._compute(kind, target, args, kwargs)
+        else:
+            return proxy
+        proxy.install_tensor_meta(value)
+        self.node_meta[proxy.node] = pytree.tree_map(
+            lambda t: torch.empty_like(t, device="meta") if isinstance(t, torch.Tensor) else t, value)
+        return proxy
+
+    def _real_attr(self, path: str) -> Any:
+        if path.startswith(f"{ROOT}."):
+            owner: Any = self.real
+            for atom in path.removeprefix(f"{ROOT}.").split("."):
+                owner = getattr(owner, atom)
+            return owner
+        return getattr(self.root, path)  # a tensor constant the trace made
+
+    def _compute(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        def value(v: Any) -> Any:
+            if isinstance(v, _Device):
+                return self.device
+            if isinstance(v, torch.fx.Proxy):
+                return v._tensor_meta
+            return v
+
+        args, kwargs = pytree.tree_map(value, (args, kwargs))
+        with _eager_modules():
+            if kind == "call_function":
+                return target(*args, **kwargs)
+            if kind == "call_method":
+                return getattr(args[0], target)(*args[1:], **kwargs)
+            return self.real.get_submodule(str(target).removeprefix(f"{ROOT}."))(*args, **kwargs)
+
+    def decide(self, proxy: _ShapeProxy, kind: type, what: str) -> Any:
+        answer = kind(proxy._tensor_meta)
+        self.guards.append(self.create_node("call_function", guard, (proxy.node, answer, what), {}))
+        return answer
+
+
 @contextlib.contextmanager
 def _proxies_are_tensors() -> Iterator[None]:
     # diffusers takes a `torch.tensor([timesteps])` path when `torch.is_tensor(t)` is False.
@@ -463,6 +570,8 @@ class TracedDenoiser:
         self.blocks = tuple(self.block_node)
         self.replicated = tuple(b for n, b in self.node_block.items() if n not in self.latent_nodes)
         self.merged: tuple[str, ...] = ()  # modules made blocks because a child was called twice
+        self.by_values = False  # traced with the call's real values (Note [value trace])
+        self.guards = 0  # value decisions the program checks at run time (Note [value trace])
 
     def repeated_spans(self) -> list[tuple[int, int]]:
         """Block index ranges ``(first, last)`` from a weighted module's first call to its last
@@ -504,6 +613,8 @@ def holder(denoiser: torch.nn.Module, constants: Mapping[str, torch.Tensor]) -> 
 def _trace_hint(err: Exception) -> str:
     """What the tracer could not follow, from its error (issue 11: name the real cause)."""
     text = str(err)
+    if "float() argument" in text or "complex() argument" in text:
+        return "The code reads a tensor's value as a Python number, which a traced program cannot hold"
     if "control flow" in text or "symbolically traced variables" in text:
         return "The code branches on a tensor's values, which a trace cannot follow"
     if "iterated" in text:
@@ -579,11 +690,18 @@ def trace_denoiser(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: dic
         latent = names[0]
     elif latent not in names:
         raise ValueError(f"latent={latent!r} is not a tensor argument of this call; tensor arguments: {names}")
-    blocks, merged = policy.blocks(skeleton), []
+    blocks, merged, device = policy.blocks(skeleton), [], tensors[0].device
+    by_values = False  # Note [value trace]
     while True:  # Note [merged blocks]
-        root, _ = _make_root(skeleton, arguments)
-        tracer = _BlockTracer(blocks, tensors[0].device)
-        graph = _run_tracer(tracer, root, names, tensors, denoiser, skeleton, policy)
+        tracer = _ValueTracer(blocks, device, denoiser) if by_values else _BlockTracer(blocks, device)
+        try:
+            graph = _run_tracer(tracer, root, names, tensors, denoiser, skeleton, policy)
+        except TraceError:
+            if by_values or not _holds_weights(denoiser, skeleton):
+                raise
+            by_values = True
+            root, _ = _make_root(skeleton, arguments)
+            continue
         repeated = _repeated_weighted_blocks(graph, skeleton)
         if not repeated:
             break
@@ -592,6 +710,7 @@ def trace_denoiser(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: dic
             break  # no module contains the calls (a loop over a ModuleList): the planner keeps them together
         blocks = {b for b in blocks if not any(b == p or b.startswith(f"{p}.") for p in parents)} | parents
         merged.extend(sorted(parents))
+        root, _ = _make_root(skeleton, arguments)
     for node, meta in tracer.node_meta.items():
         node.meta["asyncdiff_value"] = meta
     # Note [tensor constants]: a tensor the traced code built from Python values (position ids,
@@ -610,12 +729,20 @@ def trace_denoiser(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: dic
     graph.lint()
     traced = TracedDenoiser(root, graph, names, latent, signature, constants)
     traced.merged = tuple(merged)
+    traced.by_values = by_values
+    traced.guards = len(tracer.guards) if isinstance(tracer, _ValueTracer) else 0
     return traced
+
+
+def _holds_weights(denoiser: torch.nn.Module, skeleton: torch.nn.Module) -> bool:
+    """Whether every weight of ``denoiser`` is here (none released or on meta): a value trace can run."""
+    return all(not t.is_meta and t.shape == s.shape for t, s in zip(_tensors(denoiser), _tensors(skeleton)))
 
 
 def _run_tracer(tracer: _BlockTracer, root: _Root, names: list[str], tensors: list[torch.Tensor],
                 denoiser: torch.nn.Module, skeleton: torch.nn.Module, policy: BlockPolicy) -> torch.fx.Graph:
-    meta_args = {n: torch.empty_like(t, device="meta") for n, t in zip(names, tensors)}
+    meta_args = {n: t if isinstance(tracer, _ValueTracer) else torch.empty_like(t, device="meta")
+                 for n, t in zip(names, tensors)}
     try:
         with _proxies_are_tensors(), torch.no_grad(), _quiet_meta_warnings() as caught:
             graph = tracer.trace(root, meta_args=meta_args)

@@ -11,9 +11,9 @@ from asyncdiff.partition.blocks import BlockPolicy
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.profile import profile_blocks
 from asyncdiff.partition.split import split_graph
-from asyncdiff.partition.trace import TraceError, trace_denoiser
+from asyncdiff.partition.trace import TraceError, meta_copy, trace_denoiser
 from asyncdiff.partition.verify import run_split
-from toys import ToyDenoiser, WithBranchy
+from toys import TopLevelBranchy, ToyDenoiser, WithBranchy
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_plain_user_module_and_dict_output():
 
 
 def test_untraceable_module_names_module_and_policy():
-    module = WithBranchy()
+    module = meta_copy(WithBranchy())  # weight-free: only the meta trace can run (Note [value trace])
     with pytest.raises(TraceError, match=r"inside block\.branchy \(Branchy\).*policy='coarse'"):
         trace_denoiser(module, (torch.randn(2, 4),), {}, policy="fine")
     with pytest.raises(TraceError, match=r"'block.branchy' cannot run on meta tensors.*depends on tensor values"):
@@ -235,3 +235,21 @@ def test_device_questions_are_answered_from_the_call():
     with torch.no_grad():
         got = run_split(split_graph(traced, Plan(stages=(("a",), ("b",)))), model, traced.flatten_call(args, {}))
         torch.testing.assert_close(traced.unflatten_output(list(got))[0], model(*args)[0], rtol=0, atol=0)
+
+
+def test_value_trace_follows_a_branch_on_values_and_checks_it_every_call():
+    """Note [value trace]: with its weights present, a denoiser that branches on a tensor's value
+    traces with the call's real values; the branch it took is checked at run time."""
+    torch.manual_seed(0)
+    model, x = TopLevelBranchy(), torch.randn(2, 4)
+    with torch.no_grad():
+        taken = bool(model.a(x).mean() > 0)
+        other = next(y for y in (x * -3, x * 3, x + 5, x - 5) if bool(model.a(y).mean() > 0) != taken)
+        traced = trace_denoiser(model, (x,), {})
+        assert traced.by_values and traced.guards == 1 and traced.blocks == ("a", "b")
+        split = split_graph(traced, Plan(stages=(("a",), ("b",))))
+        got = run_split(split, model, traced.flatten_call((x,), {}))
+        torch.testing.assert_close(got[0], model(x), rtol=0, atol=0)
+        with pytest.raises(RuntimeError, match=r"control flow depends on a tensor value \(a branch on a tensor: "
+                                               rf"traced as {taken}, now {not taken}\)"):
+            run_split(split, model, traced.flatten_call((other,), {}))

@@ -694,7 +694,8 @@ def stalled_peer(stall_s: float) -> tuple[str, float]:
 
 
 class TopLevelBranchy(torch.nn.Module):
-    """A denoiser whose own forward branches on a tensor's values: no block policy can help."""
+    """A denoiser whose own forward branches on a tensor's values: only a value trace can follow
+    it (Note [value trace]), which then checks the branch at every call."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -707,11 +708,19 @@ class TopLevelBranchy(torch.nn.Module):
         return self.b(h)
 
 
+class ReadsAFloat(TopLevelBranchy):
+    """A denoiser whose forward reads a tensor's value as a Python float: untraceable."""
+
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+        h = self.a(sample)
+        return self.b(h / float(h.abs().max()))
+
+
 def untraceable_engine() -> str:
     """Every rank's first call of an untraceable denoiser: the error each rank raises."""
     from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
 
-    engine = AsyncEngine(TopLevelBranchy(), EngineConfig(model_n=2, warm_up=1, cost="flops", timeout_s=30),
+    engine = AsyncEngine(ReadsAFloat(), EngineConfig(model_n=2, warm_up=1, cost="flops", timeout_s=30),
                          latent="sample")
     try:
         engine(torch.randn(2, 4))

@@ -253,7 +253,7 @@ CASES = (
     Case("lumina2", "Lumina", "Lumina2Pipeline", lumina2),
     Case("aura-flow", "AuraFlow", "AuraFlowPipeline", aura_flow),
     Case("chroma", "Chroma", "ChromaPipeline", chroma),
-    Case("hidream", "HiDream", "HiDreamImagePipeline", hidream),
+    Case("hidream", "HiDream", "HiDreamImagePipeline", hidream, representative=True),
     Case("pixart-alpha", "PixArt", "PixArtAlphaPipeline", pixart_alpha),
     Case("z-image", "Z-Image", "ZImagePipeline", z_image, representative=True),
 )
