@@ -41,12 +41,14 @@ Example (not run here: needs a process group):
 from __future__ import annotations
 
 import contextlib
+import datetime
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from asyncdiff.engine.config import DEADLINE_FACTOR, DEADLINE_FLOOR_S
 from asyncdiff.kernels.pack import PackLayout, pack, unpack
 from asyncdiff.partition.split import StageProgram, Transfer
 
@@ -61,6 +63,20 @@ class Pending:
     recvs: list[Key] = field(default_factory=list)
     keep_alive: list[torch.Tensor] = field(default_factory=list)  # send buffers in flight
     exact: bool = False
+
+
+def finish(works: Iterable[dist.Work], deadline: datetime.timedelta | None) -> None:
+    """Wait for ``works``; past ``deadline``, a ``TimeoutError`` that says a peer failed or stalled."""
+    try:
+        for work in works:
+            work.wait() if deadline is None else work.wait(deadline)
+    except RuntimeError as err:
+        if "imed out" not in str(err) and "timeout" not in str(err).lower():
+            raise
+        limit = f"{deadline.total_seconds():.0f} s" if deadline is not None else "the process group's timeout"
+        raise TimeoutError(f"a peer stage sent nothing within {limit} (Note [deadlines]: {DEADLINE_FACTOR:g}x the "
+                           f"median step time, at least {DEADLINE_FLOOR_S:g} s, at most timeout_s): it failed or "
+                           "stalled") from err
 
 
 class StageChannel:
@@ -88,6 +104,7 @@ class StageChannel:
             self.buffers[key, False] = self.buffers[key, True] if transfer_dtype is None else \
                 torch.empty(self.layouts[key].nbytes, dtype=torch.uint8, device=device)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # Note [overlap]
+        self.deadline: datetime.timedelta | None = None  # how long a wait may take (Note [deadlines] in runtime.py)
 
     @property
     def recv_keys(self) -> list[Key]:
@@ -131,8 +148,7 @@ class StageChannel:
 
     def wait(self, pending: Pending) -> dict[str, torch.Tensor]:
         """Finish ``pending``; the received values, as views into the receive buffers."""
-        for work in pending.works:
-            work.wait()
+        finish(pending.works, self.deadline)
         values: dict[str, torch.Tensor] = {}
         layouts = self.exact_layouts if pending.exact else self.layouts
         for key in pending.recvs:

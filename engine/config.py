@@ -20,8 +20,10 @@ from asyncdiff.partition.blocks import BlockPolicy
 from asyncdiff.partition.planner import LAYOUTS, MAX_SLOWDOWN
 from asyncdiff.partition.report import LINKS
 
-__all__ = ["TRANSFER_DTYPES", "EngineConfig", "check_warm_up", "stages_for"]
+__all__ = ["DEADLINE_FACTOR", "DEADLINE_FLOOR_S", "TRANSFER_DTYPES", "EngineConfig", "check_warm_up", "stages_for"]
 
+DEADLINE_FACTOR = 10.0  # Note [deadlines] in runtime.py: a wait may take this many median steps
+DEADLINE_FLOOR_S = 30.0  # and at least this long (a loaded machine's step varies)
 TRANSFER_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float8": FP8}  # wire dtypes by name
 
 

@@ -46,7 +46,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from asyncdiff.engine.comm import StageChannel
-from asyncdiff.engine.config import TRANSFER_DTYPES, EngineConfig, check_warm_up, stages_for
+from asyncdiff.engine.config import DEADLINE_FACTOR, DEADLINE_FLOOR_S, TRANSFER_DTYPES, EngineConfig, check_warm_up, stages_for
 from asyncdiff.engine.errors import StageError, located
 from asyncdiff.engine.mesh import (
     ProcessMesh,
@@ -141,7 +141,8 @@ class AsyncEngine:
         self._calls_at_step_end = 0  # len(branch_log) when the last step ended
         self.seconds: list[tuple[str, float]] = []  # (step kind, wall time) per call, this pipeline call
         self._calls = 0  # pipeline calls so far (reset_state), to key errors by (Note [first error])
-        self._engine = next(_ENGINES)  # engines made in this process; every rank makes them in one order
+        self._engine = next(_ENGINES)
+        self._step_seconds: list[float] = []  # step times, all calls (Note [deadlines])  # engines made in this process; every rank makes them in one order
         self._compiled: dict[CallSignature, CompiledCall] = {}
         self.compile_seconds = 0.0  # tracing, profiling, planning and splitting, all signatures
         self.plan_source = "given" if plan is not None else ""  # where the plan came from (Note [plan cache])
@@ -249,6 +250,9 @@ class AsyncEngine:
                 # Note [late branches]: this branch has no stale values of this signature yet
                 kind = self._first_of_branch(kind)
             state.channel = compiled.channel(branch)
+            fresh = compiled.calls == 0  # this rank (and so every rank) traced, planned and checked it just now
+            compiled.calls += 1
+            state.channel.deadline = self._deadline(new=fresh)
             if self.config.refresh_drift is not None and drifted(state, compiled, kind == StepKind.ASYNC, self.config.refresh_drift, self.collective):
                 kind = StepKind.REFRESH
             shifted = self.schedule.timestep_step(step, self.rank)
@@ -260,13 +264,28 @@ class AsyncEngine:
                 output = compiled.traced.unflatten_output(list(leaves))
             else:
                 output = share_output(compiled, leaves, self._output_rank(compiled, kind), self.global_rank,
-                                      self.collective)
+                                      self.collective, state.channel.deadline)
         self.seconds.append((kind, time.perf_counter() - start))
+        if not fresh:  # a first call's time is mostly tracing
+            self._step_seconds.append(self.seconds[-1][1])
         if counted and self.marks_steps:
             self.branch += 1
         elif counted:
             self.step += 1
         return output
+
+    def _deadline(self, new: bool) -> datetime.timedelta:
+        """Note [deadlines]: how long this step may wait for its peers. A wait that outlasts it
+        means a peer failed or stalled, and this rank raises (so every rank stops, naming the
+        cause, instead of hanging). Before any step is measured, and at a call of a signature
+        the ranks have not run yet (every rank traces, plans and checks it first), the deadline
+        is ``timeout_s``; after that ``DEADLINE_FACTOR`` times the median measured step, at least
+        ``DEADLINE_FLOOR_S``, at most ``timeout_s``."""
+        measured = sorted(self._step_seconds[-64:])
+        if new or len(measured) < 2:
+            return datetime.timedelta(seconds=self.config.timeout_s)
+        median = measured[len(measured) // 2]
+        return datetime.timedelta(seconds=min(self.config.timeout_s, max(DEADLINE_FLOOR_S, DEADLINE_FACTOR * median)))
 
     def _first_of_branch(self, kind: str) -> str:
         """Note [late branches]: a call whose branch (or whose signature on this branch) first

@@ -7,6 +7,7 @@ output; :func:`drifted` is Note [adaptive refresh]'s test.
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.fx
 
-from asyncdiff.engine.comm import Pending, StageChannel
+from asyncdiff.engine.comm import Pending, StageChannel, finish
 from asyncdiff.engine.schedule import StepKind
 from asyncdiff.kernels.pack import PackLayout, pack, unpack
 from asyncdiff.partition.split import SplitDenoiser, StageProgram
@@ -40,8 +41,7 @@ class StageState:
         if self.pending is not None and self.channel is not None:
             self.stale = self.channel.wait(self.pending)
         for pending in self.inflight:
-            for work in pending.works:
-                work.wait()
+            finish(pending.works, self.channel.deadline if self.channel is not None else None)
         self.pending, self.inflight = None, []
 
     def reset(self) -> None:
@@ -60,6 +60,7 @@ class CompiledCall:
     output_layout: PackLayout
     device: torch.device
     channels: list[StageChannel] = field(default_factory=list)
+    calls: int = 0  # steps run with it (the first also traced it: Note [deadlines])
 
     def channel(self, branch: int) -> StageChannel:
         while len(self.channels) <= branch:
@@ -133,15 +134,16 @@ def drifted(state: StageState, compiled: CompiledCall, decide: bool, limit: floa
 
 
 def share_output(compiled: CompiledCall, leaves: tuple[Any, ...], owner: int, me: int,
-                 group: dist.ProcessGroup | None) -> Any:
-    """The step's output on every rank of ``group``: ``owner`` (a global rank) has it as ``leaves``."""
+                 group: dist.ProcessGroup | None, deadline: datetime.timedelta | None = None) -> Any:
+    """The step's output on every rank of ``group``: ``owner`` (a global rank) has it as ``leaves``;
+    ``deadline``: how long to wait for it (Note [deadlines] in runtime.py)."""
     template = output_template(compiled.traced)
     mine = me == owner
     if mine:
         buffer = pack([x for x in leaves if isinstance(x, torch.Tensor)], compiled.output_layout)
     else:
         buffer = torch.empty(compiled.output_layout.nbytes, dtype=torch.uint8, device=compiled.device)
-    dist.broadcast(buffer, src=owner, group=group)
+    finish([dist.broadcast(buffer, src=owner, group=group, async_op=True)], deadline)
     if mine:
         return compiled.traced.unflatten_output(list(leaves))
     received = iter(unpack(buffer, compiled.output_layout))

@@ -308,3 +308,17 @@ def test_an_untraceable_denoiser_fails_at_the_first_call_on_every_rank_with_the_
     for message in results.values():
         assert "reads a tensor's value as a Python number" in message, message
     assert results[0].split("] ", 1)[-1] == results[1].split("] ", 1)[-1]  # the same error on every rank
+
+
+def test_deadline_follows_the_measured_step_time():
+    """Note [deadlines]: the process-group timeout until steps are measured or while a new
+    signature is traced; then 10x the median step, at least 30 s, at most timeout_s."""
+    engine = AsyncEngine(ToyDenoiser(), EngineConfig(model_n=1, timeout_s=300), latent="sample")
+    assert engine._deadline(new=False).total_seconds() == 300
+    engine._step_seconds = [0.5, 0.6, 20.0]
+    assert engine._deadline(new=False).total_seconds() == 30
+    engine._step_seconds = [10.0, 12.0, 11.0]
+    assert engine._deadline(new=False).total_seconds() == 110
+    assert engine._deadline(new=True).total_seconds() == 300
+    engine._step_seconds = [100.0, 100.0]
+    assert engine._deadline(new=False).total_seconds() == 300
