@@ -54,6 +54,8 @@ class AsyncDiff:
     three for the world size at the first call (Note [choosing the mesh]).
     ``text_encoders="rank0"``: only rank 0 keeps the text encoders; it broadcasts the prompt
     embeddings to the others (Note [encoders on one rank] in :mod:`asyncdiff.adapters.encoders`).
+    ``timeout_s``: the longest any rank waits for another (Note [deadlines] in engine/runtime.py:
+    after the first steps, waits are bounded by the measured step time too).
     ``released``: set by :meth:`from_pretrained` (weights this rank never loaded).
     """
 
@@ -63,7 +65,7 @@ class AsyncDiff:
                  refresh_every: int | None = None, refresh_drift: float | None = None,
                  max_slowdown: float = MAX_SLOWDOWN, replan: bool = False, verify: bool = True,
                  compile: bool = False, guidance: int = 1, batch: int = 1, parallel: str | None = None,
-                 text_encoders: str = "every", adapter: Adapter | None = None,
+                 text_encoders: str = "every", timeout_s: float = 300.0, adapter: Adapter | None = None,
                  released: dict[str, tuple[Any, Any, Any]] | None = None) -> None:
         if text_encoders not in TEXT_ENCODERS:
             raise ValueError(f"text_encoders={text_encoders!r} must be 'every' (each rank keeps its own) or "
@@ -72,7 +74,7 @@ class AsyncDiff:
                               policy=policy, cost=cost, layouts=tuple(layouts), transfer_dtype=transfer_dtype,
                               refresh_every=refresh_every, refresh_drift=refresh_drift, compile=compile,
                               max_slowdown=max_slowdown, replan=replan, verify=verify, guidance=guidance,
-                              batch=batch, parallel=parallel)
+                              batch=batch, parallel=parallel, timeout_s=timeout_s)
         _join_processes(config)
         self.pipeline = pipeline
         self.adapter = adapter or adapter_for(pipeline)

@@ -4,7 +4,7 @@ warm-up 1), the stride-2 subset on 3 processes, as a markdown table.
     python benchmarks/coverage_matrix.py                 # every case; writes results/coverage.md
     python benchmarks/coverage_matrix.py flux sd15       # some cases, printed only
 
-Set ASYNCDIFF_COVERAGE_TRACEBACK=1 to print rank 0's traceback of each failing case.
+Set ASYNCDIFF_COVERAGE_TRACEBACK=1 to print every rank's traceback of each failing case.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def matrix(names: list[str]) -> str:
 
 
 def main() -> None:
+    os.environ.setdefault("ASYNCDIFF_PLAN_CACHE", "off")  # every case plans afresh, as on a first run
     names = sys.argv[1:] or list(CASES)
     start = time.perf_counter()
     table = matrix(names)

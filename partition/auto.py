@@ -35,7 +35,7 @@ from asyncdiff.partition.profile import BlockCost
 from asyncdiff.partition.split import place_latent_nodes
 from asyncdiff.partition.trace import TracedDenoiser, updated_base
 
-__all__ = ["COSTS", "COST_UNITS", "auto_plan", "block_cost", "block_values", "inplace_spans", "plan_candidates", "plan_depth", "plan_layout"]
+__all__ = ["COSTS", "COST_UNITS", "auto_plan", "block_cost", "block_values", "inplace_spans", "untransferable_spans", "plan_candidates", "plan_depth", "plan_layout"]
 
 COSTS = ("time", "flops", "bytes")  # measured seconds, counted FLOPs, or weight bytes (memory balance)
 COST_UNITS = {"time": "s", "flops": "flop", "bytes": "byte"}
@@ -65,6 +65,21 @@ def block_values(traced: TracedDenoiser, costs: Mapping[str, BlockCost] | None =
     return values
 
 
+def untransferable_spans(traced: TracedDenoiser) -> list[tuple[int, int]]:
+    """Block index ranges from where a value that is not a tensor (a Python list of lengths, a
+    dtype) is made to its last reader: it cannot travel between stages, so they share one."""
+    last = len(traced.blocks) - 1
+    pos = place_latent_nodes(traced, {traced.block_node[b]: i for i, b in enumerate(traced.blocks)}, last)
+    spans = []
+    for node in traced.graph.nodes:
+        if node.name not in pos or node.name in traced.specs or node.name in traced.part_specs:
+            continue
+        readers = [last if u.op == "output" else pos[u.name] for u in node.users]
+        if readers and max(readers) > pos[node.name]:
+            spans.append((pos[node.name], max(readers)))
+    return spans
+
+
 def inplace_spans(traced: TracedDenoiser) -> list[tuple[int, int]]:
     """Block index ranges ``(first, last)`` that must stay on one stage: from the block that made a
     value to the block that first runs after an in-place update of it (Note [in-place updates])."""
@@ -89,7 +104,7 @@ class _Problem:
             raise ValueError(f"cost={cost!r} is not a cost model; use one of {COSTS}")
         per_block = [block_cost(costs[b], cost) for b in traced.blocks]
         glued = [False] * len(per_block)  # glued[i]: block i joins block i - 1's unit
-        for first, last in (*inplace_spans(traced), *traced.repeated_spans()):
+        for first, last in (*inplace_spans(traced), *traced.repeated_spans(), *untransferable_spans(traced)):
             for i in range(first + 1, last + 1):
                 glued[i] = True
         self.unit = list(itertools.accumulate(0 if g or i == 0 else 1 for i, g in enumerate(glued)))

@@ -15,6 +15,7 @@ Example (starts processes, so not run as a doctest)::
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import torch.distributed as dist
 __all__ = ["ATOL", "CaseResult", "check_cases", "output_tensor"]
 
 ATOL = 1e-5  # full warm-up: nothing is stale, so the result is the sequential one up to summation order
+TIMEOUT_S = 60.0  # a case whose ranks fall out of step fails within this, and the next case runs
 EVERY_STEP = 1000  # a warm-up longer than any case's denoiser calls (second-order schedulers call twice per step)
 
 
@@ -69,7 +71,7 @@ def output_tensor(output: Any) -> torch.Tensor:
 
 def _first_line(err: BaseException) -> str:
     text = f"{type(err).__name__}: {err}".strip().splitlines()[0]
-    return text[:300]
+    return text if len(text) <= 300 else f"{text[:150]} ... {text[-150:]}"  # the end names the first failure
 
 
 def check_cases(names: list[str], steps: int = 3, stride: int = 1, stale: bool = True) -> list[CaseResult]:
@@ -97,7 +99,8 @@ def check_cases(names: list[str], steps: int = 3, stride: int = 1, stale: bool =
             result.phase = "setup"
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                async_diff = AsyncDiff(pipe, model_n=world - stride + 1, stride=stride, warm_up=EVERY_STEP)
+                async_diff = AsyncDiff(pipe, model_n=world - stride + 1, stride=stride, warm_up=EVERY_STEP,
+                                       timeout_s=TIMEOUT_S)
                 result.denoiser = f"{async_diff.adapter.denoiser} ({type(async_diff.denoiser).__name__})"
                 result.phase = "exact"
                 exact = run()
@@ -114,14 +117,16 @@ def check_cases(names: list[str], steps: int = 3, stride: int = 1, stale: bool =
             result.phase = ""
         except Exception as err:  # recorded per case; the next case runs
             result.status, result.error = "error", _first_line(err)
-            if dist.is_initialized() and dist.get_rank() == 0 and "ASYNCDIFF_COVERAGE_TRACEBACK" in __import__("os").environ:
+            if "ASYNCDIFF_COVERAGE_TRACEBACK" in os.environ:
+                print(f"rank {dist.get_rank() if dist.is_initialized() else 0}, case {name}:", flush=True)
                 traceback.print_exc()
         finally:
             if async_diff is not None:
                 try:
                     async_diff.remove()
                 except Exception as err:
-                    result.status, result.phase, result.error = "error", "remove", _first_line(err)
+                    if result.status != "error":  # an earlier phase's error is the one to report
+                        result.status, result.phase, result.error = "error", "remove", _first_line(err)
         result.seconds = time.perf_counter() - started
         results.append(result)
     return results
