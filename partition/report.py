@@ -82,6 +82,7 @@ class PartitionReport:
     main_path_depth: int = 0  # stage crossings from the latent to the output (Note [staleness])
     # each layout's best plan: (layout, modelled s, main-path depth, predicted drift or None)
     candidates: tuple[tuple[str, float, int, float | None], ...] = ()
+    trace_notes: tuple[str, ...] = ()  # what the tracer did beyond tracing (TracedDenoiser.notes)
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -107,6 +108,7 @@ class PartitionReport:
             rows.append(f"  considered {layout:<10} modelled step {step:.4g} s, speed-up "
                         f"{self.sequential_s / step if step else 1.0:.2f}x, main-path depth {depth}"
                         + (f", predicted drift {drift:.4f}" if drift is not None else ""))
+        rows.extend(f"trace: {note}" for note in self.trace_notes)
         if self.broadcast_bytes:
             rows.append(f"sent per step: {self.p2p_bytes / 1e6:.3f} MB point to point, "
                         f"{self.p2p_bytes / self.broadcast_bytes:.1%} of the {self.broadcast_bytes / 1e6:.1f} MB "

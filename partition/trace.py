@@ -428,6 +428,8 @@ class _BlockTracer(MetaTracer):
 
 def guard(value: Any, expected: Any, what: str) -> None:
     """Raise unless ``what`` of ``value`` is still ``expected`` (Note [value trace])."""
+    if isinstance(value, torch.Tensor) and value.is_meta:
+        return  # a run for shapes only (FLOP counting on meta tensors) has no value to check
     got = bool(value) if isinstance(expected, bool) else (float(value) if isinstance(expected, float) else int(value))
     if got != expected:
         raise RuntimeError(f"the denoiser's control flow depends on a tensor value ({what}: traced as {expected!r}, now "
@@ -572,6 +574,16 @@ class TracedDenoiser:
         self.merged: tuple[str, ...] = ()  # modules made blocks because a child was called twice
         self.by_values = False  # traced with the call's real values (Note [value trace])
         self.guards = 0  # value decisions the program checks at run time (Note [value trace])
+
+    def notes(self) -> tuple[str, ...]:
+        """What the trace did beyond tracing, for ``inspect`` (Notes [merged blocks], [value trace])."""
+        found = [f"{m} is one block: a module inside it is called more than once" for m in self.merged]
+        found += [f"{self.blocks[a]} .. {self.blocks[b]} stay on one stage: they call one module several times"
+                  for a, b in self.repeated_spans()]
+        if self.by_values:
+            found.append(f"traced with the call's real values (Note [value trace]): {self.guards} decision(s) on "
+                         "tensor values are checked at every call")
+        return tuple(found)
 
     def repeated_spans(self) -> list[tuple[int, int]]:
         """Block index ranges ``(first, last)`` from a weighted module's first call to its last

@@ -84,3 +84,15 @@ def test_inspect_lists_every_layout_with_depth_and_predicted_drift(tmp_path, cap
     assert "plan: measured now, saved to" in first
     assert main(command[:-2]) == 0  # same call and options: the cached plan
     assert f"plan: cached at {tmp_path}" in capsys.readouterr().out
+
+
+def test_inspect_notes_a_value_trace_and_counts_flops_on_it():
+    """Note [value trace]: a denoiser that branches on a value is planned by FLOPs like any other
+    (its checks skip the meta run), and the report says how it was traced."""
+    from toys import TopLevelBranchy
+
+    torch.manual_seed(0)
+    _, report = partition_report(TopLevelBranchy(), (torch.randn(2, 4),), {}, stages=2, cost="flops")
+    assert report.trace_notes == ("traced with the call's real values (Note [value trace]): 1 decision(s) on "
+                                  "tensor values are checked at every call",)
+    assert "trace: traced with the call's real values" in report.table()

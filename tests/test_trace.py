@@ -253,3 +253,41 @@ def test_value_trace_follows_a_branch_on_values_and_checks_it_every_call():
         with pytest.raises(RuntimeError, match=r"control flow depends on a tensor value \(a branch on a tensor: "
                                                rf"traced as {taken}, now {not taken}\)"):
             run_split(split, model, traced.flatten_call((other,), {}))
+
+
+class _SharedFeedForward(torch.nn.Module):
+    """A block whose feed-forward runs on two token groups, as CogView4's does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.ff = torch.nn.LayerNorm(8), torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ff(self.norm(x)), self.ff(c)
+
+
+class _CallsTwice(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.out = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+        self.blocks = torch.nn.ModuleList([_SharedFeedForward(), _SharedFeedForward()])
+
+    def forward(self, sample: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor]:
+        h = self.a(sample)
+        for block in self.blocks:
+            h, context = block(h, context)
+        return (self.out(h + context.mean()),)
+
+
+def test_a_module_called_twice_merges_into_its_block():
+    """Note [merged blocks]: the feed-forward called twice makes its enclosing block one unit."""
+    model, args = _CallsTwice(), (torch.randn(2, 3, 8), torch.randn(2, 5, 8))
+    traced = trace_denoiser(model, args, {}, policy="fine")
+    assert traced.merged == ("blocks.0", "blocks.1")
+    assert traced.blocks == ("a", "blocks.0", "blocks.1", "out")
+    assert traced.notes()[0] == "blocks.0 is one block: a module inside it is called more than once"
+    with torch.no_grad():
+        got = run_split(split_graph(traced, Plan(stages=(("a", "blocks.0"), ("blocks.1", "out")))), model,
+                        traced.flatten_call(args, {}))
+        torch.testing.assert_close(traced.unflatten_output(list(got))[0], model(*args)[0], rtol=0, atol=0)

@@ -76,7 +76,8 @@ def partition_report(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: d
                                           for k in range(stages)))
             predicted = drift(traced, split_graph(traced, candidate))
         considered.append((c.layout, LINKS[link].seconds(c.step, unit), c.depth, predicted))
-    return plan, dataclasses.replace(report, source=source, main_path_depth=depth, candidates=tuple(considered))
+    return plan, dataclasses.replace(report, source=source, main_path_depth=depth, candidates=tuple(considered),
+                                     trace_notes=traced.notes())
 
 
 def pipeline_report(pipeline: Any, *, stages: int, cost: str = "flops", link: str = "gloo",
