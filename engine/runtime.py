@@ -143,7 +143,8 @@ class AsyncEngine:
         self._calls = 0  # pipeline calls so far (reset_state), to key errors by (Note [first error])
         self._engine = next(_ENGINES)
         self._step_seconds: list[float] = []  # step times, all calls (Note [deadlines])  # engines made in this process; every rank makes them in one order
-        self._compiled: dict[CallSignature, CompiledCall] = {}
+        self._compiled: dict[CallSignature | tuple[CallSignature, int], CompiledCall] = {}
+        self._deferred_release: list[torch.nn.Module] | None = None  # Note [value trace]: until step 1
         self.compile_seconds = 0.0  # tracing, profiling, planning and splitting, all signatures
         self.plan_source = "given" if plan is not None else ""  # where the plan came from (Note [plan cache])
 
@@ -235,7 +236,10 @@ class AsyncEngine:
         step, branch = self.step, self.branch if branch is None else branch
         start = time.perf_counter()
         with self._where(step):
-            compiled = self._compile(args, kwargs)
+            if self.step > 0 and self._deferred_release is not None:  # Note [value trace]: every branch traced
+                release_foreign(self.denoiser, self.plan, self.stage, self._deferred_release, self._released)
+                self._deferred_release = None
+            compiled = self._compile(args, kwargs, branch)
             if branch == 0:
                 if step > 0 and compiled is not self._loop:  # Note [a second loop]
                     self._new_loop()
@@ -423,9 +427,12 @@ class AsyncEngine:
         self.compile_seconds += time.perf_counter() - start
 
     # -- planning ---------------------------------------------------------------------------
-    def _compile(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CompiledCall:
+    def _compile(self, args: tuple[Any, ...], kwargs: dict[str, Any], branch: int = 0) -> CompiledCall:
+        """The compiled call for this signature (Note [specialised trace]); a program traced with
+        real values holds for its own branch only (Note [value trace]: the guidance calls of a
+        step may differ in value-dependent lengths), so those are kept per branch."""
         signature, _ = call_signature(self.denoiser, args, kwargs)
-        compiled = self._compiled.get(signature)
+        compiled = self._compiled.get(signature) or self._compiled.get((signature, branch))
         if compiled is not None:
             return compiled
         start = time.perf_counter()
@@ -439,7 +446,11 @@ class AsyncEngine:
             self._verify(traced, split, args, kwargs)
         program = split.stages[self.stage]
         modules = [seg.module(self.denoiser) for seg in program.segments]
-        release_foreign(self.denoiser, self.plan, self.stage, modules, self._released)
+        if traced.by_values and not self.config.compile and self.step == 0:
+            # the other branches of this step trace with real values too: release after it
+            self._deferred_release = modules
+        else:
+            release_foreign(self.denoiser, self.plan, self.stage, modules, self._released)
         if self.config.compile:  # after the release: compiled code must not capture released weights
             modules = [torch.compile(m) for m in modules]
         device = _device_of(traced.flatten_call(args, kwargs))
@@ -452,7 +463,7 @@ class AsyncEngine:
                              lambda branch: StageChannel(program, len(split.segments), destinations, self.group,
                                                          device, transfer_dtype, branch=branch),
                              PackLayout.of([(s.shape, s.torch_dtype) for s in out_specs]), device)
-        self._compiled[signature] = compiled
+        self._compiled[(signature, branch) if traced.by_values else signature] = compiled
         self.compile_seconds += time.perf_counter() - start
         return compiled
 

@@ -250,7 +250,7 @@ CASES = (
     Case("sd35-slg", "Stable Diffusion 3", "StableDiffusion3Pipeline", sd35_slg, representative=True),
     Case("sana", "Sana", "SanaPipeline", sana),
     Case("lumina-next", "Lumina", "LuminaPipeline", lumina_next),
-    Case("lumina2", "Lumina", "Lumina2Pipeline", lumina2),
+    Case("lumina2", "Lumina", "Lumina2Pipeline", lumina2, representative=True),
     Case("aura-flow", "AuraFlow", "AuraFlowPipeline", aura_flow),
     Case("chroma", "Chroma", "ChromaPipeline", chroma),
     Case("hidream", "HiDream", "HiDreamImagePipeline", hidream, representative=True),
