@@ -625,6 +625,9 @@ def holder(denoiser: torch.nn.Module, constants: Mapping[str, torch.Tensor]) -> 
 def _trace_hint(err: Exception) -> str:
     """What the tracer could not follow, from its error (issue 11: name the real cause)."""
     text = str(err)
+    if "argument of type" in text:
+        return ("The code hands an object that is not a tensor (a KV cache, a custom state) to a block, which a "
+                "traced program cannot carry between stages")
     if "float() argument" in text or "complex() argument" in text:
         return "The code reads a tensor's value as a Python number, which a traced program cannot hold"
     if "control flow" in text or "symbolically traced variables" in text:

@@ -76,6 +76,20 @@ def flux2_klein() -> tuple[Any, dict[str, Any]]:
                           "height": 16, "width": 16, "guidance_scale": 4.0, "output_type": "latent"}
 
 
+def flux2_klein_kv() -> tuple[Any, dict[str, Any]]:
+    import numpy as np
+    from diffusers import Flux2KleinKVPipeline
+    from PIL import Image
+
+    # the reference image's keys and values are cached at step 0 and passed to the blocks after it
+    klein, call = flux2_klein()
+    pipe = Flux2KleinKVPipeline(scheduler=klein.scheduler, vae=klein.vae, text_encoder=None, tokenizer=None,
+                                transformer=klein.transformer)
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    return finish(pipe), {"prompt_embeds": call["prompt_embeds"], "image": picture, "height": 16, "width": 16,
+                          "output_type": "latent"}
+
+
 def _sd35(**call: Any) -> tuple[Any, dict[str, Any]]:
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
@@ -247,6 +261,7 @@ CASES = (
     Case("flux2", "Flux2", "Flux2Pipeline", flux2),
     Case("flux2-klein", "Flux2", "Flux2KleinPipeline", flux2_klein, representative=True, stride2=True),
     Case("sd35", "Stable Diffusion 3", "StableDiffusion3Pipeline", sd35),
+    Case("flux2-klein-kv", "Flux2", "Flux2KleinKVPipeline", flux2_klein_kv),
     Case("sd35-slg", "Stable Diffusion 3", "StableDiffusion3Pipeline", sd35_slg, representative=True),
     Case("sana", "Sana", "SanaPipeline", sana),
     Case("lumina-next", "Lumina", "LuminaPipeline", lumina_next),
