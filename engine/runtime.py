@@ -141,8 +141,8 @@ class AsyncEngine:
         self._calls_at_step_end = 0  # len(branch_log) when the last step ended
         self.seconds: list[tuple[str, float]] = []  # (step kind, wall time) per call, this pipeline call
         self._calls = 0  # pipeline calls so far (reset_state), to key errors by (Note [first error])
-        self._engine = next(_ENGINES)
-        self._step_seconds: list[float] = []  # step times, all calls (Note [deadlines])  # engines made in this process; every rank makes them in one order
+        self._engine = next(_ENGINES)  # engines made in this process; every rank makes them in one order
+        self._step_seconds: list[float] = []  # step times, all calls (Note [deadlines])
         self._compiled: dict[CallSignature | tuple[CallSignature, int], CompiledCall] = {}
         self._deferred_release: list[torch.nn.Module] | None = None  # Note [value trace]: until step 1
         self.compile_seconds = 0.0  # tracing, profiling, planning and splitting, all signatures
