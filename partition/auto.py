@@ -46,13 +46,18 @@ def block_cost(c: BlockCost, cost: str) -> float:
     return c.seconds if cost == "time" else float(c.flops if cost == "flops" else c.param_bytes)
 
 
+def _block_positions(traced: TracedDenoiser) -> tuple[int, dict[str, int]]:
+    """The last block's index, and where each latent node runs as a block index (Note [placement])."""
+    last = len(traced.blocks) - 1
+    return last, place_latent_nodes(traced, {traced.block_node[b]: i for i, b in enumerate(traced.blocks)}, last)
+
+
 def block_values(traced: TracedDenoiser, costs: Mapping[str, BlockCost] | None = None) -> list[Value]:
     """Block-level dataflow for the planner: every latent tensor of the graph, placed where the
     split will compute it (Note [placement] in :mod:`asyncdiff.partition.split`), read by the
     blocks that use it. A skip connection is one value with a far consumer; a residual stream is
     a chain of values, each crossing only the cut it spans."""
-    last = len(traced.blocks) - 1
-    pos = place_latent_nodes(traced, {traced.block_node[b]: i for i, b in enumerate(traced.blocks)}, last)
+    last, pos = _block_positions(traced)
     nodes = list(traced.graph.nodes)
     values = []
     for node in nodes:
@@ -68,8 +73,7 @@ def block_values(traced: TracedDenoiser, costs: Mapping[str, BlockCost] | None =
 def untransferable_spans(traced: TracedDenoiser) -> list[tuple[int, int]]:
     """Block index ranges from where a value that is not a tensor (a Python list of lengths, a
     dtype) is made to its last reader: it cannot travel between stages, so they share one."""
-    last = len(traced.blocks) - 1
-    pos = place_latent_nodes(traced, {traced.block_node[b]: i for i, b in enumerate(traced.blocks)}, last)
+    last, pos = _block_positions(traced)
     spans = []
     for node in traced.graph.nodes:
         if node.name not in pos or node.name in traced.specs or node.name in traced.part_specs:
@@ -83,8 +87,7 @@ def untransferable_spans(traced: TracedDenoiser) -> list[tuple[int, int]]:
 def inplace_spans(traced: TracedDenoiser) -> list[tuple[int, int]]:
     """Block index ranges ``(first, last)`` that must stay on one stage: from the block that made a
     value to the block that first runs after an in-place update of it (Note [in-place updates])."""
-    last = len(traced.blocks) - 1
-    pos = place_latent_nodes(traced, {traced.block_node[b]: i for i, b in enumerate(traced.blocks)}, last)
+    last, pos = _block_positions(traced)
     spans = []
     for node in traced.graph.nodes:
         source = updated_base(node)
@@ -96,8 +99,9 @@ def inplace_spans(traced: TracedDenoiser) -> list[tuple[int, int]]:
 
 
 class _Problem:
-    """The planner's view of a traced denoiser: units (blocks that must stay together, Note
-    [in-place updates]; mostly single blocks) with their costs and the values between them."""
+    """The planner's view of a traced denoiser: units (blocks that must stay together: Notes
+    [in-place updates] and [merged blocks], values that are not tensors; mostly single blocks)
+    with their costs and the values between them."""
 
     def __init__(self, traced: TracedDenoiser, costs: Mapping[str, BlockCost], cost: str) -> None:
         if cost not in COSTS:

@@ -149,10 +149,14 @@ def lumina_next() -> tuple[Any, dict[str, Any]]:
                          qk_norm=True, cross_attention_dim=32)
     pipe = LuminaPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(),
                           text_encoder=None, tokenizer=None)
-    return finish(pipe), {"prompt_embeds": embeds(1, 8, 32), "prompt_attention_mask": _mask(8),
-                          "negative_prompt_embeds": embeds(1, 8, 32, seed=1),
-                          "negative_prompt_attention_mask": _mask(8, 3),
-                          "height": 64, "width": 64, "guidance_scale": 4.0, "output_type": "latent"}
+    return finish(pipe), _lumina_call()
+
+
+def _lumina_call() -> dict[str, Any]:
+    """Both Lumina pipelines' call: masked prompt embeddings (the negative one padded), CFG."""
+    return {"prompt_embeds": embeds(1, 8, 32), "prompt_attention_mask": _mask(8),
+            "negative_prompt_embeds": embeds(1, 8, 32, seed=1), "negative_prompt_attention_mask": _mask(8, 3),
+            "height": 64, "width": 64, "guidance_scale": 4.0, "output_type": "latent"}
 
 
 def lumina2() -> tuple[Any, dict[str, Any]]:
@@ -164,10 +168,7 @@ def lumina2() -> tuple[Any, dict[str, Any]]:
                          axes_dim_rope=(4, 2, 2), axes_lens=(32, 16, 16), cap_feat_dim=32)
     pipe = Lumina2Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(),
                            text_encoder=None, tokenizer=None)
-    return finish(pipe), {"prompt_embeds": embeds(1, 8, 32), "prompt_attention_mask": _mask(8),
-                          "negative_prompt_embeds": embeds(1, 8, 32, seed=1),
-                          "negative_prompt_attention_mask": _mask(8, 3),
-                          "height": 64, "width": 64, "guidance_scale": 4.0, "output_type": "latent"}
+    return finish(pipe), _lumina_call()
 
 
 def aura_flow() -> tuple[Any, dict[str, Any]]:
