@@ -58,8 +58,8 @@ from asyncdiff.engine.mesh import (
     split_batch,
     verify_batch_split,
 )
-from asyncdiff.engine.schedule import StepKind
-from asyncdiff.engine.stage import CompiledCall, StageState, drifted, output_template, run_stage, share_output
+from asyncdiff.engine.schedule import Layout, StepKind
+from asyncdiff.engine.stage import CompiledCall, StageState, drifted, output_template, run_stage
 from asyncdiff.engine.weights import block_tensors, foreign_tensors, release_foreign, restore
 from asyncdiff.kernels.pack import PackLayout
 from asyncdiff.partition.cache import cached_plan, device_kind
@@ -139,7 +139,7 @@ class AsyncEngine:
         self._branch_names: dict[str, int] = {}  # branch name -> branch, in order of first appearance
         self.branch_log: list[int] = []  # the branch of every call of this pipeline call
         self._calls_at_step_end = 0  # len(branch_log) when the last step ended
-        self.seconds: list[tuple[str, float]] = []  # (step kind, wall time) per call, this pipeline call
+        self.seconds: list[tuple[StepKind, float]] = []  # (step kind, wall time) per call, this pipeline call
         self._calls = 0  # pipeline calls so far (reset_state), to key errors by (Note [first error])
         self._engine = next(_ENGINES)  # engines made in this process; every rank makes them in one order
         self._step_seconds: list[float] = []  # step times, all calls (Note [deadlines])
@@ -259,16 +259,11 @@ class AsyncEngine:
             state.channel.deadline = self._deadline(new=fresh)
             if self.config.refresh_drift is not None and drifted(state, compiled, kind == StepKind.ASYNC, self.config.refresh_drift, self.collective):
                 kind = StepKind.REFRESH
-            shifted = self.schedule.timestep_step(step, self.rank)
-            if shifted != step:
-                args, kwargs = self._with_timestep(args, kwargs, shifted)
-            tensors = compiled.traced.flatten_call(args, kwargs)
-            leaves = run_stage(compiled, state, tensors, kind, extra=self.rank >= self.config.model_n)
-            if self.config.model_n == 1:
-                output = compiled.traced.unflatten_output(list(leaves))
-            else:
-                output = share_output(compiled, leaves, self._output_rank(compiled, kind), self.global_rank,
-                                      self.collective, state.channel.deadline)
+            program = self.schedule.program(step, self.rank, compiled.layout, kind)  # Note [schedule as program]
+            if program.timestep != step:
+                args, kwargs = self._with_timestep(args, kwargs, program.timestep)
+            output = run_stage(compiled, state, compiled.traced.flatten_call(args, kwargs), program, self.ranks,
+                               self.collective)
         self.seconds.append((kind, time.perf_counter() - start))
         if not fresh:  # a first call's time is mostly tracing
             self._step_seconds.append(self.seconds[-1][1])
@@ -291,7 +286,7 @@ class AsyncEngine:
         median = measured[len(measured) // 2]
         return datetime.timedelta(seconds=min(self.config.timeout_s, max(DEADLINE_FLOOR_S, DEADLINE_FACTOR * median)))
 
-    def _first_of_branch(self, kind: str) -> str:
+    def _first_of_branch(self, kind: StepKind) -> StepKind:
         """Note [late branches]: a call whose branch (or whose signature on this branch) first
         appears after warm-up (skip-layer guidance on some steps only) has no values from a last
         step to run on: it runs sequentially (a refresh step), and the next one asynchronously."""
@@ -332,11 +327,6 @@ class AsyncEngine:
         recv = [sum(t.spec.nbytes for t in compiled.split.transfers if t.dst == k) for k in range(self.plan.n_stages)]
         stage = max(cost + nbytes / bytes_per_s for cost, nbytes in zip(self.plan.costs, recv))
         return stage + compiled.output_layout.nbytes / bytes_per_s
-
-    def _output_rank(self, compiled: CompiledCall, kind: str) -> int:
-        if kind == StepKind.ROUND:
-            return self.ranks[-1]  # the extra rank: this step's prediction (Note [stride 2])
-        return self.ranks[compiled.split.output_stage]
 
     def _with_timestep(self, args: tuple[Any, ...], kwargs: dict[str, Any], step: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
         assert self.timesteps is not None and self.timestep_arg is not None
@@ -462,7 +452,7 @@ class AsyncEngine:
         compiled = CompiledCall(traced, split, program, modules,
                              lambda branch: StageChannel(program, len(split.segments), destinations, self.group,
                                                          device, transfer_dtype, branch=branch),
-                             PackLayout.of([(s.shape, s.torch_dtype) for s in out_specs]), device)
+                             PackLayout.of([(s.shape, s.torch_dtype) for s in out_specs]), device, Layout.of(split))
         self._compiled[(signature, branch) if traced.by_values else signature] = compiled
         self.compile_seconds += time.perf_counter() - start
         return compiled

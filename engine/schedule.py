@@ -1,4 +1,4 @@
-"""The schedule: for each step and rank, what runs, on which stale inputs, at which timestep.
+"""The schedule: for each step and rank, the program that rank executes, and the same program printed.
 
 Note [stale inputs]: in a *warm-up* step, stage k waits for the values its predecessors computed
 at this very step, so the result is exactly the sequential model's. In an *asynchronous* step,
@@ -22,35 +22,204 @@ Refresh (stride 1): with ``refresh_every=K``, every K-th step after warm-up is r
 again, which resets the stale values to exact ones: a knob between the speed of asynchronous
 steps and the fidelity of sequential ones, beyond a fixed warm-up.
 
-Example:
+Note [schedule as program]: :meth:`Schedule.program` gives, for one step and one rank, the list
+of actions that rank executes: wait for messages (``Recv``), run a segment (``Run``, on this
+step's values or on the stale ones of an earlier step), send (``Send``), send and post the
+receives the next computing step consumes (``Exchange``), take the last round's output
+(``Reuse``), share the step's output (``Share``). The engine (``run_stage`` in
+:mod:`asyncdiff.engine.stage`) executes exactly these lists, the one-process simulator of Note
+[predicted drift] executes them for every rank, and :meth:`Schedule.format` prints them. A
+message is ``(source segment, destination segment)`` (one per segment pair per step, Note
+[overlap] in comm.py); segments come from the plan's :class:`Layout` (a wrapped plan gives stage 0
+a head and a tail segment, whose stale inputs are older than its head's).
+
+Example (the contiguous chain of two stages; every rank receives the output that rank 1 shares):
     >>> print(Schedule(n_stages=2, warm_up=2).format(4))
-    step | rank 0       | rank 1
-       0 | t            | t
-       1 | t            | t
-       2 | t            | t (in t-1)
-       3 | t            | t (in t-1)
-    >>> print(Schedule(n_stages=2, warm_up=1, stride=2).format(5))
-    step | rank 0       | rank 1       | rank 2
-       0 | t            | t            | -
-       1 | t+1          | t+1 (in t-1) | t (in t-1)
-       2 | -            | -            | -
-       3 | t+1          | t+1 (in t-2) | t (in t-2)
-       4 | -            | -            | -
+    step | kind    | rank 0           | rank 1
+       0 | warm-up | s0 send 0>1 out1 | recv 0>1 s1 out
+       1 | warm-up | s0 send 0>1 out1 | recv 0>1 s1 out
+       2 | async   | s0 send 0>1 out1 | s1[t-1] next 0>1 out
+       3 | async   | s0 send 0>1 out1 | s1[t-1] next 0>1 out
+    >>> print(Schedule(n_stages=2, warm_up=1, stride=2).format(4))
+    step | kind    | rank 0                | rank 1                     | rank 2
+       0 | warm-up | s0 send 0>1 out1      | recv 0>1 s1 out            | recv 0>1 out1
+       1 | round   | @t+1 s0 send 0>1 out2 | @t+1 s1[t-1] next 0>1 out2 | s1[t-1] next 0>1 out
+       2 | reuse   | out1                  | reuse out                  | out1
+       3 | round   | @t+1 s0 send 0>1 out2 | @t+1 s1[t-2] next 0>1 out2 | s1[t-2] next 0>1 out
+
+A wrapped plan (stage 0 holds segments 0 and 2): the tail reads values of the previous step that
+stage 1 computed from stage 0's head of the step before, so the output is two steps behind:
+    >>> wrapped = Layout(((SegmentIO(0, send=((0, 1),)), SegmentIO(2, recv=((1, 2),))),
+    ...                   (SegmentIO(1, recv=((0, 1),), send=((1, 2),)),)), output_stage=0)
+    >>> print(Schedule(n_stages=2, warm_up=1).format(2, wrapped))
+    step | kind    | rank 0                           | rank 1
+       0 | warm-up | s0 send 0>1 recv 1>2 s2 out      | recv 0>1 s1 send 1>2 out0
+       1 | async   | s0 s2[t-1] send 0>1 next 1>2 out | s1[t-1] send 1>2 next 0>1 out0
 """
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-__all__ = ["Schedule", "StepKind"]
+if TYPE_CHECKING:
+    from asyncdiff.partition.split import SplitDenoiser
+
+__all__ = ["Action", "Exchange", "Layout", "Message", "Recv", "Reuse", "Run", "Schedule", "SegmentIO", "Send",
+           "Share", "StepKind", "StepProgram"]
+
+Message = tuple[int, int]  # (source segment, destination segment): one packed message per step
 
 
-class StepKind:
+class StepKind(str, enum.Enum):
     WARM_UP = "warm-up"
     ASYNC = "async"  # stride 1 after warm-up
     REFRESH = "refresh"  # stride 1: a sequential step after warm-up (refresh_every)
     ROUND = "round"  # stride 2: every rank computes once
     REUSE = "reuse"  # stride 2: no compute, the last stage's round output is this step's
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def synchronous(self) -> bool:
+        """Whether stages wait for this step's values from their predecessors."""
+        return self in (StepKind.WARM_UP, StepKind.REFRESH)
+
+
+# -- the plan's shape, as the schedule needs it ---------------------------------------------------
+@dataclass(frozen=True)
+class SegmentIO:
+    """One segment of a stage: the messages it reads from and writes to other stages."""
+
+    index: int
+    recv: tuple[Message, ...] = ()
+    send: tuple[Message, ...] = ()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Each stage's segments in program order, and the stage whose output segment gives the output."""
+
+    stages: tuple[tuple[SegmentIO, ...], ...]
+    output_stage: int
+
+    @classmethod
+    def of(cls, split: SplitDenoiser) -> Layout:
+        messages = sorted({(t.src_segment, t.dst_segment) for t in split.transfers})
+        stages = tuple(
+            tuple(SegmentIO(seg.index, tuple(m for m in messages if m[1] == seg.index),
+                            tuple(m for m in messages if m[0] == seg.index)) for seg in program.segments)
+            for program in split.stages)
+        return cls(stages, split.output_stage)
+
+    @classmethod
+    def chain(cls, n_stages: int) -> Layout:
+        """A contiguous plan: stage k is segment k and reads what stage k - 1 sends."""
+        return cls(tuple((SegmentIO(k, ((k - 1, k),) if k else (), ((k, k + 1),) if k + 1 < n_stages else ()),)
+                         for k in range(n_stages)), n_stages - 1)
+
+    def recv(self, stage: int) -> tuple[Message, ...]:
+        return tuple(m for seg in self.stages[stage] for m in seg.recv)
+
+    def send(self, stage: int) -> tuple[Message, ...]:
+        return tuple(m for seg in self.stages[stage] for m in seg.send)
+
+
+# -- actions ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Recv:
+    """Wait for this step's ``messages`` (in the values' own dtypes, Note [exact warm-up])."""
+
+    messages: tuple[Message, ...]
+
+    def __str__(self) -> str:
+        return "recv " + _messages(self.messages)
+
+
+@dataclass(frozen=True)
+class Run:
+    """Run ``segment``; the values it reads from other stages are those of step ``step - age``
+    (``age`` 0: this step's, received just before)."""
+
+    segment: int
+    age: int = 0
+
+    def __str__(self) -> str:
+        return f"s{self.segment}" + (f"[t-{self.age}]" if self.age else "")
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send this step's ``messages``, exactly (a sequential step)."""
+
+    messages: tuple[Message, ...]
+
+    def __str__(self) -> str:
+        return "send " + _messages(self.messages)
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """Send this step's ``sends`` and post the receives of ``recvs``, which the next computing step
+    consumes (Note [overlap]); in the transfer dtype."""
+
+    sends: tuple[Message, ...]
+    recvs: tuple[Message, ...]
+
+    def __str__(self) -> str:
+        return " ".join([*(["send " + _messages(self.sends)] if self.sends else []),
+                         *(["next " + _messages(self.recvs)] if self.recvs else [])])
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """Stride 2: this step's output is the last round's (no compute)."""
+
+    def __str__(self) -> str:
+        return "reuse"
+
+
+@dataclass(frozen=True)
+class Share:
+    """Every rank gets the step's output from rank ``owner`` (printed ``out`` on the owner,
+    ``out<owner>`` on the others)."""
+
+    owner: int
+
+
+Action = Recv | Run | Send | Exchange | Reuse | Share
+
+
+@dataclass(frozen=True)
+class StepProgram:
+    """What one rank executes at one step; ``timestep``: the step whose timestep it computes with."""
+
+    step: int
+    rank: int
+    kind: StepKind
+    timestep: int
+    actions: tuple[Action, ...]
+
+    @property
+    def owner(self) -> int | None:
+        """The rank that shares this step's output (None: one stage, nothing to share)."""
+        return next((a.owner for a in self.actions if isinstance(a, Share)), None)
+
+    def __str__(self) -> str:
+        words = [] if self.timestep == self.step or not self.computes else [f"@{_offset(self.timestep - self.step)}"]
+        for action in self.actions:
+            if isinstance(action, Share):
+                words.append("out" if action.owner == self.rank else f"out{action.owner}")
+            else:
+                words.append(str(action))
+        return " ".join(words) or "-"
+
+    @property
+    def computes(self) -> bool:
+        return any(isinstance(a, Run) for a in self.actions)
 
 
 @dataclass(frozen=True)
@@ -78,7 +247,7 @@ class Schedule:
     def n_ranks(self) -> int:
         return self.n_stages + self.stride - 1
 
-    def kind(self, step: int) -> str:
+    def kind(self, step: int) -> StepKind:
         if step < max(1, self.warm_up):
             return StepKind.WARM_UP
         if self.stride == 1:
@@ -88,50 +257,80 @@ class Schedule:
             return StepKind.ASYNC
         return StepKind.ROUND if (step - max(1, self.warm_up)) % 2 == 0 else StepKind.REUSE
 
-    def synchronous(self, step: int) -> bool:
-        """Whether stages wait for this step's values from their predecessors (warm-up, refresh)."""
-        return self.kind(step) in (StepKind.WARM_UP, StepKind.REFRESH)
-
-    def timestep_step(self, step: int, rank: int) -> int:
+    def timestep_step(self, step: int, rank: int, kind: StepKind | None = None) -> int:
         """Which step's timestep ``rank`` computes with at ``step`` (Note [stride 2], time shift)."""
-        kind = self.kind(step)
-        if self.synchronous(step):
+        kind = kind or self.kind(step)
+        if kind.synchronous:
             return step
         shift = 1 if self.time_shift else 0
         if kind == StepKind.ROUND and rank < self.n_stages:
             return step + 1 - shift
         return step - shift
 
-    def input_step(self, step: int, rank: int) -> int | None:
-        """The step whose values ``rank`` consumes from other stages at ``step`` (None: no compute)."""
-        kind = self.kind(step)
-        if self.synchronous(step):
-            return step if rank < self.n_stages else None
-        if kind == StepKind.REUSE:
-            return None
-        if rank == 0:
-            return step
+    def stale_step(self, step: int) -> int:
+        """The step whose values an asynchronous step or round consumes from other stages: the
+        previous computing step, or the last warm-up step."""
         first = max(1, self.warm_up)  # the first step after warm-up
-        previous = step - self.stride  # the previous computing step
+        previous = step - self.stride
         return previous if previous >= first else first - 1
 
-    def format(self, n_steps: int) -> str:
-        """A step x rank grid: the timestep each rank computes with, and (in ...) the step its
-        values from other stages come from when that is not this step; ``-``: no compute."""
-        rows = ["step | " + " | ".join(f"{f'rank {r}':<12}" for r in range(self.n_ranks)).rstrip()]
-        for t in range(n_steps):
-            cells = []
-            for r in range(self.n_ranks):
-                source = self.input_step(t, r)
-                if source is None:
-                    cells.append("-")
-                    continue
-                cell = _offset(self.timestep_step(t, r) - t)
-                if source != t:
-                    cell += f" (in {_offset(source - t)})"
-                cells.append(cell)
-            rows.append(f"{t:>4} | " + " | ".join(f"{c:<12}" for c in cells).rstrip())
-        return "\n".join(rows)
+    def program(self, step: int, rank: int, layout: Layout | None = None, kind: StepKind | None = None) -> StepProgram:
+        """Note [schedule as program]: what ``rank`` executes at ``step`` for ``layout`` (default:
+        the contiguous chain). ``kind`` overrides the step's kind (the engine turns a step into a
+        refresh: Notes [late branches] and [adaptive refresh])."""
+        layout = layout or Layout.chain(self.n_stages)
+        if len(layout.stages) != self.n_stages:
+            raise ValueError(f"the layout has {len(layout.stages)} stages, the schedule {self.n_stages}")
+        if self.stride == 2 and layout.send(self.n_stages - 1):
+            raise ValueError("stride=2 repeats the last stage on an extra rank, so the last stage must send nothing "
+                             "(a contiguous plan); this plan's last stage sends to another stage: use a contiguous "
+                             "plan (layouts=('contiguous',)) or stride=1")
+        kind = kind or self.kind(step)
+        stage = min(rank, self.n_stages - 1)
+        extra = rank >= self.n_stages  # stride 2's second copy of the last stage
+        owner = self.n_ranks - 1 if kind == StepKind.ROUND else layout.output_stage
+        actions: list[Action] = []
+        if kind == StepKind.REUSE:
+            if rank == layout.output_stage:  # it kept its round output (the other ranks kept none)
+                actions.append(Reuse())
+        elif kind.synchronous and extra:  # the extra rank only collects the inputs of the first round
+            actions.append(Recv(layout.recv(stage)))
+        elif kind.synchronous:
+            for seg in layout.stages[stage]:
+                if seg.recv:
+                    actions.append(Recv(seg.recv))
+                actions.append(Run(seg.index))
+                if seg.send:
+                    actions.append(Send(seg.send))
+        else:
+            age = step - self.stale_step(step)
+            actions.extend(Run(seg.index, age if seg.recv else 0) for seg in layout.stages[stage])
+            sends, recvs = () if extra else layout.send(stage), layout.recv(stage)
+            if sends or recvs:
+                actions.append(Exchange(sends, recvs))
+        if self.n_stages > 1:
+            actions.append(Share(owner))
+        return StepProgram(step, rank, kind, self.timestep_step(step, rank, kind), tuple(actions))
+
+    def programs(self, n_steps: int, layout: Layout | None = None) -> list[list[StepProgram]]:
+        """Every rank's program for steps ``0 .. n_steps - 1``, by step then rank."""
+        return [[self.program(t, r, layout) for r in range(self.n_ranks)] for t in range(n_steps)]
+
+    def format(self, n_steps: int, layout: Layout | None = None) -> str:
+        """The step x rank grid of :meth:`program`: ``sK`` runs segment K (``[t-a]``: on the values
+        other stages sent ``a`` steps ago), ``recv``/``send`` this step's messages ``src>dst``
+        (segments), ``next`` posts the receives the next computing step reads, ``@t+1`` the
+        timestep when it is not this step's, ``out``/``outR`` shares the output (from rank R)."""
+        programs = self.programs(n_steps, layout)
+        header = ["step", "kind", *(f"rank {r}" for r in range(self.n_ranks))]
+        rows = [[f"{t:>4}", str(self.kind(t)), *(str(p) for p in row)] for t, row in enumerate(programs)]
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        widths[-1] = 0  # no padding after the last column
+        return "\n".join(" | ".join(f"{c:<{w}}" for c, w in zip(r, widths)).rstrip() for r in [header, *rows])
+
+
+def _messages(messages: Iterable[Message]) -> str:
+    return ",".join(f"{a}>{b}" for a, b in messages)
 
 
 def _offset(delta: int) -> str:

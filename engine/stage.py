@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.fx
 
 from asyncdiff.engine.comm import Pending, StageChannel, finish
-from asyncdiff.engine.schedule import StepKind
+from asyncdiff.engine.schedule import Exchange, Layout, Recv, Reuse, Run, Send, Share, StepKind, StepProgram
 from asyncdiff.kernels.pack import PackLayout, pack, unpack
 from asyncdiff.partition.split import SplitDenoiser, StageProgram
 from asyncdiff.partition.trace import TracedDenoiser
@@ -59,6 +59,7 @@ class CompiledCall:
     make_channel: Callable[[int], StageChannel]  # the channel of a branch (Note [branches])
     output_layout: PackLayout
     device: torch.device
+    layout: Layout  # the plan's segments, as the schedule reads them (Note [schedule as program])
     channels: list[StageChannel] = field(default_factory=list)
     calls: int = 0  # steps run with it (the first also traced it: Note [deadlines])
 
@@ -70,44 +71,49 @@ class CompiledCall:
 
 
 
-def run_stage(compiled: CompiledCall, state: StageState, tensors: list[torch.Tensor], kind: str,
-          extra: bool) -> tuple[Any, ...]:
-    """This rank's segments for one step (Note [stale inputs] and [stride 2] in schedule.py);
-    ``extra``: this is stride 2's extra rank.
+def run_stage(compiled: CompiledCall, state: StageState, tensors: list[torch.Tensor], program: StepProgram,
+              ranks: list[int], group: dist.ProcessGroup | None) -> Any:
+    """Execute ``program``, this rank's actions for one step (Note [schedule as program] in
+    schedule.py), on the call's flat ``tensors``; the step's output (the denoiser's).
 
-    Warm-up: before each segment, wait for this step's values from other stages; after it,
-    send. Asynchronous step or round: run every segment on the values received for it during
-    the previous computing step, then send this step's values and post the receives for the
-    next one. Reuse step (stride 2): nothing runs.
+    ``Recv`` waits for this step's messages; ``Run`` reads the values it was sent this step
+    (age 0) or the stale ones received for it during the previous computing step; ``Send`` posts
+    this step's values (awaited at the next step's start); ``Exchange`` also posts the receives
+    the next computing step reads; ``Share`` gives every rank of ``ranks`` (the slice, global
+    ranks) the owner's output. After a sequential step its received values are the stale values
+    the first asynchronous step reads; a round keeps its output for the reuse step after it.
     """
     channel, split = state.channel, compiled.split
     assert channel is not None
-    if kind == StepKind.REUSE:
-        return state.reuse
-    sync = kind in (StepKind.WARM_UP, StepKind.REFRESH)
-    if sync and extra:  # the extra rank only collects its first inputs
-        state.stale = channel.wait(channel.post({}, [], channel.recv_keys, exact=True))
-        return ()
+    segments = {seg.index: (seg, module) for seg, module in zip(compiled.program.segments, compiled.modules)}
     env: dict[str, torch.Tensor] = {}
     received: dict[str, torch.Tensor] = {}
     leaves: tuple[Any, ...] = ()
-    for seg, module in zip(compiled.program.segments, compiled.modules):
-        if sync and channel.recvs_into(seg.index):
-            received.update(channel.wait(channel.post({}, [], channel.recvs_into(seg.index), exact=True)))
-        fresh = {**received, **env} if sync else {**state.stale, **env}
-        outputs, seg_leaves = module(*tensors, *[fresh[v] for v in seg.inputs])
-        env.update(zip(seg.outputs, outputs))
-        if seg.index == split.output_segment:
-            leaves = seg_leaves
-        if sync and channel.sends_from(seg.index):
-            state.inflight.append(channel.post(env, channel.sends_from(seg.index), [], exact=True))
-    if sync:
-        state.stale = received  # what the first asynchronous step after warm-up consumes
-    elif channel.send_groups or channel.recv_groups:
-        state.pending = channel.post(env, list(channel.send_groups), channel.recv_keys)
-    if kind == StepKind.ROUND:
+    owner: int | None = None
+    for action in program.actions:
+        if isinstance(action, Recv):
+            received.update(channel.wait(channel.post({}, [], action.messages, exact=True)))
+        elif isinstance(action, Run):
+            seg, module = segments[action.segment]
+            values = {**(state.stale if action.age else received), **env}
+            outputs, seg_leaves = module(*tensors, *[values[v] for v in seg.inputs])
+            env.update(zip(seg.outputs, outputs))
+            if seg.index == split.output_segment:
+                leaves = seg_leaves
+        elif isinstance(action, Send):
+            state.inflight.append(channel.post(env, action.messages, [], exact=True))
+        elif isinstance(action, Exchange):
+            state.pending = channel.post(env, action.sends, action.recvs)
+        elif isinstance(action, Reuse):
+            leaves = state.reuse
+        elif isinstance(action, Share):
+            owner = ranks[action.owner]
+            output = share_output(compiled, leaves, owner, ranks[program.rank], group, channel.deadline)
+    if program.kind.synchronous:
+        state.stale = received  # what the first asynchronous step after it consumes
+    if program.kind == StepKind.ROUND:
         state.reuse = leaves
-    return leaves
+    return output if owner is not None else compiled.traced.unflatten_output(list(leaves))
 
 
 def drifted(state: StageState, compiled: CompiledCall, decide: bool, limit: float,

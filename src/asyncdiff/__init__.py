@@ -21,6 +21,11 @@ Glossary, used everywhere in this package:
 - *round* / *reuse*: with stride 2, the step that computes two steps' worth, and the step that
   reuses its prediction.
 - *refresh*: a step after warm-up run sequentially again, to reset stale values.
+- *message*: the values one segment sends one segment of another stage in a step, packed into one
+  buffer; written ``src>dst`` (segment numbers).
+- *program*: what one rank executes at one step, a list of *actions* (receive, run a segment,
+  send, share the output) that the schedule gives and prints and the engine executes (Note
+  [schedule as program]).
 - *main-path depth*: how many steps the output lags the latent after warm-up, the number of stage
   crossings on the main path (Note [staleness]).
 - *plan cache*: the plans kept on disk per traced call and options (Note [plan cache]).
