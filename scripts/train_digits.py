@@ -1,4 +1,4 @@
-"""Train the shipped digits models: the DDPM UNet and the classifier that judges its samples.
+"""Train the shipped digits models: the DDPM UNet, the classifier that judges its samples, and the DiT.
 
 Writes, into ``src/asyncdiff/models/assets/`` (or ``--out``):
 
@@ -8,13 +8,18 @@ Writes, into ``src/asyncdiff/models/assets/`` (or ``--out``):
 - ``digits_unet.safetensors`` (fp16, the EMA weights) and ``digits_unet.json`` (the
   ``UNet2DModel`` config): an unconditional DDPM with epsilon prediction on all 1797 digits,
   under :data:`asyncdiff.models.digits.SCHEDULE`.
+- with ``--model dit``, instead: ``digits_dit.safetensors`` (fp16, EMA) and ``digits_dit.json``,
+  the class-conditional ``DiTTransformer2DModel`` of :mod:`asyncdiff.models.digits_dit`, trained
+  the same way with the digit labels as classes (its own label dropout, 10 %, teaches it the
+  unconditional class too); the classifier is not retrained.
 
 Deterministic: fixed seeds, 2 threads, ``torch.use_deterministic_algorithms``. About 10 minutes
-on 2 CPU cores.
+on 2 CPU cores for each model.
 
 Example:
     python scripts/train_digits.py                       # writes the shipped assets
     python scripts/train_digits.py --steps 200 --out /tmp/digits   # a quick trial run
+    python scripts/train_digits.py --model dit --steps 3000 --lr 1e-3   # the shipped DiT
 """
 
 from __future__ import annotations
@@ -23,13 +28,20 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from asyncdiff.fidelity import DigitClassifier
-from asyncdiff.models.digits import ASSETS, RESOLUTION, SCHEDULE, digits_split, load_digits16
+from asyncdiff.models.digits import (
+    ASSETS,
+    RESOLUTION,
+    SCHEDULE,
+    digits_split,
+    load_digits16,
+)
 
 THREADS = 2
 SEED = 0
@@ -91,19 +103,41 @@ def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> f
         return (model(images).argmax(dim=1) == labels).float().mean().item()
 
 
-def train_unet(images: torch.Tensor, steps: int, batch_size: int, lr: float) -> tuple[nn.Module, float]:
-    """The EMA weights of a DDPM UNet trained for ``steps`` steps, and the last 100 steps' mean loss."""
+def _unet() -> nn.Module:
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(**UNET_CONFIG)
+
+
+def _dit() -> nn.Module:
+    from asyncdiff.models.digits_dit import DIT_CONFIG, digits_dit
+
+    return digits_dit(DIT_CONFIG)
+
+
+# What each --model trains: its constructor, its asset name, and whether it takes the digit as a class.
+MODELS: dict[str, tuple[Callable[[], nn.Module], str, bool]] = {
+    "unet": (_unet, "digits_unet", False),
+    "dit": (_dit, "digits_dit", True),
+}
+
+
+def train_denoiser(model: str, images: torch.Tensor, labels: torch.Tensor, steps: int, batch_size: int,
+                   lr: float) -> tuple[nn.Module, float]:
+    """The EMA weights of DDPM denoiser ``model`` (a key of :data:`MODELS`) trained for ``steps``
+    steps, and the last 100 steps' mean loss."""
     import copy
 
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
 
+    make, name, conditional = MODELS[model]
     torch.manual_seed(SEED)
-    unet = UNet2DModel(**UNET_CONFIG)
-    ema = copy.deepcopy(unet).requires_grad_(False)
+    denoiser = make()
+    ema = copy.deepcopy(denoiser).requires_grad_(False)
     noise_schedule = DDPMScheduler(**SCHEDULE)
     data = images * 2.0 - 1.0
     generator = torch.Generator().manual_seed(SEED)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(denoiser.parameters(), lr=lr, weight_decay=0.0)
     warm_up = min(100, steps // 10)
 
     def rate(step: int) -> float:  # linear warm-up, then cosine decay to 0
@@ -115,23 +149,25 @@ def train_unet(images: torch.Tensor, steps: int, batch_size: int, lr: float) -> 
     recent: list[float] = []
     start = time.perf_counter()
     for step in range(steps):
-        clean = data[torch.randint(0, len(data), (batch_size,), generator=generator)]
+        index = torch.randint(0, len(data), (batch_size,), generator=generator)
+        clean = data[index]
         noise = torch.randn(clean.shape, generator=generator)
         timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (batch_size,), generator=generator)
         noisy = noise_schedule.add_noise(clean, noise, timesteps)
-        loss = nn.functional.mse_loss(unet(noisy, timesteps).sample, noise)
+        classes = {"class_labels": labels[index]} if conditional else {}
+        loss = nn.functional.mse_loss(denoiser(noisy, timesteps, **classes).sample, noise)
         optimizer.zero_grad()
         loss.backward()
-        nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        nn.utils.clip_grad_norm_(denoiser.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         decay = min(0.995, (1 + step) / (10 + step))
         with torch.no_grad():
-            for kept, live in zip(ema.parameters(), unet.parameters(), strict=True):
+            for kept, live in zip(ema.parameters(), denoiser.parameters(), strict=True):
                 kept.lerp_(live, 1.0 - decay)
         recent = (recent + [loss.item()])[-100:]
         if (step + 1) % 200 == 0 or step + 1 == steps:
-            print(f"unet step {step + 1}/{steps}: loss (mean of last 100) {sum(recent) / len(recent):.4f}, "
+            print(f"{name} step {step + 1}/{steps}: loss (mean of last 100) {sum(recent) / len(recent):.4f}, "
                   f"{time.perf_counter() - start:.0f} s", flush=True)
     return ema.eval(), sum(recent) / len(recent)
 
@@ -139,7 +175,9 @@ def train_unet(images: torch.Tensor, steps: int, batch_size: int, lr: float) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ASSETS, help="folder for the weights and config")
-    parser.add_argument("--steps", type=int, default=2400, help="UNet training steps")
+    parser.add_argument("--model", default="unet", choices=sorted(MODELS),
+                        help="unet: the classifier and the UNet; dit: the DiT only (the classifier is kept)")
+    parser.add_argument("--steps", type=int, default=2400, help="denoiser training steps")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--classifier-epochs", type=int, default=40)
@@ -154,23 +192,26 @@ def main() -> None:
     images, labels = load_digits16()
     begin = time.perf_counter()
 
-    classifier = train_classifier(images, labels, args.classifier_epochs)
-    _, test = digits_split(len(images))
-    accuracy = _accuracy(classifier, images[test], labels[test])
-    save_file({k: v.contiguous() for k, v in classifier.state_dict().items()},
-              str(args.out / "digits_classifier.safetensors"))
-    classifier_s = time.perf_counter() - begin
-    print(f"classifier: held-out accuracy {accuracy:.4f} ({len(test)} digits), {classifier_s:.0f} s", flush=True)
+    summary: dict[str, object] = {}
+    if args.model == "unet":
+        classifier = train_classifier(images, labels, args.classifier_epochs)
+        _, test = digits_split(len(images))
+        accuracy = _accuracy(classifier, images[test], labels[test])
+        save_file({k: v.contiguous() for k, v in classifier.state_dict().items()},
+                  str(args.out / "digits_classifier.safetensors"))
+        classifier_s = time.perf_counter() - begin
+        print(f"classifier: held-out accuracy {accuracy:.4f} ({len(test)} digits), {classifier_s:.0f} s", flush=True)
+        summary.update(classifier_accuracy=round(accuracy, 4), classifier_s=round(classifier_s, 1))
 
-    unet, loss = train_unet(images, args.steps, args.batch_size, args.lr)
-    weights = {k: v.half().contiguous() for k, v in unet.state_dict().items()}  # fp16: half the bytes
-    save_file(weights, str(args.out / "digits_unet.safetensors"))
-    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
-    (args.out / "digits_unet.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    denoiser, loss = train_denoiser(args.model, images, labels, args.steps, args.batch_size, args.lr)
+    name = MODELS[args.model][1]
+    weights = {k: v.half().contiguous() for k, v in denoiser.state_dict().items()}  # fp16: half the bytes
+    save_file(weights, str(args.out / f"{name}.safetensors"))
+    config = {k: v for k, v in denoiser.config.items() if not k.startswith("_")}
+    (args.out / f"{name}.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     total_s = time.perf_counter() - begin
-    print(json.dumps({"classifier_accuracy": round(accuracy, 4), "unet_final_loss": round(loss, 4),
-                      "unet_steps": args.steps, "batch_size": args.batch_size,
-                      "classifier_s": round(classifier_s, 1), "total_s": round(total_s, 1)}))
+    print(json.dumps({**summary, f"{args.model}_final_loss": round(loss, 4), f"{args.model}_steps": args.steps,
+                      "batch_size": args.batch_size, "lr": args.lr, "total_s": round(total_s, 1)}))
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ TINY_LATENTS: dict[str, tuple[int, ...]] = {
     "animatediff": (1, 4, 4, 8, 8),
     "wan": (1, 16, 2, 4, 4),  # 5 frames -> 2 latent frames (4x causal temporal compression)
     "digits": (16, 1, 16, 16),  # image-space DDIM: the output in [0, 1] is the final sample
+    "digits-dit": (16, 1, 16, 16),  # the same, from a pixel-space DiT
 }
-TRAINED = {"digits"}  # shipped weights: the same for every seed
+TRAINED = {"digits", "digits-dit"}  # shipped weights: the same for every seed
 NAMES = sorted(BUILDERS)
 
 
@@ -113,5 +114,5 @@ def test_one_record_per_system() -> None:
 
     assert list(BUILDERS) == list(SYSTEMS) and all(s.about for s in SYSTEMS.values())
     assert VIDEO_SYSTEMS == ("svd", "animatediff", "wan")
-    assert [n for n, s in SYSTEMS.items() if not s.prompt] == ["svd", "digits"]
+    assert [n for n, s in SYSTEMS.items() if not s.prompt] == ["svd", "digits", "digits-dit"]
     assert system("wan").output == "video" and system("digits").output == "samples"

@@ -11,7 +11,7 @@ from asyncdiff.models.coverage import Case
 FAMILIES = {"sd15": "Stable Diffusion", "sd21": "Stable Diffusion", "sdxl": "Stable Diffusion XL",
             "sdxl-inpaint": "Stable Diffusion XL", "controlnet-sdxl": "ControlNet", "sd-upscaler": "Stable Diffusion",
             "sd3": "Stable Diffusion 3", "svd": "Stable Video Diffusion", "animatediff": "AnimateDiff",
-            "wan": "Wan", "digits": "DDIM"}
+            "wan": "Wan", "digits": "DDIM", "digits-dit": "DiT"}
 REPRESENTATIVE = {"sd15", "sd3", "wan"}
 
 
@@ -21,7 +21,7 @@ def _build(name: str) -> tuple[Any, dict[str, Any]]:
     kwargs = dict(system.inputs("tiny", 0))
     if system.prompt:
         kwargs["prompt"] = "a photo of a cat"
-    kwargs["output_type"] = "np" if name == "digits" else "latent"  # DDIMPipeline has no latent output
+    kwargs["output_type"] = "np" if system.output == "samples" else "latent"  # the digits pipelines have no latent output
     return pipe, kwargs
 
 
@@ -30,7 +30,8 @@ def _pipeline_class(name: str) -> str:
             "sdxl": "StableDiffusionXLPipeline", "sdxl-inpaint": "StableDiffusionXLInpaintPipeline",
             "controlnet-sdxl": "StableDiffusionXLControlNetPipeline", "sd-upscaler": "StableDiffusionUpscalePipeline",
             "sd3": "StableDiffusion3Pipeline", "svd": "StableVideoDiffusionPipeline",
-            "animatediff": "AnimateDiffPipeline", "wan": "WanPipeline", "digits": "DDIMPipeline"}[name]
+            "animatediff": "AnimateDiffPipeline", "wan": "WanPipeline", "digits": "DDIMPipeline",
+            "digits-dit": "DigitsDiTPipeline"}[name]
 
 
 CASES = tuple(Case(name, FAMILIES[name], _pipeline_class(name), partial(_build, name),

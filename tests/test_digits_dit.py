@@ -1,0 +1,52 @@
+"""The shipped digits DiT (:mod:`asyncdiff.models.digits_dit`) draws the digits it is asked for,
+as the shipped classifier reads them, and runs split over processes: on 2 processes with every
+step a warm-up step it gives the sequential digits (``tests/test_systems.py`` runs it on 3 with
+stride 2 too)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from asyncdiff.fidelity import classify, deviation
+from asyncdiff.generate import GenerateSpec, run
+from asyncdiff.models.digits_dit import CLASSES, build_digits_dit
+
+SAMPLES = 20  # the digits 0-9, twice
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_digits_dit("trained")
+
+
+def test_draws_the_digits_it_is_asked_for(pipe) -> None:
+    asked = torch.arange(SAMPLES) % CLASSES
+    images = pipe(class_labels=asked, num_inference_steps=STEPS, output_type="pt",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert tuple(images.shape) == (SAMPLES, 1, 16, 16)
+    assert 0.0 <= images.min() and images.max() <= 1.0
+    predicted, confidence = classify(images)
+    agreement = (predicted == asked).float().mean().item()
+    print(f"\ndigits DiT: the classifier reads the digit asked for in {agreement:.2f} of {SAMPLES}, "
+          f"mean confidence {confidence.mean():.3f}")
+    assert agreement >= 0.6  # chance is 0.1
+    assert confidence.mean() > 0.6
+
+
+def test_class_labels_are_checked(pipe) -> None:
+    with pytest.raises(ValueError, match="class_labels=\\[3, 10\\]"):
+        pipe(class_labels=[3, 10], num_inference_steps=2)
+
+
+def test_two_processes_at_full_warm_up_give_the_sequential_digits() -> None:
+    steps = 4
+    sequential = run(GenerateSpec(pipeline="digits-dit", devices=1, steps=steps))["latents"]
+    exact = run(GenerateSpec(pipeline="digits-dit", devices=2, steps=steps, warm_up=steps))["latents"]
+    assert tuple(sequential.shape) == (16, 1, 16, 16)
+    torch.testing.assert_close(exact, sequential, rtol=1e-5, atol=1e-5)
+    stale = run(GenerateSpec(pipeline="digits-dit", devices=2, steps=steps, warm_up=1))["latents"]
+    psnr = deviation(stale, sequential)["psnr"]
+    print(f"\ndigits DiT on 2 processes, warm-up 1 of {steps}: PSNR {psnr:.1f} dB against sequential")
+    assert 10.0 < psnr < float("inf")  # stale inputs: close to the sequential digits, not equal
