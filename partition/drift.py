@@ -4,8 +4,8 @@ Note [predicted drift]: the main-path depth (Note [staleness]) counts how old th
 the output is, not how much each stale value matters: a wrapped UNet plan keeps the long
 high-resolution skip connections fresh while its main path is two steps old. So measure it: run
 a candidate plan's stage programs in one process exactly as the engine schedules them
-(:class:`AsyncSimulator`: a segment reads values of its own stage from this step and values
-from other stages from the previous step's run; equal to the engine's outputs, tests/test_drift.py).
+(:class:`AsyncSimulator` executes every rank's program of Note [schedule as program], the lists
+the engine executes; equal to the engine's outputs, tests/test_drift.py).
 Two measures are built on it. ``predicted_drift`` feeds recorded sequential inputs and averages
 the relative distance of the denoiser's outputs per step: cheap, but it ignores how errors
 compound through the scheduler, and on the trained digits model it ranked plans opposite to
@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from asyncdiff.engine.schedule import Exchange, Layout, Message, Recv, Run, Schedule, Send
 from asyncdiff.partition.split import SplitDenoiser
 from asyncdiff.partition.trace import TracedDenoiser
 
@@ -43,30 +44,68 @@ __all__ = ["AsyncSimulator", "predicted_drift", "record_calls", "simulate_async"
 
 class AsyncSimulator:
     """The engine's schedule (stride 1) for one split, run in one process: call it as the denoiser.
-    The first ``warm_up`` calls run sequentially; after that every value a segment receives from
-    another stage is the one computed at the previous call (Note [stale inputs])."""
+
+    Every step executes each rank's program of Note [schedule as program] (the very lists the
+    engine executes), the ranks taking turns: a rank runs until it must wait for a message no
+    other rank has sent yet. Messages are the values themselves (no packing, no transfer dtype).
+    A step in which no rank can go on is a schedule that would hang: an error."""
 
     def __init__(self, traced: TracedDenoiser, split: SplitDenoiser, denoiser: torch.nn.Module,
                  warm_up: int = 1) -> None:
-        self.traced, self.split, self.denoiser, self.warm_up = traced, split, denoiser, warm_up
-        self.stale_inputs = {(t.value, t.dst_segment) for t in split.transfers}
-        self.modules = [seg.module(denoiser) for seg in split.segments]
-        self.previous: dict[str, Any] = {}
+        self.traced, self.split = traced, split
+        self.schedule = Schedule(split.plan.n_stages, warm_up)
+        self.layout = Layout.of(split)
+        self.segments = {seg.index: (seg, seg.module(denoiser)) for seg in split.segments}
+        self.values: dict[Message, list[str]] = {}  # the values each message carries
+        for t in split.transfers:
+            names = self.values.setdefault((t.src_segment, t.dst_segment), [])
+            if t.value not in names:
+                names.append(t.value)
+        self.stale: list[dict[str, Any]] = [{} for _ in split.stages]  # per rank
         self.step = 0
 
     def leaves(self, tensors: list[torch.Tensor]) -> list[Any]:
         """One step on flat call tensors: the output leaves."""
-        values: dict[str, Any] = {}
-        leaves: tuple[Any, ...] = ()
+        n = len(self.split.stages)
+        programs = [self.schedule.program(self.step, rank, self.layout) for rank in range(n)]
+        sent: dict[Message, dict[str, Any]] = {}
+        env: list[dict[str, Any]] = [{} for _ in range(n)]
+        received: list[dict[str, Any]] = [{} for _ in range(n)]
+        posted: list[tuple[Message, ...]] = [() for _ in range(n)]
+        done, leaves = [0] * n, ()
         with torch.no_grad():
-            for seg, module in zip(self.split.segments, self.modules):
-                inputs = [self.previous[v] if self.step >= self.warm_up and (v, seg.index) in self.stale_inputs
-                          else values[v] for v in seg.inputs]
-                outs, seg_leaves = module(*tensors, *inputs)
-                values.update(zip(seg.outputs, outs))
-                if seg.index == self.split.output_segment:
-                    leaves = seg_leaves
-        self.previous, self.step = values, self.step + 1
+            while any(done[r] < len(programs[r].actions) for r in range(n)):
+                progressed = False
+                for r, program in enumerate(programs):
+                    while done[r] < len(program.actions):
+                        action = program.actions[done[r]]
+                        if isinstance(action, Recv):
+                            if any(m not in sent for m in action.messages):
+                                break  # another rank sends it later in this step
+                            for m in action.messages:
+                                received[r].update(sent[m])
+                        elif isinstance(action, Run):
+                            seg, module = self.segments[action.segment]
+                            values = {**(self.stale[r] if action.age else received[r]), **env[r]}
+                            outs, seg_leaves = module(*tensors, *[values[v] for v in seg.inputs])
+                            env[r].update(zip(seg.outputs, outs))
+                            if seg.index == self.split.output_segment:
+                                leaves = seg_leaves
+                        elif isinstance(action, (Send, Exchange)):
+                            for m in action.messages if isinstance(action, Send) else action.sends:
+                                sent[m] = {v: env[r][v] for v in self.values[m]}
+                            posted[r] = action.recvs if isinstance(action, Exchange) else posted[r]
+                        done[r] += 1
+                        progressed = True
+                if not progressed:
+                    waiting = {r: str(programs[r].actions[done[r]]) for r in range(n) if done[r] < len(programs[r].actions)}
+                    raise RuntimeError(f"the schedule hangs at step {self.step}: every rank waits ({waiting})")
+        for r, program in enumerate(programs):
+            if program.kind.synchronous:
+                self.stale[r] = received[r]
+            elif posted[r]:
+                self.stale[r] = {v: value for m in posted[r] for v, value in sent[m].items()}
+        self.step += 1
         return list(leaves)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -8,8 +8,9 @@ import torch
 from toys import ToyDenoiser, fixed_calls, fixed_input_engine
 
 from asyncdiff.engine.launch import launch
+from asyncdiff.engine.schedule import Layout, SegmentIO
 from asyncdiff.partition.auto import auto_plan
-from asyncdiff.partition.drift import predicted_drift, simulate_async
+from asyncdiff.partition.drift import AsyncSimulator, predicted_drift, simulate_async
 from asyncdiff.partition.profile import profile_blocks
 from asyncdiff.partition.report import LINKS
 from asyncdiff.partition.split import split_graph
@@ -28,7 +29,7 @@ def _split(layout: str, n_stages: int):
     return toy, calls, traced, split_graph(traced, plan)
 
 
-@pytest.mark.parametrize("layout, n_stages", [("contiguous", 2), ("contiguous", 3), ("wrapped", 3)])
+@pytest.mark.parametrize("layout, n_stages", [("contiguous", 2), ("contiguous", 3), ("wrapped", 2), ("wrapped", 3)])
 def test_simulation_is_what_the_engine_computes(layout, n_stages):
     toy, calls, traced, split = _split(layout, n_stages)
     simulated = simulate_async(split, toy, [traced.flatten_call(*c) for c in calls], warm_up=1)
@@ -48,3 +49,14 @@ def test_predicted_drift_is_zero_at_full_warm_up_and_grows_with_stages():
         assert predicted_drift(traced, split, toy, calls, warm_up=STEPS) == 0.0
         drifts[n_stages] = predicted_drift(traced, split, toy, calls)
     assert 0 < drifts[2] < drifts[3]
+
+
+def test_a_schedule_that_would_hang_is_an_error():
+    """The simulator executes the programs the engine executes: a rank waiting for a message that
+    no rank sends in that step is a schedule the engine would hang on."""
+    toy, calls, traced, split = _split("contiguous", 2)
+    simulator = AsyncSimulator(traced, split, toy)
+    (head,), (tail,) = simulator.layout.stages
+    simulator.layout = Layout(((SegmentIO(head.index),), (tail,)), simulator.layout.output_stage)  # stage 0 never sends
+    with pytest.raises(RuntimeError, match=r"the schedule hangs at step 0: every rank waits \(\{1: 'recv 0>1'\}\)"):
+        simulator(*calls[0][0], **calls[0][1])
