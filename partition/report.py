@@ -83,6 +83,7 @@ class PartitionReport:
     # each layout's best plan: (layout, modelled s, main-path depth, predicted drift or None)
     candidates: tuple[tuple[str, float, int, float | None], ...] = ()
     trace_notes: tuple[str, ...] = ()  # what the tracer did beyond tracing (TracedDenoiser.notes)
+    schedule: str = ""  # the first steps' programs per rank (Note [schedule as program])
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -109,6 +110,10 @@ class PartitionReport:
                         f"{self.sequential_s / step if step else 1.0:.2f}x, main-path depth {depth}"
                         + (f", predicted drift {drift:.4f}" if drift is not None else ""))
         rows.extend(f"trace: {note}" for note in self.trace_notes)
+        if self.schedule:
+            rows.append("schedule at warm-up 1, stride 1 (what each rank executes; sK runs segment K, [t-a] on "
+                        "values other stages sent a steps ago; Note [schedule as program]):")
+            rows.extend("  " + line for line in self.schedule.splitlines())
         if self.broadcast_bytes:
             rows.append(f"sent per step: {self.p2p_bytes / 1e6:.3f} MB point to point, "
                         f"{self.p2p_bytes / self.broadcast_bytes:.1%} of the {self.broadcast_bytes / 1e6:.1f} MB "

@@ -45,6 +45,11 @@ def test_python_api_for_a_new_architecture_and_explicit_plan():
     _, fixed = partition_report(net, (x,), {}, stages=2, cost="flops", plan=mine)
     assert fixed.stages[0].blocks == ("0",) and fixed.stages[1].recv_bytes == 4 * 32 * 4
     assert fixed.imbalance > report.imbalance
+    # the schedule printed is the one the engine runs for this plan (Note [schedule as program])
+    wrapped = Plan(stages=(("0", "4"), ("1", "2", "3")), cost_unit="flop")
+    _, report = partition_report(net, (x,), {}, stages=2, cost="flops", plan=wrapped)
+    assert report.schedule.splitlines()[2] == "   1 | async   | s0 s2[t-1] send 0>1 next 1>2 out | s1[t-1] send 1>2 next 0>1 out0"
+    assert report.schedule in report.table().replace("\n  ", "\n")
 
 
 def test_time_cost_needs_weights():

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from asyncdiff.engine.schedule import Layout, Schedule
 from asyncdiff.partition.auto import plan_candidates, plan_depth
 from asyncdiff.partition.blocks import BlockPolicy
 from asyncdiff.partition.cache import cached_plan, device_kind
@@ -76,8 +77,9 @@ def partition_report(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: d
                                           for k in range(stages)))
             predicted = drift(traced, split_graph(traced, candidate))
         considered.append((c.layout, LINKS[link].seconds(c.step, unit), c.depth, predicted))
+    schedule = Schedule(plan.n_stages, warm_up=1).format(3, Layout.of(split))
     return plan, dataclasses.replace(report, source=source, main_path_depth=depth, candidates=tuple(considered),
-                                     trace_notes=traced.notes())
+                                     trace_notes=traced.notes(), schedule=schedule)
 
 
 def pipeline_report(pipeline: Any, *, stages: int, cost: str = "flops", link: str = "gloo",
