@@ -2,7 +2,7 @@
 
     python -m benchmarks.fidelity_sweep [--steps 50] [--seeds 4] [--json results/fidelity.json] [--plot results/fidelity.png]
     python -m benchmarks.fidelity_sweep --sweep transfer [--json results/fidelity-transfer.json]
-    python -m benchmarks.fidelity_sweep --sweep plans [--json results/fidelity-plans.json]
+    python -m benchmarks.fidelity_sweep --sweep plans [--model digits-dit] [--json results/fidelity-plans.json]
 
 The shipped trained digits model (``asyncdiff.models.digits``, a DDIM pipeline) generates the same
 batches (fixed seeds) sequentially and under every setting: devices N in {2, 3, 4}, stride {1, 2},
@@ -12,7 +12,10 @@ every K steps. ``--sweep transfer`` instead runs 2 devices, warm-up 1, with each
 warm-up 1 and 2 (issue 10): the default (least stale within 5 % of the fastest modelled step),
 the fastest modelled plan, the best contiguous and the best wrapped plan (all from measured
 times), and on 2 devices a cut right after the mid block (as the reference implementation
-cuts); each with its main-path depth (Note [staleness]). For each: the quality metric (digit-classifier confidence, distinct classes,
+cuts; for ``--model digits-dit``, the class-conditional DiT, a cut after the first half of its
+transformer blocks); each with its main-path depth (Note [staleness]). ``--model`` picks the
+trained model (a built-in system: ``digits``, the default, or ``digits-dit``); the other sweeps
+run on either too. For each: the quality metric (digit-classifier confidence, distinct classes,
 Fréchet distance of classifier features to the real digits), the deviation from the sequential
 images (PSNR, max abs), and the denoising loop's time.
 """
@@ -21,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -43,26 +48,47 @@ class Setting:
     plan_json: str | None = None  # the plans sweep: the plan itself, made once in the main process
 
 
-def _generate(pipe: Any, steps: int, seeds: int, first_seed: int = 0) -> tuple[torch.Tensor, float]:
-    from asyncdiff.models.digits import digits_inputs
+def _after_mid_block(blocks: tuple[str, ...]) -> int:
+    """The U's middle: stage 0 ends with the mid block (as the reference implementation cuts)."""
+    return max(i for i, b in enumerate(blocks) if b.startswith("mid_block")) + 1
+
+
+def _after_half_the_chain(blocks: tuple[str, ...]) -> int:
+    """The DiT's middle: stage 0 ends with the last block of the first half of the transformer blocks."""
+    index = [int(m.group(1)) if (m := re.match(r"transformer_blocks\.(\d+)\.", b)) else None for b in blocks]
+    half = (max(i for i in index if i is not None) + 1) // 2
+    return max(k for k, i in enumerate(index) if i is not None and i < half) + 1
+
+
+# The trained models (built-in systems) the sweep runs on, and where each one's "mid" plan cuts:
+# the index of stage 1's first block in the traced block list.
+MIDDLE: dict[str, Callable[[tuple[str, ...]], int]] = {
+    "digits": _after_mid_block,
+    "digits-dit": _after_half_the_chain,
+}
+
+
+def _generate(pipe: Any, steps: int, seeds: int, first_seed: int = 0, model: str = "digits") -> tuple[torch.Tensor, float]:
+    from asyncdiff.models.builders import example_inputs
 
     batches, seconds = [], 0.0
     for seed in range(first_seed, first_seed + seeds):
         start = time.perf_counter()
         with torch.no_grad():
             out = pipe(num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt",
-                       **digits_inputs())
+                       **example_inputs(model))
         seconds += time.perf_counter() - start
         batches.append(out.images)
     return torch.cat(batches), seconds
 
 
-def sweep_worker(settings: list[Setting], steps: int, seeds: int) -> list[tuple[Setting, torch.Tensor, float, float]]:
+def sweep_worker(settings: list[Setting], steps: int, seeds: int,
+                 model: str = "digits") -> list[tuple[Setting, torch.Tensor, float, float]]:
     """On every rank of this process group: each setting's images and generation time."""
     from asyncdiff import AsyncDiff
-    from asyncdiff.models.digits import build_digits
+    from asyncdiff.models.builders import system
 
-    pipe = build_digits()
+    pipe = system(model).build("trained", 0)
     results = []
     for setting in settings:
         model_n = stages_for(dist.get_world_size(), setting.stride)
@@ -70,11 +96,11 @@ def sweep_worker(settings: list[Setting], steps: int, seeds: int) -> list[tuple[
                                time_shift=setting.time_shift, refresh_every=setting.refresh_every,
                                refresh_drift=setting.refresh_drift, transfer_dtype=setting.transfer_dtype,
                                **_plan_options(setting, pipe, model_n))
-        _generate(pipe, 2, 1)  # plan once, outside the timing
+        _generate(pipe, 2, 1, model=model)  # plan once, outside the timing
         refreshes = 0
         images, seconds = [], 0.0
         for seed in range(seeds):
-            batch, spent = _generate(pipe, steps, 1, first_seed=seed)
+            batch, spent = _generate(pipe, steps, 1, first_seed=seed, model=model)
             refreshes += [kind for kind, _ in async_diff.engine.seconds].count("refresh")
             images.append(batch)
             seconds += spent
@@ -93,11 +119,13 @@ def _plan_options(setting: Setting, pipe: Any, model_n: int) -> dict[str, Any]:
     return {"cost": "flops"}
 
 
-def sweep_plans(devices: list[int], steps: int) -> dict[int, list[tuple[str, str, int, dict[int, float], str]]]:
+def sweep_plans(devices: list[int], steps: int,
+                model: str = "digits") -> dict[int, list[tuple[str, str, int, dict[int, float], str]]]:
     """Per device count: (kind, plan JSON, main-path depth, predicted drift per warm-up, layout) of each plan
-    kind, all made from one measured profile of the digits UNet in this process and planned for
+    kind, all made from one measured profile of ``model``'s denoiser in this process and planned for
     gloo as the engine would; every worker then runs exactly these plans."""
     from asyncdiff.adapters.capture import capture_denoiser_call
+    from asyncdiff.adapters.registry import adapter_for
     from asyncdiff.partition.auto import auto_plan, plan_depth, plan_layout
     from asyncdiff.partition.drift import AsyncSimulator
     from asyncdiff.partition.plan import Plan
@@ -107,15 +135,17 @@ def sweep_plans(devices: list[int], steps: int) -> dict[int, list[tuple[str, str
     from asyncdiff.partition.trace import trace_denoiser
 
     from asyncdiff.inspection import final_latents
-    from asyncdiff.models.digits import build_digits, digits_inputs
+    from asyncdiff.models.builders import example_inputs, system
 
-    pipe = build_digits()
-    call = {"output_type": "pt", **digits_inputs()}
-    args, kwargs = capture_denoiser_call(pipe, "unet", **call)
-    traced = trace_denoiser(pipe.unet, args, kwargs)
-    costs = profile_blocks(traced, pipe.unet, args, kwargs, repeats=7)
+    pipe = system(model).build("trained", 0)
+    attr = adapter_for(pipe).denoiser
+    denoiser = getattr(pipe, attr)
+    call = {"output_type": "pt", **example_inputs(model)}
+    args, kwargs = capture_denoiser_call(pipe, attr, **call)
+    traced = trace_denoiser(denoiser, args, kwargs)
+    costs = profile_blocks(traced, denoiser, args, kwargs, repeats=7)
     bandwidth = LINKS["gloo"].planner_bandwidth("s")
-    reference = final_latents(pipe, "unet", None, steps, call)
+    reference = final_latents(pipe, attr, None, steps, call)
     found: dict[int, list[tuple[str, str, int, dict[int, float], str]]] = {}
     for n in devices:
         kinds: dict[str, Plan] = {
@@ -124,14 +154,14 @@ def sweep_plans(devices: list[int], steps: int) -> dict[int, list[tuple[str, str
             "contiguous": auto_plan(traced, costs, n, bandwidth=bandwidth, layouts=("contiguous",)),
             "wrapped": auto_plan(traced, costs, n, bandwidth=bandwidth, layouts=("wrapped",)),
         }
-        if n == 2:  # stage 0: everything up to the mid block (as the reference implementation cuts)
-            cut = max(i for i, b in enumerate(traced.blocks) if b.startswith("mid_block")) + 1
+        if n == 2:  # a cut at the model's middle (MIDDLE)
+            cut = MIDDLE[model](traced.blocks)
             kinds["mid"] = Plan(stages=(traced.blocks[:cut], traced.blocks[cut:]))
         found[n] = []
         for kind, plan in kinds.items():
             split = split_graph(traced, plan)
             depth = plan_depth(traced, plan)
-            drift = {w: float((final_latents(pipe, "unet", AsyncSimulator(traced, split, pipe.unet, w), steps, call)
+            drift = {w: float((final_latents(pipe, attr, AsyncSimulator(traced, split, denoiser, w), steps, call)
                                - reference).norm() / reference.norm()) for w in (1, 2)}
             layout = plan_layout(traced, plan)
             found[n].append((kind, plan.to_json(), depth, drift, layout))
@@ -146,7 +176,7 @@ def _depth(async_diff: Any) -> int:
 
 def main() -> None:
     from asyncdiff.fidelity import deviation, digit_metrics
-    from asyncdiff.models.digits import build_digits
+    from asyncdiff.models.builders import system
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=50)
@@ -156,11 +186,14 @@ def main() -> None:
     parser.add_argument("--devices", default="2,3,4", help="comma-separated device counts to sweep")
     parser.add_argument("--sweep", default="all", choices=("all", "transfer", "plans"),
                         help="all: devices x stride x warm-up x time shift, and refresh; transfer: wire dtypes")
+    parser.add_argument("--model", default="digits", choices=sorted(MIDDLE),
+                        help="the trained model: the digits UNet or the digits DiT")
     args = parser.parse_args()
     devices = [int(n) for n in args.devices.split(",")]
 
     torch.set_num_threads(1)
-    reference, reference_s = _generate(build_digits(), args.steps, args.seeds)
+    reference, reference_s = _generate(system(args.model).build("trained", 0), args.steps, args.seeds,
+                                       model=args.model)
     rows: list[dict[str, Any]] = [{"devices": 1, "stride": 1, "warm_up": args.steps, "time_shift": False,
                                    "refresh_every": None, "refresh_drift": None, "transfer_dtype": None,
                                    "refreshes": 0.0,
@@ -179,14 +212,14 @@ def main() -> None:
     predicted: dict[tuple[int, int, str], float] = {}
     layouts: dict[tuple[int, str], str] = {}
     if args.sweep == "plans":
-        made = sweep_plans([n for n in devices if n <= 3], args.steps)
+        made = sweep_plans([n for n in devices if n <= 3], args.steps, args.model)
         plans = {n: [Setting(1, w, plan=kind, plan_json=text) for w in (1, 2) for kind, text, _, _, _ in made[n]]
                  for n in made}
         predicted = {(n, w, kind): drift[w] for n in made for kind, _, _, drift, _ in made[n] for w in drift}
         layouts = {(n, kind): layout for n in made for kind, _, _, _, layout in made[n]}
     for n, settings in plans.items():
         for setting, images, seconds, refreshes, depth in launch(sweep_worker, n, settings, args.steps,
-                                                                 args.seeds)[0]:
+                                                                 args.seeds, args.model)[0]:
             rows.append({"devices": n, **asdict(setting), "refreshes": refreshes, "seconds": seconds, "depth": depth,
                          "predicted_drift": predicted.get((n, setting.warm_up, setting.plan)),
                          "layout": layouts.get((n, setting.plan), "contiguous"),
