@@ -144,7 +144,7 @@ class AsyncDiff:
         async_diff = cls(load.pipeline, model_n, stride, warm_up, time_shift, plan=load.plan, policy=policy, cost=cost,
                          layouts=layouts, max_slowdown=max_slowdown, adapter=registered, released=load.released,
                          **options)
-        async_diff.engine.plan_source = load.source
+        async_diff.engine.planning.plan_source = load.source
         return async_diff
 
     def _timestep_of_step(self, step: int) -> Any:

@@ -7,11 +7,13 @@ that the pipeline's own loop (scheduler, guidance, decoding) runs unchanged on e
 
 The first call of a new call signature traces the denoiser (Note [specialised trace]); the very
 first one also makes the plan: rank 0 profiles the blocks, plans, and broadcasts the plan so
-that every rank uses the same cuts. After planning, each rank releases the weights of blocks
-that other stages own (:meth:`AsyncEngine.restore_weights` brings them back).
+that every rank uses the same cuts (``planning.py``). After planning, each rank releases the
+weights of blocks that other stages own (:meth:`AsyncEngine.restore_weights` brings them back).
+Each call then runs the step's program from the schedule (Note [schedule as program]).
 
 The engine's other rooms: ``config.py`` (:class:`EngineConfig`, the device arithmetic),
-``stage.py`` (one stage's state and one step of it), ``weights.py`` (release and restore),
+``planning.py`` (the first call's decisions, taken on rank 0 for every rank), ``stage.py`` (one
+stage's state and executing one step's program), ``weights.py`` (release and restore),
 ``errors.py`` (``[stage k | step t]`` errors, Note [first error]), ``mesh.py`` (guidance and
 batch slices, Note [hybrid mesh]), ``schedule.py`` and ``comm.py``.
 
@@ -48,41 +50,41 @@ import torch.utils._pytree as pytree
 from asyncdiff.engine.comm import StageChannel
 from asyncdiff.engine.config import DEADLINE_FACTOR, DEADLINE_FLOOR_S, TRANSFER_DTYPES, EngineConfig, check_warm_up, stages_for
 from asyncdiff.engine.errors import StageError, located
-from asyncdiff.engine.mesh import (
-    ProcessMesh,
-    TwoCalls,
-    batch_size,
-    exchange_outputs,
-    gather_batch,
-    model_option,
-    split_batch,
-    verify_batch_split,
-)
+from asyncdiff.engine.mesh import ProcessMesh, TwoCalls, batch_size, exchange_outputs, gather_batch, split_batch
+from asyncdiff.engine.planning import Planning, device_of
 from asyncdiff.engine.schedule import Layout, StepKind
 from asyncdiff.engine.stage import CompiledCall, StageState, drifted, output_template, run_stage
 from asyncdiff.engine.weights import block_tensors, foreign_tensors, release_foreign, restore
 from asyncdiff.kernels.pack import PackLayout
-from asyncdiff.partition.cache import cached_plan, device_kind
-from asyncdiff.partition.hybrid import ParallelOption, choose_parallel, parallel_degrees, two_calls
 from asyncdiff.partition.plan import Plan
-from asyncdiff.partition.profile import profile_blocks
-from asyncdiff.partition.split import SplitDenoiser, split_graph
-from asyncdiff.partition.trace import (
-    CallSignature,
-    TracedDenoiser,
-    call_signature,
-    meta_copy,
-    trace_denoiser,
-)
-from asyncdiff.partition.verify import verify_split
+from asyncdiff.partition.trace import CallSignature, call_signature
 
 # EngineConfig, StageError, StageState and the weight helpers are re-exported: they were defined here.
 __all__ = ["TRANSFER_DTYPES", "AsyncEngine", "EngineConfig", "StageError", "StageState", "block_tensors",
            "foreign_tensors", "stages_for"]
 
 
-
 _ENGINES = itertools.count()
+
+
+@dataclasses.dataclass
+class CallState:
+    """Where the running pipeline call is; a new one at every call (:meth:`AsyncEngine.reset_state`)."""
+
+    step: int = 0  # the denoising step of this loop
+    branch: int = 0  # which call of the running step comes next (Note [branches])
+    branches: list[StageState] = dataclasses.field(default_factory=lambda: [StageState()])
+    two_calls: TwoCalls = dataclasses.field(default_factory=TwoCalls)  # Note [two-call guidance]
+    loop: CompiledCall | None = None  # the compiled call of this loop's first calls (Note [a second loop])
+    branch_names: dict[str, int] = dataclasses.field(default_factory=dict)  # name -> branch, in order of first use
+    branch_log: list[int] = dataclasses.field(default_factory=list)  # the branch of every denoiser call
+    calls_at_step_end: int = 0  # len(branch_log) when the last step ended
+    seconds: list[tuple[StepKind, float]] = dataclasses.field(default_factory=list)  # (step kind, wall time) per call
+
+    def drain(self) -> None:
+        """Wait for the transfers still in flight (the last step's sends)."""
+        for state in self.branches:
+            state.drain()
 
 
 class AsyncEngine:
@@ -108,45 +110,40 @@ class AsyncEngine:
         owners; the check of Note [verify] needs every weight, so it does not run then.
         ``guided()``: whether the running pipeline call batches classifier-free guidance (None:
         unknown), which ``parallel="auto"`` needs to offer a guidance dimension."""
-        self.denoiser, self.config, self.plan, self.latent = denoiser, config, plan, latent
+        self.denoiser, self.config, self.latent = denoiser, config, latent
         if (config.stride == 2 or config.time_shift) and (timestep_arg is None or timesteps is None):
             raise ValueError("stride=2 and time_shift=True feed stages other steps' timesteps: pass "
                              "timestep_arg and timesteps (AsyncDiff does this from the pipeline's scheduler)")
         self.timestep_arg, self.timesteps = timestep_arg, timesteps
-        self.distributed = dist.is_available() and dist.is_initialized()
-        self.world = dist.get_world_size() if self.distributed else 1
-        self.global_rank = dist.get_rank() if self.distributed else 0
+        distributed = dist.is_available() and dist.is_initialized()
+        self.world = dist.get_world_size() if distributed else 1
+        self.global_rank = dist.get_rank() if distributed else 0
         config.check_world_size(self.world)
         if plan is not None and plan.n_stages != config.model_n and config.parallel is None:
             raise ValueError(f"plan has {plan.n_stages} stages but model_n={config.model_n}; "
                              "pass a plan with model_n stages")
         self.guided = guided
-        self.parallel_options: list[ParallelOption] = []  # what parallel="auto" chose from
-        timeout = datetime.timedelta(seconds=config.timeout_s)
-        # Rank 0's decisions (plan, verification, the mesh) reach every rank on their own group.
-        self.decisions = dist.new_group(list(range(self.world)), timeout=timeout) if self.world > 1 else None
-        self._setup(config if config.parallel is None else self._placeholder(config))
-        self._split_checked: set[CallSignature] = set()  # call signatures whose batch split is verified
         self._released: dict[str, tuple[torch.Size, torch.dtype, torch.device]] = dict(released or {})
-        self.skeleton = meta_copy(denoiser, {name: shape for name, (shape, _, _) in self._released.items()})
+        self.planning = Planning(denoiser, plan=plan, latent=latent, released=self._released, world=self.world,
+                                 global_rank=self.global_rank, timeout_s=config.timeout_s)
+        self._setup(config if config.parallel is None else self._placeholder(config))
         self.marks_steps = marks_steps
-        self.step = 0  # the denoising step of the running pipeline call
-        self.branch = 0  # which call of the running step comes next (Note [branches])
-        self.branches: list[StageState] = [StageState()]
-        self.two_calls = TwoCalls()  # Note [two-call guidance]
-        self._loop: CompiledCall | None = None  # Note [a second loop]
         self.branch_name: str | None = None  # the pipeline's name for the running call, if it gives one
-        self._branch_names: dict[str, int] = {}  # branch name -> branch, in order of first appearance
-        self.branch_log: list[int] = []  # the branch of every call of this pipeline call
-        self._calls_at_step_end = 0  # len(branch_log) when the last step ended
-        self.seconds: list[tuple[StepKind, float]] = []  # (step kind, wall time) per call, this pipeline call
+        self.call = CallState()
         self._calls = 0  # pipeline calls so far (reset_state), to key errors by (Note [first error])
         self._engine = next(_ENGINES)  # engines made in this process; every rank makes them in one order
         self._step_seconds: list[float] = []  # step times, all calls (Note [deadlines])
         self._compiled: dict[CallSignature | tuple[CallSignature, int], CompiledCall] = {}
         self._deferred_release: list[torch.nn.Module] | None = None  # Note [value trace]: until step 1
-        self.compile_seconds = 0.0  # tracing, profiling, planning and splitting, all signatures
-        self.plan_source = "given" if plan is not None else ""  # where the plan came from (Note [plan cache])
+
+    # what the first calls decided (Note [plan cache], Note [choosing the mesh]), and what it cost
+    plan = property(lambda self: self.planning.plan)
+    plan_source = property(lambda self: self.planning.plan_source)
+    parallel_options = property(lambda self: self.planning.parallel_options)
+    compile_seconds = property(lambda self: self.planning.compile_seconds)
+    # this pipeline call so far: its step, and (step kind, wall time) of every stage run
+    step = property(lambda self: self.call.step)
+    seconds = property(lambda self: self.call.seconds)
 
     def _setup(self, config: EngineConfig) -> None:
         """Take ``config``'s degrees: this rank's slice, stage and groups (Note [hybrid mesh])."""
@@ -158,7 +155,7 @@ class AsyncEngine:
             self.ranks, self.group, self.collective = self.mesh.stage_ranks, self.mesh.stage_group, \
                 self.mesh.stage_collective
         else:
-            self.ranks, self.group, self.collective = list(range(self.world)), None, self.decisions
+            self.ranks, self.group, self.collective = list(range(self.world)), None, self.planning.decisions
         self.rank = self.ranks.index(self.global_rank)  # this rank's place in its slice
         self.stage = min(self.rank, config.model_n - 1)  # stride 2: the extra rank repeats the last stage
         self.schedule = config.schedule(config.warm_up)
@@ -172,20 +169,24 @@ class AsyncEngine:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """One denoiser call: this slice's share of the batch through its stages (Note [hybrid
         mesh]), or this slice's guidance branch (Note [two-call guidance])."""
+        call = self.call
         if self.branch_name is not None and self.marks_steps:  # Note [branches]: the pipeline names it
-            self.branch = self._branch_names.setdefault(self.branch_name, len(self._branch_names))
-        self.branch_log.append(self.branch)
+            call.branch = call.branch_names.setdefault(self.branch_name, len(call.branch_names))
+        call.branch_log.append(call.branch)
         if self.config.parallel == "auto" and not self.parallel_options:
-            with self._where(self.step):
-                self._choose_parallel(args, kwargs)
+            with self._where(call.step):
+                n, guided = self._batch_size(args, kwargs), self.guided() if self.guided is not None else None
+                chosen = self.planning.choose_parallel(self.config, self.world, n, guided, args, kwargs)
+                self._setup(dataclasses.replace(self.config, model_n=chosen.stages, guidance=chosen.guidance,
+                                                batch=chosen.batch))
         if self.config.data == 1:
             return self._call_stages(args, kwargs)
-        step, parts = self.step, self.config.data
+        step, parts = call.step, self.config.data
         with self._where(step):
             n = self._batch_size(args, kwargs)
             if n % parts and self.config.guidance == 2 and self.config.batch == 1 and self.marks_steps:
                 return self._call_branch(args, kwargs)
-            self._check_split(n, args, kwargs)
+            self.planning.check_split(self.config, n, args, kwargs)
             assert self.mesh is not None
             index = self.mesh.data_index
             args, kwargs = split_batch(args, n, parts, index), split_batch(kwargs, n, parts, index)
@@ -197,16 +198,15 @@ class AsyncEngine:
         """Note [two-call guidance]: this slice runs its own branch of the step; at the first call
         of a step the second slice runs its branch's predicted call; one all-gather shares both."""
         assert self.mesh is not None
-        branch, mine, calls = self.branch, self.mesh.data_index, self.two_calls
-        self.branch += 1
+        branch, mine, calls = self.call.branch, self.mesh.data_index, self.call.two_calls
+        self.call.branch += 1
         leaves, spec = pytree.tree_flatten((args, kwargs))
         if branch > 1:
             raise ValueError("guidance=2 runs the two guidance calls of a step on two slices, but this pipeline "
                              "calls its denoiser more than twice per step; use guidance=1")
         if branch == 0:
-            if self.step > 0 and not calls.learned:  # no second call in the first step: no guidance
-                n = self._batch_size(args, kwargs)
-                self._check_split(n, args, kwargs)
+            if self.call.step > 0 and not calls.learned:  # no second call in the first step: no guidance
+                self.planning.check_split(self.config, self._batch_size(args, kwargs), args, kwargs)
             calls.first = leaves
             predicted = calls.predict(leaves, spec)
             if predicted is None:  # the first step: learn what the second call changes
@@ -232,22 +232,23 @@ class AsyncEngine:
     def _call_stages(self, args: tuple[Any, ...], kwargs: dict[str, Any], branch: int | None = None) -> Any:
         """This rank's stage of one call (Note [stale inputs]); ``branch``: whose stale state it
         uses (Note [branches]), by default the running call's."""
+        call = self.call
         counted = branch is None  # a call of the pipeline's own sequence (else _call_branch counts)
-        step, branch = self.step, self.branch if branch is None else branch
+        step, branch = call.step, call.branch if branch is None else branch
         start = time.perf_counter()
         with self._where(step):
-            if self.step > 0 and self._deferred_release is not None:  # Note [value trace]: every branch traced
+            if step > 0 and self._deferred_release is not None:  # Note [value trace]: every branch traced
                 release_foreign(self.denoiser, self.plan, self.stage, self._deferred_release, self._released)
                 self._deferred_release = None
             compiled = self._compile(args, kwargs, branch)
             if branch == 0:
-                if step > 0 and compiled is not self._loop:  # Note [a second loop]
+                if step > 0 and compiled is not call.loop:  # Note [a second loop]
                     self._new_loop()
                     step = 0
-                self._loop = compiled
-            while len(self.branches) <= branch:
-                self.branches.append(StageState())
-            state = self.branches[branch]
+                call.loop = compiled
+            while len(call.branches) <= branch:
+                call.branches.append(StageState())
+            state = call.branches[branch]
             state.drain()  # the previous step's sends, an asynchronous step's receives
             kind = self.schedule.kind(step)
             if state.channel is not compiled.channel(branch) and kind != StepKind.WARM_UP:
@@ -257,20 +258,21 @@ class AsyncEngine:
             fresh = compiled.calls == 0  # this rank (and so every rank) traced, planned and checked it just now
             compiled.calls += 1
             state.channel.deadline = self._deadline(new=fresh)
-            if self.config.refresh_drift is not None and drifted(state, compiled, kind == StepKind.ASYNC, self.config.refresh_drift, self.collective):
+            if self.config.refresh_drift is not None and drifted(state, compiled, kind == StepKind.ASYNC,
+                                                                 self.config.refresh_drift, self.collective):
                 kind = StepKind.REFRESH
             program = self.schedule.program(step, self.rank, compiled.layout, kind)  # Note [schedule as program]
             if program.timestep != step:
                 args, kwargs = self._with_timestep(args, kwargs, program.timestep)
             output = run_stage(compiled, state, compiled.traced.flatten_call(args, kwargs), program, self.ranks,
                                self.collective)
-        self.seconds.append((kind, time.perf_counter() - start))
+        call.seconds.append((kind, time.perf_counter() - start))
         if not fresh:  # a first call's time is mostly tracing
-            self._step_seconds.append(self.seconds[-1][1])
+            self._step_seconds.append(call.seconds[-1][1])
         if counted and self.marks_steps:
-            self.branch += 1
+            call.branch += 1
         elif counted:
-            self.step += 1
+            call.step += 1
         return output
 
     def _deadline(self, new: bool) -> datetime.timedelta:
@@ -301,21 +303,17 @@ class AsyncEngine:
         step's: the pipeline has begun another denoising loop in the same call (a second
         resolution, a refiner pass). Stale values of the other shapes mean nothing to it, so it
         starts as a call does: step 0, fresh state, warm-up first."""
-        self.drain()
-        self.branches, self.step = [StageState()], 0
+        self.call.drain()
+        self.call.branches, self.call.step = [StageState()], 0
 
     def end_step(self) -> None:
         """The pipeline finished a denoising step (``marks_steps``): the next call starts the next
         one. Without a denoiser call since the last end, nothing ends (several schedulers, one
         per frame, may step after one call)."""
-        if len(self.branch_log) > self._calls_at_step_end:
-            self.step, self.branch = self.step + 1, 0
-            self._calls_at_step_end = len(self.branch_log)
-
-    @property
-    def state(self) -> StageState:
-        """The first branch's state (the only one for pipelines that batch their guidance)."""
-        return self.branches[0]
+        call = self.call
+        if len(call.branch_log) > call.calls_at_step_end:
+            call.step, call.branch = call.step + 1, 0
+            call.calls_at_step_end = len(call.branch_log)
 
     def predicted_step_seconds(self, bytes_per_s: float) -> float | None:
         """The step-time model for an asynchronous step: the slowest stage's profiled time plus the
@@ -342,81 +340,20 @@ class AsyncEngine:
     def drain(self) -> None:
         """Wait for the transfers still in flight (the last step's sends): before the process
         group goes away, or a new call starts."""
-        for state in self.branches:
-            state.drain()
+        self.call.drain()
 
     def reset_state(self, warm_up: int | None = None) -> None:
         """Start a new pipeline call (optionally with a new ``warm_up``); drains pending transfers."""
         if warm_up is not None:
             self.schedule = self.config.schedule(check_warm_up(warm_up))
         self.drain()
-        self.branches = [StageState()]
-        self.two_calls = TwoCalls()
-        self._loop: CompiledCall | None = None  # the call signature of this loop's first calls
-        self._branch_names, self.branch_log, self._calls_at_step_end = {}, [], 0
-        self.step, self.branch, self.seconds = 0, 0, []
+        self.call = CallState()
         self._calls += 1
 
-    # -- guidance and batch slices (Note [hybrid mesh]) ---------------------------------------
     def _batch_size(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
         return batch_size(self.denoiser, self.latent, args, kwargs)
 
-    def _check_split(self, n: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """That this call's batch ``n`` splits evenly over the slices; the first call of each call
-        signature also checks that splitting it is exact (Note [batch split])."""
-        config = self.config
-        if n % config.data:
-            need = []
-            if config.guidance > 1:
-                need.append("guidance=2 needs a pipeline with classifier-free guidance (guidance_scale > 1), "
-                            "batched into one denoiser call or made as two calls per step"
-                            + (" (with batch=1)" if config.batch > 1 else ""))
-            if config.batch > 1:
-                need.append(f"batch={config.batch} needs a number of prompts x images per prompt divisible by "
-                            f"{config.batch}")
-            raise ValueError(f"this denoiser call's batch is {n}, which guidance={config.guidance} x "
-                             f"batch={config.batch} = {config.data} slices cannot split evenly: {'; '.join(need)}; "
-                             f"use parallel='auto' or fewer slices")
-        if not config.verify or self._released:  # nothing to check with, or asked not to
-            return
-        signature, _ = call_signature(self.denoiser, args, kwargs)
-        if signature not in self._split_checked:
-            start = time.perf_counter()
-            error = self._from_rank0(lambda: verify_batch_split(self.denoiser, args, kwargs, n, config.data))
-            self.compile_seconds += time.perf_counter() - start
-            if error is not None:
-                raise ValueError(error)
-            self._split_checked.add(signature)
-
-    def _choose_parallel(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """``parallel="auto"``: rank 0 models every way to use the world's processes for this call
-        and picks one (Note [choosing the mesh]); every rank then takes it."""
-        start = time.perf_counter()
-        n = self._batch_size(args, kwargs)
-        guided = self.guided() if self.guided is not None else None
-        degrees = parallel_degrees(self.world, self.config.stride, n, guided)
-        config = self.config
-
-        profiles: dict[int, Any] = {}
-
-        def model() -> list[ParallelOption]:
-            tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
-            bandwidth = config.planner_bandwidth(_device_of(tensors))
-            return [model_option(self.denoiser, args, kwargs, d, n, policy=config.policy, latent=self.latent,
-                                 skeleton=self.skeleton, cost=config.cost, bandwidth=bandwidth,
-                                 layouts=config.plan_layouts, max_slowdown=config.max_slowdown,
-                                 repeats=config.profile_repeats, profiles=profiles,
-                                 two_calls=two_calls(n, guided)) for d in degrees]
-
-        self.parallel_options = self._from_rank0(model)
-        chosen = choose_parallel(self.parallel_options, self.config.max_slowdown)
-        if chosen.plan is not None:
-            self.plan, self.plan_source = Plan.from_json(chosen.plan), "measured now (parallel='auto')"
-        self._setup(dataclasses.replace(self.config, model_n=chosen.stages, guidance=chosen.guidance,
-                                        batch=chosen.batch))
-        self.compile_seconds += time.perf_counter() - start
-
-    # -- planning ---------------------------------------------------------------------------
+    # -- compiling a call signature -----------------------------------------------------------
     def _compile(self, args: tuple[Any, ...], kwargs: dict[str, Any], branch: int = 0) -> CompiledCall:
         """The compiled call for this signature (Note [specialised trace]); a program traced with
         real values holds for its own branch only (Note [value trace]: the guidance calls of a
@@ -426,77 +363,29 @@ class AsyncEngine:
         if compiled is not None:
             return compiled
         start = time.perf_counter()
-        traced = trace_denoiser(self.denoiser, args, kwargs, policy=self.config.policy, latent=self.latent,
-                                skeleton=self.skeleton)
-        if self.plan is None:
-            self.plan = self._make_plan(traced, args, kwargs)
-        # a call may skip planned blocks (skip-layer guidance): the others keep their stages
-        split = split_graph(traced, self.plan.restricted_to(traced.blocks))
-        if self.config.verify and not self._released:  # every weight is still here (Note [verify])
-            self._verify(traced, split, args, kwargs)
+        traced, split = self.planning.split(self.config, args, kwargs)
         program = split.stages[self.stage]
         modules = [seg.module(self.denoiser) for seg in program.segments]
-        if traced.by_values and not self.config.compile and self.step == 0:
+        if traced.by_values and not self.config.compile and self.call.step == 0:
             # the other branches of this step trace with real values too: release after it
             self._deferred_release = modules
         else:
             release_foreign(self.denoiser, self.plan, self.stage, modules, self._released)
         if self.config.compile:  # after the release: compiled code must not capture released weights
             modules = [torch.compile(m) for m in modules]
-        device = _device_of(traced.flatten_call(args, kwargs))
+        device = device_of(traced.flatten_call(args, kwargs))
         out_specs = [traced.specs[n.name] for n in output_template(traced) if isinstance(n, torch.fx.Node)]
         destinations = {k: [self.ranks[k]] for k in range(self.config.model_n)}
         if self.config.stride == 2:  # the extra rank receives what the last stage receives
             destinations[self.config.model_n - 1].append(self.ranks[-1])
         transfer_dtype = TRANSFER_DTYPES.get(self.config.transfer_dtype)
         compiled = CompiledCall(traced, split, program, modules,
-                             lambda branch: StageChannel(program, len(split.segments), destinations, self.group,
-                                                         device, transfer_dtype, branch=branch),
-                             PackLayout.of([(s.shape, s.torch_dtype) for s in out_specs]), device, Layout.of(split))
+                                lambda branch: StageChannel(program, len(split.segments), destinations, self.group,
+                                                            device, transfer_dtype, branch=branch),
+                                PackLayout.of([(s.shape, s.torch_dtype) for s in out_specs]), device, Layout.of(split))
         self._compiled[(signature, branch) if traced.by_values else signature] = compiled
-        self.compile_seconds += time.perf_counter() - start
+        self.planning.compile_seconds += time.perf_counter() - start
         return compiled
-
-    def _from_rank0(self, compute: Callable[[], Any]) -> Any:
-        """``compute()`` on rank 0, its result on every rank; a ``ValueError`` it raises is raised
-        on every rank, with the same message."""
-        result, error = None, None
-        if self.global_rank == 0:
-            try:
-                result = compute()
-            except ValueError as err:
-                error = str(err)
-        if self.decisions is not None:
-            box = [(result, error)]
-            dist.broadcast_object_list(box, src=0, group=self.decisions)
-            result, error = box[0]
-        if error is not None:
-            raise ValueError(error)
-        return result
-
-    def _make_plan(self, traced: TracedDenoiser, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Plan:
-        """Rank 0 plans (or reads the plan cache); every rank gets the same plan, or the same error."""
-        text, self.plan_source = self._from_rank0(lambda: self._plan_on_this_rank(traced, args, kwargs))
-        return Plan.from_json(text)
-
-    def _plan_on_this_rank(self, traced: TracedDenoiser, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str]:
-        """(plan JSON, where it came from): the cached plan of this call and options, or a new one."""
-        config = self.config
-        device = _device_of(traced.flatten_call(args, kwargs))
-        plan, source = cached_plan(
-            traced, config.model_n,
-            lambda: profile_blocks(traced, self.denoiser, args, kwargs, repeats=config.profile_repeats,
-                                   measure_time=config.cost == "time"),
-            cost=config.cost, bandwidth=config.planner_bandwidth(device), layouts=config.plan_layouts,
-            max_slowdown=config.max_slowdown, device=device_kind(device), replan=config.replan)
-        return plan.to_json(), source
-
-    def _verify(self, traced: TracedDenoiser, split: SplitDenoiser, args: tuple[Any, ...],
-                kwargs: dict[str, Any]) -> None:
-        """Rank 0 checks the split against the denoiser; every rank raises the same error if it fails."""
-        error = self._from_rank0(lambda: verify_split(traced, split, self.denoiser, args, kwargs))
-        if error is not None:
-            raise ValueError(error)
 
     # -- weights ----------------------------------------------------------------------------
     @property
@@ -516,9 +405,3 @@ class AsyncEngine:
     # -- helpers ----------------------------------------------------------------------------
     def _where(self, step: int) -> contextlib.AbstractContextManager[None]:
         return located(self.stage, step, f"{self._engine}.{self._calls}")
-
-
-def _device_of(tensors: list[torch.Tensor]) -> torch.device:
-    return tensors[0].device if tensors else torch.device("cpu")
-
-

@@ -665,7 +665,7 @@ def named_branch_scenarios(steps: int) -> dict[str, Any]:
     results["exact"] = pipe(cond, uncond, steps)
     async_diff.reset_state(warm_up=1)
     results["stale"] = pipe(cond, uncond, steps)
-    results["branches"] = list(async_diff.engine.branch_log)
+    results["branches"] = list(async_diff.engine.call.branch_log)
     async_diff.remove()
     return results
 

@@ -1,0 +1,157 @@
+"""The first call's decisions: the traced and split program, the plan, its check, the mesh.
+
+At the first call of a call signature every rank traces the denoiser (Note [specialised trace]
+in :mod:`asyncdiff.partition.trace`) and splits it by the plan. Decisions that depend on
+measurements (the plan from a timing profile, the check of the split against the denoiser,
+``parallel="auto"``'s choice of slices) are taken on rank 0 only and broadcast, so every rank
+takes the same decision or raises the same error (:meth:`Planning.from_rank0`).
+
+Example (one process: rank 0 decides for itself)::
+
+    planning = Planning(unet, plan=None, latent="sample", released={}, world=1, global_rank=0, timeout_s=600)
+    traced, split = planning.split(EngineConfig(model_n=2, warm_up=1), args, kwargs)
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.utils._pytree as pytree
+
+from asyncdiff.engine.config import EngineConfig
+from asyncdiff.engine.mesh import model_option, verify_batch_split
+from asyncdiff.partition.cache import cached_plan, device_kind
+from asyncdiff.partition.hybrid import ParallelOption, choose_parallel, parallel_degrees, two_calls
+from asyncdiff.partition.plan import Plan
+from asyncdiff.partition.profile import profile_blocks
+from asyncdiff.partition.split import SplitDenoiser, split_graph
+from asyncdiff.partition.trace import CallSignature, TracedDenoiser, call_signature, meta_copy, trace_denoiser
+from asyncdiff.partition.verify import verify_split
+
+__all__ = ["Planning", "device_of"]
+
+
+class Planning:
+    """What every rank decides alike for ``denoiser``: the plan (given, cached or made on rank 0),
+    the split program per call signature, and the checks that run once. ``released``: weights
+    this rank does not hold (Note [stage-only loading]); the checks that need every weight do not
+    run then. ``compile_seconds``: tracing, profiling, planning, checking, all signatures."""
+
+    def __init__(self, denoiser: torch.nn.Module, *, plan: Plan | None, latent: str | None,
+                 released: dict[str, tuple[torch.Size, torch.dtype, torch.device]], world: int, global_rank: int,
+                 timeout_s: float) -> None:
+        self.denoiser, self.plan, self.latent, self.released = denoiser, plan, latent, released
+        self.skeleton = meta_copy(denoiser, {name: shape for name, (shape, _, _) in released.items()})
+        self.global_rank = global_rank
+        # Rank 0's decisions (plan, verification, the mesh) reach every rank on their own group.
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.decisions = dist.new_group(list(range(world)), timeout=timeout) if world > 1 else None
+        self.plan_source = "given" if plan is not None else ""  # where the plan came from (Note [plan cache])
+        self.parallel_options: list[ParallelOption] = []  # what parallel="auto" chose from
+        self.compile_seconds = 0.0
+        self._split_checked: set[CallSignature] = set()  # call signatures whose batch split is verified
+
+    def from_rank0(self, compute: Callable[[], Any]) -> Any:
+        """``compute()`` on rank 0, its result on every rank; a ``ValueError`` it raises is raised
+        on every rank, with the same message."""
+        result, error = None, None
+        if self.global_rank == 0:
+            try:
+                result = compute()
+            except ValueError as err:
+                error = str(err)
+        if self.decisions is not None:
+            box = [(result, error)]
+            dist.broadcast_object_list(box, src=0, group=self.decisions)
+            result, error = box[0]
+        if error is not None:
+            raise ValueError(error)
+        return result
+
+    def split(self, config: EngineConfig, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[TracedDenoiser, SplitDenoiser]:
+        """This call's traced denoiser and its split by the plan (made now if there is none yet),
+        checked against the denoiser where every weight is here (Note [verify])."""
+        traced = trace_denoiser(self.denoiser, args, kwargs, policy=config.policy, latent=self.latent,
+                                skeleton=self.skeleton)
+        if self.plan is None:
+            text, self.plan_source = self.from_rank0(lambda: self._plan_here(config, traced, args, kwargs))
+            self.plan = Plan.from_json(text)
+        # a call may skip planned blocks (skip-layer guidance): the others keep their stages
+        split = split_graph(traced, self.plan.restricted_to(traced.blocks))
+        if config.verify and not self.released:
+            error = self.from_rank0(lambda: verify_split(traced, split, self.denoiser, args, kwargs))
+            if error is not None:
+                raise ValueError(error)
+        return traced, split
+
+    def _plan_here(self, config: EngineConfig, traced: TracedDenoiser, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> tuple[str, str]:
+        """(plan JSON, where it came from): the cached plan of this call and options, or a new one."""
+        device = device_of(traced.flatten_call(args, kwargs))
+        plan, source = cached_plan(
+            traced, config.model_n,
+            lambda: profile_blocks(traced, self.denoiser, args, kwargs, repeats=config.profile_repeats,
+                                   measure_time=config.cost == "time"),
+            cost=config.cost, bandwidth=config.planner_bandwidth(device), layouts=config.plan_layouts,
+            max_slowdown=config.max_slowdown, device=device_kind(device), replan=config.replan)
+        return plan.to_json(), source
+
+    def check_split(self, config: EngineConfig, n: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """That this call's batch ``n`` splits evenly over the slices; the first call of each call
+        signature also checks that splitting it is exact (Note [batch split])."""
+        if n % config.data:
+            need = []
+            if config.guidance > 1:
+                need.append("guidance=2 needs a pipeline with classifier-free guidance (guidance_scale > 1), "
+                            "batched into one denoiser call or made as two calls per step"
+                            + (" (with batch=1)" if config.batch > 1 else ""))
+            if config.batch > 1:
+                need.append(f"batch={config.batch} needs a number of prompts x images per prompt divisible by "
+                            f"{config.batch}")
+            raise ValueError(f"this denoiser call's batch is {n}, which guidance={config.guidance} x "
+                             f"batch={config.batch} = {config.data} slices cannot split evenly: {'; '.join(need)}; "
+                             f"use parallel='auto' or fewer slices")
+        if not config.verify or self.released:  # nothing to check with, or asked not to
+            return
+        signature, _ = call_signature(self.denoiser, args, kwargs)
+        if signature not in self._split_checked:
+            start = time.perf_counter()
+            error = self.from_rank0(lambda: verify_batch_split(self.denoiser, args, kwargs, n, config.data))
+            self.compile_seconds += time.perf_counter() - start
+            if error is not None:
+                raise ValueError(error)
+            self._split_checked.add(signature)
+
+    def choose_parallel(self, config: EngineConfig, world: int, n: int, guided: bool | None,
+                        args: tuple[Any, ...], kwargs: dict[str, Any]) -> ParallelOption:
+        """``parallel="auto"``: rank 0 models every way to use the ``world`` processes for this call
+        (batch ``n``; ``guided``: whether it batches classifier-free guidance) and picks one (Note
+        [choosing the mesh]); every rank gets the same choice, and the plan that comes with it."""
+        start = time.perf_counter()
+        degrees = parallel_degrees(world, config.stride, n, guided)
+        profiles: dict[int, Any] = {}
+
+        def model() -> list[ParallelOption]:
+            tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+            bandwidth = config.planner_bandwidth(device_of(tensors))
+            return [model_option(self.denoiser, args, kwargs, d, n, policy=config.policy, latent=self.latent,
+                                 skeleton=self.skeleton, cost=config.cost, bandwidth=bandwidth,
+                                 layouts=config.plan_layouts, max_slowdown=config.max_slowdown,
+                                 repeats=config.profile_repeats, profiles=profiles,
+                                 two_calls=two_calls(n, guided)) for d in degrees]
+
+        self.parallel_options = self.from_rank0(model)
+        chosen = choose_parallel(self.parallel_options, config.max_slowdown)
+        if chosen.plan is not None:
+            self.plan, self.plan_source = Plan.from_json(chosen.plan), "measured now (parallel='auto')"
+        self.compile_seconds += time.perf_counter() - start
+        return chosen
+
+
+def device_of(tensors: list[torch.Tensor]) -> torch.device:
+    return tensors[0].device if tensors else torch.device("cpu")
