@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import warnings
 from collections.abc import Callable, Iterator
@@ -25,11 +26,9 @@ from asyncdiff.adapters.hooks import attach, detach
 from asyncdiff.adapters.registry import Adapter, adapter_for, registered_adapter
 from asyncdiff.engine.launch import init_from_env, local_device, under_torchrun
 from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
-from asyncdiff.partition.blocks import BlockPolicy
 from asyncdiff.partition.plan import Plan
-from asyncdiff.partition.planner import LAYOUTS, MAX_SLOWDOWN
 
-__all__ = ["TEXT_ENCODERS", "AsyncDiff"]
+__all__ = ["TEXT_ENCODERS", "AsyncDiff", "engine_config"]
 
 TEXT_ENCODERS = ("every", "rank0")  # where the text encoders live
 
@@ -39,42 +38,26 @@ class AsyncDiff:
     asynchronously after ``warm_up`` sequential steps of every pipeline call.
 
     Every process builds the same pipeline and calls it the same way; each holds only its
-    stage's weights once the first call has planned the split. ``plan`` fixes the split instead
-    of planning it; ``policy``, ``cost``, ``layouts`` and ``max_slowdown`` (the modelled speed to
-    give up for a less stale plan, Note [staleness]) steer the automatic planner; plans are
-    kept on disk per call and options (Note [plan cache]), ``replan=True`` makes a new one;
-    ``transfer_dtype="bfloat16"`` halves the bytes sent between stages (at a rounding cost);
-    ``refresh_every=K`` runs every K-th step after warm-up sequentially, resetting stale values;
-    ``refresh_drift=d`` does so whenever the boundary values moved by more than ``d`` (relative)
-    over the last step. ``compile=True`` runs each rank's stage under ``torch.compile``. The first
-    call checks that the split reproduces the denoiser (Note [verify]; ``verify=False`` skips it).
-    ``guidance=2`` and ``batch=D`` split every denoiser call's batch (the guidance halves, the
-    prompts) over slices of ``model_n`` stages each, exactly (Note [hybrid mesh]): the world is
-    ``guidance * batch * (model_n + stride - 1)`` processes. ``parallel="auto"`` chooses the
-    three for the world size at the first call (Note [choosing the mesh]).
-    ``text_encoders="rank0"``: only rank 0 keeps the text encoders; it broadcasts the prompt
-    embeddings to the others (Note [encoders on one rank] in :mod:`asyncdiff.adapters.encoders`).
-    ``timeout_s``: the longest any rank waits for another (Note [deadlines] in engine/runtime.py:
-    after the first steps, waits are bounded by the measured step time too).
-    ``released``: set by :meth:`from_pretrained` (weights this rank never loaded).
+    stage's weights once the first call has planned the split. ``options`` are the engine's
+    settings, the fields of :class:`~asyncdiff.engine.config.EngineConfig` (each documented there),
+    e.g. ``cost="flops"``, ``transfer_dtype="bfloat16"``, ``refresh_every=4``, ``guidance=2``,
+    ``parallel="auto"``, ``timeout_s=600``; or pass a whole ``config=EngineConfig(...)`` instead
+    (Note [one config]). ``plan`` fixes the split instead of planning it (plans are kept on disk
+    per call and options, Note [plan cache]). ``text_encoders="rank0"``: only rank 0 keeps the
+    text encoders; it broadcasts the prompt embeddings to the others (Note [encoders on one rank]
+    in :mod:`asyncdiff.adapters.encoders`). ``released``: set by :meth:`from_pretrained` (weights
+    this rank never loaded).
     """
 
     def __init__(self, pipeline: Any, model_n: int = 2, stride: int = 1, warm_up: int = 1,
-                 time_shift: bool = False, *, plan: Plan | None = None, policy: str | BlockPolicy = "fine",
-                 cost: str = "time", layouts: tuple[str, ...] = LAYOUTS, transfer_dtype: str | None = None,
-                 refresh_every: int | None = None, refresh_drift: float | None = None,
-                 max_slowdown: float = MAX_SLOWDOWN, replan: bool = False, verify: bool = True,
-                 compile: bool = False, guidance: int = 1, batch: int = 1, parallel: str | None = None,
-                 text_encoders: str = "every", timeout_s: float = 300.0, adapter: Adapter | None = None,
-                 released: dict[str, tuple[Any, Any, Any]] | None = None) -> None:
+                 time_shift: bool = False, *, config: EngineConfig | None = None, plan: Plan | None = None,
+                 text_encoders: str = "every", adapter: Adapter | None = None,
+                 released: dict[str, tuple[Any, Any, Any]] | None = None, **options: Any) -> None:
         if text_encoders not in TEXT_ENCODERS:
             raise ValueError(f"text_encoders={text_encoders!r} must be 'every' (each rank keeps its own) or "
                              f"'rank0' (rank 0 keeps them and broadcasts the prompt embeddings)")
-        config = EngineConfig(model_n=model_n, stride=stride, warm_up=warm_up, time_shift=time_shift,
-                              policy=policy, cost=cost, layouts=tuple(layouts), transfer_dtype=transfer_dtype,
-                              refresh_every=refresh_every, refresh_drift=refresh_drift, compile=compile,
-                              max_slowdown=max_slowdown, replan=replan, verify=verify, guidance=guidance,
-                              batch=batch, parallel=parallel, timeout_s=timeout_s)
+        config = engine_config(config, model_n=model_n, stride=stride, warm_up=warm_up, time_shift=time_shift,
+                               **options)
         _join_processes(config)
         self.pipeline = pipeline
         self.adapter = adapter or adapter_for(pipeline)
@@ -98,31 +81,31 @@ class AsyncDiff:
 
     @classmethod
     def from_pretrained(cls, path: str, model_n: int = 2, stride: int = 1, warm_up: int = 1,
-                        time_shift: bool = False, *, torch_dtype: torch.dtype | None = None,
-                        variant: str | None = None, plan: Plan | None = None, policy: str | BlockPolicy = "fine",
-                        layouts: tuple[str, ...] = LAYOUTS, max_slowdown: float = MAX_SLOWDOWN,
-                        call_kwargs: dict[str, Any] | None = None, cost: str = "flops",
+                        time_shift: bool = False, *, config: EngineConfig | None = None,
+                        torch_dtype: torch.dtype | None = None, variant: str | None = None, plan: Plan | None = None,
+                        call_kwargs: dict[str, Any] | None = None, text_encoders: str = "every",
                         **options: Any) -> AsyncDiff:
         """Load the diffusers pipeline at ``path`` (folder or hub id) with this rank holding only
         its stage's denoiser weights from the start (Note [stage-only loading] in
         :mod:`asyncdiff.adapters.loading`), the engine attached: ``async_diff.pipeline(prompt)``.
 
-        The plan is counted in FLOPs (or weight bytes) on the weight-free model (the same on every rank), unless
-        ``plan`` is given or cached. ``call_kwargs``: the call whose denoiser input the planner
-        traces (default: an empty prompt at the pipeline's default size). ``options``: as for
-        :class:`AsyncDiff`. ``cost="bytes"`` balances the weights each rank holds instead of the
-        FLOPs (for a model that does not fit one device). ``remove()`` gathers the whole denoiser
-        on every rank."""
+        The plan is counted on the weight-free model (the same on every rank) in FLOPs (the
+        default here, ``cost="flops"``) or in weight bytes (``cost="bytes"``: each rank holds about
+        1/N of the denoiser, for a model that does not fit one device), unless ``plan`` is given
+        or cached. ``call_kwargs``: the call whose denoiser input the planner traces (default: an
+        empty prompt at the pipeline's default size). ``options``, ``config``: as for
+        :class:`AsyncDiff`. ``remove()`` gathers the whole denoiser on every rank."""
         from diffusers import DiffusionPipeline
 
         from asyncdiff.adapters.loading import load_stage_only, read_model_index
 
-        if options.get("parallel") is not None:
-            raise ValueError(f"parallel={options['parallel']!r}: from_pretrained loads one stage per rank before "
+        if config is None:
+            options.setdefault("cost", "flops")
+        config = engine_config(config, model_n=model_n, stride=stride, warm_up=warm_up, time_shift=time_shift,
+                               **options)
+        if config.parallel is not None:
+            raise ValueError(f"parallel={config.parallel!r}: from_pretrained loads one stage per rank before "
                              f"the first call, when 'auto' would choose; give guidance, batch and model_n instead")
-        config = EngineConfig(model_n=model_n, stride=stride, warm_up=warm_up, time_shift=time_shift, policy=policy,
-                              cost=cost, layouts=tuple(layouts), max_slowdown=max_slowdown,
-                              guidance=options.get("guidance", 1), batch=options.get("batch", 1))
         _join_processes(config)
         rank = dist.get_rank() if dist.is_initialized() else 0
         device = local_device()
@@ -131,19 +114,19 @@ class AsyncDiff:
         folder, index = read_model_index(path)
         registered = registered_adapter(getattr(__import__("diffusers"), index["_class_name"], DiffusionPipeline))
         weight_free = {}
-        if options.get("text_encoders", "every") == "rank0" and rank != 0:  # Note [encoders on one rank]
+        if text_encoders == "rank0" and rank != 0:  # Note [encoders on one rank]
             from asyncdiff.adapters.loading import encoder_skeletons
 
             weight_free = encoder_skeletons(folder, index, torch_dtype, variant)
         load = load_stage_only(str(folder), denoiser_attr=registered.denoiser if registered else None,
-                               latent=registered.latent if registered else None, n_stages=model_n,
-                               stage=min(rank % config.stage_world, model_n - 1), device=device, torch_dtype=torch_dtype, variant=variant,
-                               plan=plan, policy=policy, layouts=config.plan_layouts, max_slowdown=max_slowdown,
+                               latent=registered.latent if registered else None, n_stages=config.model_n,
+                               stage=min(rank % config.stage_world, config.model_n - 1), device=device,
+                               torch_dtype=torch_dtype, variant=variant, plan=plan, policy=config.policy,
+                               layouts=config.plan_layouts, max_slowdown=config.max_slowdown,
                                bandwidth=config.planner_bandwidth(device), call_kwargs=call_kwargs,
-                               components=weight_free, cost=cost)
-        async_diff = cls(load.pipeline, model_n, stride, warm_up, time_shift, plan=load.plan, policy=policy, cost=cost,
-                         layouts=layouts, max_slowdown=max_slowdown, adapter=registered, released=load.released,
-                         **options)
+                               components=weight_free, cost=config.cost)
+        async_diff = cls(load.pipeline, config=config, plan=load.plan, text_encoders=text_encoders,
+                         adapter=registered, released=load.released)
         async_diff.engine.planning.plan_source = load.source
         return async_diff
 
@@ -199,6 +182,28 @@ def _guided(pipeline: Any) -> bool | None:
     except Exception:  # no such property, or one that reads a value this call has not set
         return None
     return bool(guided) if isinstance(guided, (bool, int)) else None
+
+
+SEED_DEFAULTS = {"model_n": 2, "stride": 1, "warm_up": 1, "time_shift": False}  # the seed API's arguments
+
+
+def engine_config(config: EngineConfig | None, **settings: Any) -> EngineConfig:
+    """Note [one config]: the API's settings as one :class:`EngineConfig`: ``config`` itself
+    (``settings`` may then only repeat it), or the config of ``settings``; an unknown setting
+    is an error that lists the known ones."""
+    known = {f.name for f in dataclasses.fields(EngineConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise TypeError(f"unknown setting(s) {', '.join(unknown)}; the engine's settings are the fields of "
+                        f"EngineConfig: {', '.join(sorted(known))}")
+    if config is None:
+        return EngineConfig(**settings)
+    differ = [f"{name}={value!r}" for name, value in settings.items()
+              if value != getattr(config, name) and not (name in SEED_DEFAULTS and value == SEED_DEFAULTS[name])]
+    if differ:
+        raise ValueError(f"{', '.join(differ)} given beside config={config!r}, which says otherwise; "
+                         f"put every setting in the config (dataclasses.replace(config, ...))")
+    return config
 
 
 def _join_processes(config: EngineConfig) -> None:

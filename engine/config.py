@@ -9,7 +9,8 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -20,7 +21,8 @@ from asyncdiff.partition.blocks import BlockPolicy
 from asyncdiff.partition.planner import LAYOUTS, MAX_SLOWDOWN
 from asyncdiff.partition.report import LINKS
 
-__all__ = ["DEADLINE_FACTOR", "DEADLINE_FLOOR_S", "TRANSFER_DTYPES", "EngineConfig", "check_warm_up", "stages_for"]
+__all__ = ["DEADLINE_FACTOR", "DEADLINE_FLOOR_S", "TRANSFER_DTYPES", "EngineConfig", "check_warm_up", "option",
+           "stages_for"]
 
 DEADLINE_FACTOR = 10.0  # Note [deadlines] in runtime.py: a wait may take this many median steps
 DEADLINE_FLOOR_S = 30.0  # and at least this long (a loaded machine's step varies)
@@ -35,61 +37,58 @@ def stages_for(devices: int, stride: int, data: int = 1) -> int:
     return devices // data - stride + 1
 
 
+def option(default: Any, help: str, **flag: Any) -> Any:
+    """A setting of :class:`EngineConfig` with its one-line ``help``: the command line derives its
+    flag from it (``--field-name``; ``flag``: ``name`` for another flag name, ``choices``,
+    ``type``, ``const`` for a flag that sets this value, ``metavar``). Note [one config]."""
+    return field(default=default, metadata={"help": help, **flag})
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How to split and run a denoiser. Validated here; no side effects.
 
-    ``model_n``: number of stages; ``stride``: denoising steps per parallel round; ``warm_up``:
-    sequential steps at the start of every pipeline call; ``policy``: block granularity;
-    ``cost``: what the planner balances (``"time"`` measured on rank 0, or ``"flops"``);
-    ``bandwidth``: the link the planner's communication term assumes: a preset name of
-    :data:`asyncdiff.partition.report.LINKS`, ``"auto"`` (``gloo`` on CPU, ``pcie`` on CUDA), or
-    ``None`` to plan for compute only;
-    ``layouts``: which plan shapes the planner may choose (``"contiguous"``, ``"wrapped"``);
-    ``max_slowdown``: the planner takes the least stale plan whose modelled step is within this
-    fraction of the fastest (Note [staleness] in :mod:`asyncdiff.partition.planner`; 0: the fastest);
-    ``replan``: plan anew even where the plan cache holds a plan for this call (Note [plan cache]
-    in :mod:`asyncdiff.partition.cache`), and overwrite it;
-    ``verify``: on the first call, check that the stage programs reproduce the denoiser before
-    relying on them (Note [verify] in :mod:`asyncdiff.partition.verify`; about two denoiser calls
-    on rank 0), and stop every rank with an error naming the first differing block if not;
-    ``transfer_dtype``: send boundary values of asynchronous steps in ``"bfloat16"`` or ``"float16"``
-    (half the bytes of float32) or ``"float8"`` (e4m3 with a per-tensor scale: a quarter), at a
-    rounding cost; warm-up and refresh steps still send exact values (Note [exact warm-up]);
-    ``refresh_every``: run every K-th step after warm-up sequentially again (stride 1);
-    ``refresh_drift``: run a step sequentially when the boundary values changed by more than this
-    relative amount over the last step (stride 1; Note [adaptive refresh]);
-    ``compile``: run this rank's stage programs under ``torch.compile`` (inductor). Each segment
-    is compiled on its first call; measured on an H200, an SD 1.5 stage ran 1.7x faster
-    (BENCHMARKS.md, GPU check). Compiled kernels round differently from eager ones (float noise);
-    ``guidance`` (1 or 2) and ``batch``: slices that each take a share of every denoiser call's
-    batch, exactly (Note [hybrid mesh] in :mod:`asyncdiff.engine.mesh`); the world is
-    ``guidance * batch * (model_n + stride - 1)`` processes;
-    ``parallel="auto"``: choose ``guidance``, ``batch`` and ``model_n`` for the world size at the
-    first call (Note [choosing the mesh] in :mod:`asyncdiff.partition.hybrid`); the given ones
-    are a placeholder until then.
+    Note [one config]: every setting of the engine is a field here, with its help text; the
+    ``AsyncDiff`` API takes the fields as keyword arguments (or a whole ``config=``), ``generate``
+    and ``bench`` carry this value to every process, and the command line derives each flag,
+    its type, choices, default and help from the field. So a new setting is one field (and its
+    check in ``__post_init__``), and it is a flag, an API argument and part of every run's
+    settings at once.
     """
 
-    model_n: int
-    stride: int = 1
-    warm_up: int = 1
-    time_shift: bool = False
-    policy: str | BlockPolicy = "fine"
-    cost: str = "time"
-    bandwidth: str | None = "auto"
-    profile_repeats: int = 3
-    timeout_s: float = 300.0
-    layouts: tuple[str, ...] = LAYOUTS
-    transfer_dtype: str | None = None
-    refresh_every: int | None = None
-    refresh_drift: float | None = None
-    compile: bool = False
-    max_slowdown: float = MAX_SLOWDOWN
-    replan: bool = False
-    verify: bool = True
-    guidance: int = 1
-    batch: int = 1
-    parallel: str | None = None
+    model_n: int = field(metadata={"help": "number of stages (the command line derives it from --devices)"})
+    stride: int = option(1, "denoising steps per parallel round; with D processes the denoiser is cut into "
+                            "D - stride + 1 stages (Note [stride 2])", choices=(1, 2))
+    warm_up: int = option(1, "sequential steps at the start of every pipeline call", type="non_negative")
+    time_shift: bool = option(False, "feed stages the previous step's timestep after warm-up")
+    policy: str | BlockPolicy = option("fine", "block granularity", choices=("coarse", "fine", "finer"))
+    cost: str = option("time", "what the planner balances: measured time (rank 0), FLOPs, or the weight bytes each "
+                               "rank holds", choices=COSTS)
+    bandwidth: str | None = option("auto", "the link the planner's communication term assumes (auto: gloo on "
+                                           "CPU, pcie on CUDA)", choices=("auto", *sorted(LINKS)))
+    profile_repeats: int = 3  # timed runs per block when cost="time" (the median is taken)
+    timeout_s: float = option(300.0, "the longest any rank waits for another, seconds (Note [deadlines])",
+                              name="timeout", type=float)
+    layouts: tuple[str, ...] = option(LAYOUTS, "plan shapes the planner may choose, comma-separated: contiguous, "
+                                               "wrapped (stage 0 runs the first and the last blocks)", type="layouts")
+    transfer_dtype: str | None = option(None, "send boundary values of asynchronous steps in this narrower dtype "
+                                              "(float8: e4m3 with a per-tensor scale; warm-up and refresh steps stay "
+                                              "exact)", choices=tuple(TRANSFER_DTYPES))
+    refresh_every: int | None = option(None, "run every K-th step after warm-up sequentially again (stride 1)",
+                                       type="positive", metavar="K")
+    refresh_drift: float | None = option(None, "run a step sequentially when the boundary values moved by more "
+                                               "than this (relative) over the last step (stride 1)", type=float)
+    compile: bool = option(False, "run each rank's stage programs under torch.compile")
+    max_slowdown: float = option(MAX_SLOWDOWN, "take the least stale plan within this fraction of the fastest "
+                                               "modelled step (0: the fastest; Note [staleness])", type=float)
+    replan: bool = option(False, "plan anew instead of reusing the cached plan of this call (Note [plan cache])")
+    verify: bool = option(True, "on the first call, check that the split reproduces the denoiser (Note [verify])")
+    guidance: int = option(1, "split each denoiser call's guidance halves over two slices of processes (exact; "
+                              "needs a pipeline with classifier-free guidance)", name="guidance-parallel", const=2)
+    batch: int = option(1, "split the prompt batch over D slices (exact; needs a batch divisible by D)",
+                        name="batch-parallel", type="positive", metavar="D")
+    parallel: str | None = option(None, "auto: choose guidance, batch and stage degrees for the processes at the "
+                                        "first call (Note [choosing the mesh])", choices=("auto",))
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_n, int) or self.model_n < 1:
@@ -127,6 +126,8 @@ class EngineConfig:
             raise ValueError(f"batch={self.batch!r} must be an integer >= 1 (slices the prompt batch is split over)")
         if self.parallel not in (None, "auto"):
             raise ValueError(f"parallel={self.parallel!r} must be None (the degrees as given) or 'auto'")
+        if not isinstance(self.timeout_s, (int, float)) or not self.timeout_s > 0:
+            raise ValueError(f"timeout_s={self.timeout_s!r} must be a number of seconds > 0 (the longest wait for a peer)")
         if self.profile_repeats < 1:
             raise ValueError(f"profile_repeats={self.profile_repeats} must be >= 1")
         BlockPolicy.parse(self.policy)

@@ -91,11 +91,6 @@ class StageProgram:
     recv: tuple[Transfer, ...]
     send: tuple[Transfer, ...]
 
-    def peers(self, direction: str) -> tuple[int, ...]:
-        """Stages this one receives from (``"recv"``) or sends to (``"send"``), ascending."""
-        transfers = self.recv if direction == "recv" else self.send
-        return tuple(sorted({t.src if direction == "recv" else t.dst for t in transfers}))
-
 
 @dataclass(frozen=True)
 class SplitDenoiser:

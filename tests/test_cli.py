@@ -212,3 +212,41 @@ def test_demo_puts_the_sequential_and_the_parallel_digits_side_by_side(tmp_path)
     assert "sequential (left) and on 2 processes" in done.stderr
     with Image.open(out) as picture:  # two 4 x 4 grids of 64-pixel tiles with 4-pixel gaps, 24 pixels apart
         assert picture.size == (2 * (4 * 64 + 3 * 4) + 24, 4 * 64 + 3 * 4)
+
+
+def test_engine_flags_are_derived_from_engine_config(capsys):
+    """Note [one config]: every EngineConfig setting is a flag with the field's help and default,
+    and the flags come back as one EngineConfig for the run."""
+    import dataclasses
+
+    from asyncdiff.cli import _engine_settings, _parser
+    from asyncdiff.engine.config import EngineConfig
+    from asyncdiff.generate import GenerateSpec
+
+    parser = _parser()
+    args = parser.parse_args(["generate", "--devices", "3", "--stride", "2", "--transfer-dtype", "bfloat16",
+                              "--no-verify", "--layouts", "contiguous", "--timeout", "60", "--max-slowdown", "0"])
+    config = GenerateSpec(devices=3, engine=_engine_settings(args)).config
+    assert config == EngineConfig(model_n=2, stride=2, transfer_dtype="bfloat16", verify=False, layouts=("contiguous",),
+                                  timeout_s=60.0, max_slowdown=0.0)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(EngineConfig):
+        if "help" in f.metadata and f.name != "model_n":
+            assert " ".join(f.metadata["help"].split()) in text, f.name
+    assert main(["generate", "--devices", "2", "--timeout", "0"]) == 2
+    assert "timeout_s=0.0 must be a number of seconds > 0" in capsys.readouterr().err
+
+
+def test_api_settings_are_engine_config_fields():
+    from asyncdiff.adapters.api import engine_config
+    from asyncdiff.engine.config import EngineConfig
+
+    assert engine_config(None, model_n=2, cost="flops") == EngineConfig(model_n=2, cost="flops")
+    with pytest.raises(TypeError, match="unknown setting.s. transfer_dtypes; the engine's settings are the fields"):
+        engine_config(None, model_n=2, transfer_dtypes="bfloat16")
+    given = EngineConfig(model_n=4, warm_up=3)
+    assert engine_config(given, model_n=2, warm_up=1) is given  # the seed API's defaults do not override it
+    with pytest.raises(ValueError, match="warm_up=2 given beside config"):
+        engine_config(given, warm_up=2)

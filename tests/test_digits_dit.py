@@ -43,10 +43,10 @@ def test_class_labels_are_checked(pipe) -> None:
 def test_two_processes_at_full_warm_up_give_the_sequential_digits() -> None:
     steps = 4
     sequential = run(GenerateSpec(pipeline="digits-dit", devices=1, steps=steps))["latents"]
-    exact = run(GenerateSpec(pipeline="digits-dit", devices=2, steps=steps, warm_up=steps))["latents"]
+    exact = run(GenerateSpec(pipeline="digits-dit", devices=2, steps=steps, engine={"warm_up": steps}))["latents"]
     assert tuple(sequential.shape) == (16, 1, 16, 16)
     torch.testing.assert_close(exact, sequential, rtol=1e-5, atol=1e-5)
-    stale = run(GenerateSpec(pipeline="digits-dit", devices=2, steps=steps, warm_up=1))["latents"]
+    stale = run(GenerateSpec(pipeline="digits-dit", devices=2, steps=steps, engine={"warm_up": 1}))["latents"]
     psnr = deviation(stale, sequential)["psnr"]
     print(f"\ndigits DiT on 2 processes, warm-up 1 of {steps}: PSNR {psnr:.1f} dB against sequential")
     assert 10.0 < psnr < float("inf")  # stale inputs: close to the sequential digits, not equal

@@ -217,7 +217,7 @@ def system_scenarios(name: str, steps: int, stride: int) -> dict[str, Any]:
     from asyncdiff.models.builders import BUILDERS
 
     world = dist.get_world_size()
-    spec = GenerateSpec(pipeline=name, devices=world, stride=stride, steps=steps, warm_up=steps)
+    spec = GenerateSpec(pipeline=name, devices=world, steps=steps, engine={"stride": stride, "warm_up": steps})
     pipe = BUILDERS[name]("tiny", 0)
 
     def final_latents() -> torch.Tensor:
@@ -556,7 +556,7 @@ def encoder_scenarios(name: str, steps: int) -> dict[str, Any]:
     from asyncdiff.models.builders import system
 
     pipe = system(name).build("tiny", 0)
-    spec = GenerateSpec(pipeline=name, devices=dist.get_world_size(), steps=steps, warm_up=1)
+    spec = GenerateSpec(pipeline=name, devices=dist.get_world_size(), steps=steps)
 
     def run() -> torch.Tensor:
         keep: dict[str, torch.Tensor] = {}

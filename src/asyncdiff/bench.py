@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from asyncdiff.engine.runtime import stages_for
+from asyncdiff.engine.config import stages_for
 from asyncdiff.generate import GenerateSpec, run
 
 __all__ = ["SLICES", "BenchRow", "bench", "format_rows", "plot_rows"]
@@ -62,17 +62,18 @@ def _settings(n: int, stride: int, slices: list[str]) -> list[dict[str, Any]]:
 def bench(base: GenerateSpec, devices: list[int], strides: list[int], slices: list[str] | None = None) -> list[BenchRow]:
     """Run the sequential reference, then every valid (devices, stride, slices) setting of ``base``
     (``slices``: guidance x batch settings of :data:`SLICES`; default stages only)."""
-    reference = run(replace(base, devices=1, stride=1, out=None))
+    warm_up = base.config.warm_up
+    reference = run(replace(base, devices=1, out=None, engine={**base.engine, "stride": 1}))
     sequential_step = reference["denoise_s"] / base.steps  # a step may be several calls (Note [branches])
-    rows = [BenchRow(1, 1, base.warm_up, reference["denoise_s"], 1.0, 0.0, 0.0, 0, sequential_step, 0.0,
+    rows = [BenchRow(1, 1, warm_up, reference["denoise_s"], 1.0, 0.0, 0.0, 0, sequential_step, 0.0,
                      max(reference["denoiser_mb"]), max(reference["peak_mb"]), "sequential")]
     for n in sorted(set(devices) - {1}):
         for stride, setting in ((s, m) for s in strides for m in _settings(n, s, slices or ["1x1"])):
-            result = run(replace(base, devices=n, stride=stride, out=None, **setting))
+            result = run(replace(base, devices=n, out=None, engine={**base.engine, "stride": stride, **setting}))
             mesh = setting.get("parallel") or f"{setting['guidance']}x{setting['batch']}"
             delta = result["latents"].float() - reference["latents"].float()
             rows.append(BenchRow(
-                n, stride, base.warm_up, result["denoise_s"], reference["denoise_s"] / result["denoise_s"],
+                n, stride, warm_up, result["denoise_s"], reference["denoise_s"] / result["denoise_s"],
                 (delta.norm() / reference["latents"].float().norm()).item(), delta.abs().max().item(),
                 result.get("bytes_sent_per_step", 0), result.get("step_s", 0.0), result.get("predicted_step_s", 0.0),
                 max(result["denoiser_mb"]), max(result["peak_mb"]), "stages" if mesh == "1x1" else mesh,
@@ -119,6 +120,7 @@ def plot_rows(rows: list[BenchRow], path: str, title: str) -> None:
 
 
 def to_json(rows: list[BenchRow], spec: GenerateSpec) -> str:
-    setting: dict[str, Any] = {k: v for k, v in asdict(spec).items() if k not in ("extra", "out", "devices", "stride")}
+    setting: dict[str, Any] = {k: v for k, v in asdict(spec).items() if k not in ("engine", "out", "devices")}
+    setting.update((k, v) for k, v in spec.engine.items() if k != "stride")
     return json.dumps({"setting": setting, "torch_threads": torch.get_num_threads(),
                        "rows": [asdict(r) for r in rows]}, indent=1)

@@ -7,11 +7,13 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 __all__ = ["main"]
 
@@ -31,10 +33,8 @@ def _non_negative(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from asyncdiff.engine.runtime import TRANSFER_DTYPES
     from asyncdiff.models.builders import SYSTEMS
     from asyncdiff.models.common import SIZE_NAMES
-    from asyncdiff.partition.planner import MAX_SLOWDOWN
     from asyncdiff.partition.report import LINKS
 
     from importlib.metadata import version
@@ -56,35 +56,21 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--size", default="tiny", choices=SIZE_NAMES, help="built-in model size")
     gen.add_argument("--model", default=None, help="local folder or hub id to load real weights from")
     gen.add_argument("--devices", type=_positive, default=2, help="processes; 1 runs the plain pipeline")
-    gen.add_argument("--stride", type=int, default=1, choices=(1, 2),
-                     help="steps per parallel round; with --devices D the denoiser is cut into D - stride + 1 stages")
     gen.add_argument("--steps", type=_positive, default=20, help="denoising steps")
-    gen.add_argument("--warm-up", type=_non_negative, default=1, help="sequential steps per call")
-    gen.add_argument("--time-shift", action="store_true", help="feed stages the previous step's timestep")
-    gen.add_argument("--refresh-every", type=_positive, default=None,
-                     help="run every K-th step after warm-up sequentially (stride 1): fidelity for speed")
-    gen.add_argument("--refresh-drift", type=float, default=None,
-                     help="run a step sequentially when boundary values moved by more than this (relative)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     gen.add_argument("--prompt", default="a photo of a cat", help="text prompt (pipelines that take one)")
     gen.add_argument("--out", default=None, help="image (.png) or video (.gif, .mp4) written by rank 0; "
                      "default out.png, or out.gif for video pipelines")
     gen.add_argument("--threads-per-device", type=_positive, default=1, help="torch threads per process")
-    gen.add_argument("--policy", default="fine", choices=("coarse", "fine", "finer"), help="block granularity")
-    gen.add_argument("--cost", default="time", choices=("time", "flops", "bytes"),
-                     help="what the planner balances: measured time, FLOPs, or the weight bytes each rank holds "
-                     "(with --model, each rank then loads about 1/N of the denoiser; --model plans on FLOPs otherwise)")
     gen.add_argument("--plan", default=None, help="plan JSON (from asyncdiff inspect --json) to use instead of planning")
-    gen.add_argument("--max-slowdown", type=float, default=MAX_SLOWDOWN,
-                     help="take the least stale plan within this fraction of the fastest modelled step")
-    gen.add_argument("--replan", action="store_true", help="plan anew instead of reusing the cached plan")
     gen.add_argument("--image", default=None, help="input picture: first frame, control picture, picture to "
                      "inpaint or upscale (default: a built-in picture)")
     gen.add_argument("--mask", default=None, help="inpainting mask picture (default: a built-in mask)")
-    gen.add_argument("--transfer-dtype", default=None, choices=tuple(TRANSFER_DTYPES),
-                     help="send boundary values of asynchronous steps in this narrower dtype "
-                     "(float8: e4m3 with a per-tensor scale)")
-    _add_mesh_options(gen)
+    gen.add_argument("--text-encoders", default="every", choices=("every", "rank0"),
+                     help="rank0: only rank 0 keeps the text encoders and broadcasts the prompt embeddings")
+    _add_call_options(gen)
+    _add_engine_options(gen, title="engine settings (the fields of EngineConfig; with --model, --cost time plans "
+                        "on FLOPs and bytes makes each rank load about 1/N of the denoiser)")
 
     ins = commands.add_parser("inspect", help="plan a split and show it, without running anything in parallel",
                               formatter_class=defaults)
@@ -99,11 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--cost", default="flops", choices=("time", "flops"),
                      help="flops: on meta tensors, no weights needed; time: measured on this machine")
     ins.add_argument("--bandwidth", default="nvlink", choices=sorted(LINKS), help="link preset for the step model")
-    ins.add_argument("--policy", default="fine", choices=("coarse", "fine", "finer"), help="block granularity")
     ins.add_argument("--plan", default=None, help="report this plan JSON instead of planning")
-    ins.add_argument("--max-slowdown", type=float, default=MAX_SLOWDOWN,
-                     help="take the least stale plan within this fraction of the fastest modelled step")
-    ins.add_argument("--replan", action="store_true", help="plan anew instead of reading the plan cache")
+    _add_engine_options(ins, only=("policy", "max_slowdown", "replan"))
     ins.add_argument("--drift", type=int, default=0, metavar="STEPS",
                      help="run STEPS real steps and predict each plan's drift from stale inputs (loads real weights)")
     ins.add_argument("--prompt", default="a photo of a cat")
@@ -117,34 +100,65 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--devices", default="1,2", help="comma-separated process counts, e.g. 1,2,3")
     bench.add_argument("--stride", default="1", help="comma-separated strides, e.g. 1,2")
     bench.add_argument("--steps", type=_positive, default=50)
-    bench.add_argument("--warm-up", type=_non_negative, default=2)
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--prompt", default="a photo of a cat")
     bench.add_argument("--threads-per-device", type=_positive, default=1)
-    bench.add_argument("--cost", default="time", choices=("time", "flops"),
-                       help="what the planner balances (flops: the same plan in every run)")
-    bench.add_argument("--transfer-dtype", default=None, choices=tuple(TRANSFER_DTYPES))
-    bench.add_argument("--refresh-every", type=_positive, default=None)
     bench.add_argument("--slices", default="1x1", help="comma-separated guidance x batch settings to run at each "
                        "device count, of 1x1 (stages only), 2x1, 1x2, 2x2 and auto, e.g. 1x1,2x1,auto")
     _add_call_options(bench)
+    _add_engine_options(bench, exclude=("stride", "guidance", "batch", "parallel"),
+                        title="engine settings (the fields of EngineConfig)", warm_up=2)
     bench.add_argument("--json", dest="json_path", default=None, help="write the rows as JSON")
     bench.add_argument("--plot", default=None, help="write a PNG of speed-up against devices")
     return parser
 
 
-def _add_mesh_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--guidance-parallel", action="store_true",
-                        help="split each denoiser call's guidance halves over two slices of devices/2 processes "
-                        "(exact; needs a pipeline that batches its guidance)")
-    parser.add_argument("--batch-parallel", type=_positive, default=1, metavar="D",
-                        help="split the prompt batch over D slices (exact; needs a batch divisible by D)")
-    parser.add_argument("--parallel", default=None, choices=("auto",),
-                        help="auto: choose guidance, batch and stage degrees for --devices at the first call "
-                        "and print the modelled alternatives")
-    parser.add_argument("--text-encoders", default="every", choices=("every", "rank0"),
-                        help="rank0: only rank 0 keeps the text encoders and broadcasts the prompt embeddings")
-    _add_call_options(parser)
+_TYPES: dict[str, Callable[[str], Any]] = {"positive": _positive, "non_negative": _non_negative}
+
+
+def _add_engine_options(parser: argparse.ArgumentParser, only: Sequence[str] = (), exclude: Sequence[str] = (),
+                        title: str | None = None, **defaults: Any) -> None:
+    """Note [one config] in engine/config.py: a flag per :class:`EngineConfig` field (or those in
+    ``only``), with the field's help, type, choices and default (``defaults`` overrides one), in
+    a group named ``title``; :func:`_engine_settings` reads them back."""
+    from asyncdiff.engine.config import EngineConfig
+
+    names = []
+    group = parser.add_argument_group(title) if title else parser
+
+    for f in dataclasses.fields(EngineConfig):
+        meta = dict(f.metadata)
+        if "help" not in meta or f.name in exclude or (only and f.name not in only) or f.name == "model_n":
+            continue
+        flag = "--" + meta.pop("name", f.name.replace("_", "-"))
+        default = defaults.get(f.name, f.default)
+        kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": meta.pop("help")}
+        if "const" in meta:
+            kwargs.update(action="store_const", const=meta.pop("const"))
+        elif isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.name == "layouts":
+            kwargs.update(type=_layouts, default=",".join(default))
+        else:
+            kind = meta.pop("type", None)
+            kwargs["type"] = _TYPES.get(kind, kind) if kind else type(default) if default is not None else str
+            kwargs.update(meta)
+        group.add_argument(flag, **kwargs)
+        names.append(f.name)
+    parser.set_defaults(engine_fields=tuple(names))
+
+
+def _layouts(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def _engine_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine settings the command line gave (Note [one config]): the flags of EngineConfig's fields."""
+
+    settings = {name: getattr(args, name) for name in args.engine_fields}
+    if isinstance(settings.get("layouts"), str):
+        settings["layouts"] = _layouts(settings["layouts"])
+    return settings
 
 
 def _add_call_options(parser: argparse.ArgumentParser) -> None:
@@ -175,10 +189,10 @@ def _bench(args: argparse.Namespace) -> int:
     slices = [v.strip() for v in args.slices.split(",") if v.strip()]
     if not slices or set(slices) - set(SLICES):
         raise ValueError(f"--slices={args.slices!r} must list settings of {', '.join(SLICES)}")
-    spec = GenerateSpec(pipeline=args.pipeline, size=args.size, steps=args.steps, warm_up=args.warm_up, seed=args.seed,
-                        prompt=args.prompt, threads_per_device=args.threads_per_device, devices=1, out=None,
-                        transfer_dtype=args.transfer_dtype, refresh_every=args.refresh_every, cost=args.cost,
-                        images_per_prompt=args.images_per_prompt, guidance_scale=args.guidance_scale)
+    spec = GenerateSpec(pipeline=args.pipeline, size=args.size, steps=args.steps, seed=args.seed, prompt=args.prompt,
+                        threads_per_device=args.threads_per_device, devices=1, out=None,
+                        images_per_prompt=args.images_per_prompt, guidance_scale=args.guidance_scale,
+                        engine=_engine_settings(args))
     rows = bench(spec, devices, strides, slices)
     print(format_rows(rows))
     if args.json_path:
@@ -230,15 +244,10 @@ def _generate(args: argparse.Namespace) -> int:
     if args.out is None:
         args.out = "out.gif" if args.pipeline in VIDEO_PIPELINES and not args.model else "out.png"
     spec = GenerateSpec(
-        pipeline=args.pipeline, size=args.size, model=args.model, devices=args.devices, stride=args.stride,
-        steps=args.steps, warm_up=args.warm_up, time_shift=args.time_shift, refresh_every=args.refresh_every,
-        refresh_drift=args.refresh_drift,
-        seed=args.seed, prompt=args.prompt, out=args.out,
-        threads_per_device=args.threads_per_device, policy=args.policy, cost=args.cost, plan=args.plan,
-        image=args.image, mask=args.mask, transfer_dtype=args.transfer_dtype,
-        max_slowdown=args.max_slowdown, replan=args.replan, guidance=2 if args.guidance_parallel else 1,
-        batch=args.batch_parallel, parallel=args.parallel, images_per_prompt=args.images_per_prompt,
-        guidance_scale=args.guidance_scale, text_encoders=args.text_encoders,
+        pipeline=args.pipeline, size=args.size, model=args.model, devices=args.devices, steps=args.steps,
+        seed=args.seed, prompt=args.prompt, out=args.out, threads_per_device=args.threads_per_device, plan=args.plan,
+        image=args.image, mask=args.mask, images_per_prompt=args.images_per_prompt,
+        guidance_scale=args.guidance_scale, text_encoders=args.text_encoders, engine=_engine_settings(args),
     )
     result = run(spec)
     if int(os.environ.get("RANK", 0)) == 0:

@@ -26,8 +26,8 @@ def demo(devices: int = 2, steps: int = 25, warm_up: int = 2, seed: int = 0, out
     """Run the digits model sequentially and on ``devices`` processes; save both grids to ``out``."""
     from asyncdiff.fidelity import classify, deviation
 
-    base = GenerateSpec(pipeline="digits", devices=1, steps=steps, warm_up=warm_up, seed=seed,
-                        out=None)
+    base = GenerateSpec(pipeline="digits", devices=1, steps=steps, seed=seed, out=None,
+                        engine={"warm_up": warm_up})
     if devices < 2:
         raise ValueError(f"devices={devices} must be >= 2: the demo compares one process with several")
     sequential = run(base)

@@ -9,9 +9,11 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,42 +22,34 @@ import torch
 import torch.distributed as dist
 
 from asyncdiff.models.builders import VIDEO_SYSTEMS as VIDEO_PIPELINES
-from asyncdiff.partition.planner import MAX_SLOWDOWN
 
 __all__ = ["VIDEO_PIPELINES", "GenerateSpec", "final_latents", "run", "save_output", "worker"]
 
 
 @dataclass(frozen=True)
 class GenerateSpec:
+    """One run: which pipeline, how it is called, on how many processes; ``engine``: the engine's
+    settings, fields of :class:`~asyncdiff.engine.config.EngineConfig` (``model_n`` comes from
+    ``devices``; Note [one config]), e.g. ``{"warm_up": 2, "transfer_dtype": "bfloat16"}``. Every
+    check that can run before processes start runs here, so a user error reads the same at any
+    device count."""
+
     pipeline: str = "sd15"
     size: str = "tiny"
     model: str | None = None
     devices: int = 2
-    stride: int = 1
     steps: int = 20
-    warm_up: int = 1
-    time_shift: bool = False
     seed: int = 0
     prompt: str = "a photo of a cat"
     out: str | None = None
     threads_per_device: int = 1
-    policy: str = "fine"
-    cost: str = "time"
     image: str | None = None  # input picture (first frame, control picture, picture to inpaint or upscale)
     mask: str | None = None  # inpainting mask
     plan: str | None = None  # a plan JSON file to use instead of planning
-    transfer_dtype: str | None = None  # "bfloat16" / "float16" / "float8": narrower boundary transfers
-    refresh_every: int | None = None  # a sequential step every K steps after warm-up
-    refresh_drift: float | None = None  # a sequential step when boundary values drift past this
-    max_slowdown: float = MAX_SLOWDOWN  # modelled speed the planner gives up for a less stale plan
-    replan: bool = False  # plan anew instead of reusing the cached plan of this call
-    guidance: int = 1  # 2: the guidance halves of each denoiser call on two slices (Note [hybrid mesh])
-    batch: int = 1  # slices the prompt batch is split over
-    parallel: str | None = None  # "auto": choose guidance, batch and stages at the first call
     images_per_prompt: int = 1  # the pipeline's num_images_per_prompt
     guidance_scale: float | None = None  # the pipeline's guidance_scale (None: its default)
     text_encoders: str = "every"  # "rank0": only rank 0 keeps them (Note [encoders on one rank])
-    extra: dict[str, Any] = field(default_factory=dict)
+    engine: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from asyncdiff.models.builders import system
@@ -87,38 +81,39 @@ class GenerateSpec:
         for name in ("devices", "steps", "threads_per_device", "images_per_prompt"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
-        if self.warm_up < 0:
-            raise ValueError(f"warm-up={self.warm_up} must be >= 0")
+        config = self.config  # the engine's own checks
         if self.devices > 1:
-            data = self.guidance * self.batch
-            if self.parallel is None and self.devices % data:
-                raise ValueError(f"devices={self.devices} is not a multiple of guidance={self.guidance} x "
-                                 f"batch={self.batch} = {data} slices; use devices = a multiple of {data}")
-            if self.parallel is None and self.stages < (2 if data == 1 else 1):
+            data = config.data
+            if config.parallel is None and self.devices % data:
+                raise ValueError(f"devices={self.devices} is not a multiple of guidance={config.guidance} x "
+                                 f"batch={config.batch} = {data} slices; use devices = a multiple of {data}")
+            if config.parallel is None and self.stages < (2 if data == 1 else 1):
                 fewer = "2 stages" if data == 1 else f"1 stage in each of {data} slices"
-                raise ValueError(f"devices={self.devices} with stride={self.stride} leaves fewer than {fewer}; "
-                                 f"use devices >= {data * (self.stride + (1 if data == 1 else 0))}")
-            self.engine_config()
-        elif self.guidance * self.batch > 1 or self.parallel is not None:
+                raise ValueError(f"devices={self.devices} with stride={config.stride} leaves fewer than {fewer}; "
+                                 f"use devices >= {data * (config.stride + (1 if data == 1 else 0))}")
+        elif config.data > 1 or config.parallel is not None:
             raise ValueError("guidance/batch parallelism and parallel='auto' need devices >= 2")
 
     @property
     def stages(self) -> int:
-        from asyncdiff.engine.runtime import stages_for
+        """Stages per slice for ``devices`` (a placeholder under ``parallel="auto"`` until the first
+        call chooses; 1: the plain pipeline)."""
+        from asyncdiff.engine.config import stages_for
 
-        if self.parallel == "auto":
-            return stages_for(self.devices, self.stride)  # a placeholder until the first call chooses
-        return stages_for(self.devices, self.stride, self.guidance * self.batch) if self.devices > 1 else 1
+        settings = self.engine
+        stride = settings.get("stride", 1)
+        if self.devices == 1:
+            return 1
+        if settings.get("parallel") == "auto":
+            return stages_for(self.devices, stride)
+        return stages_for(self.devices, stride, settings.get("guidance", 1) * settings.get("batch", 1))
 
-    def engine_config(self) -> Any:
-        """The engine's settings of this run (validated there)."""
-        from asyncdiff.engine.runtime import EngineConfig
+    @property
+    def config(self) -> Any:
+        """The engine's settings of this run, as one validated :class:`EngineConfig`."""
+        from asyncdiff.adapters.api import engine_config
 
-        return EngineConfig(model_n=max(1, self.stages), stride=self.stride, warm_up=self.warm_up,
-                            time_shift=self.time_shift, policy=self.policy, cost=self.cost,
-                            transfer_dtype=self.transfer_dtype, refresh_every=self.refresh_every,
-                            refresh_drift=self.refresh_drift, max_slowdown=self.max_slowdown, replan=self.replan,
-                            guidance=self.guidance, batch=self.batch, parallel=self.parallel)
+        return engine_config(None, **{**self.engine, "model_n": max(1, self.stages)})
 
 
 def _looks_local(model: str) -> bool:
@@ -273,20 +268,16 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
 
             with open(spec.plan) as f:
                 plan = Plan.from_json(f.read())
-        options = dict(plan=plan, policy=spec.policy, transfer_dtype=spec.transfer_dtype,
-                       refresh_every=spec.refresh_every, refresh_drift=spec.refresh_drift,
-                       max_slowdown=spec.max_slowdown, replan=spec.replan, guidance=spec.guidance,
-                       batch=spec.batch, text_encoders=spec.text_encoders)
+        config = spec.config
         if spec.model is not None:  # each rank reads only its stage's weights (Note [stage-only loading])
-            async_diff = AsyncDiff.from_pretrained(spec.model, spec.stages, spec.stride, spec.warm_up,
-                                                   spec.time_shift, cost="bytes" if spec.cost == "bytes" else "flops",
-                                                   **options)
+            planned = config if config.cost == "bytes" else dataclasses.replace(config, cost="flops")
+            async_diff = AsyncDiff.from_pretrained(spec.model, config=planned, plan=plan,
+                                                   text_encoders=spec.text_encoders)
             pipe = async_diff.pipeline
         else:
             pipe = _load_pipeline(spec)
-            async_diff = AsyncDiff(pipe, model_n=spec.stages, stride=spec.stride, warm_up=spec.warm_up,
-                                   time_shift=spec.time_shift, cost=spec.cost, parallel=spec.parallel, **options)
-        async_diff.reset_state(warm_up=spec.warm_up)
+            async_diff = AsyncDiff(pipe, config=config, plan=plan, text_encoders=spec.text_encoders)
+        async_diff.reset_state()
     else:
         pipe = _load_pipeline(spec)
     pipe.set_progress_bar_config(disable=rank != 0, leave=True)  # the bar ends its line: the JSON stays alone
@@ -303,10 +294,10 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
     memory = memory_per_rank(denoiser, list(text_encoders(pipe).values()))
     result: dict[str, Any] = {
         "pipeline": spec.model or spec.pipeline, "size": "loaded" if spec.model else spec.size,
-        "devices": spec.devices, "stride": spec.stride,
-        "stages": spec.stages, "steps": spec.steps, "warm_up": spec.warm_up, "time_shift": spec.time_shift,
-        "refresh_every": spec.refresh_every, "refresh_drift": spec.refresh_drift,
-        "seed": spec.seed,
+        "devices": spec.devices, "stride": spec.config.stride,
+        "stages": spec.stages, "steps": spec.steps, "warm_up": spec.config.warm_up,
+        "time_shift": spec.config.time_shift, "refresh_every": spec.config.refresh_every,
+        "refresh_drift": spec.config.refresh_drift, "seed": spec.seed,
         # the loop's wall time without the one-off trace/profile/plan of the first call (plan_s)
         "denoise_s": round(timer.seconds - plan_s, 4), "plan_s": round(plan_s, 4),
         "denoiser_calls": timer.calls, "out": spec.out, **memory,
