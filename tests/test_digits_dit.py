@@ -1,14 +1,14 @@
 """The shipped digits DiT (:mod:`asyncdiff.models.digits_dit`) draws the digits it is asked for,
 as the shipped classifier reads them, and runs split over processes: on 2 processes with every
-step a warm-up step it gives the sequential digits (``tests/test_systems.py`` runs it on 3 with
-stride 2 too)."""
+step a warm-up step it gives the sequential digits, through ``asyncdiff generate``'s path
+(``tests/test_systems.py`` runs it with stale inputs too, and on 3 processes with stride 2)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from asyncdiff.fidelity import classify, deviation
+from asyncdiff.fidelity import classify
 from asyncdiff.generate import GenerateSpec, run
 from asyncdiff.models.digits_dit import CLASSES, build_digits_dit
 
@@ -46,7 +46,3 @@ def test_two_processes_at_full_warm_up_give_the_sequential_digits() -> None:
     exact = run(GenerateSpec(pipeline="digits-dit", devices=2, steps=steps, engine={"warm_up": steps}))["latents"]
     assert tuple(sequential.shape) == (16, 1, 16, 16)
     torch.testing.assert_close(exact, sequential, rtol=1e-5, atol=1e-5)
-    stale = run(GenerateSpec(pipeline="digits-dit", devices=2, steps=steps, engine={"warm_up": 1}))["latents"]
-    psnr = deviation(stale, sequential)["psnr"]
-    print(f"\ndigits DiT on 2 processes, warm-up 1 of {steps}: PSNR {psnr:.1f} dB against sequential")
-    assert 10.0 < psnr < float("inf")  # stale inputs: close to the sequential digits, not equal
