@@ -104,7 +104,7 @@ class StageChannel:
             self.buffers[key, False] = self.buffers[key, True] if transfer_dtype is None else \
                 torch.empty(self.layouts[key].nbytes, dtype=torch.uint8, device=device)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # Note [overlap]
-        self.deadline: datetime.timedelta | None = None  # how long a wait may take (Note [deadlines] in runtime.py)
+        self.deadline: datetime.timedelta | None = None  # how long a wait may take (Note [deadlines] in config.py)
 
     @property
     def recv_keys(self) -> list[Key]:

@@ -9,6 +9,8 @@ Example:
 
 from __future__ import annotations
 
+import datetime
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +26,7 @@ from asyncdiff.partition.report import LINKS
 __all__ = ["DEADLINE_FACTOR", "DEADLINE_FLOOR_S", "TRANSFER_DTYPES", "EngineConfig", "check_warm_up", "option",
            "stages_for"]
 
-DEADLINE_FACTOR = 10.0  # Note [deadlines] in runtime.py: a wait may take this many median steps
+DEADLINE_FACTOR = 10.0  # Note [deadlines] (EngineConfig.deadline): a wait may take this many median steps
 DEADLINE_FLOOR_S = 30.0  # and at least this long (a loaded machine's step varies)
 TRANSFER_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float8": FP8}  # wire dtypes by name
 
@@ -132,6 +134,19 @@ class EngineConfig:
             raise ValueError(f"profile_repeats={self.profile_repeats} must be >= 1")
         BlockPolicy.parse(self.policy)
         self.schedule(self.warm_up)  # validates refresh_every against stride
+
+    def deadline(self, measured: Sequence[float], new: bool) -> datetime.timedelta:
+        """Note [deadlines]: how long a step may wait for its peers, given the
+        ``measured`` times of recent steps. A wait that outlasts it means a peer failed or stalled,
+        and the rank raises (so every rank stops, naming the cause, instead of hanging). Before
+        two steps are measured, and at a call of a signature the ranks have not run yet (``new``:
+        every rank traces, plans and checks it first), it is ``timeout_s``; after that
+        ``DEADLINE_FACTOR`` times the median measured step, at least ``DEADLINE_FLOOR_S``, at most
+        ``timeout_s``."""
+        if new or len(measured) < 2:
+            return datetime.timedelta(seconds=self.timeout_s)
+        median = sorted(measured)[len(measured) // 2]
+        return datetime.timedelta(seconds=min(self.timeout_s, max(DEADLINE_FLOOR_S, DEADLINE_FACTOR * median)))
 
     def schedule(self, warm_up: int) -> Schedule:
         return Schedule(self.model_n, warm_up, self.stride, self.time_shift, self.refresh_every)

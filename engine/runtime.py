@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import inspect
 import itertools
 import time
@@ -48,7 +47,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from asyncdiff.engine.comm import StageChannel
-from asyncdiff.engine.config import DEADLINE_FACTOR, DEADLINE_FLOOR_S, TRANSFER_DTYPES, EngineConfig, check_warm_up, stages_for
+from asyncdiff.engine.config import TRANSFER_DTYPES, EngineConfig, check_warm_up, stages_for
 from asyncdiff.engine.errors import StageError, located
 from asyncdiff.engine.mesh import ProcessMesh, TwoCalls, batch_size, exchange_outputs, gather_batch, split_batch
 from asyncdiff.engine.planning import Planning, device_of
@@ -257,7 +256,7 @@ class AsyncEngine:
             state.channel = compiled.channel(branch)
             fresh = compiled.calls == 0  # this rank (and so every rank) traced, planned and checked it just now
             compiled.calls += 1
-            state.channel.deadline = self._deadline(new=fresh)
+            state.channel.deadline = self.config.deadline(self._step_seconds[-64:], new=fresh)
             if self.config.refresh_drift is not None and drifted(state, compiled, kind == StepKind.ASYNC,
                                                                  self.config.refresh_drift, self.collective):
                 kind = StepKind.REFRESH
@@ -274,19 +273,6 @@ class AsyncEngine:
         elif counted:
             call.step += 1
         return output
-
-    def _deadline(self, new: bool) -> datetime.timedelta:
-        """Note [deadlines]: how long this step may wait for its peers. A wait that outlasts it
-        means a peer failed or stalled, and this rank raises (so every rank stops, naming the
-        cause, instead of hanging). Before any step is measured, and at a call of a signature
-        the ranks have not run yet (every rank traces, plans and checks it first), the deadline
-        is ``timeout_s``; after that ``DEADLINE_FACTOR`` times the median measured step, at least
-        ``DEADLINE_FLOOR_S``, at most ``timeout_s``."""
-        measured = sorted(self._step_seconds[-64:])
-        if new or len(measured) < 2:
-            return datetime.timedelta(seconds=self.config.timeout_s)
-        median = measured[len(measured) // 2]
-        return datetime.timedelta(seconds=min(self.config.timeout_s, max(DEADLINE_FLOOR_S, DEADLINE_FACTOR * median)))
 
     def _first_of_branch(self, kind: StepKind) -> StepKind:
         """Note [late branches]: a call whose branch (or whose signature on this branch) first

@@ -142,7 +142,7 @@ def drifted(state: StageState, compiled: CompiledCall, decide: bool, limit: floa
 def share_output(compiled: CompiledCall, leaves: tuple[Any, ...], owner: int, me: int,
                  group: dist.ProcessGroup | None, deadline: datetime.timedelta | None = None) -> Any:
     """The step's output on every rank of ``group``: ``owner`` (a global rank) has it as ``leaves``;
-    ``deadline``: how long to wait for it (Note [deadlines] in runtime.py)."""
+    ``deadline``: how long to wait for it (Note [deadlines] in config.py)."""
     template = output_template(compiled.traced)
     mine = me == owner
     if mine:

@@ -10,6 +10,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from asyncdiff.engine.launch import launch, local_device
 from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
 from toys import (
+    late_branch_stride_2,
     stalled_peer,
     untraceable_engine,
     TUPLE_PLAN,
@@ -294,6 +295,15 @@ def test_named_calls_keep_their_branch_when_a_step_skips_one():
         assert 0 < ((r["stale"] - r["plain"]).norm() / r["plain"].norm()).item() < 0.5
 
 
+def test_stride_2_refuses_a_branch_that_first_comes_after_warm_up():
+    """Note [late branches]: stride 1 starts such a branch with a sequential step; stride 2 cannot
+    (its rounds pair steps), so every rank stops with the same clear error instead."""
+    errors = launch(late_branch_stride_2, 3, 4)
+    assert len({e.split("] ", 1)[-1] for e in errors.values()}) == 1  # the same error on every rank
+    assert errors[0].startswith("[stage 0 | step 2] ValueError")
+    assert "stride 2 cannot start it there: use stride=1, or warm_up covering those steps" in errors[0]
+
+
 def test_a_stalled_rank_makes_its_peer_fail_within_the_deadline():
     """Issue 11: no hangs. Rank 1 stalls for 40 s without failing; rank 0 stops within its 5 s
     deadline (plus the step's own time), naming the stage and step where it waited."""
@@ -313,12 +323,9 @@ def test_an_untraceable_denoiser_fails_at_the_first_call_on_every_rank_with_the_
 def test_deadline_follows_the_measured_step_time():
     """Note [deadlines]: the process-group timeout until steps are measured or while a new
     signature is traced; then 10x the median step, at least 30 s, at most timeout_s."""
-    engine = AsyncEngine(ToyDenoiser(), EngineConfig(model_n=1, timeout_s=300), latent="sample")
-    assert engine._deadline(new=False).total_seconds() == 300
-    engine._step_seconds = [0.5, 0.6, 20.0]
-    assert engine._deadline(new=False).total_seconds() == 30
-    engine._step_seconds = [10.0, 12.0, 11.0]
-    assert engine._deadline(new=False).total_seconds() == 110
-    assert engine._deadline(new=True).total_seconds() == 300
-    engine._step_seconds = [100.0, 100.0]
-    assert engine._deadline(new=False).total_seconds() == 300
+    config = EngineConfig(model_n=1, timeout_s=300)
+    assert config.deadline([], new=False).total_seconds() == 300
+    assert config.deadline([0.5, 0.6, 20.0], new=False).total_seconds() == 30
+    assert config.deadline([10.0, 12.0, 11.0], new=False).total_seconds() == 110
+    assert config.deadline([10.0, 12.0, 11.0], new=True).total_seconds() == 300
+    assert config.deadline([100.0, 100.0], new=False).total_seconds() == 300

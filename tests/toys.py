@@ -623,9 +623,10 @@ class NamedGuidance(DiffusionPipeline):
     """Guidance as two named calls (diffusers' cache context: ``"uncond"``, then ``"cond"``) in
     even steps, the conditional call alone in odd steps (guidance in some steps only)."""
 
-    def __init__(self, unet: torch.nn.Module, scheduler: Any) -> None:
+    def __init__(self, unet: torch.nn.Module, scheduler: Any, guided_from: int = 0) -> None:
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
+        self.guided_from = guided_from  # the first step with an unconditional call
 
     def _named(self, name: str, *args: Any, **kwargs: Any) -> torch.Tensor:
         from diffusers.hooks.hooks import CacheContext, _set_cache_context
@@ -642,10 +643,11 @@ class NamedGuidance(DiffusionPipeline):
         size = self.unet.config.sample_size
         latents = torch.randn((1, self.unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(0))
         for i, t in enumerate(self.scheduler.timesteps):
-            if i % 2 == 0:
+            guided = i >= self.guided_from and i % 2 == 0
+            if guided:
                 uncond_noise = self._named("uncond", latents, t, encoder_hidden_states=uncond)
             noise = self._named("cond", latents, t, encoder_hidden_states=cond)
-            if i % 2 == 0:
+            if guided:
                 noise = uncond_noise + 5.0 * (noise - uncond_noise)
             latents = self.scheduler.step(noise, t, latents).prev_sample
         return latents
@@ -668,6 +670,25 @@ def named_branch_scenarios(steps: int) -> dict[str, Any]:
     results["branches"] = list(async_diff.engine.call.branch_log)
     async_diff.remove()
     return results
+
+
+def late_branch_stride_2(steps: int) -> str:
+    """Note [late branches] with stride 2: the unconditional call first comes at step 2, after
+    warm-up; every rank must refuse it with the same error (returned)."""
+    from asyncdiff import AsyncDiff
+    from asyncdiff.engine.errors import StageError
+    from asyncdiff.models.sd import build_sd15
+
+    sd = build_sd15("tiny", seed=0)
+    pipe = NamedGuidance(sd.unet, sd.scheduler, guided_from=2)
+    g = torch.Generator().manual_seed(1)
+    cond, uncond = (torch.randn(1, 77, sd.unet.config.cross_attention_dim, generator=g) for _ in range(2))
+    AsyncDiff(pipe, model_n=2, stride=2, warm_up=1, cost="flops", timeout_s=60)
+    try:
+        pipe(cond, uncond, steps)
+    except StageError as err:
+        return str(err)
+    return "no error"
 
 
 def stalled_peer(stall_s: float) -> tuple[str, float]:
