@@ -145,17 +145,17 @@ def verify_batch_split(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs:
                        parts: int) -> str | None:
     """Note [batch split]: None where ``denoiser`` on the whole batch equals its outputs on
     ``parts`` chunks, concatenated; else the error. Two denoiser calls' work, on one process."""
-    from asyncdiff.partition.verify import _difference, _eager, _fresh, _tensor_leaves
+    from asyncdiff.partition.verify import _difference, eager, fresh, tensor_leaves
 
-    whole = _eager(denoiser)(*_fresh(args), **_fresh(kwargs))
+    whole = eager(denoiser)(*fresh(args), **fresh(kwargs))
     try:
-        chunks = [_eager(denoiser)(*_fresh(split_batch(args, n, parts, i)), **_fresh(split_batch(kwargs, n, parts, i)))
+        chunks = [eager(denoiser)(*fresh(split_batch(args, n, parts, i)), **fresh(split_batch(kwargs, n, parts, i)))
                   for i in range(parts)]
     except Exception as err:  # an argument with the batch folded into another dimension, say
         return (f"{type(denoiser).__name__} cannot run on a chunk of {n // parts} of its batch of {n} "
                 f"({type(err).__name__}: {err}), so guidance/batch parallelism cannot split it: use guidance=1, "
                 f"batch=1 (stages only)")
-    want, got = _tensor_leaves(whole), _tensor_leaves(concat_chunks(chunks, n // parts))
+    want, got = tensor_leaves(whole), tensor_leaves(concat_chunks(chunks, n // parts))
     for i, (g, w) in enumerate(zip(got, want)):
         error = _difference(g, w, looser=SPLIT_LOOSER)
         if error is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -25,13 +26,14 @@ import torch.utils._pytree as pytree
 
 from asyncdiff.engine.config import EngineConfig
 from asyncdiff.engine.mesh import model_option, verify_batch_split
+from asyncdiff.engine.weights import streamed
 from asyncdiff.partition.cache import cached_plan, device_kind
 from asyncdiff.partition.hybrid import ParallelOption, choose_parallel, parallel_degrees, two_calls
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.profile import profile_blocks
 from asyncdiff.partition.split import SplitDenoiser, split_graph
 from asyncdiff.partition.trace import CallSignature, TracedDenoiser, call_signature, meta_copy, trace_denoiser
-from asyncdiff.partition.verify import verify_split
+from asyncdiff.partition.verify import ADVICE, compare_outputs, eager, mismatch_text, tensor_leaves, verify_split
 
 __all__ = ["Planning", "device_of"]
 
@@ -55,6 +57,7 @@ class Planning:
         self.parallel_options: list[ParallelOption] = []  # what parallel="auto" chose from
         self.compile_seconds = 0.0
         self._split_checked: set[CallSignature] = set()  # call signatures whose batch split is verified
+        self.streamed_checks = 0  # Note [verify on stage-only loads] run so far
 
     def from_rank0(self, compute: Callable[[], Any]) -> Any:
         """``compute()`` on rank 0, its result on every rank; a ``ValueError`` it raises is raised
@@ -151,6 +154,44 @@ class Planning:
             self.plan, self.plan_source = Plan.from_json(chosen.plan), "measured now (parallel='auto')"
         self.compile_seconds += time.perf_counter() - start
         return chosen
+
+
+    def verify_streamed(self, inputs: tuple[tuple[Any, ...], dict[str, Any]], output: Any, ranks: list[int],
+                        group: dist.ProcessGroup | None, collective: dist.ProcessGroup | None,
+                        deadline: datetime.timedelta) -> None:
+        """Note [verify on stage-only loads]: Note [verify] needs the whole denoiser in one process,
+        which a rank of a stage-only load never holds. So the check moves after the first warm-up
+        step of a call signature, whose ``output`` is the split program's, exactly (every stage
+        waited for this step's values): the first rank of the slice runs the denoiser eagerly on
+        the same ``inputs`` (copies taken before the step), with each other stage's block weights
+        sent by their owner as the block is entered and freed as it exits (one foreign block at a
+        time, :func:`~asyncdiff.engine.weights.streamed`), and compares. Every rank of the slice
+        stops with the same error if they differ. The first differing block is not named (that
+        needs every weight at once); a denoiser that calls a block twice cannot be streamed, which
+        is a warning, not an error."""
+        first = dist.get_rank() == ranks[0]
+        start, verdict = time.perf_counter(), None
+        try:
+            with streamed(self.denoiser, self.plan, self.released, ranks, group, collective, deadline):
+                if first:
+                    with torch.no_grad():
+                        want = eager(self.denoiser)(*inputs[0], **inputs[1])
+                    mismatch = compare_outputs(tensor_leaves(output), tensor_leaves(want))
+                    if mismatch is not None:
+                        verdict = ("error", f"{mismatch_text(self.denoiser, mismatch)}, checked against the denoiser "
+                                            f"run with its weights streamed from their owners (Note [verify on "
+                                            f"stage-only loads]). {ADVICE}")
+        except LookupError as err:
+            verdict = ("skipped", f"the split could not be checked against the denoiser on a stage-only load: {err}")
+        box = [verdict]
+        if collective is not None:
+            dist.broadcast_object_list(box, src=ranks[0], group=collective)
+        self.compile_seconds += time.perf_counter() - start
+        self.streamed_checks += 1
+        if box[0] is not None and box[0][0] == "error":
+            raise ValueError(box[0][1])
+        if box[0] is not None:
+            warnings.warn(box[0][1], stacklevel=2)
 
 
 def device_of(tensors: list[torch.Tensor]) -> torch.device:

@@ -57,6 +57,7 @@ from asyncdiff.engine.weights import block_tensors, foreign_tensors, release_for
 from asyncdiff.kernels.pack import PackLayout
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.trace import CallSignature, call_signature
+from asyncdiff.partition.verify import fresh as fresh_copy
 
 # EngineConfig, StageError, StageState and the weight helpers are re-exported: they were defined here.
 __all__ = ["TRANSFER_DTYPES", "AsyncEngine", "EngineConfig", "StageError", "StageState", "block_tensors",
@@ -263,8 +264,14 @@ class AsyncEngine:
             program = self.schedule.program(step, self.rank, compiled.layout, kind)  # Note [schedule as program]
             if program.timestep != step:
                 args, kwargs = self._with_timestep(args, kwargs, program.timestep)
+            check = fresh and self._released and self.config.verify and kind.synchronous and self.config.model_n > 1
+            inputs = (fresh_copy(args), fresh_copy(kwargs)) if check else None  # before the step may update them
             output = run_stage(compiled, state, compiled.traced.flatten_call(args, kwargs), program, self.ranks,
                                self.collective)
+            if inputs is not None:  # Note [verify on stage-only loads]
+                state.drain()
+                self.planning.verify_streamed(inputs, output, self.ranks, self.group, self.collective,
+                                              state.channel.deadline)
         call.seconds.append((kind, time.perf_counter() - start))
         if not fresh:  # a first call's time is mostly tracing
             self._step_seconds.append(call.seconds[-1][1])

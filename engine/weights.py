@@ -3,6 +3,8 @@ after planning (or never loaded, Note [stage-only loading]) and brought back fro
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 from collections.abc import Iterator
 
 import torch
@@ -11,7 +13,7 @@ import torch.distributed as dist
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.trace import module_of
 
-__all__ = ["Released", "block_tensors", "foreign_tensors", "release_foreign", "restore"]
+__all__ = ["Released", "block_tensors", "foreign_tensors", "release_foreign", "restore", "streamed"]
 
 Released = dict[str, tuple[torch.Size, torch.dtype, torch.device]]  # name: (true shape, dtype, device)
 
@@ -57,3 +59,64 @@ def block_tensors(denoiser: torch.nn.Module, block: str) -> Iterator[tuple[str, 
     module = denoiser.get_submodule(module_of(block))
     for name, t in (*module.named_parameters(), *module.named_buffers()):
         yield f"{module_of(block)}.{name}", t
+
+
+STREAM_TAG = 1 << 20  # above the channels' message tags (comm.py)
+
+
+@contextlib.contextmanager
+def streamed(denoiser: torch.nn.Module, plan: Plan, released: Released, ranks: list[int],
+             group: dist.ProcessGroup | None, collective: dist.ProcessGroup | None,
+             deadline: datetime.timedelta) -> Iterator[None]:
+    """Note [verify on stage-only loads]: inside, rank ``ranks[0]`` may run the whole denoiser
+    eagerly although it holds only its stage: each released block's weights arrive from their
+    owner when the block is entered and are freed again when it exits, so the rank holds one
+    foreign block at a time. The other ranks send (collective over ``collective``; all call it).
+    A block entered a second time after its weights were freed raises ``LookupError``."""
+    names = [sorted(released) if dist.get_rank() == ranks[0] else None]
+    dist.broadcast_object_list(names, src=ranks[0], group=collective)
+    wanted = set(names[0])
+    tagged = [(k, block, name, t) for k, blocks in enumerate(plan.stages) for block in blocks if k > 0
+              for name, t in block_tensors(denoiser, block) if name in wanted]
+    me = dist.get_rank()
+    if me != ranks[0]:  # an owner: post every send at once, so the receiver may take them in any order
+        works = [dist.isend(t.data, ranks[0], group, STREAM_TAG + i)
+                 for i, (k, _, _, t) in enumerate(tagged) if ranks[k] == me]
+        try:
+            yield
+        finally:
+            for work in works:
+                work.wait(deadline)
+        return
+    by_block: dict[str, list[tuple[int, int, str, torch.Tensor]]] = {}
+    for i, (k, block, name, t) in enumerate(tagged):
+        by_block.setdefault(module_of(block), []).append((i, k, name, t))
+    done: set[str] = set()
+
+    def fetch(module_name: str) -> None:
+        if module_name in done:
+            raise LookupError(f"{module_name} runs twice in one call; its weights were streamed once")
+        for i, k, name, t in by_block[module_name]:
+            shape, dtype, device = released[name]
+            t.data = torch.empty(shape, dtype=dtype, device=device)
+            dist.irecv(t.data, ranks[k], group, STREAM_TAG + i).wait(deadline)
+
+    def drop(module_name: str) -> None:
+        done.add(module_name)
+        for _, _, _, t in by_block[module_name]:
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+
+    handles = []
+    for module_name in by_block:
+        module = denoiser.get_submodule(module_name)
+        handles.append(module.register_forward_pre_hook(lambda *_, m=module_name: fetch(m)))
+        handles.append(module.register_forward_hook(lambda *_, m=module_name: drop(m)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for module_name in set(by_block) - done:  # the eager run stopped early: receive the rest, then drop
+            if not any(t.numel() for _, _, _, t in by_block[module_name]):
+                fetch(module_name)
+            drop(module_name)

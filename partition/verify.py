@@ -36,7 +36,7 @@ import torch.utils._pytree as pytree
 from asyncdiff.partition.split import SplitDenoiser
 from asyncdiff.partition.trace import TracedDenoiser, module_of
 
-__all__ = ["run_split", "verify_split"]
+__all__ = ["ADVICE", "compare_outputs", "eager", "fresh", "mismatch_text", "run_split", "tensor_leaves", "verify_split"]
 
 _TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}  # relative to the largest |value|; 16-bit: 1e-2
 
@@ -58,35 +58,51 @@ def verify_split(traced: TracedDenoiser, split: SplitDenoiser, denoiser: torch.n
     """None where the split reproduces ``denoiser(*args, **kwargs)`` (Note [verify]); else the error."""
     tensors = traced.flatten_call(args, kwargs)  # before the eager call, which may consume lists it is given
     with torch.no_grad():
-        want = _tensor_leaves(_eager(denoiser)(*_fresh(args), **_fresh(kwargs)))
-        got = _tensor_leaves(traced.unflatten_output(run_split(split, denoiser, [t.clone() for t in tensors])))
-    if len(got) != len(want):
+        want = tensor_leaves(eager(denoiser)(*fresh(args), **fresh(kwargs)))
+        got = tensor_leaves(traced.unflatten_output(run_split(split, denoiser, [t.clone() for t in tensors])))
+    mismatch = compare_outputs(got, want)
+    if mismatch is None:
+        return None
+    if mismatch[0] < 0:
         return (f"the split program of {type(denoiser).__name__} returns {len(got)} tensors where the denoiser "
                 f"returns {len(want)}; this denoiser cannot be split as traced (try policy='coarse')")
+    where = _first_differing_block(traced, denoiser, args, kwargs)
+    return f"{mismatch_text(denoiser, mismatch)} ({where}). {ADVICE}"
+
+
+ADVICE = ("The trace disagrees with eager execution there: typically an in-place update (x += y, x[...] = y) of a "
+          "value that another block also reads, or a branch on tensor values. Try policy='coarse' (the code then "
+          "runs inside one block), a plan that keeps those blocks on one stage, or verify=False to run anyway, "
+          "knowing the result is not the model's")
+
+
+def compare_outputs(got: list[torch.Tensor], want: list[torch.Tensor]) -> tuple[int, str] | None:
+    """None where the tensor leaves ``got`` equal ``want`` to float noise (Note [verify]); else the
+    first differing output's index and how it differs (index -1: a different number of tensors)."""
+    if len(got) != len(want):
+        return -1, f"{len(got)} tensors against {len(want)}"
     for i, (g, w) in enumerate(zip(got, want)):
         error = _difference(g, w)
-        if error is None:
-            continue
-        where = _first_differing_block(traced, denoiser, args, kwargs)
-        return (f"the split program does not reproduce {type(denoiser).__name__}: output {i} differs by {error} "
-                f"({where}). The trace disagrees with eager execution there: typically an in-place update "
-                "(x += y, x[...] = y) of a value that another block also reads, or a branch on tensor values. "
-                "Try policy='coarse' (the code then runs inside one block), a plan that keeps those blocks on one "
-                "stage, or verify=False to run anyway, knowing the result is not the model's")
+        if error is not None:
+            return i, error
     return None
 
 
-def _eager(denoiser: torch.nn.Module) -> Any:
+def mismatch_text(denoiser: torch.nn.Module, mismatch: tuple[int, str]) -> str:
+    return f"the split program does not reproduce {type(denoiser).__name__}: output {mismatch[0]} differs by {mismatch[1]}"
+
+
+def eager(denoiser: torch.nn.Module) -> Any:
     """The denoiser's own ``forward``, past any hook on the instance (the engine itself is one)."""
     return type(denoiser).forward.__get__(denoiser)
 
 
-def _fresh(tree: Any) -> Any:
+def fresh(tree: Any) -> Any:
     """A copy whose containers and tensors are new: the eager call may mutate what it is given."""
     return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
 
 
-def _tensor_leaves(tree: Any) -> list[torch.Tensor]:
+def tensor_leaves(tree: Any) -> list[torch.Tensor]:
     return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
 
 
@@ -114,16 +130,16 @@ def _difference(got: torch.Tensor, want: torch.Tensor, looser: float = 1.0) -> s
 def _first_differing_block(traced: TracedDenoiser, denoiser: torch.nn.Module, args: tuple[Any, ...],
                            kwargs: dict[str, Any]) -> str:
     """Which block's output first differs between the traced graph and eager execution."""
-    eager: dict[str, list[Any]] = {}
+    by_module: dict[str, list[Any]] = {}
     handles = []
     for name in dict.fromkeys(module_of(n) for n in traced.node_block.values()):
         def record(_module: torch.nn.Module, _inputs: Any, output: Any, name: str = name) -> None:
             # copies: later code may update an output in place (exactly what this hunts for)
-            eager.setdefault(name, []).append([t.clone() for t in _tensor_leaves(output)])
+            by_module.setdefault(name, []).append([t.clone() for t in tensor_leaves(output)])
         handles.append(denoiser.get_submodule(name).register_forward_hook(record))
     try:
         with torch.no_grad():
-            _eager(denoiser)(*_fresh(args), **_fresh(kwargs))
+            eager(denoiser)(*fresh(args), **fresh(kwargs))
     finally:
         for h in handles:
             h.remove()
@@ -133,17 +149,17 @@ def _first_differing_block(traced: TracedDenoiser, denoiser: torch.nn.Module, ar
         def run_node(self, n: torch.fx.Node) -> Any:
             out = super().run_node(n)
             if n.op == "call_module":
-                traced_outputs.append((traced.node_block[n.name], [t.clone() for t in _tensor_leaves(out)]))
+                traced_outputs.append((traced.node_block[n.name], [t.clone() for t in tensor_leaves(out)]))
             return out
 
     with torch.no_grad():
-        _Record(traced.graph_module(denoiser)).run(*traced.flatten_call(_fresh(args), _fresh(kwargs)))
+        _Record(traced.graph_module(denoiser)).run(*traced.flatten_call(fresh(args), fresh(kwargs)))
     calls: dict[str, int] = {}
     for block, outs in traced_outputs:
         name = module_of(block)
         k = calls.get(name, 0)
         calls[name] = k + 1
-        recorded = eager.get(name, [])
+        recorded = by_module.get(name, [])
         ref = recorded[k] if k < len(recorded) else []
         if len(ref) != len(outs) or any(_difference(a, b) is not None for a, b in zip(outs, ref)):
             return f"the first block whose output differs from eager execution is {block!r}"

@@ -40,12 +40,21 @@ def test_each_rank_loads_its_stage_and_the_result_is_the_model(saved):
     for rank, r in results.items():
         assert 0 < r["loaded"] < whole, (rank, r["loaded"], whole)  # never the whole denoiser
         assert r["released"] > 0 and r["source"].startswith("counted now (FLOPs)")
+        assert r["checks"] == 1  # Note [verify on stage-only loads]: the first call's split was checked
         assert r["after_remove"] == whole  # remove(): the whole denoiser, gathered from the owners
         # all warm-up: the sequential model, as the same process computes it after remove()
         torch.testing.assert_close(r["latents"], r["plain_after_remove"], rtol=1e-5, atol=1e-5)
         # ... which is the pipeline loaded whole (here with more threads: float noise only)
         torch.testing.assert_close(r["plain_after_remove"], want, rtol=1e-4, atol=1e-4)
     assert results[0]["loaded"] + results[1]["loaded"] >= whole
+
+
+def test_a_split_that_differs_from_the_model_stops_every_rank_on_a_stage_only_load(saved):
+    """Note [verify on stage-only loads]: the check streams the other stages' weights to the first
+    rank; here its eager reference is made to differ, and every rank must stop with the error."""
+    results = launch(stage_only_scenario, 2, str(saved), STEPS, "every", 1, True)
+    errors = {r["error"].split("] ", 1)[-1] for r in results.values()}
+    assert len(errors) == 1 and "does not reproduce UNet2DConditionModel: output 0 differs by" in errors.pop()
 
 
 def test_stage_only_load_keeps_other_stages_as_placeholders(saved):

@@ -407,11 +407,19 @@ def adapter_scenarios(kind: str, steps: int) -> dict[str, Any]:
     return results
 
 
-def stage_only_scenario(path: str, steps: int, text_encoders: str = "every", guidance: int = 1) -> dict[str, Any]:
+def stage_only_scenario(path: str, steps: int, text_encoders: str = "every", guidance: int = 1,
+                        broken: bool = False) -> dict[str, Any]:
     """``AsyncDiff.from_pretrained`` on this process group (every step a warm-up step): the latents,
-    the denoiser (and text encoder) bytes this rank holds before and after ``remove()``, and the
-    plan's source."""
+    the denoiser (and text encoder) bytes this rank holds before and after ``remove()``, the
+    plan's source, and the checks of Note [verify on stage-only loads] run. ``broken``: the
+    eager reference of that check is off by 1e-3, so it must stop every rank (the error returned)."""
     from asyncdiff import AsyncDiff
+    from asyncdiff.engine import planning
+    from asyncdiff.engine.errors import StageError
+
+    if broken:
+        plain = planning.eager
+        planning.eager = lambda module: lambda *a, **k: (plain(module)(*a, **k)[0] + 1e-3,)
 
     def held(module: torch.nn.Module) -> int:
         return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
@@ -425,9 +433,16 @@ def stage_only_scenario(path: str, steps: int, text_encoders: str = "every", gui
                                            text_encoders=text_encoders, guidance=guidance)
     pipe = async_diff.pipeline
     loaded, encoder = held(pipe.unet), held(pipe.text_encoder)
+    if broken:
+        try:
+            latents(pipe)
+        except StageError as err:
+            return {"error": str(err)}
+        return {"error": None}
     parallel = latents(pipe)
     result = {"loaded": loaded, "latents": parallel, "source": async_diff.engine.plan_source,
-              "released": len(async_diff.engine.released_weights), "encoder": encoder}
+              "released": len(async_diff.engine.released_weights), "encoder": encoder,
+              "checks": async_diff.engine.planning.streamed_checks}
     async_diff.remove()
     result["after_remove"], result["encoder_after_remove"] = held(pipe.unet), held(pipe.text_encoder)
     result["plain_after_remove"] = latents(pipe)
