@@ -15,8 +15,9 @@ stay 0-size placeholders that the engine counts as released, so ``remove()`` bri
 their owners and every rank has the whole denoiser again. The other pipeline components (text
 encoders, VAE) load as usual.
 
-The check of Note [verify] needs every weight in one process, so it does not run here: verify a
-model once on a fully loaded pipeline (``AsyncDiff(pipeline, ...)``) where that fits.
+The check of Note [verify] needs every weight in one process, so for a stage-only load it runs
+after the first warm-up step, with the other stages' weights streamed to the checking rank one
+block at a time (Note [verify on stage-only loads] in :mod:`asyncdiff.engine.planning`).
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ class AsyncEngine:
         [branches]); without it every call is a step. ``released``: weights this rank never loaded
         (Note [stage-only loading] in :mod:`asyncdiff.adapters.loading`), by name: (true shape,
         dtype, device) of 0-size placeholders, which :meth:`restore_weights` fills from their
-        owners; the check of Note [verify] needs every weight, so it does not run then.
+        owners; the check of Note [verify] then runs streamed (Note [verify on stage-only loads]).
         ``guided()``: whether the running pipeline call batches classifier-free guidance (None:
         unknown), which ``parallel="auto"`` needs to offer a guidance dimension."""
         self.denoiser, self.config, self.latent = denoiser, config, latent
