@@ -119,7 +119,7 @@ class AsyncDiff:
 
             weight_free = encoder_skeletons(folder, index, torch_dtype, variant)
         load = load_stage_only(str(folder), denoiser_attr=registered.denoiser if registered else None,
-                               latent=registered.latent if registered else None, n_stages=config.model_n,
+                               latent=registered.latent if registered else None, model_n=config.model_n,
                                stage=min(rank % config.stage_world, config.model_n - 1), device=device,
                                torch_dtype=torch_dtype, variant=variant, plan=plan, policy=config.policy,
                                layouts=config.plan_layouts, max_slowdown=config.max_slowdown,

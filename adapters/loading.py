@@ -47,14 +47,14 @@ class StageLoad:
         self.pipeline, self.plan, self.source, self.released = pipeline, plan, source, released
 
 
-def load_stage_only(path: str, *, denoiser_attr: str | None, latent: str | None, n_stages: int, stage: int,
+def load_stage_only(path: str, *, denoiser_attr: str | None, latent: str | None, model_n: int, stage: int,
                     device: torch.device, torch_dtype: torch.dtype | None = None, variant: str | None = None,
                     plan: Plan | None = None, policy: Any = "fine", layouts: tuple[str, ...] = ("contiguous", "wrapped"),
                     max_slowdown: float = 0.05, bandwidth: float | None = None,
                     call_kwargs: dict[str, Any] | None = None,
                     components: dict[str, torch.nn.Module] | None = None, cost: str = "flops") -> StageLoad:
     """Load the diffusers pipeline at ``path`` (a folder, or a hub id in the local cache) with its
-    denoiser holding only stage ``stage`` of ``n_stages`` (Note [stage-only loading]);
+    denoiser holding only stage ``stage`` of ``model_n`` (Note [stage-only loading]);
     ``components``: pipeline components to use as given instead of loading them (weight-free
     text encoders, Note [encoders on one rank]); ``cost``: ``"flops"`` balances compute,
     ``"bytes"`` the weights each rank holds (for a model that does not fit one device)."""
@@ -92,7 +92,7 @@ def load_stage_only(path: str, *, denoiser_attr: str | None, latent: str | None,
     traced = trace_denoiser(skeleton, args, kwargs, policy=policy, latent=latent)
     source = "given"
     if plan is None:
-        plan, source = cached_plan(traced, n_stages, lambda: profile_blocks(traced, skeleton, args, kwargs,
+        plan, source = cached_plan(traced, model_n, lambda: profile_blocks(traced, skeleton, args, kwargs,
                                                                             measure_time=False),
                                    cost=cost, bandwidth=bandwidth, layouts=layouts, max_slowdown=max_slowdown,
                                    device="meta")

@@ -512,7 +512,7 @@ def run_loading(ctx: Context) -> list[dict[str, Any]]:
             if stage is None:
                 pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
             else:
-                pipe = load_stage_only(folder, denoiser_attr=None, latent="sample", n_stages=2, stage=stage,
+                pipe = load_stage_only(folder, denoiser_attr=None, latent="sample", model_n=2, stage=stage,
                                        device=device, torch_dtype=dtype).pipeline
             row: dict[str, Any] = {"model": "sd15", "load": "whole" if stage is None else f"stage {stage} of 2",
                                    "seconds": time.perf_counter() - start, "build_and_save_s": saved_s,

@@ -31,10 +31,10 @@ def main() -> None:
         call = {"prompt": "a photo of a cat", **example_inputs(name, "full")}
         for i, n in enumerate((2, 3, 4)):
             start = time.perf_counter()
-            _, balanced = pipeline_report(pipe, stages=n, cost="flops", link="none", **call)
+            _, balanced = pipeline_report(pipe, model_n=n, cost="flops", link="none", **call)
             seconds = time.perf_counter() - start
-            _, nvlink = pipeline_report(pipe, stages=n, cost="flops", link="nvlink", **call)
-            _, pcie = pipeline_report(pipe, stages=n, cost="flops", link="pcie", **call)
+            _, nvlink = pipeline_report(pipe, model_n=n, cost="flops", link="nvlink", **call)
+            _, pcie = pipeline_report(pipe, model_n=n, cost="flops", link="pcie", **call)
             reference = f"{REFERENCE[name][i]:.3f}" if name in REFERENCE else "n/a"
             print(f"| {name} | {n} | {balanced.imbalance:.3f} | {reference} | {layout(balanced)} | "
                   f"{nvlink.speedup:.2f}x ({layout(nvlink)}) | {pcie.speedup:.2f}x ({layout(pcie)}) | {seconds:.1f} |",

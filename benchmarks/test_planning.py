@@ -55,10 +55,10 @@ def sdxl_costs(sdxl_call):
 def test_pipeline_report_sdxl_full(benchmark, run_record, sdxl, stages):
     pipe, call = sdxl
     plan, report = benchmark.pedantic(
-        lambda: pipeline_report(pipe, stages=stages, cost="flops", link=LINK, policy="fine", **call),
+        lambda: pipeline_report(pipe, model_n=stages, cost="flops", link=LINK, policy="fine", **call),
         rounds=3, warmup_rounds=1, iterations=1)
     blocks = [b for stage in plan.stages for b in stage]
-    assert plan.n_stages == stages and len(blocks) == len(set(blocks)) == len(report.blocks)
+    assert plan.model_n == stages and len(blocks) == len(set(blocks)) == len(report.blocks)
     seconds = run_record.keep(f"planning/report/{stages}", run_record.median(benchmark))
     benchmark.extra_info.update({"stages": stages, "blocks": len(report.blocks), "median_s": round(seconds, 3),
                                  "imbalance": round(report.imbalance, 4), "modeled_speedup": round(report.speedup, 3)})

@@ -119,8 +119,8 @@ class AsyncEngine:
         self.world = dist.get_world_size() if distributed else 1
         self.global_rank = dist.get_rank() if distributed else 0
         config.check_world_size(self.world)
-        if plan is not None and plan.n_stages != config.model_n and config.parallel is None:
-            raise ValueError(f"plan has {plan.n_stages} stages but model_n={config.model_n}; "
+        if plan is not None and plan.model_n != config.model_n and config.parallel is None:
+            raise ValueError(f"plan has {plan.model_n} stages but model_n={config.model_n}; "
                              "pass a plan with model_n stages")
         self.guided = guided
         self._released: dict[str, tuple[torch.Size, torch.dtype, torch.device]] = dict(released or {})
@@ -315,7 +315,7 @@ class AsyncEngine:
         if self.plan is None or self.plan.cost_unit != "s" or not self._compiled:
             return None
         compiled = next(reversed(self._compiled.values()))
-        recv = [sum(t.spec.nbytes for t in compiled.split.transfers if t.dst == k) for k in range(self.plan.n_stages)]
+        recv = [sum(t.spec.nbytes for t in compiled.split.transfers if t.dst == k) for k in range(self.plan.model_n)]
         stage = max(cost + nbytes / bytes_per_s for cost, nbytes in zip(self.plan.costs, recv))
         return stage + compiled.output_layout.nbytes / bytes_per_s
 

@@ -34,13 +34,13 @@ message is ``(source segment, destination segment)`` (one per segment pair per s
 a head and a tail segment, whose stale inputs are older than its head's).
 
 Example (the contiguous chain of two stages; every rank receives the output that rank 1 shares):
-    >>> print(Schedule(n_stages=2, warm_up=2).format(4))
+    >>> print(Schedule(model_n=2, warm_up=2).format(4))
     step | kind    | rank 0           | rank 1
        0 | warm-up | s0 send 0>1 out1 | recv 0>1 s1 out
        1 | warm-up | s0 send 0>1 out1 | recv 0>1 s1 out
        2 | async   | s0 send 0>1 out1 | s1[t-1] next 0>1 out
        3 | async   | s0 send 0>1 out1 | s1[t-1] next 0>1 out
-    >>> print(Schedule(n_stages=2, warm_up=1, stride=2).format(4))
+    >>> print(Schedule(model_n=2, warm_up=1, stride=2).format(4))
     step | kind    | rank 0                | rank 1                     | rank 2
        0 | warm-up | s0 send 0>1 out1      | recv 0>1 s1 out            | recv 0>1 out1
        1 | round   | @t+1 s0 send 0>1 out2 | @t+1 s1[t-1] next 0>1 out2 | s1[t-1] next 0>1 out
@@ -51,7 +51,7 @@ A wrapped plan (stage 0 holds segments 0 and 2): the tail reads values of the pr
 stage 1 computed from stage 0's head of the step before, so the output is two steps behind:
     >>> wrapped = Layout(((SegmentIO(0, send=((0, 1),)), SegmentIO(2, recv=((1, 2),))),
     ...                   (SegmentIO(1, recv=((0, 1),), send=((1, 2),)),)), output_stage=0)
-    >>> print(Schedule(n_stages=2, warm_up=1).format(2, wrapped))
+    >>> print(Schedule(model_n=2, warm_up=1).format(2, wrapped))
     step | kind    | rank 0                           | rank 1
        0 | warm-up | s0 send 0>1 recv 1>2 s2 out      | recv 0>1 s1 send 1>2 out0
        1 | async   | s0 s2[t-1] send 0>1 next 1>2 out | s1[t-1] send 1>2 next 0>1 out0
@@ -116,10 +116,10 @@ class Layout:
         return cls(stages, split.output_stage)
 
     @classmethod
-    def chain(cls, n_stages: int) -> Layout:
+    def chain(cls, model_n: int) -> Layout:
         """A contiguous plan: stage k is segment k and reads what stage k - 1 sends."""
-        return cls(tuple((SegmentIO(k, ((k - 1, k),) if k else (), ((k, k + 1),) if k + 1 < n_stages else ()),)
-                         for k in range(n_stages)), n_stages - 1)
+        return cls(tuple((SegmentIO(k, ((k - 1, k),) if k else (), ((k, k + 1),) if k + 1 < model_n else ()),)
+                         for k in range(model_n)), model_n - 1)
 
     def recv(self, stage: int) -> tuple[Message, ...]:
         return tuple(m for seg in self.stages[stage] for m in seg.recv)
@@ -224,15 +224,15 @@ class StepProgram:
 
 @dataclass(frozen=True)
 class Schedule:
-    n_stages: int
+    model_n: int
     warm_up: int
     stride: int = 1
     time_shift: bool = False
     refresh_every: int | None = None
 
     def __post_init__(self) -> None:
-        if self.n_stages < 1:
-            raise ValueError(f"n_stages={self.n_stages} must be >= 1")
+        if self.model_n < 1:
+            raise ValueError(f"model_n={self.model_n} must be >= 1")
         if self.warm_up < 0:
             raise ValueError(f"warm_up={self.warm_up} must be >= 0 (the number of sequential steps)")
         if self.stride not in (1, 2):
@@ -245,7 +245,7 @@ class Schedule:
 
     @property
     def n_ranks(self) -> int:
-        return self.n_stages + self.stride - 1
+        return self.model_n + self.stride - 1
 
     def kind(self, step: int) -> StepKind:
         if step < max(1, self.warm_up):
@@ -263,7 +263,7 @@ class Schedule:
         if kind.synchronous:
             return step
         shift = 1 if self.time_shift else 0
-        if kind == StepKind.ROUND and rank < self.n_stages:
+        if kind == StepKind.ROUND and rank < self.model_n:
             return step + 1 - shift
         return step - shift
 
@@ -278,16 +278,16 @@ class Schedule:
         """Note [schedule as program]: what ``rank`` executes at ``step`` for ``layout`` (default:
         the contiguous chain). ``kind`` overrides the step's kind (the engine turns a step into a
         refresh: Notes [late branches] and [adaptive refresh])."""
-        layout = layout or Layout.chain(self.n_stages)
-        if len(layout.stages) != self.n_stages:
-            raise ValueError(f"the layout has {len(layout.stages)} stages, the schedule {self.n_stages}")
-        if self.stride == 2 and layout.send(self.n_stages - 1):
+        layout = layout or Layout.chain(self.model_n)
+        if len(layout.stages) != self.model_n:
+            raise ValueError(f"the layout has {len(layout.stages)} stages, the schedule {self.model_n}")
+        if self.stride == 2 and layout.send(self.model_n - 1):
             raise ValueError("stride=2 repeats the last stage on an extra rank, so the last stage must send nothing "
                              "(a contiguous plan); this plan's last stage sends to another stage: use a contiguous "
                              "plan (layouts=('contiguous',)) or stride=1")
         kind = kind or self.kind(step)
-        stage = min(rank, self.n_stages - 1)
-        extra = rank >= self.n_stages  # stride 2's second copy of the last stage
+        stage = min(rank, self.model_n - 1)
+        extra = rank >= self.model_n  # stride 2's second copy of the last stage
         owner = self.n_ranks - 1 if kind == StepKind.ROUND else layout.output_stage
         actions: list[Action] = []
         if kind == StepKind.REUSE:
@@ -308,7 +308,7 @@ class Schedule:
             sends, recvs = () if extra else layout.send(stage), layout.recv(stage)
             if sends or recvs:
                 actions.append(Exchange(sends, recvs))
-        if self.n_stages > 1:
+        if self.model_n > 1:
             actions.append(Share(owner))
         return StepProgram(step, rank, kind, self.timestep_step(step, rank, kind), tuple(actions))
 

@@ -125,29 +125,29 @@ class _Problem:
         return tuple(assignment[u] for u in self.unit)
 
 
-def plan_candidates(traced: TracedDenoiser, costs: Mapping[str, BlockCost], n_stages: int, *,
+def plan_candidates(traced: TracedDenoiser, costs: Mapping[str, BlockCost], model_n: int, *,
                     cost: str = "time", bandwidth: float | None = None,
                     layouts: Sequence[str] = LAYOUTS) -> list[Candidate]:
     """The best plan of each layout, with its modelled step and main-path depth (Note [staleness])."""
     problem = _Problem(traced, costs, cost)
     return [dataclasses.replace(c, assignment=problem.blocks(c.assignment))
-            for c in candidates(problem.costs, problem.values, n_stages, bandwidth, layouts)]
+            for c in candidates(problem.costs, problem.values, model_n, bandwidth, layouts)]
 
 
-def auto_plan(traced: TracedDenoiser, costs: Mapping[str, BlockCost], n_stages: int, *,
+def auto_plan(traced: TracedDenoiser, costs: Mapping[str, BlockCost], model_n: int, *,
               cost: str = "time", bandwidth: float | None = None, layouts: Sequence[str] = LAYOUTS,
               max_slowdown: float = MAX_SLOWDOWN) -> Plan:
-    """The plan of ``traced``'s blocks into ``n_stages`` stages: among the best plan of each of
+    """The plan of ``traced``'s blocks into ``model_n`` stages: among the best plan of each of
     ``layouts``, the least stale one within ``max_slowdown`` of the fastest (Note [staleness]).
 
     ``cost``: ``"time"`` (measured seconds) or ``"flops"``; ``bandwidth`` in bytes per cost unit
     (None: plan for compute only).
     """
     problem = _Problem(traced, costs, cost)
-    chosen = choose(candidates(problem.costs, problem.values, n_stages, bandwidth, layouts), max_slowdown)
+    chosen = choose(candidates(problem.costs, problem.values, model_n, bandwidth, layouts), max_slowdown)
     assignment = problem.blocks(chosen.assignment)
-    stages = tuple(tuple(b for b, s in zip(traced.blocks, assignment) if s == k) for k in range(n_stages))
-    stage_costs = tuple(sum(c for c, s in zip(problem.costs, chosen.assignment) if s == k) for k in range(n_stages))
+    stages = tuple(tuple(b for b, s in zip(traced.blocks, assignment) if s == k) for k in range(model_n))
+    stage_costs = tuple(sum(c for c, s in zip(problem.costs, chosen.assignment) if s == k) for k in range(model_n))
     modeled = stage_times(problem.costs, problem.values, chosen.assignment, bandwidth)
     return Plan(stages=stages, costs=stage_costs, cost_unit=COST_UNITS[cost],
                 notes={"modeled_step": max(modeled), "main_path_depth": chosen.depth})
@@ -160,4 +160,4 @@ def plan_depth(traced: TracedDenoiser, plan: Plan) -> int:
 
 def plan_layout(traced: TracedDenoiser, plan: Plan) -> str:
     """``"wrapped"`` where stage 0 also runs the last block, else ``"contiguous"``."""
-    return "wrapped" if plan.n_stages > 1 and plan.stage_of(traced.blocks[-1]) == 0 else "contiguous"
+    return "wrapped" if plan.model_n > 1 and plan.stage_of(traced.blocks[-1]) == 0 else "contiguous"

@@ -104,19 +104,19 @@ class PlanCache:
         return path
 
 
-def cached_plan(traced: TracedDenoiser, n_stages: int, profile: Callable[[], Mapping[str, BlockCost]], *,
+def cached_plan(traced: TracedDenoiser, model_n: int, profile: Callable[[], Mapping[str, BlockCost]], *,
                 cost: str, bandwidth: float | None, layouts: Sequence[str], max_slowdown: float, device: str,
                 replan: bool = False, cache: PlanCache | None = None) -> tuple[Plan, str]:
     """The plan for ``traced`` with these options, and where it came from (Note [plan cache]):
     the cached one, or one planned now from ``profile()`` and saved."""
     cache = cache if cache is not None else PlanCache()
-    options = {"stages": n_stages, "cost": cost, "bandwidth": bandwidth, "layouts": list(layouts),
+    options = {"stages": model_n, "cost": cost, "bandwidth": bandwidth, "layouts": list(layouts),
                "max_slowdown": float(max_slowdown)}
     key = plan_key(traced, options, device)
     found = None if replan or not cache.enabled else cache.load(key)
-    if found is not None and found.n_stages == n_stages:
+    if found is not None and found.model_n == model_n:
         return found, f"cached at {cache.path(key)}"
-    plan = auto_plan(traced, profile(), n_stages, cost=cost, bandwidth=bandwidth, layouts=layouts,
+    plan = auto_plan(traced, profile(), model_n, cost=cost, bandwidth=bandwidth, layouts=layouts,
                      max_slowdown=max_slowdown)
     path = cache.store(key, plan)
     made = {"time": "measured now", "flops": "counted now (FLOPs)"}.get(cost, f"counted now ({cost})")

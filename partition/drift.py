@@ -53,7 +53,7 @@ class AsyncSimulator:
     def __init__(self, traced: TracedDenoiser, split: SplitDenoiser, denoiser: torch.nn.Module,
                  warm_up: int = 1) -> None:
         self.traced, self.split = traced, split
-        self.schedule = Schedule(split.plan.n_stages, warm_up)
+        self.schedule = Schedule(split.plan.model_n, warm_up)
         self.layout = Layout.of(split)
         self.segments = {seg.index: (seg, seg.module(denoiser)) for seg in split.segments}
         self.values: dict[Message, list[str]] = {}  # the values each message carries

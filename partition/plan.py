@@ -42,7 +42,7 @@ class Plan:
             raise ValueError(f"plan has {len(self.stages)} stages but {len(self.costs)} costs")
 
     @property
-    def n_stages(self) -> int:
+    def model_n(self) -> int:
         return len(self.stages)
 
     def stage_of(self, block: str) -> int:

@@ -1,7 +1,7 @@
 """The planner: a pure function from block costs and tensor edges to a stage per block.
 
 Given blocks in program order with costs ``c[i]`` and the values that flow between blocks
-(``Value(producer, consumers, nbytes)``), assign every block to one of ``n_stages`` stages so as to
+(``Value(producer, consumers, nbytes)``), assign every block to one of ``model_n`` stages so as to
 minimise the modelled step time::
 
     step_time = max over stages s of ( sum(c[i] for i in s) + recv_bytes(s) / bandwidth )
@@ -63,8 +63,8 @@ class Value:
 def stage_times(costs: Sequence[float], values: Sequence[Value], assignment: Sequence[int],
                 bandwidth: float | None = None) -> list[float]:
     """Modelled time of each stage when block ``i`` runs on stage ``assignment[i]``."""
-    n_stages = max(assignment) + 1
-    times = [0.0] * n_stages
+    model_n = max(assignment) + 1
+    times = [0.0] * model_n
     for cost, stage in zip(costs, assignment):
         times[stage] += float(cost)
     if bandwidth:
@@ -76,12 +76,12 @@ def stage_times(costs: Sequence[float], values: Sequence[Value], assignment: Seq
     return times
 
 
-def _check(costs: Sequence[float], n_stages: int) -> None:
+def _check(costs: Sequence[float], model_n: int) -> None:
     n = len(costs)
-    if n_stages < 1:
-        raise ValueError(f"n_stages={n_stages} must be >= 1")
-    if n_stages > n:
-        raise ValueError(f"stages={n_stages} but the traced denoiser has only {n} blocks; "
+    if model_n < 1:
+        raise ValueError(f"model_n={model_n} must be >= 1")
+    if model_n > n:
+        raise ValueError(f"stages={model_n} but the traced denoiser has only {n} blocks; "
                          f"use stages <= {n} or a finer block policy")
     if any(c < 0 for c in costs):
         raise ValueError("block costs must be >= 0")
@@ -111,13 +111,13 @@ def _span_costs(costs: Sequence[float], values: Sequence[Value], bandwidth: floa
     return span
 
 
-def _dp(span: np.ndarray, start: int, n_stages: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Best slowest-stage time of ``n_stages`` stages covering ``[start, j)``, for every ``j``."""
+def _dp(span: np.ndarray, start: int, model_n: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Best slowest-stage time of ``model_n`` stages covering ``[start, j)``, for every ``j``."""
     size = span.shape[0]
     best = np.full(size, np.inf)
     best[start] = 0.0
     args = []
-    for _ in range(n_stages):
+    for _ in range(model_n):
         grid = np.maximum(best[:, None], span)
         # ties go to the later cut: it keeps the last stage (which also sends the output) lighter
         arg = size - 1 - grid[::-1].argmin(axis=0)
@@ -134,14 +134,14 @@ def _starts(args: list[np.ndarray], stop: int) -> list[int]:
     return list(reversed(starts))
 
 
-def best_contiguous(costs: Sequence[float], values: Sequence[Value], n_stages: int,
+def best_contiguous(costs: Sequence[float], values: Sequence[Value], model_n: int,
                     bandwidth: float | None = None) -> tuple[int, ...]:
     """First-block index of each stage for the contiguous cut minimising the slowest stage.
 
     ``bandwidth`` in bytes per cost unit; ``None`` ignores communication.
     """
-    _check(costs, n_stages)
-    _, args = _dp(_span_costs(costs, values, bandwidth), 0, n_stages)
+    _check(costs, model_n)
+    _, args = _dp(_span_costs(costs, values, bandwidth), 0, model_n)
     return tuple(_starts(args, len(costs)))
 
 
@@ -161,24 +161,24 @@ def _wrapped_recv(values: Sequence[Value], n: int) -> np.ndarray:
     return diff.cumsum(axis=0).cumsum(axis=1)[: n + 1, : n + 1]
 
 
-def best_wrapped(costs: Sequence[float], values: Sequence[Value], n_stages: int,
+def best_wrapped(costs: Sequence[float], values: Sequence[Value], model_n: int,
                  bandwidth: float | None = None) -> tuple[float, tuple[int, ...]] | None:
     """The best wrapped layout: ``(slowest stage time, stage per block)``; None if impossible
     (fewer than 2 stages or 3 blocks)."""
-    _check(costs, n_stages)
+    _check(costs, model_n)
     n = len(costs)
-    if n_stages < 2 or n < n_stages + 1:
+    if model_n < 2 or n < model_n + 1:
         return None
     span = _span_costs(costs, values, bandwidth)
     prefix = np.concatenate([[0.0], np.cumsum(np.asarray(costs, dtype=np.float64))])
     recv0 = _wrapped_recv(values, n) / bandwidth if bandwidth else np.zeros((n + 1, n + 1))
-    bound = float(_dp(span, 0, n_stages)[0][n])  # a head slower than the best contiguous plan cannot win
+    bound = float(_dp(span, 0, model_n)[0][n])  # a head slower than the best contiguous plan cannot win
     best: tuple[float, int, int, list[np.ndarray]] | None = None
-    for a in range(1, n - n_stages + 1):
+    for a in range(1, n - model_n + 1):
         if prefix[a] > bound:
             break
-        middle, args = _dp(span, a, n_stages - 1)
-        tails = np.arange(a + n_stages - 1, n)  # the tail [b, n) is not empty
+        middle, args = _dp(span, a, model_n - 1)
+        tails = np.arange(a + model_n - 1, n)  # the tail [b, n) is not empty
         stage0 = prefix[a] + prefix[n] - prefix[tails] + recv0[a, tails]
         worst = np.maximum(middle[tails], stage0)
         k = int(worst.argmin())
@@ -219,23 +219,23 @@ def main_path_depth(values: Sequence[Value], assignment: Sequence[int]) -> int:
     return age[-1] if age else 0
 
 
-def candidates(costs: Sequence[float], values: Sequence[Value], n_stages: int, bandwidth: float | None = None,
+def candidates(costs: Sequence[float], values: Sequence[Value], model_n: int, bandwidth: float | None = None,
                layouts: Sequence[str] = LAYOUTS) -> list[Candidate]:
     """The best plan of each layout in ``layouts`` that admits one, in ``LAYOUTS`` order."""
     unknown = set(layouts) - set(LAYOUTS)
     if unknown or not layouts:
         raise ValueError(f"layouts={tuple(layouts)!r}: use a non-empty subset of {LAYOUTS}")
-    _check(costs, n_stages)
+    _check(costs, model_n)
     found: list[tuple[str, tuple[int, ...]]] = []
     if "contiguous" in layouts:
-        starts = list(best_contiguous(costs, values, n_stages, bandwidth)) + [len(costs)]
+        starts = list(best_contiguous(costs, values, model_n, bandwidth)) + [len(costs)]
         found.append(("contiguous", tuple(k for k, (i, j) in enumerate(zip(starts, starts[1:])) for _ in range(i, j))))
     if "wrapped" in layouts:
-        wrapped = best_wrapped(costs, values, n_stages, bandwidth)
+        wrapped = best_wrapped(costs, values, model_n, bandwidth)
         if wrapped is not None:
             found.append(("wrapped", wrapped[1]))
     if not found:
-        raise ValueError(f"no plan with layouts {tuple(layouts)} for {len(costs)} blocks and {n_stages} stages")
+        raise ValueError(f"no plan with layouts {tuple(layouts)} for {len(costs)} blocks and {model_n} stages")
     return [Candidate(layout, a, max(stage_times(costs, values, a, bandwidth)), main_path_depth(values, a))
             for layout, a in found]
 
@@ -251,8 +251,8 @@ def choose(found: Sequence[Candidate], max_slowdown: float = MAX_SLOWDOWN) -> Ca
     return min(eligible, key=lambda c: (c.depth, c.step, LAYOUTS.index(c.layout)))
 
 
-def best_assignment(costs: Sequence[float], values: Sequence[Value], n_stages: int,
+def best_assignment(costs: Sequence[float], values: Sequence[Value], model_n: int,
                     bandwidth: float | None = None, layouts: Sequence[str] = LAYOUTS,
                     max_slowdown: float = MAX_SLOWDOWN) -> tuple[int, ...]:
     """Stage per block of the plan :func:`choose` takes among :func:`candidates`."""
-    return choose(candidates(costs, values, n_stages, bandwidth, layouts), max_slowdown).assignment
+    return choose(candidates(costs, values, model_n, bandwidth, layouts), max_slowdown).assignment

@@ -180,5 +180,5 @@ def build_report(model: str, traced: TracedDenoiser, costs: Mapping[str, BlockCo
         blocks=tuple((b, cost_of(b), plan.stage_of(b)) for b in traced.blocks),
         transfers=tuple((t.value, t.src, t.dst, t.spec.nbytes) for t in split.transfers),
         p2p_bytes=sum(t.spec.nbytes for t in split.transfers),
-        broadcast_bytes=sum(costs[b].out_bytes for b in traced.blocks) * (plan.n_stages - 1),
+        broadcast_bytes=sum(costs[b].out_bytes for b in traced.blocks) * (plan.model_n - 1),
     )

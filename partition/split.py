@@ -234,7 +234,7 @@ def split_graph(traced: TracedDenoiser, plan: Plan) -> SplitDenoiser:
     stages = tuple(
         StageProgram(k, plan.stages[k], tuple(seg for seg in segments if seg.stage == k),
                      tuple(t for t in transfers if t.dst == k), tuple(t for t in transfers if t.src == k))
-        for k in range(plan.n_stages)
+        for k in range(plan.model_n)
     )
     return SplitDenoiser(plan, stages, segments, tuple(transfers), output_segment)
 

@@ -19,21 +19,21 @@ from asyncdiff.partition.trace import trace_denoiser
 STEPS = 5
 
 
-def _split(layout: str, n_stages: int):
+def _split(layout: str, model_n: int):
     torch.manual_seed(0)
     toy = ToyDenoiser()
     calls = fixed_calls(STEPS)
     traced = trace_denoiser(toy, *calls[0], latent="sample")
-    plan = auto_plan(traced, profile_blocks(traced, toy, *calls[0], measure_time=False), n_stages, cost="flops",
+    plan = auto_plan(traced, profile_blocks(traced, toy, *calls[0], measure_time=False), model_n, cost="flops",
                      layouts=(layout,), bandwidth=LINKS["gloo"].planner_bandwidth("flop"))  # as the engine plans
     return toy, calls, traced, split_graph(traced, plan)
 
 
-@pytest.mark.parametrize("layout, n_stages", [("contiguous", 2), ("contiguous", 3), ("wrapped", 2), ("wrapped", 3)])
-def test_simulation_is_what_the_engine_computes(layout, n_stages):
-    toy, calls, traced, split = _split(layout, n_stages)
+@pytest.mark.parametrize("layout, model_n", [("contiguous", 2), ("contiguous", 3), ("wrapped", 2), ("wrapped", 3)])
+def test_simulation_is_what_the_engine_computes(layout, model_n):
+    toy, calls, traced, split = _split(layout, model_n)
     simulated = simulate_async(split, toy, [traced.flatten_call(*c) for c in calls], warm_up=1)
-    engine, plan = launch(fixed_input_engine, n_stages, layout, STEPS, 1)[0]
+    engine, plan = launch(fixed_input_engine, model_n, layout, STEPS, 1)[0]
     assert plan == split.plan
     for step, (got, want) in enumerate(zip(engine, simulated)):
         torch.testing.assert_close(got, want[0], rtol=1e-6, atol=1e-6, msg=f"step {step}")
@@ -44,10 +44,10 @@ def test_simulation_is_what_the_engine_computes(layout, n_stages):
 
 def test_predicted_drift_is_zero_at_full_warm_up_and_grows_with_stages():
     drifts = {}
-    for n_stages in (2, 3):
-        toy, calls, traced, split = _split("contiguous", n_stages)
+    for model_n in (2, 3):
+        toy, calls, traced, split = _split("contiguous", model_n)
         assert predicted_drift(traced, split, toy, calls, warm_up=STEPS) == 0.0
-        drifts[n_stages] = predicted_drift(traced, split, toy, calls)
+        drifts[model_n] = predicted_drift(traced, split, toy, calls)
     assert 0 < drifts[2] < drifts[3]
 
 

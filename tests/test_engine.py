@@ -64,7 +64,7 @@ def test_stale_inputs_differ_but_stay_close(scenario, record_property):
 def test_each_rank_holds_only_its_stage(scenario):
     n, results = scenario
     plan = results[0]["plan"]
-    assert plan.n_stages == n
+    assert plan.model_n == n
     unet_params = results[0]["unet_params"]
 
     def block_params(block):

@@ -39,15 +39,15 @@ def test_measured_time_on_the_tiny_model(capsys):
 def test_python_api_for_a_new_architecture_and_explicit_plan():
     net = torch.nn.Sequential(*[torch.nn.Linear(32, 32) for _ in range(4)], torch.nn.Linear(32, 8))
     x = torch.randn(4, 32)
-    plan, report = partition_report(net, (x,), {}, stages=2, cost="flops", link="none")
+    plan, report = partition_report(net, (x,), {}, model_n=2, cost="flops", link="none")
     assert [len(s) for s in plan.stages] in ([2, 3], [3, 2])
     mine = Plan.from_json(Plan(stages=(("0",), ("1", "2", "3", "4")), cost_unit="flop").to_json())
-    _, fixed = partition_report(net, (x,), {}, stages=2, cost="flops", plan=mine)
+    _, fixed = partition_report(net, (x,), {}, model_n=2, cost="flops", plan=mine)
     assert fixed.stages[0].blocks == ("0",) and fixed.stages[1].recv_bytes == 4 * 32 * 4
     assert fixed.imbalance > report.imbalance
     # the schedule printed is the one the engine runs for this plan (Note [schedule as program])
     wrapped = Plan(stages=(("0", "4"), ("1", "2", "3")), cost_unit="flop")
-    _, report = partition_report(net, (x,), {}, stages=2, cost="flops", plan=wrapped)
+    _, report = partition_report(net, (x,), {}, model_n=2, cost="flops", plan=wrapped)
     assert report.schedule.splitlines()[2] == "   1 | async   | s0 s2[t-1] send 0>1 next 1>2 out | s1[t-1] send 1>2 next 0>1 out0"
     assert report.schedule in report.table().replace("\n  ", "\n")
 
@@ -56,9 +56,9 @@ def test_time_cost_needs_weights():
     with torch.device("meta"):
         net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
     with pytest.raises(ValueError, match="cost='time' measures the blocks and needs real weights"):
-        partition_report(net, (torch.empty(2, 8, device="meta"),), {}, stages=2, cost="time")
+        partition_report(net, (torch.empty(2, 8, device="meta"),), {}, model_n=2, cost="time")
     with pytest.raises(ValueError, match="link='infiniband' is not a preset"):
-        partition_report(net, (torch.empty(2, 8, device="meta"),), {}, stages=2, link="infiniband")
+        partition_report(net, (torch.empty(2, 8, device="meta"),), {}, model_n=2, link="infiniband")
 
 
 def test_pipeline_that_cannot_run_on_meta_gets_a_clear_error(capsys):
@@ -97,7 +97,7 @@ def test_inspect_notes_a_value_trace_and_counts_flops_on_it():
     from toys import TopLevelBranchy
 
     torch.manual_seed(0)
-    _, report = partition_report(TopLevelBranchy(), (torch.randn(2, 4),), {}, stages=2, cost="flops")
+    _, report = partition_report(TopLevelBranchy(), (torch.randn(2, 4),), {}, model_n=2, cost="flops")
     assert report.trace_notes == ("traced with the call's real values (Note [value trace]): 1 decision(s) on "
                                   "tensor values are checked at every call",)
     assert "trace: traced with the call's real values" in report.table()

@@ -58,7 +58,7 @@ def test_a_split_that_differs_from_the_model_stops_every_rank_on_a_stage_only_lo
 
 
 def test_stage_only_load_keeps_other_stages_as_placeholders(saved):
-    load = load_stage_only(str(saved), denoiser_attr=None, latent="sample", n_stages=2, stage=1,
+    load = load_stage_only(str(saved), denoiser_attr=None, latent="sample", model_n=2, stage=1,
                            device=torch.device("cpu"), torch_dtype=torch.float16)
     unet = load.pipeline.unet
     assert not any(t.is_meta for t in (*unet.parameters(), *unet.buffers()))
@@ -72,7 +72,7 @@ def test_stage_only_load_keeps_other_stages_as_placeholders(saved):
 
 def test_a_folder_without_safetensors_is_a_clear_error(saved, tmp_path):
     with pytest.raises(ValueError, match="is not a diffusers pipeline folder"):
-        load_stage_only(str(tmp_path), denoiser_attr=None, latent=None, n_stages=2, stage=0, device=torch.device("cpu"))
+        load_stage_only(str(tmp_path), denoiser_attr=None, latent=None, model_n=2, stage=0, device=torch.device("cpu"))
 
 
 def test_a_checkpoint_without_safetensors_says_how_to_load_it(tmp_path):
@@ -82,7 +82,7 @@ def test_a_checkpoint_without_safetensors_says_how_to_load_it(tmp_path):
     pipe.unet.save_pretrained(tmp_path / "unet", safe_serialization=False)  # a .bin checkpoint
     with pytest.raises(ValueError, match=r"has no diffusion_pytorch_model.safetensors \(or its index\): stage-only "
                                          r"loading reads safetensors; save the model with save_pretrained"):
-        load_stage_only(str(tmp_path), denoiser_attr=None, latent=None, n_stages=2, stage=0, device=torch.device("cpu"))
+        load_stage_only(str(tmp_path), denoiser_attr=None, latent=None, model_n=2, stage=0, device=torch.device("cpu"))
 
 
 def test_text_encoders_never_load_on_the_other_ranks(saved):

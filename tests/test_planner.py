@@ -19,26 +19,26 @@ from asyncdiff.partition.planner import (
 )
 
 
-def contiguous_assignments(n, n_stages):
-    for cuts in itertools.combinations(range(1, n), n_stages - 1):
+def contiguous_assignments(n, model_n):
+    for cuts in itertools.combinations(range(1, n), model_n - 1):
         bounds = (0, *cuts, n)
         yield tuple(k for k, (i, j) in enumerate(zip(bounds, bounds[1:])) for _ in range(i, j))
 
 
-def wrapped_assignments(n, n_stages):
+def wrapped_assignments(n, model_n):
     # stage 0 = [0, a) + [b, n); stages 1.. split [a, b)
     for a in range(1, n):
         for b in range(a + 1, n):
-            for middle in contiguous_assignments(b - a, n_stages - 1):
+            for middle in contiguous_assignments(b - a, model_n - 1):
                 yield (0,) * a + tuple(s + 1 for s in middle) + (0,) * (n - b)
 
 
-def brute_force(costs, values, n_stages, bandwidth, layouts=("contiguous",)):
+def brute_force(costs, values, model_n, bandwidth, layouts=("contiguous",)):
     candidates = []
     if "contiguous" in layouts:
-        candidates += list(contiguous_assignments(len(costs), n_stages))
-    if "wrapped" in layouts and n_stages >= 2:
-        candidates += list(wrapped_assignments(len(costs), n_stages))
+        candidates += list(contiguous_assignments(len(costs), model_n))
+    if "wrapped" in layouts and model_n >= 2:
+        candidates += list(wrapped_assignments(len(costs), model_n))
     return min(max(stage_times(costs, values, a, bandwidth)) for a in candidates)
 
 
@@ -59,26 +59,26 @@ def random_problem(seed):
 @pytest.mark.parametrize("seed", range(20))
 def test_contiguous_dp_matches_brute_force(seed):
     n, costs, values = random_problem(seed)
-    for n_stages in range(1, min(n, 5) + 1):
+    for model_n in range(1, min(n, 5) + 1):
         for bandwidth in (None, 50.0):
-            starts = best_contiguous(costs, values, n_stages, bandwidth)
-            assert len(starts) == n_stages and starts[0] == 0 and list(starts) == sorted(set(starts))
+            starts = best_contiguous(costs, values, model_n, bandwidth)
+            assert len(starts) == model_n and starts[0] == 0 and list(starts) == sorted(set(starts))
             got = max(stage_times(costs, values, starts_to_assignment(starts, n), bandwidth))
-            assert got == pytest.approx(brute_force(costs, values, n_stages, bandwidth))
+            assert got == pytest.approx(brute_force(costs, values, model_n, bandwidth))
 
 
 @pytest.mark.parametrize("seed", range(20))
 def test_wrapped_and_best_layout_match_brute_force(seed):
     n, costs, values = random_problem(seed)
-    for n_stages in range(2, min(n - 1, 4) + 1):
+    for model_n in range(2, min(n - 1, 4) + 1):
         for bandwidth in (None, 50.0):
-            time, assignment = best_wrapped(costs, values, n_stages, bandwidth)
-            assert assignment[0] == 0 and assignment[-1] == 0 and set(assignment) == set(range(n_stages))
+            time, assignment = best_wrapped(costs, values, model_n, bandwidth)
+            assert assignment[0] == 0 and assignment[-1] == 0 and set(assignment) == set(range(model_n))
             assert max(stage_times(costs, values, assignment, bandwidth)) == pytest.approx(time)
-            assert time == pytest.approx(brute_force(costs, values, n_stages, bandwidth, ("wrapped",)))
-            best = best_assignment(costs, values, n_stages, bandwidth, max_slowdown=0.0)
+            assert time == pytest.approx(brute_force(costs, values, model_n, bandwidth, ("wrapped",)))
+            best = best_assignment(costs, values, model_n, bandwidth, max_slowdown=0.0)
             assert max(stage_times(costs, values, best, bandwidth)) == pytest.approx(
-                brute_force(costs, values, n_stages, bandwidth, ("contiguous", "wrapped")))
+                brute_force(costs, values, model_n, bandwidth, ("contiguous", "wrapped")))
 
 
 def test_wrapped_keeps_a_long_skip_connection_local():
@@ -91,11 +91,11 @@ def test_wrapped_keeps_a_long_skip_connection_local():
 
 def test_main_path_depth_counts_stage_crossings():
     chain = [Value(i, (i + 1,), 1) for i in range(5)]
-    for n_stages in (2, 3, 4):  # contiguous: N - 1 crossings; wrapped: N (out of stage 0 and back)
-        contiguous = tuple(i * n_stages // 6 for i in range(6))
-        assert main_path_depth(chain, contiguous) == n_stages - 1
-        wrapped = (0, *(1 + i * (n_stages - 1) // 4 for i in range(4)), 0)
-        assert main_path_depth(chain, wrapped) == n_stages
+    for model_n in (2, 3, 4):  # contiguous: N - 1 crossings; wrapped: N (out of stage 0 and back)
+        contiguous = tuple(i * model_n // 6 for i in range(6))
+        assert main_path_depth(chain, contiguous) == model_n - 1
+        wrapped = (0, *(1 + i * (model_n - 1) // 4 for i in range(4)), 0)
+        assert main_path_depth(chain, wrapped) == model_n
     # a skip connection from block 0 to block 5 is one crossing: not deeper than the main path
     skip = chain + [Value(0, (5,), 1000)]
     assert main_path_depth(skip, (0, 0, 0, 1, 1, 1)) == 1

@@ -16,16 +16,16 @@ def cells(schedule, steps, layout=None):
     return [[c.strip() for c in line.split("|")[2:]] for line in schedule.format(steps, layout).splitlines()[1:]]
 
 
-def wrapped_split(n_stages=2):
+def wrapped_split(model_n=2):
     """A chain of six linear blocks, planned wrapped: stage 0 holds the first and the last blocks."""
     net = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(6)])
     traced = trace_denoiser(net, (torch.randn(2, 4),), {})
-    stages = (("0", "5"), ("1", "2", "3", "4")) if n_stages == 2 else (("0", "5"), ("1", "2"), ("3", "4"))
+    stages = (("0", "5"), ("1", "2", "3", "4")) if model_n == 2 else (("0", "5"), ("1", "2"), ("3", "4"))
     return split_graph(traced, Plan(stages=stages))
 
 
 def test_stride_1_grid_shows_stale_inputs_after_warm_up():
-    schedule = Schedule(n_stages=3, warm_up=2)
+    schedule = Schedule(model_n=3, warm_up=2)
     assert [schedule.kind(t) for t in range(4)] == [StepKind.WARM_UP] * 2 + [StepKind.ASYNC] * 2
     grid = cells(schedule, 4)
     assert grid[1] == ["s0 send 0>1 out2", "recv 0>1 s1 send 1>2 out2", "recv 1>2 s2 out"]
@@ -39,7 +39,7 @@ def test_wrapped_plan_grid_shows_the_tail_two_steps_behind_the_head():
     split = wrapped_split()
     layout = Layout.of(split)
     assert [[s.index for s in stage] for stage in layout.stages] == [[0, 2], [1]] and layout.output_stage == 0
-    grid = cells(Schedule(n_stages=2, warm_up=1), 3, layout)
+    grid = cells(Schedule(model_n=2, warm_up=1), 3, layout)
     # warm-up: stage 0's tail waits for this step's values from stage 1
     assert grid[0] == ["s0 send 0>1 recv 1>2 s2 out", "recv 0>1 s1 send 1>2 out0"]
     # asynchronous: the head reads nothing stale, the tail reads stage 1's values of t-1, which
@@ -48,17 +48,17 @@ def test_wrapped_plan_grid_shows_the_tail_two_steps_behind_the_head():
 
 
 def test_three_stage_wrapped_plan():
-    grid = cells(Schedule(n_stages=3, warm_up=1), 2, Layout.of(wrapped_split(3)))
+    grid = cells(Schedule(model_n=3, warm_up=1), 2, Layout.of(wrapped_split(3)))
     assert grid[1] == ["s0 s3[t-1] send 0>1 next 2>3 out", "s1[t-1] send 1>2 next 0>1 out0",
                        "s2[t-1] send 2>3 next 1>2 out0"]
 
 
 def test_first_step_is_always_sequential():
-    assert Schedule(n_stages=2, warm_up=0).kind(0) == StepKind.WARM_UP
+    assert Schedule(model_n=2, warm_up=0).kind(0) == StepKind.WARM_UP
 
 
 def test_stride_2_rounds_and_reuse_steps():
-    schedule = Schedule(n_stages=2, warm_up=1, stride=2)
+    schedule = Schedule(model_n=2, warm_up=1, stride=2)
     assert [schedule.kind(t) for t in range(5)] == ["warm-up", "round", "reuse", "round", "reuse"]
     grid = cells(schedule, 4)
     # ranks 0 and 1 compute step s + 1's prediction, the extra rank 2 step s's, on the previous round's
@@ -71,19 +71,19 @@ def test_stride_2_rounds_and_reuse_steps():
 
 def test_stride_2_refuses_a_last_stage_that_sends():
     with pytest.raises(ValueError, match="last stage must send nothing"):
-        Schedule(n_stages=2, warm_up=1, stride=2).program(1, 0, Layout.of(wrapped_split()))
+        Schedule(model_n=2, warm_up=1, stride=2).program(1, 0, Layout.of(wrapped_split()))
 
 
 def test_time_shift_feeds_the_previous_timestep_after_warm_up():
-    schedule = Schedule(n_stages=2, warm_up=2, time_shift=True)
+    schedule = Schedule(model_n=2, warm_up=2, time_shift=True)
     assert [schedule.program(t, 1).timestep for t in range(4)] == [0, 1, 1, 2]
     assert cells(schedule, 3)[2][1] == "@t-1 s1[t-1] next 0>1 out"
-    shifted = Schedule(n_stages=2, warm_up=1, stride=2, time_shift=True)
+    shifted = Schedule(model_n=2, warm_up=1, stride=2, time_shift=True)
     assert [shifted.program(1, r).timestep for r in range(3)] == [1, 1, 0]
 
 
 def test_refresh_runs_every_kth_step_after_warm_up_sequentially():
-    schedule = Schedule(n_stages=2, warm_up=2, refresh_every=3, time_shift=True)
+    schedule = Schedule(model_n=2, warm_up=2, refresh_every=3, time_shift=True)
     kinds = [schedule.kind(t) for t in range(9)]
     assert kinds == ["warm-up", "warm-up", "async", "async", "refresh", "async", "async", "refresh", "async"]
     grid = cells(schedule, 6)
@@ -93,13 +93,13 @@ def test_refresh_runs_every_kth_step_after_warm_up_sequentially():
 
 
 def test_one_stage_runs_alone():
-    assert cells(Schedule(n_stages=1, warm_up=1), 2) == [["s0"], ["s0"]]
+    assert cells(Schedule(model_n=1, warm_up=1), 2) == [["s0"], ["s0"]]
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"n_stages": 2, "warm_up": -1}, "warm_up=-1 must be >= 0"),
-    ({"n_stages": 0, "warm_up": 1}, "n_stages=0"),
-    ({"n_stages": 2, "warm_up": 1, "stride": 3}, "stride=3 must be 1 or 2"),
+    ({"model_n": 2, "warm_up": -1}, "warm_up=-1 must be >= 0"),
+    ({"model_n": 0, "warm_up": 1}, "model_n=0"),
+    ({"model_n": 2, "warm_up": 1, "stride": 3}, "stride=3 must be 1 or 2"),
 ])
 def test_bad_schedule(kwargs, match):
     with pytest.raises(ValueError, match=match):

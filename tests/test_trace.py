@@ -65,17 +65,17 @@ def test_skip_connections_are_block_edges(unet, unet_call):
                                                                          "up_blocks.3.resnets.2"]]
 
 
-@pytest.mark.parametrize("n_stages", [2, 3, 4])
-def test_split_runs_stage_by_stage_exactly(unet, unet_call, n_stages):
+@pytest.mark.parametrize("model_n", [2, 3, 4])
+def test_split_runs_stage_by_stage_exactly(unet, unet_call, model_n):
     args, kwargs = unet_call
     traced = trace_denoiser(unet, args, kwargs)
     costs = profile_blocks(traced, unet, args, kwargs, measure_time=False)
-    plan = auto_plan(traced, costs, n_stages, cost="flops", layouts=("contiguous",))
+    plan = auto_plan(traced, costs, model_n, cost="flops", layouts=("contiguous",))
     split = split_graph(traced, plan)
     # every block in exactly one stage, in program order
     assert [b for stage in plan.stages for b in stage] == list(traced.blocks)
     assert all(t.src < t.dst for t in split.transfers)
-    assert split.output_stage == n_stages - 1 and len(split.segments) == n_stages
+    assert split.output_stage == model_n - 1 and len(split.segments) == model_n
     with torch.no_grad():
         expected = unet(*args, **kwargs)[0]
         leaves = run_stages(split, unet, traced.flatten_call(args, kwargs))
@@ -83,15 +83,15 @@ def test_split_runs_stage_by_stage_exactly(unet, unet_call, n_stages):
     assert "recv" in split.describe()
 
 
-@pytest.mark.parametrize("n_stages", [2, 3])
-def test_wrapped_plan_keeps_long_skips_local_and_is_exact(unet, unet_call, n_stages):
+@pytest.mark.parametrize("model_n", [2, 3])
+def test_wrapped_plan_keeps_long_skips_local_and_is_exact(unet, unet_call, model_n):
     args, kwargs = unet_call
     traced = trace_denoiser(unet, args, kwargs)
     costs = profile_blocks(traced, unet, args, kwargs, measure_time=False)
-    plan = auto_plan(traced, costs, n_stages, cost="flops", bandwidth=1e-3, layouts=("wrapped",))
+    plan = auto_plan(traced, costs, model_n, cost="flops", bandwidth=1e-3, layouts=("wrapped",))
     split = split_graph(traced, plan)
     assert plan.stage_of("conv_in") == plan.stage_of("conv_out") == 0
-    assert [s.stage for s in split.segments] == [0, *range(1, n_stages), 0]
+    assert [s.stage for s in split.segments] == [0, *range(1, model_n), 0]
     assert split.output_stage == 0
     # conv_in's output reaches the last up block without leaving stage 0
     assert "denoiser_conv_in" not in {t.value for t in split.transfers}

@@ -29,7 +29,7 @@ def first_tensor(output):
     return output[0] if isinstance(output, tuple) else next(iter(output.values()))
 
 
-def check_exact(denoiser, args, kwargs, n_stages=3, latent=None):
+def check_exact(denoiser, args, kwargs, model_n=3, latent=None):
     traced = trace_denoiser(denoiser, args, kwargs, latent=latent)
     costs = profile_blocks(traced, denoiser, args, kwargs, measure_time=False)
     tensors = traced.flatten_call(args, kwargs)
@@ -38,7 +38,7 @@ def check_exact(denoiser, args, kwargs, n_stages=3, latent=None):
         whole = first_tensor(traced.unflatten_output(list(traced.graph_module(denoiser)(*tensors))))
         torch.testing.assert_close(whole, expected, rtol=0, atol=0)
         for layout in ("contiguous", "wrapped"):
-            plan = auto_plan(traced, costs, n_stages, cost="flops", bandwidth=1e-3, layouts=(layout,))
+            plan = auto_plan(traced, costs, model_n, cost="flops", bandwidth=1e-3, layouts=(layout,))
             split = split_graph(traced, plan)
             values, leaves = {}, ()
             for seg in split.segments:

@@ -43,8 +43,8 @@ def test_inplace_update_is_traced_in_place_and_kept_on_one_stage():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert inplace_spans(traced) == [(0, 2)]  # from `down` (which made h) to `mid` (first block after h +=)
     costs = profile_blocks(traced, toy, args, kwargs, measure_time=False)
-    for n_stages in (2, 3):
-        plan = auto_plan(traced, costs, n_stages, cost="flops", layouts=("contiguous",))
+    for model_n in (2, 3):
+        plan = auto_plan(traced, costs, model_n, cost="flops", layouts=("contiguous",))
         assert plan.stage_of("down") == plan.stage_of("extra") == plan.stage_of("mid"), plan.stages
         assert verify_split(traced, split_graph(traced, plan), toy, args, kwargs) is None
 
@@ -102,7 +102,7 @@ def test_plan_cache_gives_the_same_plan_whatever_the_new_measurement(tmp_path):
     assert fresh != first and source.startswith("measured now")
     assert cached_plan(traced, 2, lambda: _costs(traced, front_heavy), **options)[0] == fresh  # overwritten
     other, source = cached_plan(traced, 3, lambda: _costs(traced, front_heavy), **options)
-    assert other.n_stages == 3 and source.startswith("measured now")  # other options: another entry
+    assert other.model_n == 3 and source.startswith("measured now")  # other options: another entry
     off, source = cached_plan(traced, 2, lambda: _costs(traced, front_heavy), **{**options, "cache": PlanCache(None)})
     assert source.startswith("measured now")
 

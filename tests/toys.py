@@ -228,7 +228,7 @@ def system_scenarios(name: str, steps: int, stride: int) -> dict[str, Any]:
 
     results: dict[str, Any] = {"reference": final_latents()}
     for label, time_shift in (("", False), ("shift_", True)):
-        async_diff = AsyncDiff(pipe, model_n=spec.stages, stride=stride, warm_up=steps, time_shift=time_shift)
+        async_diff = AsyncDiff(pipe, model_n=spec.model_n, stride=stride, warm_up=steps, time_shift=time_shift)
         results[f"{label}exact"] = final_latents()
         async_diff.reset_state(warm_up=1)
         results[f"{label}stale"] = final_latents()
@@ -582,11 +582,11 @@ def encoder_scenarios(name: str, steps: int) -> dict[str, Any]:
         return sum(t.numel() for e in text_encoders(pipe).values() for t in e.parameters())
 
     results: dict[str, Any] = {"whole": held()}
-    async_diff = AsyncDiff(pipe, model_n=spec.stages, warm_up=1, cost="flops")
+    async_diff = AsyncDiff(pipe, model_n=spec.model_n, warm_up=1, cost="flops")
     results["every"] = run()
     plan = async_diff.plan
     async_diff.remove()
-    async_diff = AsyncDiff(pipe, model_n=spec.stages, warm_up=1, plan=plan, text_encoders="rank0")
+    async_diff = AsyncDiff(pipe, model_n=spec.model_n, warm_up=1, plan=plan, text_encoders="rank0")
     results["rank0"], results["held"] = run(), held()
     async_diff.remove()
     results["restored"] = held()

@@ -4,7 +4,9 @@ Glossary, used everywhere in this package:
 
 - *block*: the unit the tracer sees, a module called from the denoiser's top-level graph
   (a resnet, an attention block, ``conv_in``...); see :mod:`asyncdiff.partition.blocks`.
-- *stage*: a set of blocks that runs on one rank.
+- *stage*: a set of blocks that runs on one rank; ``model_n`` (the seed API's name) is the number
+  of stages in every layer of the code (the command line's ``--stages`` and the ``stages`` of
+  JSON results print it).
 - *step*: one denoising step (one call of the denoiser by the pipeline's loop).
 - *stale*: an input a stage takes from another stage's computation at an earlier step.
 - *warm-up*: the first steps of a pipeline call, run sequentially (stage after stage, exact).

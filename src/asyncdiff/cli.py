@@ -224,7 +224,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
         with open(args.plan) as f:
             plan = Plan.from_json(f.read())
-    _, report = pipeline_report(pipe, stages=args.stages, cost=args.cost, link=args.bandwidth, policy=args.policy,
+    _, report = pipeline_report(pipe, model_n=args.stages, cost=args.cost, link=args.bandwidth, policy=args.policy,
                                 plan=plan, max_slowdown=args.max_slowdown, replan=args.replan, drift_steps=args.drift,
                                 name=f"{args.model or args.pipeline} ({args.size if not args.model else 'loaded'})",
                                 **call)

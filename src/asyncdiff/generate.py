@@ -87,7 +87,7 @@ class GenerateSpec:
             if config.parallel is None and self.devices % data:
                 raise ValueError(f"devices={self.devices} is not a multiple of guidance={config.guidance} x "
                                  f"batch={config.batch} = {data} slices; use devices = a multiple of {data}")
-            if config.parallel is None and self.stages < (2 if data == 1 else 1):
+            if config.parallel is None and self.model_n < (2 if data == 1 else 1):
                 fewer = "2 stages" if data == 1 else f"1 stage in each of {data} slices"
                 raise ValueError(f"devices={self.devices} with stride={config.stride} leaves fewer than {fewer}; "
                                  f"use devices >= {data * (config.stride + (1 if data == 1 else 0))}")
@@ -95,7 +95,7 @@ class GenerateSpec:
             raise ValueError("guidance/batch parallelism and parallel='auto' need devices >= 2")
 
     @property
-    def stages(self) -> int:
+    def model_n(self) -> int:
         """Stages per slice for ``devices`` (a placeholder under ``parallel="auto"`` until the first
         call chooses; 1: the plain pipeline)."""
         from asyncdiff.engine.config import stages_for
@@ -113,7 +113,7 @@ class GenerateSpec:
         """The engine's settings of this run, as one validated :class:`EngineConfig`."""
         from asyncdiff.adapters.api import engine_config
 
-        return engine_config(None, **{**self.engine, "model_n": max(1, self.stages)})
+        return engine_config(None, **{**self.engine, "model_n": max(1, self.model_n)})
 
 
 def _looks_local(model: str) -> bool:
@@ -295,7 +295,7 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
     result: dict[str, Any] = {
         "pipeline": spec.model or spec.pipeline, "size": "loaded" if spec.model else spec.size,
         "devices": spec.devices, "stride": spec.config.stride,
-        "stages": spec.stages, "steps": spec.steps, "warm_up": spec.config.warm_up,
+        "stages": spec.model_n, "steps": spec.steps, "warm_up": spec.config.warm_up,
         "time_shift": spec.config.time_shift, "refresh_every": spec.config.refresh_every,
         "refresh_drift": spec.config.refresh_drift, "seed": spec.seed,
         # the loop's wall time without the one-off trace/profile/plan of the first call (plan_s)

@@ -3,7 +3,7 @@
 Example (a new architecture, no adapter needed):
     >>> import torch
     >>> net = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(6)])
-    >>> plan, report = partition_report(net, (torch.randn(8, 64),), {}, stages=3, cost="flops")
+    >>> plan, report = partition_report(net, (torch.randn(8, 64),), {}, model_n=3, cost="flops")
     >>> [len(s) for s in plan.stages], round(report.imbalance, 3)
     ([2, 2, 2], 1.0)
 """
@@ -40,13 +40,13 @@ from asyncdiff.partition.trace import TracedDenoiser, trace_denoiser
 __all__ = ["final_latents", "load_for_inspection", "parallel_report", "partition_report", "pipeline_report"]
 
 
-def partition_report(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, stages: int,
+def partition_report(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, model_n: int,
                      cost: str = "flops", link: str = "gloo", policy: str | BlockPolicy = "fine",
                      latent: str | None = None, plan: Plan | None = None, name: str | None = None,
                      layouts: tuple[str, ...] = LAYOUTS, max_slowdown: float = MAX_SLOWDOWN, replan: bool = False,
                      drift: Callable[[TracedDenoiser, SplitDenoiser], float] | None = None,
                      ) -> tuple[Plan, PartitionReport]:
-    """Trace ``denoiser(*args, **kwargs)``, profile its blocks, plan ``stages`` stages (or use
+    """Trace ``denoiser(*args, **kwargs)``, profile its blocks, plan ``model_n`` stages (or use
     ``plan``) and report, with every layout's best plan and its staleness (Note [staleness]).
     ``cost="flops"`` works on ``meta`` tensors (no weights needed). Plans come from the plan cache
     where it has one for this call and options (Note [plan cache]; ``replan=True``: plan anew).
@@ -64,25 +64,25 @@ def partition_report(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: d
     source = "given"
     if plan is None:
         device = next((t.device for t in args if isinstance(t, torch.Tensor)), torch.device("cpu"))
-        plan, source = cached_plan(traced, stages, lambda: costs, cost=cost, bandwidth=bandwidth, layouts=layouts,
+        plan, source = cached_plan(traced, model_n, lambda: costs, cost=cost, bandwidth=bandwidth, layouts=layouts,
                                    max_slowdown=max_slowdown, device=device_kind(device), replan=replan)
     split = split_graph(traced, plan)
     report = build_report(name or type(denoiser).__name__, traced, costs, plan, split, LINKS[link])
     depth = plan_depth(traced, plan)
     considered = []
-    for c in plan_candidates(traced, costs, stages, cost=cost, bandwidth=bandwidth, layouts=layouts):
+    for c in plan_candidates(traced, costs, model_n, cost=cost, bandwidth=bandwidth, layouts=layouts):
         predicted = None
         if drift is not None:
             candidate = Plan(stages=tuple(tuple(b for b, s in zip(traced.blocks, c.assignment) if s == k)
-                                          for k in range(stages)))
+                                          for k in range(model_n)))
             predicted = drift(traced, split_graph(traced, candidate))
         considered.append((c.layout, LINKS[link].seconds(c.step, unit), c.depth, predicted))
-    schedule = Schedule(plan.n_stages, warm_up=1).format(3, Layout.of(split))
+    schedule = Schedule(plan.model_n, warm_up=1).format(3, Layout.of(split))
     return plan, dataclasses.replace(report, source=source, main_path_depth=depth, candidates=tuple(considered),
                                      trace_notes=traced.notes(), schedule=schedule)
 
 
-def pipeline_report(pipeline: Any, *, stages: int, cost: str = "flops", link: str = "gloo",
+def pipeline_report(pipeline: Any, *, model_n: int, cost: str = "flops", link: str = "gloo",
                     policy: str | BlockPolicy = "fine", name: str | None = None, plan: Plan | None = None,
                     max_slowdown: float = MAX_SLOWDOWN, replan: bool = False, drift_steps: int = 0,
                     **call_kwargs: Any) -> tuple[Plan, PartitionReport]:
@@ -104,7 +104,7 @@ def pipeline_report(pipeline: Any, *, stages: int, cost: str = "flops", link: st
             simulated = final_latents(pipeline, adapter.denoiser, AsyncSimulator(traced, split, denoiser),
                                       drift_steps, call_kwargs)
             return float((simulated - reference).norm() / reference.norm().clamp_min(1e-30))
-    return partition_report(denoiser, args, kwargs, stages=stages, cost=cost, link=link, policy=policy,
+    return partition_report(denoiser, args, kwargs, model_n=model_n, cost=cost, link=link, policy=policy,
                             latent=adapter.latent, name=name or adapter.name, plan=plan,
                             max_slowdown=max_slowdown, replan=replan, drift=drift)
 
