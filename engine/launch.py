@@ -8,8 +8,8 @@ single-machine except :func:`launch`.
 
 Example (starts processes, so not run as a doctest)::
 
-    results = launch(_rank_and_world, 2)
-    results   # {0: (0, 2), 1: (1, 2)}
+    results = launch(torch.distributed.get_world_size, 2)
+    results   # {0: 2, 1: 2}
 """
 
 from __future__ import annotations
@@ -89,7 +89,3 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, threads: int = 1,
     )
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     return elastic_launch(config, _worker)(fn, threads, timeout_s, args)
-
-
-def _rank_and_world() -> tuple[int, int]:
-    return dist.get_rank(), dist.get_world_size()

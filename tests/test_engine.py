@@ -305,12 +305,12 @@ def test_stride_2_refuses_a_branch_that_first_comes_after_warm_up():
 
 
 def test_a_stalled_rank_makes_its_peer_fail_within_the_deadline():
-    """Issue 11: no hangs. Rank 1 stalls for 40 s without failing; rank 0 stops within its 5 s
-    deadline (plus the step's own time), naming the stage and step where it waited."""
-    results = launch(stalled_peer, 2, 40.0, timeout_s=5)
+    """Issue 11: no hangs. Rank 1 stalls for 25 s without failing; rank 0 stops within its 5 s
+    deadline (plus the steps' own time), naming the stage and step where it waited."""
+    results = launch(stalled_peer, 2, 25.0, timeout_s=5)
     message, seconds = results[0]
     assert message.startswith("[stage 0 | step "), message
-    assert seconds < 30, f"rank 0 waited {seconds:.0f} s for a stalled peer"
+    assert seconds < 15, f"rank 0 waited {seconds:.0f} s for a stalled peer"
 
 
 def test_an_untraceable_denoiser_fails_at_the_first_call_on_every_rank_with_the_cause():

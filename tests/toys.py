@@ -717,10 +717,17 @@ def stalled_peer(stall_s: float) -> tuple[str, float]:
     torch.manual_seed(0)
     toy = ToyDenoiser()
     engine = AsyncEngine(toy, EngineConfig(model_n=2, warm_up=1, cost="flops", timeout_s=5), latent="sample")
+    stalled: list[bool] = []
+
+    def stall(*_: Any) -> None:  # once, in the first block rank 1 runs at step 2
+        if engine.step == 2 and not stalled:
+            stalled.append(True)
+            time.sleep(stall_s)
+
     if dist.get_rank() == 1:
         for module in toy.modules():
             if module is not toy:
-                module.register_forward_pre_hook(lambda *_: time.sleep(stall_s) if engine.step == 2 else None)
+                module.register_forward_pre_hook(stall)
     started = time.perf_counter()
     try:
         toy_steps(engine, 6)
