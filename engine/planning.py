@@ -48,6 +48,9 @@ class Planning:
                  released: dict[str, tuple[torch.Size, torch.dtype, torch.device]], world: int, global_rank: int,
                  timeout_s: float) -> None:
         self.denoiser, self.plan, self.latent, self.released = denoiser, plan, latent, released
+        # the same on every rank (a rank-dependent check would mismatch the collectives of the checks):
+        self.stage_only = bool(released)  # loaded stage-only (Note [verify on stage-only loads])
+        self.complete = not released  # every rank still holds every weight (until the engine releases)
         self.skeleton = meta_copy(denoiser, {name: shape for name, (shape, _, _) in released.items()})
         self.global_rank = global_rank
         # Rank 0's decisions (plan, verification, the mesh) reach every rank on their own group.
@@ -86,7 +89,7 @@ class Planning:
             self.plan = Plan.from_json(text)
         # a call may skip planned blocks (skip-layer guidance): the others keep their stages
         split = split_graph(traced, self.plan.restricted_to(traced.blocks))
-        if config.verify and not self.released:
+        if config.verify and self.complete:
             error = self.from_rank0(lambda: verify_split(traced, split, self.denoiser, args, kwargs))
             if error is not None:
                 raise ValueError(error)
@@ -119,7 +122,7 @@ class Planning:
             raise ValueError(f"this denoiser call's batch is {n}, which guidance={config.guidance} x "
                              f"batch={config.batch} = {config.data} slices cannot split evenly: {'; '.join(need)}; "
                              f"use parallel='auto' or fewer slices")
-        if not config.verify or self.released:  # nothing to check with, or asked not to
+        if not config.verify or not self.complete:  # nothing to check with, or asked not to
             return
         signature, _ = call_signature(self.denoiser, args, kwargs)
         if signature not in self._split_checked:

@@ -238,7 +238,7 @@ class AsyncEngine:
         start = time.perf_counter()
         with self._where(step):
             if step > 0 and self._deferred_release is not None:  # Note [value trace]: every branch traced
-                release_foreign(self.denoiser, self.plan, self.stage, self._deferred_release, self._released)
+                self._release(self._deferred_release)
                 self._deferred_release = None
             compiled = self._compile(args, kwargs, branch)
             if branch == 0:
@@ -264,7 +264,8 @@ class AsyncEngine:
             program = self.schedule.program(step, self.rank, compiled.layout, kind)  # Note [schedule as program]
             if program.timestep != step:
                 args, kwargs = self._with_timestep(args, kwargs, program.timestep)
-            check = fresh and self._released and self.config.verify and kind.synchronous and self.config.model_n > 1
+            check = fresh and self.planning.stage_only and self.config.verify and kind.synchronous \
+                and self.config.model_n > 1
             inputs = (fresh_copy(args), fresh_copy(kwargs)) if check else None  # before the step may update them
             output = run_stage(compiled, state, compiled.traced.flatten_call(args, kwargs), program, self.ranks,
                                self.collective)
@@ -363,7 +364,7 @@ class AsyncEngine:
             # the other branches of this step trace with real values too: release after it
             self._deferred_release = modules
         else:
-            release_foreign(self.denoiser, self.plan, self.stage, modules, self._released)
+            self._release(modules)
         if self.config.compile:  # after the release: compiled code must not capture released weights
             modules = [torch.compile(m) for m in modules]
         device = device_of(traced.flatten_call(args, kwargs))
@@ -379,6 +380,11 @@ class AsyncEngine:
         self._compiled[(signature, branch) if traced.by_values else signature] = compiled
         self.planning.compile_seconds += time.perf_counter() - start
         return compiled
+
+    def _release(self, modules: list[torch.nn.Module]) -> None:
+        """Free the weights of other stages' blocks that ``modules`` (this stage's programs) do not use."""
+        release_foreign(self.denoiser, self.plan, self.stage, modules, self._released)
+        self.planning.complete = False  # on every rank at the same call
 
     # -- weights ----------------------------------------------------------------------------
     @property
