@@ -265,7 +265,7 @@ CASES = (
     Case("flux2-klein-kv", "Flux2", "Flux2KleinKVPipeline", flux2_klein_kv),
     Case("sd35-slg", "Stable Diffusion 3", "StableDiffusion3Pipeline", sd35_slg, representative=True),
     Case("sana", "Sana", "SanaPipeline", sana),
-    Case("lumina-next", "Lumina", "LuminaPipeline", lumina_next),
+    Case("lumina-next", "Lumina", "LuminaPipeline", lumina_next, representative=True),  # value trace, deferred release
     Case("lumina2", "Lumina", "Lumina2Pipeline", lumina2, representative=True),
     Case("aura-flow", "AuraFlow", "AuraFlowPipeline", aura_flow),
     Case("chroma", "Chroma", "ChromaPipeline", chroma),
