@@ -58,7 +58,7 @@ class EngineConfig:
     settings at once.
     """
 
-    model_n: int = field(metadata={"help": "number of stages (the command line derives it from --devices)"})
+    model_n: int  # number of stages (no flag: the command line derives it from --devices)
     stride: int = option(1, "denoising steps per parallel round; with D processes the denoiser is cut into "
                             "D - stride + 1 stages (Note [stride 2])", choices=(1, 2))
     warm_up: int = option(1, "sequential steps at the start of every pipeline call", type="non_negative")

@@ -8,7 +8,8 @@ takes the same decision or raises the same error (:meth:`Planning.from_rank0`).
 
 Example (one process: rank 0 decides for itself)::
 
-    planning = Planning(unet, plan=None, latent="sample", released={}, world=1, global_rank=0, timeout_s=600)
+    planning = Planning(unet, plan=None, latent="sample", released={}, stage_only=False, world=1, global_rank=0,
+                        timeout_s=600)
     traced, split = planning.split(EngineConfig(model_n=2, warm_up=1), args, kwargs)
 """
 
@@ -45,12 +46,12 @@ class Planning:
     run then. ``compile_seconds``: tracing, profiling, planning, checking, all signatures."""
 
     def __init__(self, denoiser: torch.nn.Module, *, plan: Plan | None, latent: str | None,
-                 released: dict[str, tuple[torch.Size, torch.dtype, torch.device]], world: int, global_rank: int,
-                 timeout_s: float) -> None:
+                 released: dict[str, tuple[torch.Size, torch.dtype, torch.device]], stage_only: bool, world: int,
+                 global_rank: int, timeout_s: float) -> None:
         self.denoiser, self.plan, self.latent, self.released = denoiser, plan, latent, released
         # the same on every rank (a rank-dependent check would mismatch the collectives of the checks):
-        self.stage_only = bool(released)  # loaded stage-only (Note [verify on stage-only loads])
-        self.complete = not released  # every rank still holds every weight (until the engine releases)
+        self.stage_only = stage_only  # loaded stage-only (Note [verify on stage-only loads])
+        self.complete = not stage_only  # every rank still holds every weight (until the engine releases)
         self.skeleton = meta_copy(denoiser, {name: shape for name, (shape, _, _) in released.items()})
         self.global_rank = global_rank
         # Rank 0's decisions (plan, verification, the mesh) reach every rank on their own group.
@@ -157,7 +158,6 @@ class Planning:
             self.plan, self.plan_source = Plan.from_json(chosen.plan), "measured now (parallel='auto')"
         self.compile_seconds += time.perf_counter() - start
         return chosen
-
 
     def verify_streamed(self, inputs: tuple[tuple[Any, ...], dict[str, Any]], output: Any, ranks: list[int],
                         group: dist.ProcessGroup | None, collective: dist.ProcessGroup | None,

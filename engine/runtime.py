@@ -124,7 +124,8 @@ class AsyncEngine:
                              "pass a plan with model_n stages")
         self.guided = guided
         self._released: dict[str, tuple[torch.Size, torch.dtype, torch.device]] = dict(released or {})
-        self.planning = Planning(denoiser, plan=plan, latent=latent, released=self._released, world=self.world,
+        self.planning = Planning(denoiser, plan=plan, latent=latent, released=self._released,
+                                 stage_only=released is not None, world=self.world,
                                  global_rank=self.global_rank, timeout_s=config.timeout_s)
         self._setup(config if config.parallel is None else self._placeholder(config))
         self.marks_steps = marks_steps

@@ -94,7 +94,8 @@ class AsyncSimulator:
                         elif isinstance(action, (Send, Exchange)):
                             for m in action.messages if isinstance(action, Send) else action.sends:
                                 sent[m] = {v: env[r][v] for v in self.values[m]}
-                            posted[r] = action.recvs if isinstance(action, Exchange) else posted[r]
+                            if isinstance(action, Exchange):
+                                posted[r] = action.recvs
                         done[r] += 1
                         progressed = True
                 if not progressed:

@@ -125,10 +125,9 @@ def _add_engine_options(parser: argparse.ArgumentParser, only: Sequence[str] = (
 
     names = []
     group = parser.add_argument_group(title) if title else parser
-
     for f in dataclasses.fields(EngineConfig):
         meta = dict(f.metadata)
-        if "help" not in meta or f.name in exclude or (only and f.name not in only) or f.name == "model_n":
+        if "help" not in meta or f.name in exclude or (only and f.name not in only):
             continue
         flag = "--" + meta.pop("name", f.name.replace("_", "-"))
         default = defaults.get(f.name, f.default)
@@ -153,12 +152,9 @@ def _layouts(text: str) -> tuple[str, ...]:
 
 
 def _engine_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The engine settings the command line gave (Note [one config]): the flags of EngineConfig's fields."""
-
-    settings = {name: getattr(args, name) for name in args.engine_fields}
-    if isinstance(settings.get("layouts"), str):
-        settings["layouts"] = _layouts(settings["layouts"])
-    return settings
+    """The engine settings the command line gave (Note [one config]): the flags of EngineConfig's fields
+    (argparse parses a string default with the flag's type, so ``layouts`` is a tuple here too)."""
+    return {name: getattr(args, name) for name in args.engine_fields}
 
 
 def _add_call_options(parser: argparse.ArgumentParser) -> None:
