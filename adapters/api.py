@@ -7,6 +7,17 @@ Example (under ``torchrun --nproc_per_node=2``)::
     async_diff.reset_state(warm_up=1)
     image = pipeline(prompt).images[0]
     async_diff.remove()   # the plain pipeline again
+
+Note [several denoisers]: some pipelines call more than one denoiser per call: Wan 2.2 calls
+``transformer`` above a boundary timestep and ``transformer_2`` (its low-noise expert) below it,
+and the combined pipelines (Kandinsky, Stable Cascade) run a prior's loop (``prior_prior``,
+stepped by ``prior_scheduler``) before the decoder's. Each such denoiser (:func:`other_denoisers`)
+gets an engine of its own: its own plan (made at its first call; a given ``plan`` is the main
+denoiser's), its own weights released, its own stale state. An engine's steps count from its own
+first call, so the second expert starts with its own warm-up, as a second loop does (Note [a
+second loop] in engine/runtime.py). Every scheduler of the pipeline marks step ends; only an
+engine called since the last end ends a step. Under time shift or stride 2 a later denoiser's
+step k is the pipeline's step at which it began plus k (``AsyncDiff._timestep_of_later``).
 """
 
 from __future__ import annotations
@@ -15,7 +26,6 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from asyncdiff.adapters.hooks import attach, detach
-from asyncdiff.adapters.registry import Adapter, adapter_for, registered_adapter
+from asyncdiff.adapters.registry import DENOISER_ATTRS, Adapter, adapter_for, registered_adapter, timestep_arg
 from asyncdiff.engine.launch import init_from_env, local_device, under_torchrun
 from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
 from asyncdiff.partition.plan import Plan
@@ -62,7 +72,6 @@ class AsyncDiff:
         self.pipeline = pipeline
         self.adapter = adapter or adapter_for(pipeline)
         self.denoiser = getattr(pipeline, self.adapter.denoiser)
-        _warn_other_denoisers(pipeline, self.adapter.denoiser, self.denoiser)
         self.shared_encoders = None  # Note [encoders on one rank]
         if text_encoders == "rank0" and dist.is_initialized() and dist.get_world_size() > 1:
             from asyncdiff.adapters.encoders import share_text_encoders
@@ -71,10 +80,20 @@ class AsyncDiff:
         device = local_device()
         if device.type == "cuda" and getattr(self.denoiser, "device", device).type != "cuda":
             pipeline.to(device)
-        self.engine = AsyncEngine(self.denoiser, config, plan=plan, latent=self.adapter.latent,
-                                  timestep_arg=self.adapter.timestep, timesteps=self._timestep_of_step,
-                                  marks_steps=True, guided=functools.partial(_guided, pipeline), released=released)
-        attach(self.denoiser, self.engine)
+        # Note [several denoisers]: the main one, then every other the loop may call, each split on its own
+        self.engines: dict[str, AsyncEngine] = {}
+        for name in (self.adapter.denoiser, *other_denoisers(pipeline, self.adapter.denoiser, self.denoiser)):
+            module, main = getattr(pipeline, name), name == self.adapter.denoiser
+            alike = type(module) is type(self.denoiser)  # else its first tensor argument is the latent
+            self.engines[name] = AsyncEngine(
+                module, config, plan=plan if main else None, latent=self.adapter.latent if alike else None,
+                timestep_arg=self.adapter.timestep if alike else timestep_arg(module),
+                timesteps=self._timestep_of_step if main else functools.partial(self._timestep_of_later, name),
+                marks_steps=True, guided=functools.partial(_guided, pipeline), released=released if main else None)
+        self.engine = self.engines[self.adapter.denoiser]
+        self._steps = 0  # denoising steps of the running pipeline call, every denoiser's
+        for name, engine in self.engines.items():
+            attach(getattr(pipeline, name), engine)
         self._original_class = type(pipeline)
         pipeline.__class__ = _resetting_subclass(self._original_class)
         pipeline._asyncdiff = self
@@ -132,47 +151,89 @@ class AsyncDiff:
 
     def _timestep_of_step(self, step: int) -> Any:
         """The timestep of denoising step ``step`` of the running call (clamped to the last one)."""
-        scheduler = self.pipeline.scheduler
-        begin = getattr(scheduler, "begin_index", None) or 0
-        return scheduler.timesteps[min(begin + step, len(scheduler.timesteps) - 1)]
+        return _timestep_at(self.pipeline.scheduler, step)
+
+    def _timestep_of_later(self, name: str, step: int) -> Any:
+        """Note [several denoisers]: the timestep of step ``step`` of denoiser ``name``, which began
+        at a later step of the pipeline's loop (Wan 2.2's ``transformer_2``) or in a loop of its own
+        (a combined pipeline's ``prior_prior``, stepped by ``prior_scheduler``); it runs at the
+        loop's step ``self._steps`` now, which is its own step ``engine.step``."""
+        prefix = name.split("_")[0]
+        scheduler = getattr(self.pipeline, f"{prefix}_scheduler", None) or self.pipeline.scheduler
+        return _timestep_at(scheduler, self._steps + step - self.engines[name].step)
+
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        """One pipeline call: every engine's state starts afresh (state lives per call), and the
+        engines hear where denoising steps end (Note [branches] in engine/runtime.py)."""
+        schedulers = _schedulers(self.pipeline)
+        self._steps = 0
+        for engine in self.engines.values():
+            engine.reset_state()
+            engine.marks_steps = bool(schedulers)
+        try:
+            with _marking_steps(schedulers, self._end_step):
+                yield
+        finally:
+            for engine in self.engines.values():
+                engine.marks_steps = False  # calls outside a pipeline call are one step each
+
+    def _end_step(self) -> None:
+        ended = [engine.end_step() for engine in self.engines.values()]  # only the one that ran ends one
+        self._steps += any(ended)
 
     def reset_state(self, warm_up: int | None = None) -> None:
         """Forget all stale state; a new ``warm_up`` applies from the next pipeline call on."""
-        self.engine.reset_state(warm_up)
+        for engine in self.engines.values():
+            engine.reset_state(warm_up)
 
     @property
     def plan(self) -> Plan | None:
         return self.engine.plan
 
     def remove(self) -> None:
-        """Detach the engine; released weights come back from their owners (all ranks call it)."""
-        self.engine.reset_state()
-        self.engine.restore_weights()
+        """Detach the engines; released weights come back from their owners (all ranks call it)."""
+        for name, engine in self.engines.items():
+            engine.reset_state()
+            engine.restore_weights()
+            detach(getattr(self.pipeline, name))
         if self.shared_encoders is not None:
             self.shared_encoders.restore()
             self.shared_encoders = None
-        detach(self.denoiser)
         self.pipeline.__class__ = self._original_class
         del self.pipeline._asyncdiff
 
 
+def _timestep_at(scheduler: Any, index: int) -> Any:
+    """``scheduler``'s timestep ``index`` of the running loop (clamped to the last one)."""
+    begin = getattr(scheduler, "begin_index", None) or 0
+    return scheduler.timesteps[min(begin + index, len(scheduler.timesteps) - 1)]
+
+
+def _schedulers(pipeline: Any) -> list[Any]:
+    """The schedulers whose ``step`` ends a denoising step: ``pipeline.scheduler`` and any other
+    ``*scheduler`` component (a combined pipeline's ``prior_scheduler``)."""
+    found = [getattr(pipeline, "scheduler", None)]
+    try:
+        found += [c for name, c in pipeline.components.items() if name.endswith("scheduler")]
+    except Exception:  # not a diffusers pipeline, or one whose modules do not match its signature
+        pass
+    unique = {id(s): s for s in found if callable(getattr(s, "step", None))}
+    return list(unique.values())
+
+
 def other_denoisers(pipeline: Any, attr: str, denoiser: torch.nn.Module) -> list[str]:
-    """Components that are denoisers too but not ``attr`` (Wan 2.2's ``transformer_2`` takes the
-    low-noise steps): the same class, or named ``<attr>_<k>``."""
+    """Note [several denoisers]: components that are denoisers too but not ``attr``: of the
+    denoiser's class (Wan 2.2's ``transformer_2`` takes the low-noise steps; Stable Cascade
+    combined's ``prior_prior``), named ``<attr>_<k>``, or named as a combined pipeline names its
+    prior's denoiser (``prior_prior``, Kandinsky's)."""
     try:
         components = pipeline.components
     except Exception:  # not a diffusers pipeline, or one whose modules do not match its signature
         return []
     return [name for name, c in components.items() if name != attr and isinstance(c, torch.nn.Module)
-            and c is not denoiser and (type(c) is type(denoiser) or name.startswith(f"{attr}_"))]
-
-
-def _warn_other_denoisers(pipeline: Any, attr: str, denoiser: torch.nn.Module) -> None:
-    others = other_denoisers(pipeline, attr, denoiser)
-    if others:
-        warnings.warn(f"{type(pipeline).__name__} has another denoiser ({', '.join(others)}) besides {attr!r}; "
-                      f"asyncdiff splits only {attr!r}, so the steps the other takes run whole on every rank "
-                      f"(no speed-up or memory saving there)", stacklevel=3)
+            and c is not denoiser and (type(c) is type(denoiser) or name.startswith(f"{attr}_")
+                                       or name.removeprefix("prior_") in DENOISER_ATTRS)]
 
 
 def _guided(pipeline: Any) -> bool | None:
@@ -240,36 +301,31 @@ def _marking_class(cls: type) -> type:
 
 
 @contextlib.contextmanager
-def _marking_steps(scheduler: Any, end_step: Callable[[], None]) -> Iterator[None]:
-    """For the duration of one pipeline call, ``end_step()`` after every ``scheduler.step`` (and
-    every step of a copy of it): the scheduler's step is where a pipeline's denoising step ends,
-    whatever its loop looks like. The engine ends a step only once per denoiser call, so several
-    schedulers stepping after one call (one per frame) end one step."""
-    original = type(scheduler)
-    scheduler.__class__ = _marking_class(original)
+def _marking_steps(schedulers: list[Any], end_step: Callable[[], None]) -> Iterator[None]:
+    """For the duration of one pipeline call, ``end_step()`` after every ``step`` of one of
+    ``schedulers`` (and of a copy of one): the scheduler's step is where a pipeline's denoising
+    step ends, whatever its loop looks like. The engine ends a step only once per denoiser call,
+    so several schedulers stepping after one call (one per frame) end one step."""
+    originals = [type(s) for s in schedulers]
+    for scheduler, original in zip(schedulers, originals):
+        scheduler.__class__ = _marking_class(original)
     token = _STEP_END.set(end_step)
     try:
         yield
     finally:
         _STEP_END.reset(token)
-        scheduler.__class__ = original
+        for scheduler, original in zip(schedulers, originals):
+            scheduler.__class__ = original
 
 
 def _resetting_subclass(cls: type) -> type:
-    """``cls`` with a ``__call__`` that resets the engine's state first (state lives per call) and
-    tells the engine where denoising steps end (Note [branches] in engine/runtime.py)."""
+    """``cls`` with a ``__call__`` that runs under :meth:`AsyncDiff._running`: every engine's state
+    resets first, and the engines hear where steps end (Note [branches] in engine/runtime.py)."""
     if cls not in _SUBCLASSES:
         @functools.wraps(cls.__call__)  # keeps the pipeline's signature visible to inspect
         def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-            engine = self._asyncdiff.engine
-            engine.reset_state()
-            scheduler = getattr(self, "scheduler", None)
-            engine.marks_steps = callable(getattr(scheduler, "step", None))
-            try:
-                with _marking_steps(scheduler, engine.end_step) if engine.marks_steps else contextlib.nullcontext():
-                    return cls.__call__(self, *args, **kwargs)
-            finally:
-                engine.marks_steps = False  # calls outside a pipeline call are one step each
+            with self._asyncdiff._running():
+                return cls.__call__(self, *args, **kwargs)
 
         _SUBCLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
     return _SUBCLASSES[cls]

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ADAPTERS", "Adapter", "adapter_for", "register", "registered_adapter"]
+__all__ = ["ADAPTERS", "DENOISER_ATTRS", "Adapter", "adapter_for", "register", "registered_adapter", "timestep_arg"]
 
 
 @dataclass(frozen=True)
@@ -87,10 +87,14 @@ def adapter_for(pipeline: Any) -> Adapter:
             "or another model that is not an encoder/VAE); register an asyncdiff.adapters.registry.Adapter that "
             "names its denoiser attribute"
         )
-    forward = inspect.signature(getattr(pipeline, attr).forward).parameters
-    timestep = next((t for t in TIMESTEP_ARGS if t in forward), "timestep")
     return Adapter(name=f"generic-{attr}", pipelines=(type(pipeline).__name__,), denoiser=attr, latent=None,
-                   timestep=timestep)
+                   timestep=timestep_arg(getattr(pipeline, attr)))
+
+
+def timestep_arg(denoiser: torch.nn.Module) -> str:
+    """The name of ``denoiser``'s timestep argument (the first of :data:`TIMESTEP_ARGS` it takes)."""
+    forward = inspect.signature(denoiser.forward).parameters
+    return next((t for t in TIMESTEP_ARGS if t in forward), "timestep")
 
 
 def _components(pipeline: Any) -> dict[str, Any]:

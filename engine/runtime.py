@@ -301,14 +301,16 @@ class AsyncEngine:
         self.call.drain()
         self.call.branches, self.call.step = [StageState()], 0
 
-    def end_step(self) -> None:
+    def end_step(self) -> bool:
         """The pipeline finished a denoising step (``marks_steps``): the next call starts the next
         one. Without a denoiser call since the last end, nothing ends (several schedulers, one
-        per frame, may step after one call)."""
+        per frame, may step after one call; another denoiser ran this step): False."""
         call = self.call
-        if len(call.branch_log) > call.calls_at_step_end:
-            call.step, call.branch = call.step + 1, 0
-            call.calls_at_step_end = len(call.branch_log)
+        if len(call.branch_log) == call.calls_at_step_end:
+            return False
+        call.step, call.branch = call.step + 1, 0
+        call.calls_at_step_end = len(call.branch_log)
+        return True
 
     def predicted_step_seconds(self, bytes_per_s: float) -> float | None:
         """The step-time model for an asynchronous step: the slowest stage's profiled time plus the

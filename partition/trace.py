@@ -38,7 +38,7 @@ from torch.fx.experimental.meta_tracer import MetaDeviceAttribute, MetaProxy, Me
 
 from asyncdiff.partition.blocks import CONTAINERS, BlockPolicy
 
-__all__ = ["CallSignature", "TensorSpec", "TraceError", "TracedDenoiser", "holder", "meta_copy", "module_of",
+__all__ = ["CallSignature", "TensorSpec", "TraceError", "TracedDenoiser", "holder", "memory_order", "meta_copy", "module_of",
            "trace_denoiser", "updated_base"]
 
 ROOT = "denoiser"  # attribute under which the traced root holds the denoiser
@@ -52,10 +52,13 @@ class TraceError(RuntimeError):
 class TensorSpec:
     shape: tuple[int, ...]
     dtype: str
+    order: tuple[int, ...] = ()  # a dense, non-contiguous value's dims, outermost first (Note [strides on the wire])
 
     @classmethod
-    def of(cls, t: torch.Tensor) -> TensorSpec:
-        return cls(tuple(t.shape), str(t.dtype).removeprefix("torch."))
+    def of(cls, t: torch.Tensor, strided: bool = False) -> TensorSpec:
+        """``strided``: record the memory order too (values of the graph; not call inputs, whose
+        specs key the trace)."""
+        return cls(tuple(t.shape), str(t.dtype).removeprefix("torch."), memory_order(t) if strided else ())
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -67,6 +70,21 @@ class TensorSpec:
         for d in self.shape:
             n *= d
         return n * torch.empty((), dtype=self.torch_dtype).element_size()
+
+
+def memory_order(t: torch.Tensor) -> tuple[int, ...]:
+    """Note [strides on the wire]: the permutation of ``t``'s dims, outermost in memory first, where
+    ``t`` is dense but not contiguous (an attention output transposed back, a channels-last
+    activation); ``()`` where it is contiguous, or not dense (a slice, an expanded view).
+
+    Example:
+        >>> memory_order(torch.empty(2, 3, 4).transpose(1, 2)), memory_order(torch.empty(2, 3))
+        ((0, 2, 1), ())
+    """
+    if t.dim() < 2 or t.is_contiguous():
+        return ()
+    order = tuple(sorted(range(t.dim()), key=lambda d: -t.stride(d)))  # stable: ties keep the dim order
+    return order if t.permute(order).is_contiguous() else ()
 
 
 @dataclass(frozen=True)
@@ -550,9 +568,9 @@ class TracedDenoiser:
         for node in graph.nodes:
             meta = node.meta.get("asyncdiff_value")
             if isinstance(meta, torch.Tensor):
-                self.specs[node.name] = TensorSpec.of(meta)
+                self.specs[node.name] = TensorSpec.of(meta, strided=True)
             elif isinstance(meta, (tuple, list)) and meta and all(isinstance(m, torch.Tensor) for m in meta):
-                self.part_specs[node.name] = tuple(TensorSpec.of(m) for m in meta)
+                self.part_specs[node.name] = tuple(TensorSpec.of(m, strided=True) for m in meta)
         self.latent_nodes = _latent_dependent(graph, latent)
         calls = [n for n in graph.nodes if n.op == "call_module"]
         # Note [block names]: a block is named by its module's qualified name; a module without

@@ -41,22 +41,25 @@ def test_generic_adapter_takes_the_first_tensor_argument_as_latent():
         torch.testing.assert_close(engine(x, t, e).sample, pipe.unet(x, t, e).sample, rtol=0, atol=0)
 
 
-def test_a_second_denoiser_that_stays_whole_is_said():
-    """Wan 2.2-style pipelines carry a second denoiser for the low-noise steps: it is not split."""
-    import copy
+def test_a_second_denoiser_is_split_on_its_own():
+    """Note [several denoisers]: Wan 2.2's low-noise expert (here ``unet_2``) gets its own engine
+    and plan, starts with its own warm-up, and is exact at full warm-up; under time shift its
+    stages compute with the pipeline's timesteps of its own steps (not of the loop's first ones)."""
+    from asyncdiff.engine.launch import launch
+    from tests.toys import two_expert_scenarios
 
-    from diffusers import DiffusionPipeline
-
-    from asyncdiff import AsyncDiff
-    from asyncdiff.models.sd import build_sd15
-
-    class TwoUNets(DiffusionPipeline):
-        def __init__(self, unet: torch.nn.Module, unet_2: torch.nn.Module, scheduler: object) -> None:
-            super().__init__()
-            self.register_modules(unet=unet, unet_2=unet_2, scheduler=scheduler)
-
-    sd = build_sd15("tiny", 0)
-    pipe = TwoUNets(sd.unet, copy.deepcopy(sd.unet), sd.scheduler)
-    with pytest.warns(UserWarning, match=r"has another denoiser \(unet_2\) besides 'unet'; asyncdiff splits only"):
-        async_diff = AsyncDiff(pipe, model_n=1)
-    async_diff.remove()
+    steps, switch = 5, 2
+    results = launch(two_expert_scenarios, 2, steps, switch)
+    for r in results.values():
+        torch.testing.assert_close(r["exact"], r["plain"], rtol=1e-5, atol=1e-5)
+        assert r["kinds"] == {"unet": ["warm-up", "async"], "unet_2": ["warm-up", "async", "async"]}
+        assert r["released"]["unet"] > 0 and r["released"]["unet_2"] > 0  # each rank holds one stage of each
+        assert r["plans"]["unet"].model_n == r["plans"]["unet_2"].model_n == 2
+        assert r["whole_after_remove"]
+        for out in ("stale", "shifted"):
+            assert 0 < ((r[out] - r["plain"]).norm() / r["plain"].norm()).item() < 0.5
+    timesteps = results[0]["timesteps"]
+    seen = set(results[0]["unet_2_timesteps"]) | set(results[1]["unet_2_timesteps"])
+    # unet_2 runs steps 2-4: step 2 is its warm-up (its own timestep), steps 3 and 4 are shifted to
+    # the timesteps of steps 2 and 3; counted from its own first step they would be steps 0 and 1's
+    assert seen == {timesteps[switch], timesteps[switch + 1]}, (seen, timesteps)

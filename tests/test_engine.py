@@ -10,6 +10,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from asyncdiff.engine.launch import launch, local_device
 from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
 from toys import (
+    strided_engine,
     late_branch_stride_2,
     stalled_peer,
     untraceable_engine,
@@ -275,6 +276,27 @@ def test_a_tuple_of_tensors_crosses_stages_element_by_element():
     torch.testing.assert_close(launch(tuple_engine, 2, 3, 3)[0], sequential, rtol=0, atol=0)
     stale = launch(tuple_engine, 2, 3, 1)[0]
     assert torch.isfinite(stale).all() and not torch.equal(stale, sequential)
+
+
+def test_a_value_crosses_stages_with_its_strides():
+    """Note [strides on the wire]: a transposed value arrives with the sender's strides, not
+    contiguous, so the receiving block runs the kernels it runs unsplit."""
+    results = launch(strided_engine, 2, 2)
+    plain = results[0]["plain_strides"]
+    assert plain == [(1024, 1, 16)] * 2  # (B, C, HW) of a (B, HW, C) tensor: dense, not contiguous
+    assert results[1]["strides"] == plain  # the rank that runs `mix`, at both steps
+    for r in results.values():
+        torch.testing.assert_close(r["split"], r["plain"], rtol=0, atol=0)
+
+
+def test_deepfloyd_if_is_bit_exact_where_a_cut_crosses_transposed_values():
+    """Note [strides on the wire]: IF's UNet cut after 12 of 18 blocks (the bytes plan) hands
+    attention outputs across; arriving contiguous they gave 3e-5 after three steps."""
+    from toys import coverage_at_full_warm_up
+
+    for r in launch(coverage_at_full_warm_up, 2, "deepfloyd-if", 3, "bytes").values():
+        assert [len(s) for s in r["plan"].stages] == [12, 6]
+        torch.testing.assert_close(r["split"], r["plain"], rtol=0, atol=0)
 
 
 def test_a_second_denoising_loop_in_one_call_starts_with_its_own_warm_up():

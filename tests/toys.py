@@ -79,6 +79,51 @@ def tuple_engine(steps: int, warm_up: int) -> torch.Tensor:
     return toy_steps(engine, steps)
 
 
+class TokensOut(torch.nn.Module):
+    """Projects pixels to tokens and hands them on transposed back, (B, C, HW): a dense value that
+    is not contiguous, as attention blocks hand on their output."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(4, width)
+
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+        return self.proj(sample.flatten(2).transpose(1, 2)).transpose(1, 2)
+
+
+class StridedDenoiser(torch.nn.Module):
+    """Note [strides on the wire]: the value between ``tokens`` and ``mix`` is transposed."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.tokens = TokensOut(width)
+        self.mix = torch.nn.Linear(64, 64)
+        self.out = torch.nn.Conv2d(width, 4, 1)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, return_dict: bool = True) -> Any:
+        h = self.mix(self.tokens(sample))
+        out = self.out(h.reshape(sample.shape[0], -1, *sample.shape[2:])) * timestep.reshape(-1, 1, 1, 1)
+        return {"sample": out} if return_dict else (out,)
+
+
+def strided_engine(steps: int) -> dict[str, Any]:
+    """:class:`StridedDenoiser` on 2 stages cut after ``tokens``: the output, and the strides of
+    what ``mix`` reads, here and in the plain model."""
+    from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
+    from asyncdiff.partition.plan import Plan
+
+    torch.manual_seed(0)
+    toy = StridedDenoiser()
+    strides: list[tuple[int, ...]] = []
+    toy.mix.register_forward_pre_hook(lambda _, args: None if args[0].is_meta else strides.append(args[0].stride()))
+    plain = toy_steps(toy, steps)
+    plain_strides = list(strides)
+    config = EngineConfig(model_n=2, warm_up=steps, policy="coarse", cost="flops", verify=False)
+    engine = AsyncEngine(toy, config, plan=Plan(stages=(("tokens",), ("mix", "out"))), latent="sample")
+    del strides[:]
+    return {"plain": plain, "split": toy_steps(engine, steps), "plain_strides": plain_strides, "strides": strides}
+
+
 class Branchy(torch.nn.Module):
     """Control flow on tensor values: untraceable unless the module holding it is a block."""
 
@@ -634,6 +679,64 @@ def two_loop_scenarios(steps: int) -> dict[str, Any]:
     return results
 
 
+class TwoExperts(DiffusionPipeline):
+    """Wan 2.2's shape (Note [several denoisers]): ``unet`` takes the first ``switch`` steps of the
+    loop, its low-noise expert ``unet_2`` the rest."""
+
+    def __init__(self, unet: torch.nn.Module, unet_2: torch.nn.Module, scheduler: Any) -> None:
+        super().__init__()
+        self.register_modules(unet=unet, unet_2=unet_2, scheduler=scheduler)
+
+    @torch.no_grad()
+    def __call__(self, cond: torch.Tensor, steps: int, switch: int) -> torch.Tensor:
+        size = self.unet.config.sample_size
+        latents = torch.randn((1, self.unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(0))
+        self.scheduler.set_timesteps(steps)
+        for i, t in enumerate(self.scheduler.timesteps):
+            expert = self.unet if i < switch else self.unet_2
+            noise = expert(latents, t, encoder_hidden_states=cond).sample
+            latents = self.scheduler.step(noise, t, latents).prev_sample
+        return latents
+
+
+def two_expert_scenarios(steps: int, switch: int) -> dict[str, Any]:
+    """Note [several denoisers]: the two-expert pipeline plain, with every step a warm-up step,
+    stale, and stale with time shift (recording the timesteps ``unet_2``'s stages computed with)."""
+    import copy
+
+    from asyncdiff import AsyncDiff
+    from asyncdiff.models.sd import build_sd15
+
+    sd = build_sd15("tiny", seed=0)
+    second = copy.deepcopy(sd.unet)
+    with torch.no_grad():
+        for p in second.parameters():
+            p.mul_(0.9)
+    pipe = TwoExperts(sd.unet, second, sd.scheduler)
+    cond = torch.randn(1, 77, sd.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    results: dict[str, Any] = {"plain": pipe(cond, steps, switch), "timesteps": pipe.scheduler.timesteps.tolist()}
+    async_diff = AsyncDiff(pipe, model_n=dist.get_world_size(), warm_up=steps, cost="flops")
+    results["exact"] = pipe(cond, steps, switch)
+    async_diff.reset_state(warm_up=1)
+    results["stale"] = pipe(cond, steps, switch)
+    results["kinds"] = {name: [kind.value for kind, _ in e.seconds] for name, e in async_diff.engines.items()}
+    results["released"] = {name: len(e.released_weights) for name, e in async_diff.engines.items()}
+    results["plans"] = {name: e.plan for name, e in async_diff.engines.items()}
+    async_diff.remove()
+    results["whole_after_remove"] = all(p.numel() > 0 for p in pipe.unet_2.parameters())
+    seen: list[int] = []
+    def record(_: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if not args[0].is_meta:  # not while tracing
+            seen.extend(int(t) for t in args[0].flatten())
+
+    pipe.unet_2.time_proj.register_forward_pre_hook(record)
+    async_diff = AsyncDiff(pipe, model_n=dist.get_world_size(), warm_up=1, time_shift=True, cost="flops")
+    results["shifted"] = pipe(cond, steps, switch)
+    results["unet_2_timesteps"] = sorted(set(seen))
+    async_diff.remove()
+    return results
+
+
 class NamedGuidance(DiffusionPipeline):
     """Guidance as two named calls (diffusers' cache context: ``"uncond"``, then ``"cond"``) in
     even steps, the conditional call alone in odd steps (guidance in some steps only)."""
@@ -770,3 +873,22 @@ def untraceable_engine() -> str:
     except Exception as err:
         return f"{type(err).__name__}: {err}"
     return "no error"
+
+
+def coverage_at_full_warm_up(name: str, steps: int, cost: str) -> dict[str, Any]:
+    """Coverage case ``name``, plain and under AsyncDiff with every step a warm-up step."""
+    from asyncdiff import AsyncDiff
+    from asyncdiff.models.coverage import case
+    from asyncdiff.models.coverage.check import output_tensor
+
+    pipe, kwargs = case(name).build()
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return output_tensor(pipe(num_inference_steps=steps, generator=torch.Generator().manual_seed(0), **kwargs))
+
+    plain = run()
+    async_diff = AsyncDiff(pipe, model_n=dist.get_world_size(), warm_up=steps, cost=cost, replan=True)
+    result = {"plain": plain, "split": run(), "plan": async_diff.plan}
+    async_diff.remove()
+    return result

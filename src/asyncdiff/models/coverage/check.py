@@ -37,7 +37,7 @@ class CaseResult:
     plain pipeline: a defect), or ``error`` (``phase`` and ``error`` say where and why)."""
 
     name: str
-    denoiser: str = ""  # the attribute and class AsyncDiff split
+    denoiser: str = ""  # the attributes and classes AsyncDiff split
     status: str = "error"
     phase: str = "build"
     error: str = ""
@@ -101,7 +101,8 @@ def check_cases(names: list[str], steps: int = 3, stride: int = 1, stale: bool =
                 warnings.simplefilter("always")
                 async_diff = AsyncDiff(pipe, model_n=world - stride + 1, stride=stride, warm_up=EVERY_STEP,
                                        timeout_s=TIMEOUT_S)
-                result.denoiser = f"{async_diff.adapter.denoiser} ({type(async_diff.denoiser).__name__})"
+                result.denoiser = ", ".join(f"{name} ({type(e.denoiser).__name__})"
+                                            for name, e in async_diff.engines.items())
                 result.phase = "exact"
                 exact = run()
             result.warnings = sorted({str(w.message).splitlines()[0][:200] for w in caught

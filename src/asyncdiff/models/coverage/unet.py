@@ -146,6 +146,22 @@ def kandinsky22_prior() -> tuple[Any, dict[str, Any]]:
                           "output_type": "pt", "return_dict": False}
 
 
+def kandinsky22_combined() -> tuple[Any, dict[str, Any]]:
+    """Prior and decoder in one call (Note [several denoisers]): the prior's loop (``prior_prior``,
+    stepped by ``prior_scheduler``), then the decoder's (``unet``, stepped by ``scheduler``)."""
+    from diffusers import KandinskyV22CombinedPipeline
+
+    decoder, _ = kandinsky22()
+    prior = _kandinsky_prior_parts()
+    pipe = KandinskyV22CombinedPipeline(
+        unet=decoder.unet, scheduler=decoder.scheduler, movq=decoder.movq, prior_prior=prior["prior"],
+        prior_image_encoder=None, prior_text_encoder=prior["text_encoder"], prior_tokenizer=prior["tokenizer"],
+        prior_scheduler=prior["scheduler"], prior_image_processor=None)
+    return finish(pipe), {"prompt": "a photo of a cat", "negative_prompt": "", "prior_guidance_scale": 4.0,
+                          "prior_num_inference_steps": 3, "guidance_scale": 4.0, "height": 16, "width": 16,
+                          "output_type": "latent"}
+
+
 # --- Kandinsky 3 ---------------------------------------------------------------------------------
 
 
@@ -376,6 +392,8 @@ CASES = (
     Case("kandinsky21-prior", "Kandinsky 2.1", "KandinskyPriorPipeline", kandinsky21_prior),
     Case("kandinsky22", "Kandinsky 2.2", "KandinskyV22Pipeline", kandinsky22, representative=True),
     Case("kandinsky22-prior", "Kandinsky 2.2", "KandinskyV22PriorPipeline", kandinsky22_prior, representative=True),
+    Case("kandinsky22-combined", "Kandinsky 2.2", "KandinskyV22CombinedPipeline", kandinsky22_combined,
+         representative=True),
     Case("kandinsky3", "Kandinsky 3", "Kandinsky3Pipeline", kandinsky3),
     Case("stable-cascade-prior", "Stable Cascade", "StableCascadePriorPipeline", stable_cascade_prior),
     Case("stable-cascade-decoder", "Stable Cascade", "StableCascadeDecoderPipeline", stable_cascade_decoder,
