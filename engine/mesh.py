@@ -145,7 +145,7 @@ def verify_batch_split(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs:
                        parts: int) -> str | None:
     """Note [batch split]: None where ``denoiser`` on the whole batch equals its outputs on
     ``parts`` chunks, concatenated; else the error. Two denoiser calls' work, on one process."""
-    from asyncdiff.partition.verify import _difference, eager, fresh, tensor_leaves
+    from asyncdiff.partition.verify import difference, eager, fresh, tensor_leaves
 
     whole = eager(denoiser)(*fresh(args), **fresh(kwargs))
     try:
@@ -157,7 +157,7 @@ def verify_batch_split(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs:
                 f"batch=1 (stages only)")
     want, got = tensor_leaves(whole), tensor_leaves(concat_chunks(chunks, n // parts))
     for i, (g, w) in enumerate(zip(got, want)):
-        error = _difference(g, w, looser=SPLIT_LOOSER)
+        error = difference(g, w, looser=SPLIT_LOOSER)
         if error is not None:
             return (f"{type(denoiser).__name__} gives other values on a split batch: output {i} differs by {error} "
                     f"between one call on the batch of {n} and {parts} calls on chunks of {n // parts}; it mixes "

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.utils._pytree as pytree
 
 from asyncdiff.engine.config import EngineConfig
-from asyncdiff.engine.mesh import model_option, verify_batch_split
+from asyncdiff.engine.mesh import SPLIT_LOOSER, model_option, verify_batch_split
 from asyncdiff.engine.weights import streamed
 from asyncdiff.partition.cache import cached_plan, device_kind
 from asyncdiff.partition.hybrid import ParallelOption, choose_parallel, parallel_degrees, two_calls
@@ -34,7 +34,7 @@ from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.profile import profile_blocks
 from asyncdiff.partition.split import SplitDenoiser, split_graph
 from asyncdiff.partition.trace import CallSignature, TracedDenoiser, call_signature, meta_copy, trace_denoiser
-from asyncdiff.partition.verify import ADVICE, compare_outputs, eager, mismatch_text, tensor_leaves, verify_split
+from asyncdiff.partition.verify import ADVICE, compare_outputs, difference, eager, mismatch_text, tensor_leaves, verify_split
 
 __all__ = ["Planning", "device_of"]
 
@@ -123,16 +123,24 @@ class Planning:
             raise ValueError(f"this denoiser call's batch is {n}, which guidance={config.guidance} x "
                              f"batch={config.batch} = {config.data} slices cannot split evenly: {'; '.join(need)}; "
                              f"use parallel='auto' or fewer slices")
-        if not config.verify or not self.complete:  # nothing to check with, or asked not to
+        if not config.verify or not self.complete:  # asked not to, or streamed after the step (stage-only)
             return
-        signature, _ = call_signature(self.denoiser, args, kwargs)
-        if signature not in self._split_checked:
+        if self.split_unchecked(args, kwargs):
             start = time.perf_counter()
             error = self.from_rank0(lambda: verify_batch_split(self.denoiser, args, kwargs, n, config.data))
             self.compile_seconds += time.perf_counter() - start
             if error is not None:
                 raise ValueError(error)
-            self._split_checked.add(signature)
+            self._split_checked.add(call_signature(self.denoiser, args, kwargs)[0])
+
+    def split_unchecked(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Whether splitting this call's batch is not yet checked for its call signature (Note [batch split])."""
+        return call_signature(self.denoiser, args, kwargs)[0] not in self._split_checked
+
+    @property
+    def split_checks(self) -> int:
+        """Call signatures whose batch split was checked (Note [batch split])."""
+        return len(self._split_checked)
 
     def choose_parallel(self, config: EngineConfig, world: int, n: int, guided: bool | None,
                         args: tuple[Any, ...], kwargs: dict[str, Any]) -> ParallelOption:
@@ -172,29 +180,69 @@ class Planning:
         stops with the same error if they differ. The first differing block is not named (that
         needs every weight at once); a denoiser that calls a block twice cannot be streamed, which
         is a warning, not an error."""
-        first = dist.get_rank() == ranks[0]
-        start, verdict = time.perf_counter(), None
-        try:
-            with streamed(self.denoiser, self.plan, self.released, ranks, group, collective, deadline):
-                if first:
-                    with torch.no_grad():
-                        want = eager(self.denoiser)(*inputs[0], **inputs[1])
-                    mismatch = compare_outputs(tensor_leaves(output), tensor_leaves(want))
-                    if mismatch is not None:
-                        verdict = ("error", f"{mismatch_text(self.denoiser, mismatch)}, checked against the denoiser "
-                                            f"run with its weights streamed from their owners (Note [verify on "
-                                            f"stage-only loads]). {ADVICE}")
-        except LookupError as err:
-            verdict = ("skipped", f"the split could not be checked against the denoiser on a stage-only load: {err}")
-        box = [verdict]
-        if collective is not None:
-            dist.broadcast_object_list(box, src=ranks[0], group=collective)
-        self.compile_seconds += time.perf_counter() - start
+        def differs(got: list[torch.Tensor], want: list[torch.Tensor]) -> str | None:
+            mismatch = compare_outputs(got, want)
+            return None if mismatch is None else (
+                f"{mismatch_text(self.denoiser, mismatch)}, checked against the denoiser run with its weights "
+                f"streamed from their owners (Note [verify on stage-only loads]). {ADVICE}")
+
+        self._streamed_check(inputs, output, differs, ranks, group, collective, collective, deadline, True)
         self.streamed_checks += 1
+
+    def check_split_streamed(self, config: EngineConfig, inputs: tuple[tuple[Any, ...], dict[str, Any]],
+                             output: Any, n: int, lead: bool, ranks: list[int], group: dist.ProcessGroup | None,
+                             collective: dist.ProcessGroup | None) -> None:
+        """Note [batch split] on a stage-only load (Note [verify on stage-only loads]): after the
+        first warm-up step of a call signature, the whole batch's ``output`` gathered from the
+        slices (each slice's share already checked against the denoiser) is compared with one
+        streamed eager run of the denoiser on the whole batch, ``inputs``, on global rank 0; the
+        ranks of its slice (``lead``) send their blocks; every rank gets the verdict."""
+        if not self.split_unchecked(*inputs):
+            return
+
+        def differs(got: list[torch.Tensor], want: list[torch.Tensor]) -> str | None:
+            for i, (g, w) in enumerate(zip(got, want)):
+                error = difference(g, w, looser=SPLIT_LOOSER)
+                if error is not None:
+                    return (f"{type(self.denoiser).__name__} gives other values on a split batch: output {i} differs "
+                            f"by {error} between the slices' outputs on chunks of {n // config.data} and the "
+                            f"denoiser on the batch of {n} (its weights streamed from their owners); it mixes "
+                            f"samples of the batch, so guidance/batch parallelism cannot be exact for it: use "
+                            f"guidance=1, batch=1 (stages only)")
+            return None
+
+        deadline = datetime.timedelta(seconds=config.timeout_s)
+        self._streamed_check(inputs, output, differs, ranks, group, collective, self.decisions, deadline, lead)
+        self._split_checked.add(call_signature(self.denoiser, *inputs)[0])
+
+    def _streamed_check(self, inputs: tuple[tuple[Any, ...], dict[str, Any]], output: Any,
+                        differs: Callable[[list[torch.Tensor], list[torch.Tensor]], str | None], ranks: list[int],
+                        group: dist.ProcessGroup | None, collective: dist.ProcessGroup | None,
+                        verdict_group: dist.ProcessGroup | None, deadline: datetime.timedelta, streams: bool) -> None:
+        """``differs(output, eager output)`` on ``ranks[0]``, the denoiser run there with its blocks'
+        weights streamed by the other ``ranks`` (where ``streams``: this rank's slice takes part);
+        the verdict reaches every rank of ``verdict_group`` from ``ranks[0]``: an error stops them
+        all, a denoiser that cannot be streamed (a block entered twice) is a warning."""
+        start, verdict = time.perf_counter(), None
+        if streams:
+            try:
+                with streamed(self.denoiser, self.plan, self.released, ranks, group, collective, deadline):
+                    if dist.get_rank() == ranks[0]:
+                        with torch.no_grad():
+                            want = eager(self.denoiser)(*inputs[0], **inputs[1])
+                        error = differs(tensor_leaves(output), tensor_leaves(want))
+                        verdict = None if error is None else ("error", error)
+            except LookupError as err:
+                verdict = ("skipped", f"the split could not be checked against the denoiser on a stage-only load: "
+                                      f"{err}")
+        box = [verdict]
+        if verdict_group is not None:
+            dist.broadcast_object_list(box, src=ranks[0] if streams else 0, group=verdict_group)
+        self.compile_seconds += time.perf_counter() - start
         if box[0] is not None and box[0][0] == "error":
             raise ValueError(box[0][1])
         if box[0] is not None:
-            warnings.warn(box[0][1], stacklevel=2)
+            warnings.warn(box[0][1], stacklevel=3)
 
 
 def device_of(tensors: list[torch.Tensor]) -> torch.device:

@@ -188,12 +188,19 @@ class AsyncEngine:
             if n % parts and self.config.guidance == 2 and self.config.batch == 1 and self.marks_steps:
                 return self._call_branch(args, kwargs)
             self.planning.check_split(self.config, n, args, kwargs)
+            whole = None  # the whole batch's inputs, for Note [batch split] on a stage-only load
+            if self.planning.stage_only and self.config.verify and self.planning.split_unchecked(args, kwargs):
+                whole = (fresh_copy(args), fresh_copy(kwargs))
             assert self.mesh is not None
             index = self.mesh.data_index
             args, kwargs = split_batch(args, n, parts, index), split_batch(kwargs, n, parts, index)
         output = self._call_stages(args, kwargs)
         with self._where(step):
-            return gather_batch(output, n // parts, self.mesh.data_group, parts)
+            output = gather_batch(output, n // parts, self.mesh.data_group, parts)
+            if whole is not None and self.call.seconds[-1][0].synchronous:  # Note [batch split], streamed
+                self.planning.check_split_streamed(self.config, whole, output, n, self.mesh.data_index == 0,
+                                                   self.ranks, self.group, self.collective)
+            return output
 
     def _call_branch(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Note [two-call guidance]: this slice runs its own branch of the step; at the first call

@@ -36,7 +36,7 @@ import torch.utils._pytree as pytree
 from asyncdiff.partition.split import SplitDenoiser
 from asyncdiff.partition.trace import TracedDenoiser, module_of
 
-__all__ = ["ADVICE", "compare_outputs", "eager", "fresh", "mismatch_text", "run_split", "tensor_leaves", "verify_split"]
+__all__ = ["ADVICE", "compare_outputs", "difference", "eager", "fresh", "mismatch_text", "run_split", "tensor_leaves", "verify_split"]
 
 _TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}  # relative to the largest |value|; 16-bit: 1e-2
 
@@ -82,7 +82,7 @@ def compare_outputs(got: list[torch.Tensor], want: list[torch.Tensor]) -> tuple[
     if len(got) != len(want):
         return -1, f"{len(got)} tensors against {len(want)}"
     for i, (g, w) in enumerate(zip(got, want)):
-        error = _difference(g, w)
+        error = difference(g, w)
         if error is not None:
             return i, error
     return None
@@ -106,7 +106,7 @@ def tensor_leaves(tree: Any) -> list[torch.Tensor]:
     return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
 
 
-def _difference(got: torch.Tensor, want: torch.Tensor, looser: float = 1.0) -> str | None:
+def difference(got: torch.Tensor, want: torch.Tensor, looser: float = 1.0) -> str | None:
     """None when ``got`` equals ``want`` to float noise (``looser`` times the tolerance); else how they differ."""
     if got.shape != want.shape or got.dtype != want.dtype:
         return f"shape/dtype {tuple(got.shape)} {got.dtype} against {tuple(want.shape)} {want.dtype}"
@@ -161,6 +161,6 @@ def _first_differing_block(traced: TracedDenoiser, denoiser: torch.nn.Module, ar
         calls[name] = k + 1
         recorded = by_module.get(name, [])
         ref = recorded[k] if k < len(recorded) else []
-        if len(ref) != len(outs) or any(_difference(a, b) is not None for a, b in zip(outs, ref)):
+        if len(ref) != len(outs) or any(difference(a, b) is not None for a, b in zip(outs, ref)):
             return f"the first block whose output differs from eager execution is {block!r}"
     return "every block's output agrees with eager execution; the difference is in top-level code between blocks"

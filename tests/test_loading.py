@@ -52,7 +52,7 @@ def test_each_rank_loads_its_stage_and_the_result_is_the_model(saved):
 def test_a_split_that_differs_from_the_model_stops_every_rank_on_a_stage_only_load(saved):
     """Note [verify on stage-only loads]: the check streams the other stages' weights to the first
     rank; here its eager reference is made to differ, and every rank must stop with the error."""
-    results = launch(stage_only_scenario, 2, str(saved), STEPS, "every", 1, True)
+    results = launch(stage_only_scenario, 2, str(saved), STEPS, "every", 1, "split")
     errors = {r["error"].split("] ", 1)[-1] for r in results.values()}
     assert len(errors) == 1 and "does not reproduce UNet2DConditionModel: output 0 differs by" in errors.pop()
 
@@ -105,3 +105,27 @@ def test_stage_only_loading_in_guidance_slices(saved):
         assert r["loaded"] == results[rank % 2]["loaded"]  # the same stage in both slices
         torch.testing.assert_close(r["latents"], r["plain_after_remove"], rtol=1e-4, atol=1e-4)
     assert results[0]["loaded"] != results[1]["loaded"]
+    # each slice's share checked against the denoiser, and the whole batch against the slices' outputs
+    assert [(r["checks"], r["split_checks"]) for r in results.values()] == [(1, 1)] * 4
+
+
+def test_a_batch_that_does_not_split_exactly_stops_every_rank_on_a_stage_only_load(saved):
+    """Note [batch split] on a stage-only load: the whole batch's output from the slices is checked
+    against one streamed eager run on the whole batch; a denoiser whose output on the batch differs
+    from its outputs on the chunks (here: made so) stops every rank with the same error."""
+    results = launch(stage_only_scenario, 4, str(saved), STEPS, "every", 2, "batch")
+    errors = {r["error"].split("] ", 1)[-1] for r in results.values()}
+    assert len(errors) == 1, errors
+    assert "gives other values on a split batch" in errors.pop()
+
+
+def test_a_block_run_twice_cannot_be_streamed_and_says_so():
+    """Note [verify on stage-only loads]: a block's weights are streamed once per check, so a
+    denoiser that runs a foreign block twice is not checked, with a warning on every rank (not an
+    error); the run itself is exact."""
+    from toys import twice_stage_only
+
+    for r in launch(twice_stage_only, 2, 2).values():
+        torch.testing.assert_close(r["split"], r["plain"], rtol=0, atol=0)
+        said = [w for w in r["warnings"] if "could not be checked" in w]
+        assert len(said) == 1 and "shared runs twice in one call; its weights were streamed once" in said[0], r["warnings"]

@@ -453,18 +453,26 @@ def adapter_scenarios(kind: str, steps: int) -> dict[str, Any]:
 
 
 def stage_only_scenario(path: str, steps: int, text_encoders: str = "every", guidance: int = 1,
-                        broken: bool = False) -> dict[str, Any]:
+                        broken: str = "") -> dict[str, Any]:
     """``AsyncDiff.from_pretrained`` on this process group (every step a warm-up step): the latents,
     the denoiser (and text encoder) bytes this rank holds before and after ``remove()``, the
     plan's source, and the checks of Note [verify on stage-only loads] run. ``broken``: the
-    eager reference of that check is off by 1e-3, so it must stop every rank (the error returned)."""
+    eager reference of that check is off by 1e-3 (``"split"``), or by 0.1 only on the whole batch
+    of 2 (``"batch"``: as a denoiser that mixes the samples of a batch), so a check must stop every
+    rank (the error returned)."""
     from asyncdiff import AsyncDiff
     from asyncdiff.engine import planning
     from asyncdiff.engine.errors import StageError
 
     if broken:
         plain = planning.eager
-        planning.eager = lambda module: lambda *a, **k: (plain(module)(*a, **k)[0] + 1e-3,)
+
+        def off(output: Any) -> Any:
+            if broken == "split":
+                return (output[0] + 1e-3,)
+            return (output[0] + 0.1,) if output[0].shape[0] == 2 else output  # past Note [batch split]'s tolerance
+
+        planning.eager = lambda module: lambda *a, **k: off(plain(module)(*a, **k))
 
     def held(module: torch.nn.Module) -> int:
         return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
@@ -487,7 +495,8 @@ def stage_only_scenario(path: str, steps: int, text_encoders: str = "every", gui
     parallel = latents(pipe)
     result = {"loaded": loaded, "latents": parallel, "source": async_diff.engine.plan_source,
               "released": len(async_diff.engine.released_weights), "encoder": encoder,
-              "checks": async_diff.engine.planning.streamed_checks}
+              "checks": async_diff.engine.planning.streamed_checks,
+              "split_checks": async_diff.engine.planning.split_checks}
     async_diff.remove()
     result["after_remove"], result["encoder_after_remove"] = held(pipe.unet), held(pipe.text_encoder)
     result["plain_after_remove"] = latents(pipe)
@@ -892,3 +901,42 @@ def coverage_at_full_warm_up(name: str, steps: int, cost: str) -> dict[str, Any]
     result = {"plain": plain, "split": run(), "plan": async_diff.plan}
     async_diff.remove()
     return result
+
+
+class TwiceDenoiser(torch.nn.Module):
+    """Runs one weighted block (``shared``) twice per call."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.inp = torch.nn.Conv2d(4, width, 3, padding=1)
+        self.shared = torch.nn.Conv2d(width, width, 3, padding=1)
+        self.out = torch.nn.Conv2d(width, 4, 3, padding=1)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, return_dict: bool = True) -> Any:
+        h = self.shared(torch.tanh(self.shared(self.inp(sample))))
+        out = self.out(h) * timestep.reshape(-1, 1, 1, 1)
+        return {"sample": out} if return_dict else (out,)
+
+
+def twice_stage_only(steps: int) -> dict[str, Any]:
+    """:class:`TwiceDenoiser` held stage-only (other stages' blocks as placeholders, as a
+    stage-only load leaves them) under a 2-stage engine with every step a warm-up step: the
+    output, the plain model's, and the warnings the first call gave."""
+    import warnings
+
+    from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
+    from asyncdiff.engine.weights import release_foreign
+    from asyncdiff.partition.plan import Plan
+
+    torch.manual_seed(0)
+    toy = TwiceDenoiser()
+    plain = toy_steps(toy, steps)
+    plan = Plan(stages=(("inp",), ("shared#1", "shared#2", "out")))  # a block per call of `shared`
+    released: dict[str, Any] = {}
+    release_foreign(toy, plan, dist.get_rank(), [], released)
+    engine = AsyncEngine(toy, EngineConfig(model_n=2, warm_up=steps, cost="flops"), plan=plan, latent="sample",
+                         released=released)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        split = toy_steps(engine, steps)
+    return {"plain": plain, "split": split, "warnings": [str(w.message) for w in caught]}
