@@ -57,6 +57,11 @@ class AsyncDiff:
     text encoders; it broadcasts the prompt embeddings to the others (Note [encoders on one rank]
     in :mod:`asyncdiff.adapters.encoders`). ``released``: set by :meth:`from_pretrained` (weights
     this rank never loaded).
+
+    On a GPU, a pipeline still on the CPU is planned first (on FLOPs, or ``cost="bytes"``; no
+    timing profile) and each rank moves to its GPU only the denoiser weights its stage uses, as
+    :meth:`from_pretrained` loads them (``stage_in_memory`` in :mod:`asyncdiff.adapters.loading`;
+    not with ``parallel="auto"``, which chooses at the first call, nor for a second denoiser).
     """
 
     def __init__(self, pipeline: Any, model_n: int = 2, stride: int = 1, warm_up: int = 1,
@@ -77,9 +82,20 @@ class AsyncDiff:
             from asyncdiff.adapters.encoders import share_text_encoders
 
             self.shared_encoders = share_text_encoders(pipeline, owner=0, device=local_device())
-        device = local_device()
+        device, plan_source = local_device(), None
         if device.type == "cuda" and getattr(self.denoiser, "device", device).type != "cuda":
-            pipeline.to(device)
+            if released is None and config.model_n > 1 and config.parallel is None:
+                # Note [stage-only loading] in memory: plan first, move only this stage to the GPU
+                from asyncdiff.adapters.loading import stage_in_memory
+
+                rank = dist.get_rank() if dist.is_initialized() else 0
+                load = stage_in_memory(pipeline, self.adapter.denoiser, latent=self.adapter.latent,
+                                       model_n=config.model_n, stage=min(rank % config.stage_world, config.model_n - 1),
+                                       device=device, plan=plan, policy=config.policy, layouts=config.plan_layouts,
+                                       max_slowdown=config.max_slowdown, bandwidth=config.planner_bandwidth(device),
+                                       cost="flops" if config.cost == "time" else config.cost)
+                plan, released, plan_source = load.plan, load.released, load.source
+            pipeline.to(device)  # the rest; released weights stay placeholders
         # Note [several denoisers]: the main one, then every other the loop may call, each split on its own
         self.engines: dict[str, AsyncEngine] = {}
         for name in (self.adapter.denoiser, *other_denoisers(pipeline, self.adapter.denoiser, self.denoiser)):
@@ -91,6 +107,8 @@ class AsyncDiff:
                 timesteps=self._timestep_of_step if main else functools.partial(self._timestep_of_later, name),
                 marks_steps=True, guided=functools.partial(_guided, pipeline), released=released if main else None)
         self.engine = self.engines[self.adapter.denoiser]
+        if plan_source is not None:
+            self.engine.planning.plan_source = plan_source
         self._steps = 0  # denoising steps of the running pipeline call, every denoiser's
         for name, engine in self.engines.items():
             attach(getattr(pipeline, name), engine)

@@ -31,7 +31,7 @@ import torch
 
 from asyncdiff.partition.plan import Plan
 
-__all__ = ["StageLoad", "load_stage_only", "read_model_index"]
+__all__ = ["StageLoad", "load_stage_only", "read_model_index", "stage_in_memory"]
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -61,13 +61,6 @@ def load_stage_only(path: str, *, denoiser_attr: str | None, latent: str | None,
     from accelerate import init_empty_weights
     from diffusers import DiffusionPipeline
 
-    from asyncdiff.adapters.capture import capture_denoiser_call
-    from asyncdiff.engine.runtime import foreign_tensors
-    from asyncdiff.partition.cache import cached_plan
-    from asyncdiff.partition.profile import profile_blocks
-    from asyncdiff.partition.split import split_graph
-    from asyncdiff.partition.trace import trace_denoiser
-
     folder, index = read_model_index(path)
     attr = denoiser_attr or next((a for a in ("transformer", "unet") if isinstance(index.get(a), list)
                                   and index[a][0] is not None), None)
@@ -88,18 +81,9 @@ def load_stage_only(path: str, *, denoiser_attr: str | None, latent: str | None,
     pipeline = DiffusionPipeline.from_pretrained(folder, **{attr: skeleton}, **(components or {}),
                                                  torch_dtype=torch_dtype, variant=variant)
 
-    args, kwargs = capture_denoiser_call(pipeline, attr, **({"prompt": ""} | (call_kwargs or {})))
-    traced = trace_denoiser(skeleton, args, kwargs, policy=policy, latent=latent)
-    source = "given"
-    if plan is None:
-        plan, source = cached_plan(traced, model_n, lambda: profile_blocks(traced, skeleton, args, kwargs,
-                                                                            measure_time=False),
-                                   cost=cost, bandwidth=bandwidth, layouts=layouts, max_slowdown=max_slowdown,
-                                   device="meta")
-    program = split_graph(traced, plan).stages[stage]
-    foreign = {name for name, _ in foreign_tensors(skeleton, plan, stage, [seg.module(skeleton)
-                                                                           for seg in program.segments])}
-
+    plan, source, foreign = _stage_plan(pipeline, attr, skeleton, latent=latent, model_n=model_n, stage=stage,
+                                        plan=plan, policy=policy, layouts=layouts, max_slowdown=max_slowdown,
+                                        bandwidth=bandwidth, call_kwargs=call_kwargs, cost=cost)
     released: dict[str, tuple[torch.Size, torch.dtype, torch.device]] = {}
     opened: dict[Path, Any] = {}
     for name, t in [*skeleton.named_parameters(remove_duplicate=False), *skeleton.named_buffers(remove_duplicate=False)]:
@@ -122,6 +106,61 @@ def load_stage_only(path: str, *, denoiser_attr: str | None, latent: str | None,
             if name != attr and isinstance(component, torch.nn.Module):
                 component.to(device)
     return StageLoad(pipeline, plan, source, released)
+
+
+def stage_in_memory(pipeline: Any, attr: str, *, latent: str | None, model_n: int, stage: int,
+                    device: torch.device, plan: Plan | None = None, policy: Any = "fine",
+                    layouts: tuple[str, ...] = ("contiguous", "wrapped"), max_slowdown: float = 0.05,
+                    bandwidth: float | None = None, call_kwargs: dict[str, Any] | None = None,
+                    cost: str = "flops") -> StageLoad:
+    """Note [stage-only loading] for a pipeline already in memory (``AsyncDiff(pipeline)`` with the
+    pipeline on the CPU and a GPU to run on): the plan made as :func:`load_stage_only` makes it,
+    from a weight-free copy of the denoiser ``attr`` and the pipeline's own call (the other
+    components moved to ``device`` first, so the call is prepared there); then the weights of
+    other stages' blocks are freed on the CPU and only what this stage uses moves to ``device``."""
+    from asyncdiff.partition.trace import meta_copy
+
+    denoiser = getattr(pipeline, attr)
+    for name, component in pipeline.components.items():
+        if name != attr and isinstance(component, torch.nn.Module):
+            component.to(device)
+    plan, source, foreign = _stage_plan(pipeline, attr, meta_copy(denoiser), latent=latent, model_n=model_n,
+                                        stage=stage, plan=plan, policy=policy, layouts=layouts,
+                                        max_slowdown=max_slowdown, bandwidth=bandwidth, call_kwargs=call_kwargs,
+                                        cost=cost)
+    released: dict[str, tuple[torch.Size, torch.dtype, torch.device]] = {}
+    for name, t in [*denoiser.named_parameters(remove_duplicate=False), *denoiser.named_buffers(remove_duplicate=False)]:
+        if name in foreign:
+            released[name] = (t.shape, t.dtype, device)
+            t.data = torch.empty(0, dtype=t.dtype)
+    denoiser.to(device)
+    return StageLoad(pipeline, plan, source, released)
+
+
+def _stage_plan(pipeline: Any, attr: str, skeleton: torch.nn.Module, *, latent: str | None, model_n: int, stage: int,
+                plan: Plan | None, policy: Any, layouts: tuple[str, ...], max_slowdown: float,
+                bandwidth: float | None, call_kwargs: dict[str, Any] | None, cost: str) -> tuple[Plan, str, set[str]]:
+    """(plan, where it came from, the tensors stage ``stage`` does not use) for ``pipeline``'s
+    denoiser ``attr``, traced and counted on ``skeleton`` (its weight-free copy) with the
+    pipeline's own first call (``call_kwargs``; default an empty prompt), or ``plan`` as given."""
+    from asyncdiff.adapters.capture import capture_denoiser_call
+    from asyncdiff.engine.runtime import foreign_tensors
+    from asyncdiff.partition.cache import cached_plan
+    from asyncdiff.partition.profile import profile_blocks
+    from asyncdiff.partition.split import split_graph
+    from asyncdiff.partition.trace import trace_denoiser
+
+    args, kwargs = capture_denoiser_call(pipeline, attr, **({"prompt": ""} | (call_kwargs or {})))
+    traced = trace_denoiser(skeleton, args, kwargs, policy=policy, latent=latent)
+    source = "given"
+    if plan is None:
+        plan, source = cached_plan(traced, model_n, lambda: profile_blocks(traced, skeleton, args, kwargs,
+                                                                            measure_time=False),
+                                   cost=cost, bandwidth=bandwidth, layouts=layouts, max_slowdown=max_slowdown,
+                                   device="meta")
+    program = split_graph(traced, plan).stages[stage]
+    modules = [seg.module(skeleton) for seg in program.segments]
+    return plan, source, {name for name, _ in foreign_tensors(skeleton, plan, stage, modules)}
 
 
 def read_model_index(path: str) -> tuple[Path, dict[str, Any]]:

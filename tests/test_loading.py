@@ -129,3 +129,18 @@ def test_a_block_run_twice_cannot_be_streamed_and_says_so():
         torch.testing.assert_close(r["split"], r["plain"], rtol=0, atol=0)
         said = [w for w in r["warnings"] if "could not be checked" in w]
         assert len(said) == 1 and "shared runs twice in one call; its weights were streamed once" in said[0], r["warnings"]
+
+
+def test_a_loaded_pipeline_keeps_only_its_stage_before_the_first_call():
+    """What ``AsyncDiff(pipeline)`` does on a GPU with the pipeline still on the CPU (here run with
+    the CPU as the device): plan without weights, free the other stages' weights, move the rest;
+    the run is the model's, checked as a stage-only load is, and remove() makes it whole again."""
+    from toys import in_memory_stage_scenario
+
+    results = launch(in_memory_stage_scenario, 2, 2)
+    for r in results.values():
+        assert r["source"].startswith("counted now (bytes)"), r["source"]
+        assert 0.35 * r["whole"] < r["held"] < 0.65 * r["whole"]  # about half the UNet, by bytes
+        assert r["checks"] == 1 and r["after_remove"] == r["whole"]
+        torch.testing.assert_close(r["split"], r["plain"], rtol=1e-5, atol=1e-5)
+    assert results[0]["held"] + results[1]["held"] < 1.1 * results[0]["whole"]

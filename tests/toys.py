@@ -940,3 +940,32 @@ def twice_stage_only(steps: int) -> dict[str, Any]:
         warnings.simplefilter("always")
         split = toy_steps(engine, steps)
     return {"plain": plain, "split": split, "warnings": [str(w.message) for w in caught]}
+
+
+def in_memory_stage_scenario(steps: int) -> dict[str, Any]:
+    """``stage_in_memory`` (what ``AsyncDiff`` does on a GPU with a pipeline on the CPU), here
+    with the CPU as the device: the plain latents, what the UNet holds after it, the latents
+    under AsyncDiff with every step a warm-up step, and what it holds after ``remove()``."""
+    from asyncdiff import AsyncDiff
+    from asyncdiff.adapters.loading import stage_in_memory
+    from asyncdiff.models.sd import build_sd15
+
+    pipe = build_sd15("tiny", seed=0)
+
+    def held() -> int:
+        return sum(t.numel() * t.element_size() for t in (*pipe.unet.parameters(), *pipe.unet.buffers()))
+
+    def latents() -> torch.Tensor:
+        with torch.no_grad():
+            return pipe("a cat", num_inference_steps=steps, output_type="latent",
+                        generator=torch.Generator().manual_seed(0)).images
+
+    result: dict[str, Any] = {"plain": latents(), "whole": held()}
+    load = stage_in_memory(pipe, "unet", latent="sample", model_n=2, stage=dist.get_rank(),
+                           device=torch.device("cpu"), cost="bytes")
+    result["held"], result["source"] = held(), load.source
+    async_diff = AsyncDiff(pipe, model_n=2, warm_up=steps, plan=load.plan, released=load.released)
+    result["split"], result["checks"] = latents(), async_diff.engine.planning.streamed_checks
+    async_diff.remove()
+    result["after_remove"] = held()
+    return result
