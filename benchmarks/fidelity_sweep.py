@@ -119,23 +119,14 @@ def _plan_options(setting: Setting, pipe: Any, model_n: int) -> dict[str, Any]:
     return {"cost": "flops"}
 
 
-def sweep_plans(devices: list[int], steps: int,
-                model: str = "digits") -> dict[int, list[tuple[str, str, int, dict[int, float], str]]]:
-    """Per device count: (kind, plan JSON, main-path depth, predicted drift per warm-up, layout) of each plan
-    kind, all made from one measured profile of ``model``'s denoiser in this process and planned for
-    gloo as the engine would; every worker then runs exactly these plans."""
+def trained_profile(model: str) -> tuple[Any, str, dict[str, Any], Any, dict[str, Any]]:
+    """``model``'s trained pipeline, its denoiser's attribute, the sweep's call, the denoiser traced
+    on it, and its blocks' measured costs (as the engine plans on CPU)."""
     from asyncdiff.adapters.capture import capture_denoiser_call
     from asyncdiff.adapters.registry import adapter_for
-    from asyncdiff.partition.auto import auto_plan, plan_depth, plan_layout
-    from asyncdiff.partition.drift import AsyncSimulator
-    from asyncdiff.partition.plan import Plan
-    from asyncdiff.partition.profile import profile_blocks
-    from asyncdiff.partition.report import LINKS
-    from asyncdiff.partition.split import split_graph
-    from asyncdiff.partition.trace import trace_denoiser
-
-    from asyncdiff.inspection import final_latents
     from asyncdiff.models.builders import example_inputs, system
+    from asyncdiff.partition.profile import profile_blocks
+    from asyncdiff.partition.trace import trace_denoiser
 
     pipe = system(model).build("trained", 0)
     attr = adapter_for(pipe).denoiser
@@ -143,7 +134,24 @@ def sweep_plans(devices: list[int], steps: int,
     call = {"output_type": "pt", **example_inputs(model)}
     args, kwargs = capture_denoiser_call(pipe, attr, **call)
     traced = trace_denoiser(denoiser, args, kwargs)
-    costs = profile_blocks(traced, denoiser, args, kwargs, repeats=7)
+    return pipe, attr, call, traced, profile_blocks(traced, denoiser, args, kwargs, repeats=7)
+
+
+def sweep_plans(devices: list[int], steps: int,
+                model: str = "digits") -> dict[int, list[tuple[str, str, int, dict[int, float], str]]]:
+    """Per device count: (kind, plan JSON, main-path depth, predicted drift per warm-up, layout) of each plan
+    kind, all made from one measured profile of ``model``'s denoiser in this process and planned for
+    gloo as the engine would; every worker then runs exactly these plans."""
+    from asyncdiff.partition.auto import auto_plan, plan_depth, plan_layout
+    from asyncdiff.partition.drift import AsyncSimulator
+    from asyncdiff.partition.plan import Plan
+    from asyncdiff.partition.report import LINKS
+    from asyncdiff.partition.split import split_graph
+
+    from asyncdiff.inspection import final_latents
+
+    pipe, attr, call, traced, costs = trained_profile(model)
+    denoiser = getattr(pipe, attr)
     bandwidth = LINKS["gloo"].planner_bandwidth("s")
     reference = final_latents(pipe, attr, None, steps, call)
     found: dict[int, list[tuple[str, str, int, dict[int, float], str]]] = {}

@@ -145,7 +145,7 @@ def verify_batch_split(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs:
                        parts: int) -> str | None:
     """Note [batch split]: None where ``denoiser`` on the whole batch equals its outputs on
     ``parts`` chunks, concatenated; else the error. Two denoiser calls' work, on one process."""
-    from asyncdiff.partition.verify import difference, eager, fresh, tensor_leaves
+    from asyncdiff.partition.verify import eager, fresh, tensor_leaves
 
     whole = eager(denoiser)(*fresh(args), **fresh(kwargs))
     try:
@@ -155,14 +155,22 @@ def verify_batch_split(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs:
         return (f"{type(denoiser).__name__} cannot run on a chunk of {n // parts} of its batch of {n} "
                 f"({type(err).__name__}: {err}), so guidance/batch parallelism cannot split it: use guidance=1, "
                 f"batch=1 (stages only)")
-    want, got = tensor_leaves(whole), tensor_leaves(concat_chunks(chunks, n // parts))
+    return split_difference(denoiser, tensor_leaves(concat_chunks(chunks, n // parts)), tensor_leaves(whole),
+                            f"between one call on the batch of {n} and {parts} calls on chunks of {n // parts}")
+
+
+def split_difference(denoiser: torch.nn.Module, got: list[torch.Tensor], want: list[torch.Tensor],
+                     between: str) -> str | None:
+    """Note [batch split]: None where the chunks' outputs ``got`` equal the whole batch's ``want``
+    to a split batch's float noise; else the error, saying what was compared (``between``)."""
+    from asyncdiff.partition.verify import difference
+
     for i, (g, w) in enumerate(zip(got, want)):
         error = difference(g, w, looser=SPLIT_LOOSER)
         if error is not None:
             return (f"{type(denoiser).__name__} gives other values on a split batch: output {i} differs by {error} "
-                    f"between one call on the batch of {n} and {parts} calls on chunks of {n // parts}; it mixes "
-                    f"samples of the batch, so guidance/batch parallelism cannot be exact for it: use "
-                    f"guidance=1, batch=1 (stages only)")
+                    f"{between}; it mixes samples of the batch, so guidance/batch parallelism cannot be exact for "
+                    f"it: use guidance=1, batch=1 (stages only)")
     return None
 
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.utils._pytree as pytree
 
 from asyncdiff.engine.config import EngineConfig
-from asyncdiff.engine.mesh import SPLIT_LOOSER, model_option, verify_batch_split
+from asyncdiff.engine.mesh import model_option, split_difference, verify_batch_split
 from asyncdiff.engine.weights import streamed
 from asyncdiff.partition.cache import cached_plan, device_kind
 from asyncdiff.partition.hybrid import ParallelOption, choose_parallel, parallel_degrees, two_calls
@@ -34,7 +34,7 @@ from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.profile import profile_blocks
 from asyncdiff.partition.split import SplitDenoiser, split_graph
 from asyncdiff.partition.trace import CallSignature, TracedDenoiser, call_signature, meta_copy, trace_denoiser
-from asyncdiff.partition.verify import ADVICE, compare_outputs, difference, eager, mismatch_text, tensor_leaves, verify_split
+from asyncdiff.partition.verify import ADVICE, compare_outputs, eager, mismatch_text, tensor_leaves, verify_split
 
 __all__ = ["Planning", "device_of"]
 
@@ -201,15 +201,9 @@ class Planning:
             return
 
         def differs(got: list[torch.Tensor], want: list[torch.Tensor]) -> str | None:
-            for i, (g, w) in enumerate(zip(got, want)):
-                error = difference(g, w, looser=SPLIT_LOOSER)
-                if error is not None:
-                    return (f"{type(self.denoiser).__name__} gives other values on a split batch: output {i} differs "
-                            f"by {error} between the slices' outputs on chunks of {n // config.data} and the "
-                            f"denoiser on the batch of {n} (its weights streamed from their owners); it mixes "
-                            f"samples of the batch, so guidance/batch parallelism cannot be exact for it: use "
-                            f"guidance=1, batch=1 (stages only)")
-            return None
+            return split_difference(self.denoiser, got, want,
+                                    f"between the slices' outputs on chunks of {n // config.data} and the denoiser "
+                                    f"on the batch of {n} (its weights streamed from their owners)")
 
         deadline = datetime.timedelta(seconds=config.timeout_s)
         self._streamed_check(inputs, output, differs, ranks, group, collective, self.decisions, deadline, lead)
