@@ -22,8 +22,10 @@ block at a time (Note [verify on stage-only loads] in :mod:`asyncdiff.engine.pla
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,10 +94,10 @@ def load_stage_only(path: str, *, denoiser_attr: str | None, latent: str | None,
             _set_tensor(skeleton, name, torch.empty(0, dtype=t.dtype, device=device))
         elif name in files:
             if files[name] not in opened:
-                from safetensors import safe_open
-
-                opened[files[name]] = safe_open(str(files[name]), framework="pt", device=str(device))
-            _set_tensor(skeleton, name, opened[files[name]].get_tensor(name).to(dtypes[name]))
+                opened[files[name]] = _open(files[name], device)
+            with _named_if_damaged(files[name], name):
+                value = opened[files[name]].get_tensor(name)
+            _set_tensor(skeleton, name, value.to(dtypes[name]))
         elif t.is_meta:
             raise ValueError(f"{class_name} weight {name!r} is not in the checkpoint at {folder / attr}; stage-only "
                              "loading needs every weight a stage uses in the safetensors files")
@@ -184,12 +186,16 @@ def _checkpoint_files(folder: Path, variant: str | None, stem: str = "diffusion_
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: folder / file for name, file in weight_map.items()}
+        files = {name: folder / file for name, file in weight_map.items()}
+        for file in sorted(set(files.values())):
+            if not file.is_file():
+                name = next(n for n, f in files.items() if f == file)
+                raise ValueError(f"checkpoint shard {file} is missing ({index.name} names it for {name!r} and "
+                                 f"others); download or save the model again")
+        return files
     single = folder / f"{stem}.safetensors"
     if single.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(single), framework="pt") as f:
+        with _open(single) as f:
             return {name: single for name in f.keys()}
     raise ValueError(f"{folder} has no {stem}.safetensors (or its index): stage-only loading reads safetensors; "
                      "save the model with save_pretrained(safe_serialization=True), or load the pipeline whole "
@@ -198,11 +204,9 @@ def _checkpoint_files(folder: Path, variant: str | None, stem: str = "diffusion_
 
 def _dtypes(files: dict[str, Path], torch_dtype: torch.dtype | None) -> dict[str, torch.dtype]:
     """The dtype each tensor will have: ``torch_dtype`` for floating ones where given, else as stored."""
-    from safetensors import safe_open
-
     dtypes = {}
     for file in set(files.values()):
-        with safe_open(str(file), framework="pt") as f:
+        with _open(file) as f:
             for name in f.keys():
                 stored = _SAFETENSORS_DTYPES[f.get_slice(name).get_dtype()]
                 dtypes[name] = torch_dtype if torch_dtype is not None and stored.is_floating_point else stored
@@ -231,6 +235,27 @@ def encoder_skeletons(folder: Path, index: dict[str, Any], torch_dtype: torch.dt
                 _set_tensor(model, key, torch.empty_like(t, dtype=dtype))
         skeletons[name] = model.eval()
     return skeletons
+
+
+def _open(file: Path, device: torch.device | None = None) -> Any:
+    """``safe_open(file)`` on ``device``; a damaged file is an error that names it."""
+    from safetensors import safe_open
+
+    with _named_if_damaged(file):
+        return safe_open(str(file), framework="pt", device=str(device or "cpu"))
+
+
+@contextlib.contextmanager
+def _named_if_damaged(file: Path, tensor: str | None = None) -> Iterator[None]:
+    """Reading ``file`` (``tensor`` of it) inside: an error of a damaged or incomplete file names them."""
+    try:
+        yield
+    except Exception as err:
+        if not isinstance(err, (OSError, RuntimeError, ValueError)) and type(err).__name__ != "SafetensorError":
+            raise
+        what = f"tensor {tensor!r} from " if tensor else ""
+        raise ValueError(f"cannot read {what}checkpoint file {file} ({type(err).__name__}: {err}): it is damaged "
+                         f"or incomplete; download or save the model again") from err
 
 
 def _set_tensor(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:

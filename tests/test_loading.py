@@ -85,6 +85,32 @@ def test_a_checkpoint_without_safetensors_says_how_to_load_it(tmp_path):
         load_stage_only(str(tmp_path), denoiser_attr=None, latent=None, model_n=2, stage=0, device=torch.device("cpu"))
 
 
+def test_a_missing_or_damaged_shard_is_a_clear_error_naming_it(tmp_path):
+    """A sharded checkpoint with a shard cut short, then missing: each is an error naming the file."""
+    import re
+
+    pipe = build_sd15("tiny", 0)
+    pipe.save_pretrained(tmp_path)
+    folder = tmp_path / "unet"
+    for file in folder.glob("*.safetensors"):
+        file.unlink()
+    pipe.unet.save_pretrained(folder, max_shard_size="100KB")  # shards and their index
+    shards = sorted(folder.glob("*.safetensors"))
+    assert len(shards) > 2 and (folder / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    shards[1].write_bytes(shards[1].read_bytes()[:-1000])
+
+    def load() -> None:
+        load_stage_only(str(tmp_path), denoiser_attr=None, latent=None, model_n=2, stage=0, device=torch.device("cpu"))
+
+    with pytest.raises(ValueError, match=rf"cannot read checkpoint file {re.escape(str(shards[1]))} \(.*\): it is "
+                                         r"damaged or incomplete; download or save the model again"):
+        load()
+    shards[1].unlink()
+    with pytest.raises(ValueError, match=rf"checkpoint shard {re.escape(str(shards[1]))} is missing \(diffusion_"
+                                         r"pytorch_model.safetensors.index.json names it for '.*' and others\)"):
+        load()
+
+
 def test_text_encoders_never_load_on_the_other_ranks(saved):
     """Note [encoders on one rank] with stage-only loading: rank 1 builds the text encoder without
     weights and receives the embeddings; the result is the model's; remove() brings it back."""
