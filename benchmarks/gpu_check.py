@@ -16,8 +16,10 @@ cut short still leaves what it measured):
    and ``reduce-overhead``, i.e. CUDA graphs): does a stage compile, is it the same, what it gains.
 5. ``memory``: per stage of 2-stage SDXL and Flux plans, the weights a rank keeps and the peak
    CUDA memory of running that stage alone; ``loading``: a saved full-size SD 1.5 pipeline loaded
-   by the stage-only loader (Note [stage-only loading]) for each stage of 2, against loading the
-   whole pipeline: the denoiser bytes each holds and the peak CUDA memory of the load.
+   by the stage-only loader (Note [stage-only loading]) for each stage of 2, and loaded on the CPU
+   then given to what ``AsyncDiff(pipeline)`` does on a GPU (``stage_in_memory``: plan, move only
+   the stage), against loading the whole pipeline: the denoiser bytes each holds on the device and
+   the peak CUDA memory of the load.
 
 Without CUDA the same sections run in a reduced form (``tiny`` sizes, float32, CPU, the
 ``aot_eager`` compile backend, no pytest) so that CI keeps the script working. Sections are
@@ -480,7 +482,7 @@ def table(results: dict[str, Any]) -> str:
                      f"{row['model_weights_gb']:.3f} GB weights{peak}")
     for row in results.get("loading", []):
         peak = f", peak CUDA memory of the load {row['peak_gb']:.2f} GB" if "peak_gb" in row else ""
-        lines.append(f"loading  {row['model']} {row['load']:<12} denoiser {row['denoiser_gb']:.3f} GB held{peak} "
+        lines.append(f"loading  {row['model']} {row['load']:<22} denoiser {row['denoiser_gb']:.3f} GB held{peak} "
                      f"({row['seconds']:.1f} s)")
     for section, error in results.get("errors", {}).items():
         lines.append(f"ERROR    {section}: {error}")
@@ -493,7 +495,7 @@ def run_loading(ctx: Context) -> list[dict[str, Any]]:
 
     from diffusers import DiffusionPipeline
 
-    from asyncdiff.adapters.loading import load_stage_only
+    from asyncdiff.adapters.loading import load_stage_only, stage_in_memory
     from asyncdiff.models.sd import build_sd15
 
     dtype = torch.float16 if ctx.device == "cuda" else torch.float32
@@ -503,7 +505,7 @@ def run_loading(ctx: Context) -> list[dict[str, Any]]:
         start = time.perf_counter()
         build_sd15("full" if ctx.full else "tiny", 0, dtype=dtype).save_pretrained(folder)
         saved_s = time.perf_counter() - start
-        for stage in (None, 0, 1):
+        for stage, in_memory in ((None, False), (0, False), (1, False), (0, True), (1, True)):
             _free(ctx.device)
             base = torch.cuda.memory_allocated() if ctx.device == "cuda" else 0
             if ctx.device == "cuda":
@@ -511,10 +513,14 @@ def run_loading(ctx: Context) -> list[dict[str, Any]]:
             start = time.perf_counter()
             if stage is None:
                 pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
+            elif in_memory:  # what AsyncDiff(pipeline) does with a pipeline on the CPU
+                pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype)
+                stage_in_memory(pipe, "unet", latent="sample", model_n=2, stage=stage, device=device)
             else:
                 pipe = load_stage_only(folder, denoiser_attr=None, latent="sample", model_n=2, stage=stage,
                                        device=device, torch_dtype=dtype).pipeline
-            row: dict[str, Any] = {"model": "sd15", "load": "whole" if stage is None else f"stage {stage} of 2",
+            load = "whole" if stage is None else f"{'in memory, ' if in_memory else ''}stage {stage} of 2"
+            row: dict[str, Any] = {"model": "sd15", "load": load,
                                    "seconds": time.perf_counter() - start, "build_and_save_s": saved_s,
                                    "denoiser_gb": sum(t.numel() * t.element_size() for t in
                                                       (*pipe.unet.parameters(), *pipe.unet.buffers())) / 1e9}

@@ -30,7 +30,9 @@ def test_gpu_check_runs_its_reduced_form_on_cpu(tmp_path, capsys):
     (first, second) = [r for r in results["memory"] if r["model"] == "flux"]
     assert 0 < first["weights_gb"] < first["model_weights_gb"] and 0 < second["weights_gb"] < first["model_weights_gb"]
     assert first["weights_gb"] + second["weights_gb"] >= first["model_weights_gb"]
-    # the stage-only loader: each of 2 stages holds part of the denoiser the whole load holds
-    whole, first, second = (r["denoiser_gb"] for r in results["loading"])
+    # the stage-only loader, then a loaded pipeline staged in memory: each of 2 stages holds part of
+    # the denoiser the whole load holds, the same part either way
+    whole, first, second, first_in_memory, second_in_memory = (r["denoiser_gb"] for r in results["loading"])
     assert 0 < first < whole and 0 < second < whole and first + second >= whole
+    assert (first_in_memory, second_in_memory) == (first, second)
     assert "overhead sd15" in table(results) and "compile  sd15 stage 1" in capsys.readouterr().out
