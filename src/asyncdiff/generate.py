@@ -286,9 +286,10 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
     final: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         output = pipe(**_call_kwargs(spec, pipe, final))
-    plan_s = async_diff.engine.compile_seconds if async_diff is not None else 0.0
-    if async_diff is not None:
-        async_diff.engine.drain()  # no transfer may outlive the process group
+    engines = async_diff.engines if async_diff is not None else {}  # Note [several denoisers]
+    plan_s = sum(engine.compile_seconds for engine in engines.values())
+    for engine in engines.values():
+        engine.drain()  # no transfer may outlive the process group
     from asyncdiff.adapters.encoders import text_encoders
 
     memory = memory_per_rank(denoiser, list(text_encoders(pipe).values()))
@@ -330,6 +331,10 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
             result["main_path_depth"] = int(async_diff.plan.notes["main_path_depth"])
         result["bytes_sent_per_step"] = async_diff.engine.bytes_sent_per_step
         result["released_weights"] = len(async_diff.engine.released_weights)
+        others = {name: e for name, e in engines.items() if e is not async_diff.engine and e.plan is not None}
+        if others:  # the pipeline's other denoisers, each with its own plan (Note [several denoisers])
+            result["other_denoisers"] = {name: {"plan": [len(s) for s in e.plan.stages], "plan_source": e.plan_source}
+                                         for name, e in others.items()}
     if rank == 0 and spec.out:
         save_output(output, spec.out)
     result["latents"] = final_latents(output, final).cpu()
