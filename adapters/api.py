@@ -85,16 +85,7 @@ class AsyncDiff:
         device, plan_source = local_device(), None
         if device.type == "cuda" and getattr(self.denoiser, "device", device).type != "cuda":
             if released is None and config.model_n > 1 and config.parallel is None:
-                # Note [stage-only loading] in memory: plan first, move only this stage to the GPU
-                from asyncdiff.adapters.loading import stage_in_memory
-
-                rank = dist.get_rank() if dist.is_initialized() else 0
-                load = stage_in_memory(pipeline, self.adapter.denoiser, latent=self.adapter.latent,
-                                       model_n=config.model_n, stage=min(rank % config.stage_world, config.model_n - 1),
-                                       device=device, plan=plan, policy=config.policy, layouts=config.plan_layouts,
-                                       max_slowdown=config.max_slowdown, bandwidth=config.planner_bandwidth(device),
-                                       cost="flops" if config.cost == "time" else config.cost)
-                plan, released, plan_source = load.plan, load.released, load.source
+                plan, released, plan_source = self._stage_on(device, config, plan)
             pipeline.to(device)  # the rest; released weights stay placeholders
         # Note [several denoisers]: the main one, then every other the loop may call, each split on its own
         self.engines: dict[str, AsyncEngine] = {}
@@ -115,6 +106,21 @@ class AsyncDiff:
         self._original_class = type(pipeline)
         pipeline.__class__ = _resetting_subclass(self._original_class)
         pipeline._asyncdiff = self
+
+    def _stage_on(self, device: torch.device, config: EngineConfig,
+                  plan: Plan | None) -> tuple[Plan, dict[str, tuple[Any, Any, Any]], str]:
+        """Note [stage-only loading] in memory: the plan made without weights (FLOPs, or bytes),
+        the other stages' denoiser weights freed on the CPU, this stage's moved to ``device``:
+        (plan, released weights, where the plan came from)."""
+        from asyncdiff.adapters.loading import stage_in_memory
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        load = stage_in_memory(self.pipeline, self.adapter.denoiser, latent=self.adapter.latent,
+                               model_n=config.model_n, stage=min(rank % config.stage_world, config.model_n - 1),
+                               device=device, plan=plan, policy=config.policy, layouts=config.plan_layouts,
+                               max_slowdown=config.max_slowdown, bandwidth=config.planner_bandwidth(device),
+                               cost="flops" if config.cost == "time" else config.cost)
+        return load.plan, load.released, load.source
 
     @classmethod
     def from_pretrained(cls, path: str, model_n: int = 2, stride: int = 1, warm_up: int = 1,
