@@ -63,3 +63,15 @@ def test_a_second_denoiser_is_split_on_its_own():
     # unet_2 runs steps 2-4: step 2 is its warm-up (its own timestep), steps 3 and 4 are shifted to
     # the timesteps of steps 2 and 3; counted from its own first step they would be steps 0 and 1's
     assert seen == {timesteps[switch], timesteps[switch + 1]}, (seen, timesteps)
+
+
+def test_stride_2_hands_over_to_the_second_expert_inside_a_round():
+    """Note [several denoisers] with stride 2: the first expert's last step opens a round whose
+    second step the other expert takes (it starts with its own warm-up); nothing waits for the
+    round's unused half, and a second pipeline call gives the same result."""
+    from asyncdiff.engine.launch import launch
+    from tests.toys import two_expert_stride_2
+
+    for r in launch(two_expert_stride_2, 3, 6, 2).values():
+        assert r["kinds"] == {"unet": ["warm-up", "round"], "unet_2": ["warm-up", "round", "reuse", "round"]}
+        assert r["repeatable"] and 0 < r["deviation"] < 0.5

@@ -746,6 +746,26 @@ def two_expert_scenarios(steps: int, switch: int) -> dict[str, Any]:
     return results
 
 
+def two_expert_stride_2(steps: int, switch: int) -> dict[str, Any]:
+    """The two-expert pipeline under stride 2 on 3 processes, warm-up 1, called twice: how far it
+    lands from the plain pipeline, whether the two calls agree, each engine's step kinds."""
+    import copy
+
+    from asyncdiff import AsyncDiff
+    from asyncdiff.models.sd import build_sd15
+
+    sd = build_sd15("tiny", seed=0)
+    pipe = TwoExperts(sd.unet, copy.deepcopy(sd.unet), sd.scheduler)
+    cond = torch.randn(1, 77, sd.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    plain = pipe(cond, steps, switch)
+    async_diff = AsyncDiff(pipe, model_n=2, stride=2, warm_up=1, cost="flops")
+    first, second = pipe(cond, steps, switch), pipe(cond, steps, switch)
+    kinds = {name: [kind.value for kind, _ in e.seconds] for name, e in async_diff.engines.items()}
+    async_diff.remove()
+    return {"deviation": float((first - plain).norm() / plain.norm()), "repeatable": bool(torch.equal(first, second)),
+            "kinds": kinds}
+
+
 class NamedGuidance(DiffusionPipeline):
     """Guidance as two named calls (diffusers' cache context: ``"uncond"``, then ``"cond"``) in
     even steps, the conditional call alone in odd steps (guidance in some steps only)."""
