@@ -101,3 +101,17 @@ def test_inspect_notes_a_value_trace_and_counts_flops_on_it():
     assert report.trace_notes == ("traced with the call's real values (Note [value trace]): 1 decision(s) on "
                                   "tensor values are checked at every call",)
     assert "trace: traced with the call's real values" in report.table()
+
+
+def test_inspect_names_the_other_denoisers_a_pipeline_calls():
+    """Note [several denoisers]: inspecting the combined Kandinsky 2.2 pipeline plans its decoder
+    and says that its prior is split too, with a plan of its own."""
+    from asyncdiff.inspection import pipeline_report
+    from asyncdiff.models.coverage import case
+
+    pipe, call = case("kandinsky22-combined").build()
+    _, report = pipeline_report(pipe, model_n=2, **call)
+    assert report.trace_notes[-1] == ("the pipeline calls another denoiser too: prior_prior (PriorTransformer); the "
+                                      "engine splits it as well, with its own plan made at its first call (Note "
+                                      "[several denoisers])")
+    assert "trace: the pipeline calls another denoiser too" in report.table()

@@ -90,6 +90,7 @@ def pipeline_report(pipeline: Any, *, model_n: int, cost: str = "flops", link: s
     ``drift_steps``: give each considered plan its predicted drift: the relative distance of the
     final latents of a run of that many steps (warm-up 1) under the engine's schedule, simulated
     in this process (:func:`final_latents`), from the sequential run's (needs real weights)."""
+    from asyncdiff.adapters.api import other_denoisers
     from asyncdiff.adapters.capture import capture_denoiser_call
     from asyncdiff.adapters.registry import adapter_for
 
@@ -104,9 +105,16 @@ def pipeline_report(pipeline: Any, *, model_n: int, cost: str = "flops", link: s
             simulated = final_latents(pipeline, adapter.denoiser, AsyncSimulator(traced, split, denoiser),
                                       drift_steps, call_kwargs)
             return float((simulated - reference).norm() / reference.norm().clamp_min(1e-30))
-    return partition_report(denoiser, args, kwargs, model_n=model_n, cost=cost, link=link, policy=policy,
-                            latent=adapter.latent, name=name or adapter.name, plan=plan,
-                            max_slowdown=max_slowdown, replan=replan, drift=drift)
+    chosen, report = partition_report(denoiser, args, kwargs, model_n=model_n, cost=cost, link=link, policy=policy,
+                                      latent=adapter.latent, name=name or adapter.name, plan=plan,
+                                      max_slowdown=max_slowdown, replan=replan, drift=drift)
+    others = [f"{other} ({type(getattr(pipeline, other)).__name__})"
+              for other in other_denoisers(pipeline, adapter.denoiser, denoiser)]
+    if others:  # Note [several denoisers]
+        note = (f"the pipeline calls another denoiser too: {', '.join(others)}; the engine splits it as well, with "
+                f"its own plan made at its first call (Note [several denoisers])")
+        report = dataclasses.replace(report, trace_notes=(*report.trace_notes, note))
+    return chosen, report
 
 
 def parallel_report(pipeline: Any, *, devices: int, stride: int = 1, cost: str = "flops", link: str = "gloo",
