@@ -125,13 +125,14 @@ class Planning:
                              f"use parallel='auto' or fewer slices")
         if not config.verify or not self.complete:  # asked not to, or streamed after the step (stage-only)
             return
-        if self.split_unchecked(args, kwargs):
+        signature, _ = call_signature(self.denoiser, args, kwargs)
+        if signature not in self._split_checked:
             start = time.perf_counter()
             error = self.from_rank0(lambda: verify_batch_split(self.denoiser, args, kwargs, n, config.data))
             self.compile_seconds += time.perf_counter() - start
             if error is not None:
                 raise ValueError(error)
-            self._split_checked.add(call_signature(self.denoiser, args, kwargs)[0])
+            self._split_checked.add(signature)
 
     def split_unchecked(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Whether splitting this call's batch is not yet checked for its call signature (Note [batch split])."""
@@ -197,7 +198,8 @@ class Planning:
         slices (each slice's share already checked against the denoiser) is compared with one
         streamed eager run of the denoiser on the whole batch, ``inputs``, on global rank 0; the
         ranks of its slice (``lead``) send their blocks; every rank gets the verdict."""
-        if not self.split_unchecked(*inputs):
+        signature, _ = call_signature(self.denoiser, *inputs)
+        if signature in self._split_checked:
             return
 
         def differs(got: list[torch.Tensor], want: list[torch.Tensor]) -> str | None:
@@ -207,7 +209,7 @@ class Planning:
 
         deadline = datetime.timedelta(seconds=config.timeout_s)
         self._streamed_check(inputs, output, differs, ranks, group, collective, self.decisions, deadline, lead)
-        self._split_checked.add(call_signature(self.denoiser, *inputs)[0])
+        self._split_checked.add(signature)
 
     def _streamed_check(self, inputs: tuple[tuple[Any, ...], dict[str, Any]], output: Any,
                         differs: Callable[[list[torch.Tensor], list[torch.Tensor]], str | None], ranks: list[int],
