@@ -26,6 +26,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -37,6 +38,7 @@ from asyncdiff.adapters.registry import DENOISER_ATTRS, Adapter, adapter_for, re
 from asyncdiff.engine.launch import init_from_env, local_device, under_torchrun
 from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
 from asyncdiff.partition.plan import Plan
+from asyncdiff.partition.trace import TraceError
 
 __all__ = ["TEXT_ENCODERS", "AsyncDiff", "engine_config"]
 
@@ -108,18 +110,22 @@ class AsyncDiff:
         pipeline._asyncdiff = self
 
     def _stage_on(self, device: torch.device, config: EngineConfig,
-                  plan: Plan | None) -> tuple[Plan, dict[str, tuple[Any, Any, Any]], str]:
+                  plan: Plan | None) -> tuple[Plan | None, dict[str, tuple[Any, Any, Any]] | None, str | None]:
         """Note [stage-only loading] in memory: the plan made without weights (FLOPs, or bytes),
         the other stages' denoiser weights freed on the CPU, this stage's moved to ``device``:
         (plan, released weights, where the plan came from)."""
         from asyncdiff.adapters.loading import stage_in_memory
 
         rank = dist.get_rank() if dist.is_initialized() else 0
-        load = stage_in_memory(self.pipeline, self.adapter.denoiser, latent=self.adapter.latent,
-                               model_n=config.model_n, stage=min(rank % config.stage_world, config.model_n - 1),
-                               device=device, plan=plan, policy=config.policy, layouts=config.plan_layouts,
-                               max_slowdown=config.max_slowdown, bandwidth=config.planner_bandwidth(device),
-                               cost="flops" if config.cost == "time" else config.cost)
+        try:
+            load = stage_in_memory(self.pipeline, self.adapter.denoiser, latent=self.adapter.latent,
+                                   model_n=config.model_n, stage=min(rank % config.stage_world, config.model_n - 1),
+                                   device=device, plan=plan, policy=config.policy, layouts=config.plan_layouts,
+                                   max_slowdown=config.max_slowdown, bandwidth=config.planner_bandwidth(device),
+                                   cost="flops" if config.cost == "time" else config.cost)
+        except TraceError as err:  # then it moves whole, and the first call plans with its weights
+            warnings.warn(_loaded_whole(err), stacklevel=3)
+            return plan, None, None
         return load.plan, load.released, load.source
 
     @classmethod
@@ -127,7 +133,7 @@ class AsyncDiff:
                         time_shift: bool = False, *, config: EngineConfig | None = None,
                         torch_dtype: torch.dtype | None = None, variant: str | None = None, plan: Plan | None = None,
                         call_kwargs: dict[str, Any] | None = None, text_encoders: str = "every",
-                        **options: Any) -> AsyncDiff:
+                        components: dict[str, Any] | None = None, **options: Any) -> AsyncDiff:
         """Load the diffusers pipeline at ``path`` (folder or hub id) with this rank holding only
         its stage's denoiser weights from the start (Note [stage-only loading] in
         :mod:`asyncdiff.adapters.loading`), the engine attached: ``async_diff.pipeline(prompt)``.
@@ -136,8 +142,14 @@ class AsyncDiff:
         default here, ``cost="flops"``) or in weight bytes (``cost="bytes"``: each rank holds about
         1/N of the denoiser, for a model that does not fit one device), unless ``plan`` is given
         or cached. ``call_kwargs``: the call whose denoiser input the planner traces (default: an
-        empty prompt at the pipeline's default size). ``options``, ``config``: as for
-        :class:`AsyncDiff`. ``remove()`` gathers the whole denoiser on every rank."""
+        empty prompt at the pipeline's default size). ``components``: pipeline components to use
+        instead of loading them, as diffusers' ``from_pretrained`` takes them (``text_encoder=None``).
+        ``options``, ``config``: as for :class:`AsyncDiff`. ``remove()`` gathers the whole denoiser
+        on every rank.
+
+        A denoiser whose code depends on tensor values cannot be planned without its weights (Note
+        [value trace]): then every rank loads it whole, with a warning, and releases the other
+        stages' weights after the first call, as :class:`AsyncDiff` does with a loaded pipeline."""
         from diffusers import DiffusionPipeline
 
         from asyncdiff.adapters.loading import load_stage_only, read_model_index
@@ -161,13 +173,19 @@ class AsyncDiff:
             from asyncdiff.adapters.loading import encoder_skeletons
 
             weight_free = encoder_skeletons(folder, index, torch_dtype, variant)
-        load = load_stage_only(str(folder), denoiser_attr=registered.denoiser if registered else None,
-                               latent=registered.latent if registered else None, model_n=config.model_n,
-                               stage=min(rank % config.stage_world, config.model_n - 1), device=device,
-                               torch_dtype=torch_dtype, variant=variant, plan=plan, policy=config.policy,
-                               layouts=config.plan_layouts, max_slowdown=config.max_slowdown,
-                               bandwidth=config.planner_bandwidth(device), call_kwargs=call_kwargs,
-                               components=weight_free, cost=config.cost)
+        given = {**(components or {}), **weight_free}
+        try:
+            load = load_stage_only(str(folder), denoiser_attr=registered.denoiser if registered else None,
+                                   latent=registered.latent if registered else None, model_n=config.model_n,
+                                   stage=min(rank % config.stage_world, config.model_n - 1), device=device,
+                                   torch_dtype=torch_dtype, variant=variant, plan=plan, policy=config.policy,
+                                   layouts=config.plan_layouts, max_slowdown=config.max_slowdown,
+                                   bandwidth=config.planner_bandwidth(device), call_kwargs=call_kwargs,
+                                   components=given, cost=config.cost)
+        except TraceError as err:
+            warnings.warn(_loaded_whole(err), stacklevel=2)
+            pipeline = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype, variant=variant, **given)
+            return cls(pipeline, config=config, plan=plan, text_encoders=text_encoders, adapter=registered)
         async_diff = cls(load.pipeline, config=config, plan=load.plan, text_encoders=text_encoders,
                          adapter=registered, released=load.released)
         async_diff.engine.planning.plan_source = load.source
@@ -244,6 +262,13 @@ def _schedulers(pipeline: Any) -> list[Any]:
         pass
     unique = {id(s): s for s in found if callable(getattr(s, "step", None))}
     return list(unique.values())
+
+
+def _loaded_whole(err: Exception) -> str:
+    """The warning when a denoiser cannot be planned without its weights (Note [value trace])."""
+    return (f"the denoiser cannot be planned without its weights ({str(err).splitlines()[0][:300]}); every rank "
+            f"holds it whole until the first call has traced it with its weights and released the other stages' "
+            f"(Note [value trace]), so the peak memory per rank is the whole denoiser")
 
 
 def other_denoisers(pipeline: Any, attr: str, denoiser: torch.nn.Module) -> list[str]:

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -45,7 +46,12 @@ def capture_denoiser_call(pipeline: Any, denoiser: str, **call_kwargs: Any) -> t
         # Some schedulers copy their tables back to the CPU, which meta tensors cannot do: keep
         # the timesteps on the CPU (0-d CPU tensors mix with meta tensors).
         set_timesteps = scheduler.set_timesteps
-        scheduler.set_timesteps = lambda *a, device=None, **kw: set_timesteps(*a, **kw)
+
+        @functools.wraps(set_timesteps)  # pipelines read its signature (does it take sigmas?)
+        def on_cpu(*a: Any, device: Any = None, **kw: Any) -> Any:
+            return set_timesteps(*a, **kw)
+
+        scheduler.set_timesteps = on_cpu
     try:
         with torch.no_grad():
             pipeline(**call_kwargs)

@@ -15,6 +15,10 @@ stay 0-size placeholders that the engine counts as released, so ``remove()`` bri
 their owners and every rank has the whole denoiser again. The other pipeline components (text
 encoders, VAE) load as usual.
 
+A denoiser whose code depends on tensor values cannot be traced weight-free (Note [value trace]
+in :mod:`asyncdiff.partition.trace`): ``AsyncDiff.from_pretrained`` then loads it whole on every
+rank, with a warning, and the engine plans and releases at the first call, as for a loaded pipeline.
+
 The check of Note [verify] needs every weight in one process, so for a stage-only load it runs
 after the first warm-up step, with the other stages' weights streamed to the checking rank one
 block at a time (Note [verify on stage-only loads] in :mod:`asyncdiff.engine.planning`).

@@ -83,8 +83,10 @@ class _Recorder(torch.fx.Interpreter):
 def profile_blocks(traced: TracedDenoiser, denoiser: torch.nn.Module, args: tuple[Any, ...],
                    kwargs: dict[str, Any], *, repeats: int = 3, warmup: int = 1,
                    measure_time: bool = True) -> dict[str, BlockCost]:
-    """Cost of every block of ``traced`` (latent blocks and replicated ones), keyed by name."""
-    if measure_time:
+    """Cost of every block of ``traced`` (latent blocks and replicated ones), keyed by name. FLOPs
+    are counted on meta tensors, or on the call's values where the blocks need them (a trace made
+    with real values, Note [value trace], whose weights are then here)."""
+    if measure_time or traced.by_values:
         module, tensors = traced.graph_module(denoiser), traced.flatten_call(args, kwargs)
     else:
         module = traced.graph_module(getattr(traced.root, ROOT))

@@ -170,3 +170,19 @@ def test_a_loaded_pipeline_keeps_only_its_stage_before_the_first_call():
         assert r["checks"] == 1 and r["after_remove"] == r["whole"]
         torch.testing.assert_close(r["split"], r["plain"], rtol=1e-5, atol=1e-5)
     assert results[0]["held"] + results[1]["held"] < 1.1 * results[0]["whole"]
+
+
+def test_a_denoiser_that_needs_its_weights_to_trace_loads_whole_with_a_warning(tmp_path):
+    """Note [value trace] under from_pretrained: Lumina2's denoiser cannot be planned weight-free,
+    so every rank loads it whole, says so, and releases the other stages' weights after the first
+    call; the result is the model's."""
+    from asyncdiff.models.coverage import case
+    from toys import value_traced_from_pretrained
+
+    pipe, _ = case("lumina2").build()
+    pipe.save_pretrained(tmp_path)  # without its (absent) text encoder and tokenizer
+    for r in launch(value_traced_from_pretrained, 2, str(tmp_path), 2).values():
+        said = [w for w in r["warnings"] if "cannot be planned without its weights" in w]
+        assert len(said) == 1 and "the peak memory per rank is the whole denoiser" in said[0], r["warnings"]
+        assert r["released"] > 0
+        torch.testing.assert_close(r["split"], r["plain"], rtol=1e-5, atol=1e-5)

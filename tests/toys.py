@@ -989,3 +989,33 @@ def in_memory_stage_scenario(steps: int) -> dict[str, Any]:
     async_diff.remove()
     result["after_remove"] = held()
     return result
+
+
+def value_traced_from_pretrained(path: str, steps: int) -> dict[str, Any]:
+    """``AsyncDiff.from_pretrained`` on a saved Lumina2 pipeline (no text encoder: prompt embeddings
+    given), whose denoiser needs a value trace (Note [value trace]), every step a warm-up step: the
+    warnings of the load, the plain and the split latents, the weights released after the call."""
+    import warnings
+
+    from diffusers import DiffusionPipeline
+
+    from asyncdiff import AsyncDiff
+    from asyncdiff.models.coverage.dit_image import _lumina_call
+
+    absent = {"text_encoder": None, "tokenizer": None}
+    call = {"prompt": None, **_lumina_call()}
+
+    def latents(pipe: Any) -> torch.Tensor:
+        with torch.no_grad():
+            return pipe(num_inference_steps=steps, generator=torch.Generator().manual_seed(0), **call).images
+
+    plain = latents(DiffusionPipeline.from_pretrained(path, **absent))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        async_diff = AsyncDiff.from_pretrained(path, model_n=dist.get_world_size(), warm_up=steps, components=absent,
+                                               call_kwargs=call)
+    split = latents(async_diff.pipeline)
+    result = {"plain": plain, "split": split, "released": len(async_diff.engine.released_weights),
+              "warnings": [str(w.message) for w in caught if "asyncdiff" in w.filename or "toys" in w.filename]}
+    async_diff.remove()
+    return result
