@@ -46,7 +46,7 @@ def test_a_second_denoiser_is_split_on_its_own():
     and plan, starts with its own warm-up, and is exact at full warm-up; under time shift its
     stages compute with the pipeline's timesteps of its own steps (not of the loop's first ones)."""
     from asyncdiff.engine.launch import launch
-    from tests.toys import two_expert_scenarios
+    from toys import two_expert_scenarios
 
     steps, switch = 5, 2
     results = launch(two_expert_scenarios, 2, steps, switch)
@@ -70,7 +70,7 @@ def test_stride_2_hands_over_to_the_second_expert_inside_a_round():
     second step the other expert takes (it starts with its own warm-up); nothing waits for the
     round's unused half, and a second pipeline call gives the same result."""
     from asyncdiff.engine.launch import launch
-    from tests.toys import two_expert_stride_2
+    from toys import two_expert_stride_2
 
     for r in launch(two_expert_stride_2, 3, 6, 2).values():
         assert r["kinds"] == {"unet": ["warm-up", "round"], "unet_2": ["warm-up", "round", "reuse", "round"]}
