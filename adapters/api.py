@@ -57,8 +57,9 @@ class AsyncDiff:
     (Note [one config]). ``plan`` fixes the split instead of planning it (plans are kept on disk
     per call and options, Note [plan cache]). ``text_encoders="rank0"``: only rank 0 keeps the
     text encoders; it broadcasts the prompt embeddings to the others (Note [encoders on one rank]
-    in :mod:`asyncdiff.adapters.encoders`). ``released``: set by :meth:`from_pretrained` (weights
-    this rank never loaded).
+    in :mod:`asyncdiff.adapters.encoders`). ``released``, ``weights_from``: set by
+    :meth:`from_pretrained` (weights this rank never loaded, and the reader of the checkpoint
+    that :meth:`remove` reads them from: Note [reload from the checkpoint]).
 
     On a GPU, a pipeline still on the CPU is planned first (on FLOPs, or ``cost="bytes"``; no
     timing profile) and each rank moves to its GPU only the denoiser weights its stage uses, as
@@ -69,7 +70,8 @@ class AsyncDiff:
     def __init__(self, pipeline: Any, model_n: int = 2, stride: int = 1, warm_up: int = 1,
                  time_shift: bool = False, *, config: EngineConfig | None = None, plan: Plan | None = None,
                  text_encoders: str = "every", adapter: Adapter | None = None,
-                 released: dict[str, tuple[Any, Any, Any]] | None = None, **options: Any) -> None:
+                 released: dict[str, tuple[Any, Any, Any]] | None = None,
+                 weights_from: Callable[[list[str]], dict[str, torch.Tensor]] | None = None, **options: Any) -> None:
         if text_encoders not in TEXT_ENCODERS:
             raise ValueError(f"text_encoders={text_encoders!r} must be 'every' (each rank keeps its own) or "
                              f"'rank0' (rank 0 keeps them and broadcasts the prompt embeddings)")
@@ -98,7 +100,8 @@ class AsyncDiff:
                 module, config, plan=plan if main else None, latent=self.adapter.latent if alike else None,
                 timestep_arg=self.adapter.timestep if alike else timestep_arg(module),
                 timesteps=self._timestep_of_step if main else functools.partial(self._timestep_of_later, name),
-                marks_steps=True, guided=functools.partial(_guided, pipeline), released=released if main else None)
+                marks_steps=True, guided=functools.partial(_guided, pipeline), released=released if main else None,
+                weights_from=weights_from if main else None)
         self.engine = self.engines[self.adapter.denoiser]
         if plan_source is not None:
             self.engine.planning.plan_source = plan_source
@@ -187,7 +190,7 @@ class AsyncDiff:
             pipeline = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype, variant=variant, **given)
             return cls(pipeline, config=config, plan=plan, text_encoders=text_encoders, adapter=registered)
         async_diff = cls(load.pipeline, config=config, plan=load.plan, text_encoders=text_encoders,
-                         adapter=registered, released=load.released)
+                         adapter=registered, released=load.released, weights_from=load.checkpoint.read)
         async_diff.engine.planning.plan_source = load.source
         return async_diff
 
@@ -234,7 +237,8 @@ class AsyncDiff:
         return self.engine.plan
 
     def remove(self) -> None:
-        """Detach the engines; released weights come back from their owners (all ranks call it)."""
+        """Detach the engines; released weights come back from the checkpoint they were loaded
+        from, else from their owners (all ranks call it)."""
         for name, engine in self.engines.items():
             engine.reset_state()
             engine.restore_weights()

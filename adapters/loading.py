@@ -11,9 +11,20 @@ the others), or on a given plan, or on a cached one (Note [plan cache]). Then ea
 lazily with ``safetensors.safe_open``, only the tensors its stage programs reference plus those
 every stage needs (replicated blocks such as the time embedding, top-level parameters), straight
 onto its device in the checkpoint's dtype or ``torch_dtype``. The tensors of other stages' blocks
-stay 0-size placeholders that the engine counts as released, so ``remove()`` brings them from
-their owners and every rank has the whole denoiser again. The other pipeline components (text
-encoders, VAE) load as usual.
+stay 0-size placeholders that the engine counts as released, so ``remove()`` brings them back
+(Note [reload from the checkpoint]) and every rank has the whole denoiser again. The other
+pipeline components (text encoders, VAE) load as usual.
+
+Note [reload from the checkpoint]: on the CPU a convolution's last bits depend on where its weight
+sits in memory, not only on its values. safetensors gives each tensor a buffer at an address that
+is not 64-byte aligned (8 or 56 modulo 64 here), a fresh torch tensor is 64-byte aligned, and the
+tiny SD 1.5 UNet with its weights cloned (the same values) gives latents 2.7e-5 apart (only its
+Conv2d weights matter: cloning the Linear and norm weights changes nothing). Weights received from
+their owners land in fresh tensors, so a pipeline made whole that way computes other bits than the
+same pipeline loaded whole. ``remove()`` after a stage-only load therefore reads the released
+weights from the checkpoint again, as a whole load reads them (:class:`Checkpoint`), and the
+pipeline afterwards computes exactly what the whole pipeline loaded by ``from_pretrained`` does;
+only what the checkpoint lacks (buffers ``__init__`` builds) comes from the owners.
 
 A denoiser whose code depends on tensor values cannot be traced weight-free (Note [value trace]
 in :mod:`asyncdiff.partition.trace`): ``AsyncDiff.from_pretrained`` then loads it whole on every
@@ -37,20 +48,43 @@ import torch
 
 from asyncdiff.partition.plan import Plan
 
-__all__ = ["StageLoad", "load_stage_only", "read_model_index", "stage_in_memory"]
+__all__ = ["Checkpoint", "StageLoad", "load_stage_only", "read_model_index", "stage_in_memory"]
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool}
 
 
+class Checkpoint:
+    """A denoiser's safetensors files, read tensor by tensor onto ``device`` as the stage was
+    (``files``: tensor name -> file; ``dtypes``: name -> dtype the model holds it in)."""
+
+    def __init__(self, files: dict[str, Path], dtypes: dict[str, torch.dtype], device: torch.device) -> None:
+        self.files, self.dtypes, self.device = files, dtypes, device
+        self._opened: dict[Path, Any] = {}
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors of ``names`` the checkpoint holds (the others are left out)."""
+        return {name: self.tensor(name) for name in names if name in self.files}
+
+    def tensor(self, name: str) -> torch.Tensor:
+        file = self.files[name]
+        if file not in self._opened:
+            self._opened[file] = _open(file, self.device)
+        with _named_if_damaged(file, name):
+            return self._opened[file].get_tensor(name).to(self.dtypes[name])
+
+
 class StageLoad:
     """What :func:`load_stage_only` made: the pipeline (its denoiser holding this stage's weights),
-    the plan, where the plan came from, and the placeholders of weights other ranks hold."""
+    the plan, where the plan came from, the placeholders of weights other ranks hold, and the
+    checkpoint it read (None for :func:`stage_in_memory`)."""
 
-    def __init__(self, pipeline: Any, plan: Plan, source: str, released: dict[str, tuple[torch.Size, torch.dtype,
-                                                                                         torch.device]]) -> None:
+    def __init__(self, pipeline: Any, plan: Plan, source: str,
+                 released: dict[str, tuple[torch.Size, torch.dtype, torch.device]],
+                 checkpoint: Checkpoint | None = None) -> None:
         self.pipeline, self.plan, self.source, self.released = pipeline, plan, source, released
+        self.checkpoint = checkpoint
 
 
 def load_stage_only(path: str, *, denoiser_attr: str | None, latent: str | None, model_n: int, stage: int,
@@ -91,17 +125,13 @@ def load_stage_only(path: str, *, denoiser_attr: str | None, latent: str | None,
                                         plan=plan, policy=policy, layouts=layouts, max_slowdown=max_slowdown,
                                         bandwidth=bandwidth, call_kwargs=call_kwargs, cost=cost)
     released: dict[str, tuple[torch.Size, torch.dtype, torch.device]] = {}
-    opened: dict[Path, Any] = {}
+    checkpoint = Checkpoint(files, dtypes, device)
     for name, t in [*skeleton.named_parameters(remove_duplicate=False), *skeleton.named_buffers(remove_duplicate=False)]:
         if name in foreign:
             released[name] = (t.shape, t.dtype, device)
             _set_tensor(skeleton, name, torch.empty(0, dtype=t.dtype, device=device))
         elif name in files:
-            if files[name] not in opened:
-                opened[files[name]] = _open(files[name], device)
-            with _named_if_damaged(files[name], name):
-                value = opened[files[name]].get_tensor(name)
-            _set_tensor(skeleton, name, value.to(dtypes[name]))
+            _set_tensor(skeleton, name, checkpoint.tensor(name))
         elif t.is_meta:
             raise ValueError(f"{class_name} weight {name!r} is not in the checkpoint at {folder / attr}; stage-only "
                              "loading needs every weight a stage uses in the safetensors files")
@@ -111,7 +141,7 @@ def load_stage_only(path: str, *, denoiser_attr: str | None, latent: str | None,
         for name, component in pipeline.components.items():
             if name != attr and isinstance(component, torch.nn.Module):
                 component.to(device)
-    return StageLoad(pipeline, plan, source, released)
+    return StageLoad(pipeline, plan, source, released, checkpoint)
 
 
 def stage_in_memory(pipeline: Any, attr: str, *, latent: str | None, model_n: int, stage: int,

@@ -53,7 +53,7 @@ from asyncdiff.engine.mesh import ProcessMesh, TwoCalls, batch_size, exchange_ou
 from asyncdiff.engine.planning import Planning, device_of
 from asyncdiff.engine.schedule import Layout, StepKind
 from asyncdiff.engine.stage import CompiledCall, StageState, drifted, output_template, run_stage
-from asyncdiff.engine.weights import block_tensors, foreign_tensors, release_foreign, restore
+from asyncdiff.engine.weights import block_tensors, foreign_tensors, release_foreign, reload, restore
 from asyncdiff.kernels.pack import PackLayout
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.trace import CallSignature, call_signature
@@ -99,7 +99,8 @@ class AsyncEngine:
     def __init__(self, denoiser: torch.nn.Module, config: EngineConfig, *, plan: Plan | None = None,
                  latent: str | None = None, timestep_arg: str | None = None, timesteps: Callable[[int], Any] | None = None,
                  marks_steps: bool = False, guided: Callable[[], bool | None] | None = None,
-                 released: dict[str, tuple[torch.Size, torch.dtype, torch.device]] | None = None) -> None:
+                 released: dict[str, tuple[torch.Size, torch.dtype, torch.device]] | None = None,
+                 weights_from: Callable[[list[str]], dict[str, torch.Tensor]] | None = None) -> None:
         """``timestep_arg`` names the denoiser's timestep argument and ``timesteps(step)`` gives the
         timestep of any step of the current call; both are needed for stride 2 and time shift.
         ``marks_steps`` (settable per pipeline call): the caller calls :meth:`end_step` after every
@@ -107,7 +108,9 @@ class AsyncEngine:
         [branches]); without it every call is a step. ``released``: weights this rank never loaded
         (Note [stage-only loading] in :mod:`asyncdiff.adapters.loading`), by name: (true shape,
         dtype, device) of 0-size placeholders, which :meth:`restore_weights` fills from their
-        owners; the check of Note [verify] then runs streamed (Note [verify on stage-only loads]).
+        owners, or from ``weights_from(names)`` where it reads them (the checkpoint, Note [reload
+        from the checkpoint]); the check of Note [verify] then runs streamed (Note [verify on
+        stage-only loads]).
         ``guided()``: whether the running pipeline call batches classifier-free guidance (None:
         unknown), which ``parallel="auto"`` needs to offer a guidance dimension."""
         self.denoiser, self.config, self.latent = denoiser, config, latent
@@ -124,6 +127,7 @@ class AsyncEngine:
                              "pass a plan with model_n stages")
         self.guided = guided
         self._released: dict[str, tuple[torch.Size, torch.dtype, torch.device]] = dict(released or {})
+        self._weights_from = weights_from
         self.planning = Planning(denoiser, plan=plan, latent=latent, released=self._released,
                                  stage_only=released is not None, world=self.world,
                                  global_rank=self.global_rank, timeout_s=config.timeout_s)
@@ -407,7 +411,10 @@ class AsyncEngine:
         return sorted(self._released)
 
     def restore_weights(self) -> None:
-        """Bring back released weights from the ranks that own them (collective: all ranks call it)."""
+        """Bring back released weights: from the checkpoint where they were loaded from one, else
+        (and what it lacks) from the ranks that own them (collective: all ranks call it)."""
+        if self._weights_from is not None and self._released:
+            reload(self.denoiser, self._released, self._weights_from)
         if self.plan is not None and self.collective is not None:
             restore(self.denoiser, self.plan, self._released, self.ranks, self.collective)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -13,7 +13,7 @@ import torch.distributed as dist
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.trace import module_of
 
-__all__ = ["Released", "block_tensors", "foreign_tensors", "release_foreign", "restore", "streamed"]
+__all__ = ["Released", "block_tensors", "foreign_tensors", "reload", "release_foreign", "restore", "streamed"]
 
 Released = dict[str, tuple[torch.Size, torch.dtype, torch.device]]  # name: (true shape, dtype, device)
 
@@ -31,14 +31,32 @@ def release_foreign(denoiser: torch.nn.Module, plan: Plan, stage: int, modules: 
 def restore(denoiser: torch.nn.Module, plan: Plan, released: Released, ranks: list[int],
             group: dist.ProcessGroup | None) -> None:
     """Bring back released weights from the ranks that own them (``ranks[k]`` runs stage k;
-    collective over ``group``: all its ranks call it)."""
+    collective over ``group``: all its ranks call it). Only tensors some rank released travel."""
+    names: list[list[str] | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(names, sorted(released), group=group)
+    wanted = set().union(*names)
     for k, stage in enumerate(plan.stages):
         for block in stage:
             for name, t in block_tensors(denoiser, block):
-                if name in released:
-                    shape, dtype, device = released.pop(name)
-                    t.data = torch.empty(shape, dtype=dtype, device=device)
-                dist.broadcast(t.data, src=ranks[k], group=group)
+                if name in wanted:
+                    if name in released:
+                        shape, dtype, device = released.pop(name)
+                        t.data = torch.empty(shape, dtype=dtype, device=device)
+                    dist.broadcast(t.data, src=ranks[k], group=group)
+
+
+def reload(denoiser: torch.nn.Module, released: Released,
+           read: Callable[[list[str]], dict[str, torch.Tensor]]) -> None:
+    """Bring back released weights from the checkpoint they were loaded from (``read(names)``,
+    Note [reload from the checkpoint] in :mod:`asyncdiff.adapters.loading`); no communication."""
+    tensors = {**dict(denoiser.named_parameters(remove_duplicate=False)),
+               **dict(denoiser.named_buffers(remove_duplicate=False))}
+    for name, value in read(sorted(released)).items():
+        shape, dtype, device = released.pop(name)
+        if value.shape != shape or value.dtype != dtype:
+            raise ValueError(f"checkpoint tensor {name!r} is {tuple(value.shape)} {value.dtype}, but the model's is "
+                             f"{tuple(shape)} {dtype}: the files changed since the load; load the pipeline again")
+        tensors[name].data = value.to(device)
 
 
 def foreign_tensors(denoiser: torch.nn.Module, plan: Plan, stage: int,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.utils._pytree as pytree
 from diffusers import DiffusionPipeline
 
 
@@ -500,7 +502,25 @@ def stage_only_scenario(path: str, steps: int, text_encoders: str = "every", gui
     async_diff.remove()
     result["after_remove"], result["encoder_after_remove"] = held(pipe.unet), held(pipe.text_encoder)
     result["plain_after_remove"] = latents(pipe)
+    if guidance > 1:  # the denoiser on each guidance half, as the slices run it (Note [batch split])
+        forward = pipe.unet.forward
+        pipe.unet.forward = lambda *a, **k: in_chunks(forward, guidance, a, k)
+        result["plain_in_chunks_after_remove"] = latents(pipe)
+        del pipe.unet.forward
     return result
+
+
+def in_chunks(forward: Callable[..., Any], n: int, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """``forward`` on ``n`` equal chunks of the batch (the first argument's first dimension; every
+    tensor with that many rows is cut), the outputs concatenated."""
+    rows = args[0].shape[0]
+
+    def chunk(i: int) -> Any:
+        return pytree.tree_map_only(torch.Tensor, lambda t: t.chunk(n)[i] if t.dim() and t.shape[0] == rows else t,
+                                    (args, kwargs))
+
+    outputs = [forward(*a, **k) for a, k in map(chunk, range(n))]
+    return pytree.tree_map(lambda *parts: torch.cat(parts), *outputs)
 
 
 def fixed_calls(steps: int) -> list[tuple[tuple[torch.Tensor, torch.Tensor], dict[str, Any]]]:
