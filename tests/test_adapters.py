@@ -45,7 +45,7 @@ def test_a_second_denoiser_is_split_on_its_own():
     """Note [several denoisers]: Wan 2.2's low-noise expert (here ``unet_2``) gets its own engine
     and plan, starts with its own warm-up, and is exact at full warm-up; under time shift its
     stages compute with the pipeline's timesteps of its own steps (not of the loop's first ones)."""
-    from asyncdiff.engine.launch import launch
+    from pool import launch
     from toys import two_expert_scenarios
 
     steps, switch = 5, 2
@@ -69,7 +69,7 @@ def test_stride_2_hands_over_to_the_second_expert_inside_a_round():
     """Note [several denoisers] with stride 2: the first expert's last step opens a round whose
     second step the other expert takes (it starts with its own warm-up); nothing waits for the
     round's unused half, and a second pipeline call gives the same result."""
-    from asyncdiff.engine.launch import launch
+    from pool import launch
     from toys import two_expert_stride_2
 
     for r in launch(two_expert_stride_2, 3, 6, 2).values():

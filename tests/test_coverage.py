@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from asyncdiff.engine.launch import launch
+from pool import launch
 from asyncdiff.models.coverage import CASES, representative
 from asyncdiff.models.coverage.check import check_cases
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from toys import ToyDenoiser, fixed_calls, fixed_input_engine
 
-from asyncdiff.engine.launch import launch
+from pool import launch
 from asyncdiff.engine.schedule import Layout, SegmentIO
 from asyncdiff.partition.auto import auto_plan
 from asyncdiff.partition.drift import AsyncSimulator, predicted_drift, simulate_async

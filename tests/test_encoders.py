@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from asyncdiff.engine.launch import launch
+from pool import launch
 from toys import encoder_scenarios
 
 

@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from asyncdiff.engine.launch import launch, local_device
+from asyncdiff.engine.launch import launch as launch_fresh
+from asyncdiff.engine.launch import local_device
+from pool import launch
 from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
 from toys import (
     strided_engine,
@@ -109,12 +111,12 @@ def test_refresh_every_step_is_sequential_and_every_2_is_in_between(record_prope
 
 def test_failing_rank_stops_all_with_stage_and_step():
     with pytest.raises(ChildFailedError, match=r"\[stage 1 \| step 3\] RuntimeError: injected failure"):
-        launch(failing_stage, 2, 1, 3, timeout_s=60)
+        launch_fresh(failing_stage, 2, 1, 3, timeout_s=60)
 
 
 def test_a_rank_that_loses_its_peer_reports_the_peers_error_too():
     """Note [first error]: whichever rank the launcher reports, the real failure is in the message."""
-    results = launch(lost_peer, 2, timeout_s=5)
+    results = launch_fresh(lost_peer, 2, timeout_s=5)
     assert results[1] == "[stage 1 | step 2] RuntimeError: injected failure"
     assert results[0].startswith("[stage 0 | step ")
     assert results[0].endswith("; the first failure was [stage 1 | step 2] RuntimeError: injected failure")
@@ -122,7 +124,7 @@ def test_a_rank_that_loses_its_peer_reports_the_peers_error_too():
 
 def test_more_stages_than_blocks():
     with pytest.raises(ChildFailedError, match=r"stages=7 but the traced denoiser has only 6 blocks"):
-        launch(toy_engine, 7, 7)
+        launch_fresh(toy_engine, 7, 7)
 
 
 def test_toy_denoiser_on_two_ranks_matches_the_sequential_model():
@@ -166,8 +168,9 @@ def test_nccl_engine_on_two_gpus_matches_the_gloo_engine(wire, tolerance, monkey
     sequential = toy_steps(ToyDenoiser().cuda(), 4, "cuda").cpu()
     on_cpu = launch(toy_engine, 2, 2, wire, 4, 1)[0]
     monkeypatch.setenv("ASYNCDIFF_DEVICE", "cuda")
-    torch.testing.assert_close(launch(toy_engine, 2, 2, wire, 4, 4, "local")[0], sequential, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(launch(toy_engine, 2, 2, wire, 4, 1, "local")[0], on_cpu,
+    # fresh processes: they see the environment as it is now
+    torch.testing.assert_close(launch_fresh(toy_engine, 2, 2, wire, 4, 4, "local")[0], sequential, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(launch_fresh(toy_engine, 2, 2, wire, 4, 1, "local")[0], on_cpu,
                                rtol=tolerance, atol=tolerance)
 
 
@@ -320,7 +323,7 @@ def test_named_calls_keep_their_branch_when_a_step_skips_one():
 def test_stride_2_refuses_a_branch_that_first_comes_after_warm_up():
     """Note [late branches]: stride 1 starts such a branch with a sequential step; stride 2 cannot
     (its rounds pair steps), so every rank stops with the same clear error instead."""
-    errors = launch(late_branch_stride_2, 3, 4)
+    errors = launch_fresh(late_branch_stride_2, 3, 4)
     assert len({e.split("] ", 1)[-1] for e in errors.values()}) == 1  # the same error on every rank
     assert errors[0].startswith("[stage 0 | step 2] ValueError")
     assert "stride 2 cannot start it there: use stride=1, or warm_up covering those steps" in errors[0]
@@ -329,14 +332,14 @@ def test_stride_2_refuses_a_branch_that_first_comes_after_warm_up():
 def test_a_stalled_rank_makes_its_peer_fail_within_the_deadline():
     """Issue 11: no hangs. Rank 1 stalls for 25 s without failing; rank 0 stops within its 5 s
     deadline (plus the steps' own time), naming the stage and step where it waited."""
-    results = launch(stalled_peer, 2, 25.0, timeout_s=5)
+    results = launch_fresh(stalled_peer, 2, 25.0, timeout_s=5)
     message, seconds = results[0]
     assert message.startswith("[stage 0 | step "), message
     assert seconds < 15, f"rank 0 waited {seconds:.0f} s for a stalled peer"
 
 
 def test_an_untraceable_denoiser_fails_at_the_first_call_on_every_rank_with_the_cause():
-    results = launch(untraceable_engine, 2)
+    results = launch_fresh(untraceable_engine, 2)
     for message in results.values():
         assert "reads a tensor's value as a Python number" in message, message
     assert results[0].split("] ", 1)[-1] == results[1].split("] ", 1)[-1]  # the same error on every rank

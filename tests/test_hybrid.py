@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from asyncdiff.engine.launch import launch
+from asyncdiff.engine.launch import launch as launch_fresh
+from pool import launch
 from asyncdiff.engine.mesh import concat_chunks, split_batch, verify_batch_split
 from asyncdiff.engine.runtime import EngineConfig, stages_for
 from asyncdiff.partition.hybrid import ParallelOption, choose_parallel, format_options, parallel_degrees
@@ -133,7 +134,7 @@ def test_guidance_parallel_without_guidance_stops_every_rank_with_the_arithmetic
     with pytest.raises(ChildFailedError, match=r"\[stage 0 \| step 1\] ValueError: this denoiser call's batch is 1, "
                                                r"which guidance=2 x batch=1 = 2 slices cannot split evenly: "
                                                r"guidance=2 needs a pipeline with classifier-free guidance"):
-        launch(hybrid_scenarios, 2, 2, 1, STEPS, 1, None, 1.0, timeout_s=60)
+        launch_fresh(hybrid_scenarios, 2, 2, 1, STEPS, 1, None, 1.0, timeout_s=60)
 
 
 @pytest.mark.parametrize("stride", [1, 2])

@@ -9,7 +9,8 @@ from diffusers import DiffusionPipeline
 from toys import stage_only_scenario
 
 from asyncdiff.adapters.loading import load_stage_only
-from asyncdiff.engine.launch import launch
+from asyncdiff.engine.launch import launch as launch_fresh
+from pool import launch
 from asyncdiff.models.sd import build_sd15
 
 STEPS = 3
@@ -53,7 +54,7 @@ def test_each_rank_loads_its_stage_and_the_result_is_the_model(saved):
 def test_a_split_that_differs_from_the_model_stops_every_rank_on_a_stage_only_load(saved):
     """Note [verify on stage-only loads]: the check streams the other stages' weights to the first
     rank; here its eager reference is made to differ, and every rank must stop with the error."""
-    results = launch(stage_only_scenario, 2, str(saved), STEPS, "every", 1, "split")
+    results = launch_fresh(stage_only_scenario, 2, str(saved), STEPS, "every", 1, "split")
     errors = {r["error"].split("] ", 1)[-1] for r in results.values()}
     assert len(errors) == 1 and "does not reproduce UNet2DConditionModel: output 0 differs by" in errors.pop()
 
@@ -143,7 +144,7 @@ def test_a_batch_that_does_not_split_exactly_stops_every_rank_on_a_stage_only_lo
     """Note [batch split] on a stage-only load: the whole batch's output from the slices is checked
     against one streamed eager run on the whole batch; a denoiser whose output on the batch differs
     from its outputs on the chunks (here: made so) stops every rank with the same error."""
-    results = launch(stage_only_scenario, 4, str(saved), STEPS, "every", 2, "batch")
+    results = launch_fresh(stage_only_scenario, 4, str(saved), STEPS, "every", 2, "batch")
     errors = {r["error"].split("] ", 1)[-1] for r in results.values()}
     assert len(errors) == 1, errors
     assert "gives other values on a split batch" in errors.pop()

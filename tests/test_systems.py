@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from asyncdiff.engine.launch import launch
+from pool import launch
 from asyncdiff.models.builders import BUILDERS
 from toys import system_scenarios
 

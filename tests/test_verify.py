@@ -9,7 +9,8 @@ import pytest
 import torch
 from toys import AliasingToy, adapter_scenarios, aliasing_engine, toy_steps
 
-from asyncdiff.engine.launch import launch
+from asyncdiff.engine.launch import launch as launch_fresh
+from pool import launch
 from asyncdiff.engine.runtime import AsyncEngine, EngineConfig, StageError
 from asyncdiff.partition import trace as trace_module
 from asyncdiff.partition.auto import auto_plan, inplace_spans
@@ -68,7 +69,7 @@ def test_verification_names_the_first_block_that_differs(naive_trace):
 
 
 def test_every_rank_stops_with_the_verification_error():
-    errors = launch(aliasing_engine, 2, 2, 3, 3, True)
+    errors = launch_fresh(aliasing_engine, 2, 2, 3, 3, True)
     assert [e.split("] ", 1)[0] for e in errors.values()] == ["StageError: [stage 0 | step 0",
                                                               "StageError: [stage 1 | step 0"]
     assert len({e.split("] ", 1)[1] for e in errors.values()}) == 1, errors  # the same error on every rank

@@ -1,0 +1,183 @@
+"""Persistent workers: one process group that runs many calls (the shape of vLLM's worker loop).
+
+Note [persistent workers]: :func:`~asyncdiff.engine.launch.launch` starts, imports and joins its
+processes for every call, which costs seconds per call on a small machine (7.7 s for two
+processes that import diffusers, on 2 cores) before any work. A :class:`WorkerGroup` starts its
+processes once. The driver (the process that made the group) submits one call, a module-level
+function and its arguments, to every rank; each rank's loop runs it and replies with its result
+or its error (traceback text). A call starts as in a fresh process: torch's default generator at
+its initial seed, warning filters as they were. At the first error reply, or a rank that died,
+the driver stops every rank (one may wait in a collective the failed rank never joined) and
+raises :class:`WorkerError` naming that rank; the next call starts a fresh group, because a
+failed call may leave messages in flight that the next call would receive. A call that outlives
+``timeout_s`` stops the group the same way.
+
+Example (starts processes, so not run as a doctest)::
+
+    with WorkerGroup(2) as workers:
+        workers.run(torch.distributed.get_world_size)   # {0: 2, 1: 2}
+        workers.run(torch.distributed.get_rank)         # {0: 0, 1: 1}, the same processes
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import socket
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from asyncdiff.engine.launch import init_from_env
+
+__all__ = ["WorkerError", "WorkerGroup"]
+
+log = logging.getLogger(__name__)
+
+
+class WorkerError(RuntimeError):
+    """A call failed on ``rank`` (``details``: its traceback, or why it stopped)."""
+
+    def __init__(self, rank: int, details: str) -> None:
+        last = details.strip().splitlines()[-1] if details.strip() else "failed"
+        super().__init__(f"[rank {rank}] {last}\n{details}")
+        self.rank, self.details = rank, details
+
+
+class WorkerGroup:
+    """``nprocs`` local processes in one process group (gloo on the CPU, NCCL on GPUs), started at
+    the first :meth:`run` and kept until :meth:`close` (Note [persistent workers])."""
+
+    def __init__(self, nprocs: int, *, threads: int = 1, timeout_s: float = 300.0) -> None:
+        if nprocs < 1:
+            raise ValueError(f"nprocs={nprocs} must be >= 1")
+        self.nprocs, self.threads, self.timeout_s = nprocs, threads, timeout_s
+        self._procs: list[mp.process.BaseProcess] = []
+        self._inboxes: list[Any] = []
+        self._outbox: Any = None
+        self.starts = 0  # groups started so far
+
+    @property
+    def alive(self) -> bool:
+        return bool(self._procs) and all(p.is_alive() for p in self._procs)
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> dict[int, Any]:
+        """``fn(*args)`` on every rank; ``{rank: result}``. ``fn`` must be importable by the workers."""
+        if not self.alive:
+            self._start()
+        payload = pickle.dumps((fn, args))
+        for inbox in self._inboxes:
+            inbox.put(payload)
+        replies, failed = self._collect(time.monotonic() + self.timeout_s)
+        if failed is not None:
+            self.close()
+            raise WorkerError(*failed)
+        return {rank: pickle.loads(data) for rank, data in sorted(replies.items())}
+
+    def close(self) -> None:
+        """Stop every rank (a stuck one is killed); a later :meth:`run` starts a fresh group."""
+        for inbox in self._inboxes:
+            inbox.put(None)
+        for p in self._procs:
+            p.join(2.0)
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5.0)
+        for q in (*self._inboxes, *([self._outbox] if self._outbox is not None else [])):
+            q.close()
+            q.join_thread()
+        self._procs, self._inboxes, self._outbox = [], [], None
+
+    def __enter__(self) -> WorkerGroup:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if self._procs:
+            self.close()
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _start(self) -> None:
+        self.close()
+        context = mp.get_context("spawn")
+        port = _free_port()
+        self._outbox = context.Queue()
+        self._inboxes = [context.Queue() for _ in range(self.nprocs)]
+        self._procs = [context.Process(target=_loop, name=f"asyncdiff-worker-{rank}", daemon=True,
+                                       args=(rank, self.nprocs, port, self._inboxes[rank], self._outbox,
+                                             self.threads, self.timeout_s))
+                       for rank in range(self.nprocs)]
+        for p in self._procs:
+            p.start()
+        self.starts += 1
+        ready, failed = self._collect(time.monotonic() + self.timeout_s)
+        if failed is not None:
+            self.close()
+            raise WorkerError(*failed)
+        log.info("started %d workers (group %d) on port %d", self.nprocs, self.starts, port)
+
+    def _collect(self, deadline: float) -> tuple[dict[int, bytes], tuple[int, str] | None]:
+        """Every rank's reply, or the first failure: ``(rank, details)``."""
+        replies: dict[int, bytes] = {}
+        failed: tuple[int, str] | None = None
+        while len(replies) < self.nprocs and failed is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                silent = sorted(set(range(self.nprocs)) - set(replies))
+                return replies, (silent[0], f"no reply from rank(s) {silent} within {self.timeout_s:g} s "
+                                            f"(timeout_s); every rank was stopped")
+            try:
+                rank, ok, data = self._outbox.get(timeout=min(left, 0.2))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(self._procs) if not p.is_alive() and r not in replies]
+                if dead:
+                    code = self._procs[dead[0]].exitcode
+                    failed = (dead[0], f"rank {dead[0]} exited with code {code} during the call")
+                continue
+            if ok:
+                replies[rank] = data
+            else:
+                failed = (rank, data)
+        return replies, failed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _loop(rank: int, world: int, port: int, inbox: Any, outbox: Any, threads: int, timeout_s: float) -> None:
+    """A rank's loop: join the group, then run each submitted call and reply, until told to stop."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    torch.set_num_threads(threads)
+    try:
+        init_from_env(timeout_s)
+    except Exception:
+        outbox.put((rank, False, traceback.format_exc()))
+        return
+    seed = torch.initial_seed()
+    outbox.put((rank, True, b""))
+    while (payload := inbox.get()) is not None:
+        torch.manual_seed(seed)
+        try:
+            fn, args = pickle.loads(payload)
+            with warnings.catch_warnings():
+                reply = (rank, True, pickle.dumps(fn(*args)))
+        except Exception:
+            reply = (rank, False, traceback.format_exc())
+        outbox.put(reply)
+    dist.destroy_process_group()
