@@ -69,14 +69,15 @@ class WorkerGroup:
     def alive(self) -> bool:
         return bool(self._procs) and all(p.is_alive() for p in self._procs)
 
-    def run(self, fn: Callable[..., Any], *args: Any) -> dict[int, Any]:
-        """``fn(*args)`` on every rank; ``{rank: result}``. ``fn`` must be importable by the workers."""
+    def run(self, fn: Callable[..., Any], *args: Any, timeout_s: float | None = None) -> dict[int, Any]:
+        """``fn(*args)`` on every rank; ``{rank: result}``. ``fn`` must be importable by the workers;
+        ``timeout_s``: this call's deadline (default: the group's)."""
         if not self.alive:
             self._start()
         payload = pickle.dumps((fn, args))
         for inbox in self._inboxes:
             inbox.put(payload)
-        replies, failed = self._collect(time.monotonic() + self.timeout_s)
+        replies, failed = self._collect(time.monotonic() + (timeout_s or self.timeout_s))
         if failed is not None:
             self.close()
             raise WorkerError(*failed)
@@ -135,7 +136,7 @@ class WorkerGroup:
             left = deadline - time.monotonic()
             if left <= 0:
                 silent = sorted(set(range(self.nprocs)) - set(replies))
-                return replies, (silent[0], f"no reply from rank(s) {silent} within {self.timeout_s:g} s "
+                return replies, (silent[0], f"no reply from rank(s) {silent} by the call's deadline "
                                             f"(timeout_s); every rank was stopped")
             try:
                 rank, ok, data = self._outbox.get(timeout=min(left, 0.2))

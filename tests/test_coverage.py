@@ -16,7 +16,7 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def two_processes():
-    return {r.name: r for r in launch(check_cases, 2, representative(), STEPS, 1, timeout_s=120)[0]}
+    return {r.name: r for r in launch(check_cases, 2, representative(), STEPS, 1)[0]}
 
 
 @pytest.mark.parametrize("name", representative())
@@ -30,7 +30,7 @@ def test_case_exact_at_full_warm_up_and_runs_async(name, two_processes):
 
 def test_stride_2_on_three_processes():
     names = [n for n in representative() if CASES[n].stride2]
-    results = launch(check_cases, 3, names, STEPS, 2, False, timeout_s=120)[0]
+    results = launch(check_cases, 3, names, STEPS, 2, False)[0]
     assert [r.cell for r in results] == ["exact"] * len(names), [(r.name, r.cell) for r in results]
 
 
