@@ -11,14 +11,10 @@ import pytest
 from PIL import Image
 
 from asyncdiff.cli import main
+from commands import cli_here, run_cli
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "asyncdiff.cli", *args], capture_output=True, text=True,
-                          timeout=300)
-
-
-def test_generate_on_two_processes_writes_image_and_json(tmp_path):
+def test_generate_on_two_processes_writes_image_and_json(tmp_path, capsys):
     out = tmp_path / "cat.png"
     done = run_cli("generate", "--devices", "2", "--steps", "4", "--warm-up", "1", "--seed", "3",
                    "--prompt", "a cat", "--out", str(out))
@@ -28,8 +24,7 @@ def test_generate_on_two_processes_writes_image_and_json(tmp_path):
     assert record["out"] == str(out) and record["denoise_s"] > 0 and record["denoiser_calls"] == 4
     assert sum(record["plan"]) == 48  # every block of the tiny UNet in some stage
     # memory per rank: each holds part of the denoiser's weights (both hold the replicated time embedding)
-    sequential = run_cli("generate", "--devices", "1", "--steps", "1", "--out", str(tmp_path / "seq.png"))
-    whole = json.loads(sequential.stdout.strip().splitlines()[-1])["denoiser_mb"]
+    whole = cli_here(capsys, "generate", "--devices", "1", "--steps", "1", "--out", str(tmp_path / "seq.png"))["denoiser_mb"]
     assert len(whole) == 1 and len(record["denoiser_mb"]) == 2 and record["peak_memory"] == "peak RSS"
     assert all(0 < held < whole[0] for held in record["denoiser_mb"]) and sum(record["denoiser_mb"]) >= whole[0]
     assert all(peak > 0 for peak in record["peak_mb"])
@@ -57,24 +52,23 @@ def test_bad_setting_fails_before_starting_processes(capsys):
     assert "svd makes a video; write .gif or .mp4" in capsys.readouterr().err
 
 
-def test_inspect_json_is_a_plan_for_generate(tmp_path):
+def test_inspect_json_is_a_plan_for_generate(tmp_path, capsys):
     plan_file = tmp_path / "plan.json"
     assert main(["inspect", "--size", "tiny", "--stages", "2", "--cost", "flops", "--bandwidth", "none",
                  "--json", str(plan_file)]) == 0
     stages = [len(s["blocks"]) for s in json.loads(plan_file.read_text())["stages"]]
-    done = run_cli("generate", "--devices", "2", "--steps", "2", "--plan", str(plan_file), "--out",
-                   str(tmp_path / "p.png"))
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1])["plan"] == stages
+    capsys.readouterr()
+    record = cli_here(capsys, "generate", "--devices", "2", "--steps", "2", "--plan", str(plan_file), "--out",
+                      str(tmp_path / "p.png"))
+    assert record["plan"] == stages
 
 
-def test_generate_with_an_input_picture(tmp_path):
+def test_generate_with_an_input_picture(tmp_path, capsys):
     picture = tmp_path / "low.png"
     Image.new("RGB", (24, 16), (200, 30, 30)).save(picture)
     out = tmp_path / "up.png"
-    done = run_cli("generate", "--pipeline", "sd-upscaler", "--devices", "1", "--steps", "2", "--image", str(picture),
-                   "--out", str(out))
-    assert done.returncode == 0, done.stderr[-2000:]
+    cli_here(capsys, "generate", "--pipeline", "sd-upscaler", "--devices", "1", "--steps", "2", "--image", str(picture),
+             "--out", str(out))
     with Image.open(out) as image:
         assert image.size == (96, 64)  # the x4 upscaler
     assert main(["generate", "--image", str(tmp_path / "missing.png")]) == 2
@@ -95,17 +89,15 @@ def test_bench_table_json_and_plot(tmp_path):
     assert main(["bench", "--devices", "1,x"]) == 2
 
 
-def test_same_command_same_plan_and_same_image_in_fresh_processes(tmp_path, monkeypatch):
+def test_same_command_same_plan_and_same_image_in_fresh_processes(tmp_path, monkeypatch, capsys):
     """Note [plan cache]: the first run measures and keeps its plan; later runs of the same command
     read it, so they cut the same way and give bit-identical latents; --replan measures again."""
     monkeypatch.setenv("ASYNCDIFF_PLAN_CACHE", str(tmp_path / "plans"))
     records, images = [], []
     for i, extra in enumerate([(), (), (), ("--replan",)]):
         out = tmp_path / f"run{i}.png"
-        done = run_cli("generate", "--devices", "2", "--steps", "3", "--warm-up", "1", "--seed", "5",
-                       "--out", str(out), *extra)
-        assert done.returncode == 0, done.stderr[-2000:]
-        records.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        records.append(cli_here(capsys, "generate", "--devices", "2", "--steps", "3", "--warm-up", "1", "--seed", "5",
+                                "--out", str(out), *extra))
         with Image.open(out) as image:
             images.append(image.tobytes())
     saved = next((tmp_path / "plans").glob("*.json"))
@@ -117,15 +109,13 @@ def test_same_command_same_plan_and_same_image_in_fresh_processes(tmp_path, monk
     assert records[0]["main_path_depth"] in (1, 2)  # contiguous or wrapped 2-stage plan
 
 
-def test_guidance_parallel_gives_the_sequential_picture_and_auto_lists_its_options(tmp_path):
+def test_guidance_parallel_gives_the_sequential_picture_and_auto_lists_its_options(tmp_path, capsys):
     """Note [hybrid mesh]: the guidance halves on two processes; Note [choosing the mesh]: auto."""
     records, pictures = {}, {}
     for label, extra in (("sequential", ("--devices", "1")), ("guidance", ("--devices", "2", "--guidance-parallel")),
                          ("auto", ("--devices", "2", "--parallel", "auto", "--cost", "flops"))):
         out = tmp_path / f"{label}.png"
-        done = run_cli("generate", "--steps", "3", "--seed", "2", "--out", str(out), *extra)
-        assert done.returncode == 0, done.stderr[-2000:]
-        records[label] = json.loads(done.stdout.strip().splitlines()[-1])
+        records[label] = cli_here(capsys, "generate", "--steps", "3", "--seed", "2", "--out", str(out), *extra)
         with Image.open(out) as image:
             pictures[label] = np.asarray(image, dtype=np.int16)
     assert (records["guidance"]["guidance"], records["guidance"]["stages"]) == (2, 1)

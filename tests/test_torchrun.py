@@ -9,6 +9,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from commands import cli_here
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,38 +41,31 @@ def test_generic_example_makes_a_video_with_stride_2(tmp_path):
     assert frames.shape[0] == 4 and frames.ndim == 4  # 4 frames of RGB
 
 
-def test_cli_video_as_gif(tmp_path):
+def test_cli_video_as_gif(tmp_path, capsys):
     out = tmp_path / "svd.gif"
-    done = subprocess.run([sys.executable, "-m", "asyncdiff.cli", "generate", "--pipeline", "svd", "--devices", "2",
-                           "--steps", "2", "--out", str(out)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    cli_here(capsys, "generate", "--pipeline", "svd", "--devices", "2", "--steps", "2", "--out", str(out))
     with Image.open(out) as gif:
         assert gif.n_frames > 1
 
 
-def test_cli_under_torchrun_matches_its_own_launcher(tmp_path):
+def test_cli_under_torchrun_matches_its_own_launcher(tmp_path, capsys):
     common = ["--devices", "2", "--steps", "3", "--warm-up", "3", "--seed", "5"]
     done = torchrun("-m", "asyncdiff.cli", "generate", *common, "--out", str(tmp_path / "a.png"))
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1  # rank 0 only
     assert json.loads(lines[0])["devices"] == 2
-    own = subprocess.run([sys.executable, "-m", "asyncdiff.cli", "generate", *common, "--out",
-                          str(tmp_path / "b.png")], capture_output=True, text=True, timeout=300)
-    assert own.returncode == 0, own.stderr[-2000:]
+    cli_here(capsys, "generate", *common, "--out", str(tmp_path / "b.png"))
     with Image.open(tmp_path / "a.png") as a, Image.open(tmp_path / "b.png") as b:
         assert a.tobytes() == b.tobytes()
 
 
-def test_model_path_loads_saved_pipeline(tmp_path):
+def test_model_path_loads_saved_pipeline(tmp_path, capsys):
     from asyncdiff.models.sd import build_sd15
 
     build_sd15("tiny", seed=11).save_pretrained(tmp_path / "model")
-    done = subprocess.run([sys.executable, "-m", "asyncdiff.cli", "generate", "--model", str(tmp_path / "model"),
-                           "--devices", "2", "--steps", "2", "--out", str(tmp_path / "m.png")],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    record = json.loads(done.stdout.strip().splitlines()[-1])
+    record = cli_here(capsys, "generate", "--model", str(tmp_path / "model"), "--devices", "2", "--steps", "2",
+                      "--out", str(tmp_path / "m.png"))
     assert record["denoiser_calls"] == 2 and (tmp_path / "m.png").exists()
     # --model loads stage-only (Note [stage-only loading]): the FLOP plan, no rank holds the whole UNet
     whole = sum(t.numel() * t.element_size() for t in build_sd15("tiny", seed=11).unet.state_dict().values()) / 1e6

@@ -14,11 +14,11 @@ from diffusers import DiffusionPipeline
 class ToyDenoiser(torch.nn.Module):
     """A denoiser-shaped module: latent in, conditioning embedding, a skip connection."""
 
-    def __init__(self, width: int = 8) -> None:
+    def __init__(self, width: int = 8, depth: int = 4) -> None:
         super().__init__()
         self.embed = torch.nn.Linear(1, width)
         self.conv_in = torch.nn.Conv2d(4, width, 3, padding=1)
-        self.body = torch.nn.ModuleList([torch.nn.Conv2d(width, width, 3, padding=1) for _ in range(4)])
+        self.body = torch.nn.ModuleList([torch.nn.Conv2d(width, width, 3, padding=1) for _ in range(depth)])
         self.conv_out = torch.nn.Conv2d(2 * width, 4, 3, padding=1)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, return_dict: bool = True) -> Any:
@@ -181,16 +181,16 @@ def pipeline_scenarios(steps: int, stale_warm_up: int, layout: str = "contiguous
 
 
 def toy_engine(model_n: int, transfer_dtype: str | None = None, steps: int = 1, warm_up: int = 1,
-               device: str = "cpu", compile: bool = False) -> Any:
+               device: str = "cpu", compile: bool = False, depth: int = 4) -> Any:
     """Run ``steps`` steps of the toy denoiser under an engine with ``model_n`` stages on this
     process group (the latent moves against the output each step); the last output, on the CPU.
-    ``device="local"``: this rank's own device (its GPU under NCCL)."""
+    ``device="local"``: this rank's own device (its GPU under NCCL); ``depth``: its body layers."""
     from asyncdiff.engine.launch import local_device
     from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
 
     device = local_device() if device == "local" else torch.device(device)
     torch.manual_seed(0)
-    toy = ToyDenoiser().to(device)
+    toy = ToyDenoiser(depth=depth).to(device)
     config = EngineConfig(model_n=model_n, warm_up=warm_up, cost="flops", transfer_dtype=transfer_dtype,
                           compile=compile)
     engine = AsyncEngine(toy, config, latent="sample")
@@ -786,6 +786,18 @@ def two_expert_stride_2(steps: int, switch: int) -> dict[str, Any]:
             "kinds": kinds}
 
 
+def _set_context(module: torch.nn.Module, name: str | None) -> None:
+    """Name the next denoiser calls as a pipeline's ``model.cache_context(name)`` does."""
+    try:  # diffusers >= 0.41
+        from diffusers.hooks.hooks import CacheContext, _set_cache_context
+    except ImportError:  # 0.35-0.40: the registry hands the name to its stateful hooks
+        from diffusers.hooks import HookRegistry
+
+        HookRegistry.check_if_exists_or_initialize(module)._set_context(name)
+        return
+    _set_cache_context(module, None if name is None else CacheContext(name))
+
+
 class NamedGuidance(DiffusionPipeline):
     """Guidance as two named calls (diffusers' cache context: ``"uncond"``, then ``"cond"``) in
     even steps, the conditional call alone in odd steps (guidance in some steps only)."""
@@ -796,13 +808,11 @@ class NamedGuidance(DiffusionPipeline):
         self.guided_from = guided_from  # the first step with an unconditional call
 
     def _named(self, name: str, *args: Any, **kwargs: Any) -> torch.Tensor:
-        from diffusers.hooks.hooks import CacheContext, _set_cache_context
-
-        _set_cache_context(self.unet, CacheContext(name))  # what model.cache_context(name) does
+        _set_context(self.unet, name)  # what model.cache_context(name) does
         try:
             return self.unet(*args, **kwargs).sample
         finally:
-            _set_cache_context(self.unet, None)
+            _set_context(self.unet, None)
 
     @torch.no_grad()
     def __call__(self, cond: torch.Tensor, uncond: torch.Tensor, steps: int) -> torch.Tensor:
