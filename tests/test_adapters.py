@@ -41,6 +41,7 @@ def test_generic_adapter_takes_the_first_tensor_argument_as_latent():
         torch.testing.assert_close(engine(x, t, e).sample, pipe.unet(x, t, e).sample, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_a_second_denoiser_is_split_on_its_own():
     """Note [several denoisers]: Wan 2.2's low-noise expert (here ``unet_2``) gets its own engine
     and plan, starts with its own warm-up, and is exact at full warm-up; under time shift its
@@ -65,6 +66,7 @@ def test_a_second_denoiser_is_split_on_its_own():
     assert seen == {timesteps[switch], timesteps[switch + 1]}, (seen, timesteps)
 
 
+@pytest.mark.slow
 def test_stride_2_hands_over_to_the_second_expert_inside_a_round():
     """Note [several denoisers] with stride 2: the first expert's last step opens a round whose
     second step the other expert takes (it starts with its own warm-up); nothing waits for the

@@ -14,6 +14,7 @@ from asyncdiff.cli import main
 from commands import cli_here, run_cli
 
 
+@pytest.mark.slow
 def test_generate_on_two_processes_writes_image_and_json(tmp_path, capsys):
     out = tmp_path / "cat.png"
     done = run_cli("generate", "--devices", "2", "--steps", "4", "--warm-up", "1", "--seed", "3",
@@ -52,6 +53,7 @@ def test_bad_setting_fails_before_starting_processes(capsys):
     assert "svd makes a video; write .gif or .mp4" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_inspect_json_is_a_plan_for_generate(tmp_path, capsys):
     plan_file = tmp_path / "plan.json"
     assert main(["inspect", "--size", "tiny", "--stages", "2", "--cost", "flops", "--bandwidth", "none",
@@ -74,6 +76,7 @@ def test_generate_with_an_input_picture(tmp_path, capsys):
     assert main(["generate", "--image", str(tmp_path / "missing.png")]) == 2
 
 
+@pytest.mark.slow
 def test_bench_table_json_and_plot(tmp_path):
     done = run_cli("bench", "--size", "tiny", "--devices", "1,2", "--steps", "3", "--warm-up", "1",
                    "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png"))
@@ -89,6 +92,7 @@ def test_bench_table_json_and_plot(tmp_path):
     assert main(["bench", "--devices", "1,x"]) == 2
 
 
+@pytest.mark.slow
 def test_same_command_same_plan_and_same_image_in_fresh_processes(tmp_path, monkeypatch, capsys):
     """Note [plan cache]: the first run measures and keeps its plan; later runs of the same command
     read it, so they cut the same way and give bit-identical latents; --replan measures again."""
@@ -109,6 +113,7 @@ def test_same_command_same_plan_and_same_image_in_fresh_processes(tmp_path, monk
     assert records[0]["main_path_depth"] in (1, 2)  # contiguous or wrapped 2-stage plan
 
 
+@pytest.mark.slow
 def test_guidance_parallel_gives_the_sequential_picture_and_auto_lists_its_options(tmp_path, capsys):
     """Note [hybrid mesh]: the guidance halves on two processes; Note [choosing the mesh]: auto."""
     records, pictures = {}, {}
@@ -191,6 +196,7 @@ def test_more_processes_than_cores_is_said(monkeypatch):
         _warn_oversubscribed(GenerateSpec(devices=2))  # fits: nothing said
 
 
+@pytest.mark.slow
 def test_demo_puts_the_sequential_and_the_parallel_digits_side_by_side(tmp_path):
     out = tmp_path / "digits.png"
     done = run_cli("demo", "--steps", "6", "--out", str(out))

@@ -114,6 +114,7 @@ def test_failing_rank_stops_all_with_stage_and_step():
         launch_fresh(failing_stage, 2, 1, 3, timeout_s=60)
 
 
+@pytest.mark.slow
 def test_a_rank_that_loses_its_peer_reports_the_peers_error_too():
     """Note [first error]: whichever rank the launcher reports, the real failure is in the message."""
     results = launch_fresh(lost_peer, 2, timeout_s=5)
@@ -122,6 +123,7 @@ def test_a_rank_that_loses_its_peer_reports_the_peers_error_too():
     assert results[0].endswith("; the first failure was [stage 1 | step 2] RuntimeError: injected failure")
 
 
+@pytest.mark.slow
 def test_more_stages_than_blocks():
     """A toy of two blocks (conv_in, conv_out: no body) on three processes."""
     with pytest.raises(ChildFailedError, match=r"stages=3 but the traced denoiser has only 2 blocks"):
@@ -321,6 +323,7 @@ def test_named_calls_keep_their_branch_when_a_step_skips_one():
         assert 0 < ((r["stale"] - r["plain"]).norm() / r["plain"].norm()).item() < 0.5
 
 
+@pytest.mark.slow
 def test_stride_2_refuses_a_branch_that_first_comes_after_warm_up():
     """Note [late branches]: stride 1 starts such a branch with a sequential step; stride 2 cannot
     (its rounds pair steps), so every rank stops with the same clear error instead."""
@@ -330,6 +333,7 @@ def test_stride_2_refuses_a_branch_that_first_comes_after_warm_up():
     assert "stride 2 cannot start it there: use stride=1, or warm_up covering those steps" in errors[0]
 
 
+@pytest.mark.slow
 def test_a_stalled_rank_makes_its_peer_fail_within_the_deadline():
     """Issue 11: no hangs. Rank 1 stalls for 14 s without failing; rank 0 stops within its 5 s
     deadline (plus the steps' own time), naming the stage and step where it waited."""

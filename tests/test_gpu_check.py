@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks.gpu_check import main, table
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_its_reduced_form_on_cpu(tmp_path, capsys):
     results = main(["--out", str(tmp_path), "--models", "sd15,flux", "--rounds", "1",
                     "--sections", "tests,overhead,profile,compile,loading"])

@@ -103,6 +103,7 @@ def test_guidance_parallel_equals_the_sequential_pipeline():
         torch.testing.assert_close(r["exact"], results[0]["exact"], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_guidance_2_x_stages_2_is_the_2_stage_run_in_each_slice(two_stages):
     results = launch(hybrid_scenarios, 4, 2, 1, STEPS, 1, two_stages["plan"].to_json())
     assert _close(two_stages["stale"], two_stages["reference"]) > 0.1  # the stages really are stale
@@ -129,6 +130,7 @@ def test_auto_takes_guidance_where_the_pipeline_batches_it_and_stages_where_not(
     assert plain["options"] == [(1, 1, 2, 1)] and plain["degrees"] == (1, 1, 2)
 
 
+@pytest.mark.slow
 def test_guidance_parallel_without_guidance_stops_every_rank_with_the_arithmetic():
     """The first step may be a step of two calls (Note [two-call guidance]); the second step knows."""
     with pytest.raises(ChildFailedError, match=r"\[stage 0 \| step 1\] ValueError: this denoiser call's batch is 1, "
@@ -138,6 +140,7 @@ def test_guidance_parallel_without_guidance_stops_every_rank_with_the_arithmetic
 
 
 @pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.slow
 def test_every_engine_option_runs_the_same_in_each_guidance_slice(two_stages, stride):
     """Time shift, narrow transfers, refresh and stride 2 inside guidance slices: each slice is the
     stages-only run on its half of the batch (float noise apart)."""
@@ -157,6 +160,7 @@ def two_call_stages():
     return launch(two_call_hybrid, 2, 1, STEPS)[0]
 
 
+@pytest.mark.slow
 def test_two_call_guidance_on_two_slices_is_the_sequential_pipeline_bit_for_bit():
     """Note [two-call guidance]: each slice runs one of a step's two calls, the second predicted and
     checked; where the second call's arguments move every step, the check fails and it is recomputed."""
@@ -167,6 +171,7 @@ def test_two_call_guidance_on_two_slices_is_the_sequential_pipeline_bit_for_bit(
         torch.testing.assert_close(r["drifting"], r["drifting_plain"], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_two_call_guidance_x_stages_2_is_the_2_stage_run_in_each_slice(two_call_stages):
     results = launch(two_call_hybrid, 4, 2, STEPS, two_call_stages["plan"].to_json())
     assert _close(two_call_stages["stale"], two_call_stages["plain"]) > 0.1

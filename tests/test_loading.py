@@ -51,6 +51,7 @@ def test_each_rank_loads_its_stage_and_the_result_is_the_model(saved):
     assert results[0]["loaded"] + results[1]["loaded"] >= whole
 
 
+@pytest.mark.slow
 def test_a_split_that_differs_from_the_model_stops_every_rank_on_a_stage_only_load(saved):
     """Note [verify on stage-only loads]: the check streams the other stages' weights to the first
     rank; here its eager reference is made to differ, and every rank must stop with the error."""
@@ -140,6 +141,7 @@ def test_stage_only_loading_in_guidance_slices(saved):
     assert [(r["checks"], r["split_checks"]) for r in results.values()] == [(1, 1)] * 4
 
 
+@pytest.mark.slow
 def test_a_batch_that_does_not_split_exactly_stops_every_rank_on_a_stage_only_load(saved):
     """Note [batch split] on a stage-only load: the whole batch's output from the slices is checked
     against one streamed eager run on the whole batch; a denoiser whose output on the batch differs

@@ -16,6 +16,7 @@ STEPS = 4
 
 @pytest.mark.parametrize("stride", [1, 2], ids=["2-procs-stride-1", "3-procs-stride-2"])
 @pytest.mark.parametrize("name", list(BUILDERS))
+@pytest.mark.slow
 def test_system(name, stride, record_property):
     r = launch(system_scenarios, stride + 1, name, STEPS, stride)[0]
     reference = r["reference"]

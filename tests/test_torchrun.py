@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from commands import cli_here
@@ -19,6 +20,7 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
                            *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_seed_two_lines_example(tmp_path):
     out = tmp_path / "example.png"
     done = torchrun(str(ROOT / "examples" / "run_sd.py"), "--steps", "3", "--out", str(out))
@@ -28,6 +30,7 @@ def test_seed_two_lines_example(tmp_path):
         assert image.size == (64, 64)
 
 
+@pytest.mark.slow
 def test_generic_example_makes_a_video_with_stride_2(tmp_path):
     out = tmp_path / "video.mp4"
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
@@ -41,6 +44,7 @@ def test_generic_example_makes_a_video_with_stride_2(tmp_path):
     assert frames.shape[0] == 4 and frames.ndim == 4  # 4 frames of RGB
 
 
+@pytest.mark.slow
 def test_cli_video_as_gif(tmp_path, capsys):
     out = tmp_path / "svd.gif"
     cli_here(capsys, "generate", "--pipeline", "svd", "--devices", "2", "--steps", "2", "--out", str(out))
@@ -48,6 +52,7 @@ def test_cli_video_as_gif(tmp_path, capsys):
         assert gif.n_frames > 1
 
 
+@pytest.mark.slow
 def test_cli_under_torchrun_matches_its_own_launcher(tmp_path, capsys):
     common = ["--devices", "2", "--steps", "3", "--warm-up", "3", "--seed", "5"]
     done = torchrun("-m", "asyncdiff.cli", "generate", *common, "--out", str(tmp_path / "a.png"))
@@ -60,6 +65,7 @@ def test_cli_under_torchrun_matches_its_own_launcher(tmp_path, capsys):
         assert a.tobytes() == b.tobytes()
 
 
+@pytest.mark.slow
 def test_model_path_loads_saved_pipeline(tmp_path, capsys):
     from asyncdiff.models.sd import build_sd15
 

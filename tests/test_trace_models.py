@@ -52,6 +52,7 @@ def check_exact(denoiser, args, kwargs, model_n=3, latent=None):
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))
+@pytest.mark.slow
 def test_seed_denoisers_trace_and_split_exactly(name):
     pipe = BUILDERS[name]("tiny", 0)
     adapter = adapter_for(pipe)
