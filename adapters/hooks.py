@@ -40,9 +40,8 @@ class EngineHook(ModelHook):
         self.contexts = StateManager(_NoState)  # diffusers sets the running call's CacheContext here
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        # diffusers >= 0.41 sets a CacheContext, 0.35-0.40 the call's name
         context = getattr(self.contexts, "_context", None)
-        self.engine.branch_name = getattr(context, "name", None) or getattr(self.contexts, "_current_context", None)
+        self.engine.branch_name = getattr(context, "name", None)
         return self.engine(*args, **kwargs)
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:

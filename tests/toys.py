@@ -786,18 +786,6 @@ def two_expert_stride_2(steps: int, switch: int) -> dict[str, Any]:
             "kinds": kinds}
 
 
-def _set_context(module: torch.nn.Module, name: str | None) -> None:
-    """Name the next denoiser calls as a pipeline's ``model.cache_context(name)`` does."""
-    try:  # diffusers >= 0.41
-        from diffusers.hooks.hooks import CacheContext, _set_cache_context
-    except ImportError:  # 0.35-0.40: the registry hands the name to its stateful hooks
-        from diffusers.hooks import HookRegistry
-
-        HookRegistry.check_if_exists_or_initialize(module)._set_context(name)
-        return
-    _set_cache_context(module, None if name is None else CacheContext(name))
-
-
 class NamedGuidance(DiffusionPipeline):
     """Guidance as two named calls (diffusers' cache context: ``"uncond"``, then ``"cond"``) in
     even steps, the conditional call alone in odd steps (guidance in some steps only)."""
@@ -808,11 +796,13 @@ class NamedGuidance(DiffusionPipeline):
         self.guided_from = guided_from  # the first step with an unconditional call
 
     def _named(self, name: str, *args: Any, **kwargs: Any) -> torch.Tensor:
-        _set_context(self.unet, name)  # what model.cache_context(name) does
+        from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+        _set_cache_context(self.unet, CacheContext(name))  # what model.cache_context(name) does
         try:
             return self.unet(*args, **kwargs).sample
         finally:
-            _set_context(self.unet, None)
+            _set_cache_context(self.unet, None)
 
     @torch.no_grad()
     def __call__(self, cond: torch.Tensor, uncond: torch.Tensor, steps: int) -> torch.Tensor:
