@@ -77,7 +77,7 @@ class WorkerGroup:
         payload = pickle.dumps((fn, args))
         for inbox in self._inboxes:
             inbox.put(payload)
-        replies, failed = self._collect(time.monotonic() + (timeout_s or self.timeout_s))
+        replies, failed = self._collect(time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s))
         if failed is not None:
             self.close()
             raise WorkerError(*failed)

@@ -18,7 +18,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def cli_here(capsys, *args: str) -> dict:
     """``asyncdiff ARGS`` in this process (its ranks still start fresh): the JSON line it prints.
-    One end-to-end test per command runs the real executable (``run_cli``); the others save its start."""
+    Tests of the executable itself (its exit status, streams, a fresh interpreter) use ``run_cli``."""
     threads = torch.get_num_threads()  # one device runs here, on the command's thread count
     try:
         rc = main(list(args))
