@@ -219,6 +219,10 @@ class AsyncDiff:
         try:
             with _marking_steps(schedulers, self._end_step):
                 yield
+        except BaseException as err:  # Note [failures reach every rank]: the peers report the cause
+            for engine in self.engines.values():
+                engine.announce(err)
+            raise
         finally:
             for engine in self.engines.values():
                 engine.marks_steps = False  # calls outside a pipeline call are one step each

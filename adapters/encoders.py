@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.utils._pytree as pytree
 from diffusers.hooks import HookRegistry, ModelHook
 
+from asyncdiff.engine.errors import decided
 from asyncdiff.adapters.loading import _set_tensor
 from asyncdiff.kernels.pack import PackLayout, pack, unpack
 
@@ -49,14 +50,18 @@ class _Broadcast(ModelHook):
         self.owner, self.group, self.device = owner, group, device
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        mine = dist.get_rank() == self.owner
-        header: list[Any] = [None]
-        if mine:
-            output = self.fn_ref.original_forward(*args, **kwargs)
-            leaves, spec = pytree.tree_flatten(output)
-            header = [(spec, [(t.shape, t.dtype) if isinstance(t, torch.Tensor) else ("value", t) for t in leaves])]
-        dist.broadcast_object_list(header, src=self.owner, group=self.group)
-        spec, described = header[0]
+        me = dist.get_rank()
+        mine = me == self.owner
+        ran: dict[str, Any] = {}
+
+        def encode() -> tuple[Any, list[Any]]:
+            ran["output"] = self.fn_ref.original_forward(*args, **kwargs)
+            ran["leaves"], spec = pytree.tree_flatten(ran["output"])
+            return spec, [(t.shape, t.dtype) if isinstance(t, torch.Tensor) else ("value", t) for t in ran["leaves"]]
+
+        # Note [failures reach every rank]: the encoder's error, not a wait, on the other ranks
+        spec, described = decided(encode, src=self.owner, group=self.group, rank=me)
+        output, leaves = ran.get("output"), ran.get("leaves")
         where = [i for i, d in enumerate(described) if d[0] != "value"]
         layout = PackLayout.of([described[i] for i in where])
         if mine:

@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,8 @@ import torch
 from asyncdiff.partition.plan import Plan
 
 __all__ = ["Checkpoint", "StageLoad", "load_stage_only", "read_model_index", "stage_in_memory"]
+
+log = logging.getLogger(__name__)
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -101,6 +105,7 @@ def load_stage_only(path: str, *, denoiser_attr: str | None, latent: str | None,
     from accelerate import init_empty_weights
     from diffusers import DiffusionPipeline
 
+    start = time.perf_counter()
     folder, index = read_model_index(path)
     attr = denoiser_attr or next((a for a in ("transformer", "unet") if isinstance(index.get(a), list)
                                   and index[a][0] is not None), None)
@@ -141,6 +146,8 @@ def load_stage_only(path: str, *, denoiser_attr: str | None, latent: str | None,
         for name, component in pipeline.components.items():
             if name != attr and isinstance(component, torch.nn.Module):
                 component.to(device)
+    log.info("loaded stage %d of %d from %s in %.2f s (plan %s): %d weights here, %d left to the other stages",
+             stage, model_n, folder, time.perf_counter() - start, source, len(files) - len(released), len(released))
     return StageLoad(pipeline, plan, source, released, checkpoint)
 
 

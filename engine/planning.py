@@ -4,7 +4,8 @@ At the first call of a call signature every rank traces the denoiser (Note [spec
 in :mod:`asyncdiff.partition.trace`) and splits it by the plan. Decisions that depend on
 measurements (the plan from a timing profile, the check of the split against the denoiser,
 ``parallel="auto"``'s choice of slices) are taken on rank 0 only and broadcast, so every rank
-takes the same decision or raises the same error (:meth:`Planning.from_rank0`).
+takes the same decision or raises the same error (:meth:`Planning.from_rank0`, Note [failures
+reach every rank] in errors.py).
 
 Example (one process: rank 0 decides for itself)::
 
@@ -16,6 +17,7 @@ Example (one process: rank 0 decides for itself)::
 from __future__ import annotations
 
 import datetime
+import logging
 import time
 import warnings
 from collections.abc import Callable
@@ -26,6 +28,7 @@ import torch.distributed as dist
 import torch.utils._pytree as pytree
 
 from asyncdiff.engine.config import EngineConfig
+from asyncdiff.engine.errors import Failure, PeerFailed, decided
 from asyncdiff.engine.mesh import model_option, split_difference, verify_batch_split
 from asyncdiff.engine.weights import streamed
 from asyncdiff.partition.cache import cached_plan, device_kind
@@ -37,6 +40,8 @@ from asyncdiff.partition.trace import CallSignature, TracedDenoiser, call_signat
 from asyncdiff.partition.verify import ADVICE, compare_outputs, eager, mismatch_text, tensor_leaves, verify_split
 
 __all__ = ["Planning", "device_of"]
+
+log = logging.getLogger(__name__)
 
 
 class Planning:
@@ -64,36 +69,32 @@ class Planning:
         self.streamed_checks = 0  # Note [verify on stage-only loads] run so far
 
     def from_rank0(self, compute: Callable[[], Any]) -> Any:
-        """``compute()`` on rank 0, its result on every rank; a ``ValueError`` it raises is raised
-        on every rank, with the same message."""
-        result, error = None, None
-        if self.global_rank == 0:
-            try:
-                result = compute()
-            except ValueError as err:
-                error = str(err)
-        if self.decisions is not None:
-            box = [(result, error)]
-            dist.broadcast_object_list(box, src=0, group=self.decisions)
-            result, error = box[0]
-        if error is not None:
-            raise ValueError(error)
-        return result
+        """``compute()`` on rank 0, its result on every rank; whatever it raises is raised on every
+        rank (Note [failures reach every rank]: a ``ValueError`` with the same message)."""
+        return decided(compute, src=0, group=self.decisions, rank=self.global_rank)
 
     def split(self, config: EngineConfig, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[TracedDenoiser, SplitDenoiser]:
         """This call's traced denoiser and its split by the plan (made now if there is none yet),
         checked against the denoiser where every weight is here (Note [verify])."""
+        start = time.perf_counter()
         traced = trace_denoiser(self.denoiser, args, kwargs, policy=config.policy, latent=self.latent,
                                 skeleton=self.skeleton)
+        log.info("traced %s in %.2f s: %d blocks", type(self.denoiser).__name__, time.perf_counter() - start,
+                 len(traced.blocks))
         if self.plan is None:
+            start = time.perf_counter()
             text, self.plan_source = self.from_rank0(lambda: self._plan_here(config, traced, args, kwargs))
             self.plan = Plan.from_json(text)
+            log.info("plan (%s) in %.2f s: %s blocks per stage", self.plan_source, time.perf_counter() - start,
+                     " + ".join(str(len(stage)) for stage in self.plan.stages))
         # a call may skip planned blocks (skip-layer guidance): the others keep their stages
         split = split_graph(traced, self.plan.restricted_to(traced.blocks))
         if config.verify and self.complete:
+            start = time.perf_counter()
             error = self.from_rank0(lambda: verify_split(traced, split, self.denoiser, args, kwargs))
             if error is not None:
                 raise ValueError(error)
+            log.info("split checked against the denoiser in %.2f s", time.perf_counter() - start)
         return traced, split
 
     def _plan_here(self, config: EngineConfig, traced: TracedDenoiser, args: tuple[Any, ...],
@@ -163,6 +164,7 @@ class Planning:
 
         self.parallel_options = self.from_rank0(model)
         chosen = choose_parallel(self.parallel_options, config.max_slowdown)
+        log.info("parallel='auto' chose %s in %.2f s", chosen.name, time.perf_counter() - start)
         if chosen.plan is not None:
             self.plan, self.plan_source = Plan.from_json(chosen.plan), "measured now (parallel='auto')"
         self.compile_seconds += time.perf_counter() - start
@@ -219,7 +221,7 @@ class Planning:
         weights streamed by the other ``ranks`` (where ``streams``: this rank's slice takes part);
         the verdict reaches every rank of ``verdict_group`` from ``ranks[0]``: an error stops them
         all, a denoiser that cannot be streamed (a block entered twice) is a warning."""
-        start, verdict = time.perf_counter(), None
+        start, verdict, original = time.perf_counter(), None, None
         if streams:
             try:
                 with streamed(self.denoiser, self.plan, self.released, ranks, group, collective, deadline):
@@ -231,14 +233,21 @@ class Planning:
             except LookupError as err:
                 verdict = ("skipped", f"the split could not be checked against the denoiser on a stage-only load: "
                                       f"{err}")
+            except BaseException as err:  # noqa: BLE001 -- Note [failures reach every rank]
+                verdict, original = ("failed", Failure.of(err, dist.get_rank())), err
         box = [verdict]
         if verdict_group is not None:
             dist.broadcast_object_list(box, src=ranks[0] if streams else 0, group=verdict_group)
         self.compile_seconds += time.perf_counter() - start
+        if original is not None:
+            raise original
+        if box[0] is not None and box[0][0] == "failed":
+            raise PeerFailed(box[0][1])
         if box[0] is not None and box[0][0] == "error":
             raise ValueError(box[0][1])
         if box[0] is not None:
             warnings.warn(box[0][1], stacklevel=3)
+        log.info("split checked with streamed weights in %.2f s", time.perf_counter() - start)
 
 
 def device_of(tensors: list[torch.Tensor]) -> torch.device:

@@ -14,7 +14,7 @@ Each call then runs the step's program from the schedule (Note [schedule as prog
 The engine's other rooms: ``config.py`` (:class:`EngineConfig`, the device arithmetic),
 ``planning.py`` (the first call's decisions, taken on rank 0 for every rank), ``stage.py`` (one
 stage's state and executing one step's program), ``weights.py`` (release and restore),
-``errors.py`` (``[stage k | step t]`` errors, Note [first error]), ``mesh.py`` (guidance and
+``errors.py`` (``[rank r | stage k | step t]`` errors, Note [first error]), ``mesh.py`` (guidance and
 batch slices, Note [hybrid mesh]), ``schedule.py`` and ``comm.py``.
 
 Note [branches]: some pipelines call their denoiser more than once per denoising step, e.g.
@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import inspect
 import itertools
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -48,7 +49,7 @@ import torch.utils._pytree as pytree
 
 from asyncdiff.engine.comm import StageChannel
 from asyncdiff.engine.config import TRANSFER_DTYPES, EngineConfig, check_warm_up, stages_for
-from asyncdiff.engine.errors import StageError, located
+from asyncdiff.engine.errors import StageError, announce, located
 from asyncdiff.engine.mesh import ProcessMesh, TwoCalls, batch_size, exchange_outputs, gather_batch, split_batch
 from asyncdiff.engine.planning import Planning, device_of
 from asyncdiff.engine.schedule import Layout, StepKind
@@ -62,6 +63,8 @@ from asyncdiff.partition.verify import fresh as fresh_copy
 # EngineConfig, StageError, StageState and the weight helpers are re-exported: they were defined here.
 __all__ = ["TRANSFER_DTYPES", "AsyncEngine", "EngineConfig", "StageError", "StageState", "block_tensors",
            "foreign_tensors", "stages_for"]
+
+log = logging.getLogger(__name__)
 
 
 _ENGINES = itertools.count()
@@ -392,7 +395,11 @@ class AsyncEngine:
                                                             device, transfer_dtype, branch=branch),
                                 PackLayout.of([(s.shape, s.torch_dtype) for s in out_specs]), device, Layout.of(split))
         self._compiled[(signature, branch) if traced.by_values else signature] = compiled
-        self.planning.compile_seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.planning.compile_seconds += seconds
+        log.info("compiled call signature %d (branch %d) in %.2f s: %d segment(s), %d bytes sent per step",
+                 len(self._compiled), branch, seconds, len(program.segments),
+                 compiled.channel(branch).bytes_sent_per_step)
         return compiled
 
     def _release(self, modules: list[torch.nn.Module]) -> None:
@@ -417,6 +424,12 @@ class AsyncEngine:
             reload(self.denoiser, self._released, self._weights_from)
         if self.plan is not None and self.collective is not None:
             restore(self.denoiser, self.plan, self._released, self.ranks, self.collective)
+
+    def announce(self, err: BaseException) -> None:
+        """``err`` stopped this rank's pipeline call outside a step: record it as the call's first
+        failure for the peers to report (Note [failures reach every rank] in errors.py)."""
+        if self.world > 1:
+            announce(f"{self._engine}.{self._calls}", err)
 
     # -- helpers ----------------------------------------------------------------------------
     def _where(self, step: int) -> contextlib.AbstractContextManager[None]:

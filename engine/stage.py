@@ -8,6 +8,7 @@ output; :func:`drifted` is Note [adaptive refresh]'s test.
 from __future__ import annotations
 
 import datetime
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,8 @@ from asyncdiff.partition.split import SplitDenoiser, StageProgram
 from asyncdiff.partition.trace import TracedDenoiser
 
 __all__ = ["CompiledCall", "StageState", "drifted", "output_template", "run_stage", "share_output"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,6 +88,7 @@ def run_stage(compiled: CompiledCall, state: StageState, tensors: list[torch.Ten
     """
     channel, split = state.channel, compiled.split
     assert channel is not None
+    log.debug("%s step: %s", program.kind.name.lower(), program)
     segments = {seg.index: (seg, module) for seg, module in zip(compiled.program.segments, compiled.modules)}
     env: dict[str, torch.Tensor] = {}
     received: dict[str, torch.Tensor] = {}

@@ -70,8 +70,8 @@ def test_verification_names_the_first_block_that_differs(naive_trace):
 
 def test_every_rank_stops_with_the_verification_error():
     errors = launch_fresh(aliasing_engine, 2, 2, 3, 3, True)
-    assert [e.split("] ", 1)[0] for e in errors.values()] == ["StageError: [stage 0 | step 0",
-                                                              "StageError: [stage 1 | step 0"]
+    assert [e.split("] ", 1)[0] for e in errors.values()] == ["StageError: [rank 0 | stage 0 | step 0",
+                                                              "StageError: [rank 1 | stage 1 | step 0"]
     assert len({e.split("] ", 1)[1] for e in errors.values()}) == 1, errors  # the same error on every rank
     assert "ValueError: the split program does not reproduce AliasingToy" in errors[0]
 

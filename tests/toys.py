@@ -1039,3 +1039,31 @@ def value_traced_from_pretrained(path: str, steps: int) -> dict[str, Any]:
               "warnings": [str(w.message) for w in caught if "asyncdiff" in w.filename or "toys" in w.filename]}
     async_diff.remove()
     return result
+
+
+def failing_decision(kind: str) -> tuple[str, str, str, float]:
+    """Rank 0 raises ``kind`` (an exception class name of builtins) while it plans; every rank
+    catches what reaches it and stays alive (a notebook, a server). Each rank returns the
+    error's type, its message, its cause's type and how long its first call took."""
+    import builtins
+    import time
+
+    import asyncdiff.engine.planning as planning
+    from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
+
+    def broken(*_: Any, **__: Any) -> Any:
+        raise getattr(builtins, kind)("injected while planning")
+
+    working = planning.cached_plan
+    if dist.get_rank() == 0:
+        planning.cached_plan = broken  # this process only, until the end of this call
+    torch.manual_seed(0)
+    engine = AsyncEngine(ToyDenoiser(), EngineConfig(model_n=2, warm_up=1, cost="flops"), latent="sample")
+    started = time.perf_counter()
+    try:
+        toy_steps(engine, 2)
+    except BaseException as err:  # noqa: BLE001 -- KeyboardInterrupt is one of the cases
+        return type(err).__name__, str(err), type(err.__cause__).__name__, time.perf_counter() - started
+    finally:
+        planning.cached_plan = working
+    return "no error", "", "", time.perf_counter() - started

@@ -48,6 +48,7 @@ Example (under ``torchrun --nproc_per_node=2``)::
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 __all__ = ["AsyncDiff", "EngineConfig", "Plan"]
@@ -57,6 +58,12 @@ if TYPE_CHECKING:
     from asyncdiff.adapters.api import AsyncDiff
     from asyncdiff.engine.runtime import EngineConfig
     from asyncdiff.partition.plan import Plan
+
+
+if os.environ.get("ASYNCDIFF_LOG"):  # Note [log lines] in asyncdiff/logs.py
+    from asyncdiff.logs import configure
+
+    configure()
 
 
 def __getattr__(name: str) -> Any:  # lazy: `import asyncdiff` stays cheap for the CLI

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -41,16 +42,21 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="asyncdiff", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"asyncdiff {version('asyncdiff')}")
+    logs = argparse.ArgumentParser(add_help=False)  # every command takes --log-level (Note [log lines])
+    logs.add_argument("--log-level", default=None, choices=("debug", "info", "warning", "error"),
+                      help="how much the library logs on stderr (default: ASYNCDIFF_LOG, else warning)")
     commands = parser.add_subparsers(dest="command", required=True)
     defaults = argparse.ArgumentDefaultsHelpFormatter  # every option's help ends with its default
-    demo = commands.add_parser("demo", help="the trained digits model on one process and on N, side by side",
+    demo = commands.add_parser("demo", parents=[logs],
+                               help="the trained digits model on one process and on N, side by side",
                                formatter_class=defaults)
     demo.add_argument("--devices", type=_positive, default=2, help="processes of the parallel run")
     demo.add_argument("--steps", type=_positive, default=25, help="DDIM steps")
     demo.add_argument("--warm-up", type=_non_negative, default=2, help="sequential steps before stale inputs")
     demo.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     demo.add_argument("--out", default="digits.png", help="the picture: sequential grid left, parallel grid right")
-    gen = commands.add_parser("generate", help="generate an image on N processes", formatter_class=defaults)
+    gen = commands.add_parser("generate", parents=[logs], help="generate an image on N processes",
+                              formatter_class=defaults)
     systems = "built-in system: " + "; ".join(f"{name}: {s.about}" for name, s in SYSTEMS.items())
     gen.add_argument("--pipeline", default="sd15", choices=list(SYSTEMS), help=systems)
     gen.add_argument("--size", default="tiny", choices=SIZE_NAMES, help="built-in model size")
@@ -72,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_engine_options(gen, title="engine settings (the fields of EngineConfig; with --model, --cost time plans "
                         "on FLOPs and bytes makes each rank load about 1/N of the denoiser)")
 
-    ins = commands.add_parser("inspect", help="plan a split and show it, without running anything in parallel",
+    ins = commands.add_parser("inspect", parents=[logs],
+                              help="plan a split and show it, without running anything in parallel",
                               formatter_class=defaults)
     source = ins.add_mutually_exclusive_group()
     source.add_argument("--pipeline", default="sd15", choices=list(SYSTEMS), help="built-in system")
@@ -93,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", dest="json_path", default=None, help="write the report as JSON")
     ins.add_argument("--html", dest="html_path", default=None, help="write the plan as an HTML picture")
 
-    bench = commands.add_parser("bench", help="sequential reference against parallel settings: speed and deviation",
+    bench = commands.add_parser("bench", parents=[logs],
+                                help="sequential reference against parallel settings: speed and deviation",
                                 formatter_class=defaults)
     bench.add_argument("--pipeline", default="sd15", choices=list(SYSTEMS), help="built-in system")
     bench.add_argument("--size", default="bench", choices=SIZE_NAMES)
@@ -265,6 +273,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from asyncdiff.logs import configure
+
+    try:
+        configure(args.log_level)
+    except ValueError as err:
+        print(f"asyncdiff {args.command}: error: {err}", file=sys.stderr)
+        return 2
     try:
         if args.command == "demo":
             return _demo(args)
@@ -277,6 +292,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"asyncdiff {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (RuntimeError, MemoryError, KeyboardInterrupt) as err:  # Note [one line per failure] in engine/launch.py
+        logging.getLogger("asyncdiff.cli").debug("failed", exc_info=err)
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if not text.startswith("["):
+            text = f"{type(err).__name__}: {text}"
+        print(f"asyncdiff {args.command}: error: {text} (the full traceback: --log-level debug)", file=sys.stderr)
+        return 130 if isinstance(err, KeyboardInterrupt) else 1
     return 1
 
 

@@ -75,6 +75,12 @@ class GenerateSpec:
         if self.model is not None and _looks_local(self.model) and not os.path.isdir(self.model):
             raise ValueError(f"model={self.model!r} is not a folder (and not a hub id, which is 'owner/name'); "
                              f"pass a saved pipeline's folder or a hub id")
+        if self.model is not None and os.path.isdir(self.model) \
+                and not os.path.isfile(os.path.join(self.model, "model_index.json")):
+            raise ValueError(f"model={self.model!r} is a folder but not a diffusers pipeline (no model_index.json); "
+                             f"pass the folder a pipeline's save_pretrained wrote")
+        if self.plan is not None:
+            self._check_plan()
         if self.text_encoders not in ("every", "rank0"):
             raise ValueError(f"text_encoders={self.text_encoders!r} must be 'every' (each rank keeps its own) "
                              f"or 'rank0' (rank 0 keeps them and broadcasts the prompt embeddings)")
@@ -93,6 +99,22 @@ class GenerateSpec:
                                  f"use devices >= {data * (config.stride + (1 if data == 1 else 0))}")
         elif config.data > 1 or config.parallel is not None:
             raise ValueError("guidance/batch parallelism and parallel='auto' need devices >= 2")
+
+    def _check_plan(self) -> None:
+        """The plan file is a plan of this run's stage count (its block names are checked against
+        the traced denoiser at the first call, on every rank alike)."""
+        from asyncdiff.partition.plan import Plan
+
+        assert self.plan is not None
+        try:
+            with open(self.plan) as f:
+                plan = Plan.from_json(f.read())
+        except (ValueError, KeyError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+            raise ValueError(f"plan={self.plan!r} is not a plan: {err}; write one with asyncdiff inspect --json") \
+                from None
+        if self.devices > 1 and self.engine.get("parallel") != "auto" and len(plan.stages) != self.model_n:
+            raise ValueError(f"plan={self.plan!r} has {len(plan.stages)} stages but this run has {self.model_n} "
+                             f"(devices={self.devices}); plan for {self.model_n} stages or change --devices")
 
     @property
     def model_n(self) -> int:
