@@ -26,6 +26,7 @@ import copy
 import inspect
 import operator
 import re
+import traceback
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -45,7 +46,29 @@ ROOT = "denoiser"  # attribute under which the traced root holds the denoiser
 
 
 class TraceError(RuntimeError):
-    """The denoiser could not be traced at the requested block granularity."""
+    """The denoiser could not be traced at the requested block granularity; ``reason``: the cause
+    as a stable word, one of :data:`TRACE_REASONS`, told by the exception's type and the function
+    that raised it, never by its message (issue 25)."""
+
+    def __init__(self, message: str, reason: str = "untraceable") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ValueRead(TypeError):
+    """Traced code read a traced value as a Python number (``float(x)``, ``int(x)``)."""
+
+
+TRACE_REASONS = {
+    "non-tensor-argument": "The code hands an object that is not a tensor (a KV cache, a custom state) to a block, "
+                           "which a traced program cannot carry between stages",
+    "reads-a-number": "The code reads a tensor's value as a Python number, which a traced program cannot hold",
+    "branches-on-values": "The code branches on a tensor's values, which a trace cannot follow",
+    "iterates": "The code iterates over a value of unknown length",
+    "untraceable": "The tracer cannot run this code on meta tensors",
+    "unknown-constant": "The traced code made a tensor constant whose value the trace cannot know",
+    "no-meta-shape": "A block cannot run on meta tensors to infer its output shape",
+}
 
 
 @dataclass(frozen=True)
@@ -218,17 +241,17 @@ class _ShapeProxy(MetaProxy):
     def __int__(self) -> int:
         if isinstance(self.tracer, _ValueTracer):
             return self.tracer.decide(self, int, "an integer read from a tensor")
-        raise TypeError("a traced value cannot be read as a Python int")
+        raise ValueRead("a traced value cannot be read as a Python int")
 
     __index__ = __int__
 
     def __float__(self) -> float:
         # without this, float() would fall back to __index__ and truncate
-        raise TypeError("float() argument cannot be a traced value: the code reads a tensor's value as a Python "
+        raise ValueRead("float() argument cannot be a traced value: the code reads a tensor's value as a Python "
                         "float, which differs every call")
 
     def __complex__(self) -> complex:
-        raise TypeError("complex() argument cannot be a traced value")
+        raise ValueRead("complex() argument cannot be a traced value")
 
     def __iter__(self) -> Iterator[Any]:
         # a value of known length (a tensor's first dimension, a tuple of tensors) iterates as
@@ -640,19 +663,19 @@ def holder(denoiser: torch.nn.Module, constants: Mapping[str, torch.Tensor]) -> 
     return root
 
 
-def _trace_hint(err: Exception) -> str:
-    """What the tracer could not follow, from its error (issue 11: name the real cause)."""
-    text = str(err)
-    if "argument of type" in text:
-        return ("The code hands an object that is not a tensor (a KV cache, a custom state) to a block, which a "
-                "traced program cannot carry between stages")
-    if "float() argument" in text or "complex() argument" in text:
-        return "The code reads a tensor's value as a Python number, which a traced program cannot hold"
-    if "control flow" in text or "symbolically traced variables" in text:
-        return "The code branches on a tensor's values, which a trace cannot follow"
-    if "iterated" in text:
-        return "The code iterates over a value of unknown length"
-    return "The tracer cannot run this code on meta tensors"
+def _trace_reason(err: BaseException) -> str:
+    """Why tracing failed, as a key of :data:`TRACE_REASONS`: by the exception's type and the
+    torch.fx function that raised it (``create_arg``, ``to_bool``, ``iter``), not by its text."""
+    fx = {f.name for f in traceback.extract_tb(err.__traceback__) if "torch/fx/" in f.filename.replace("\\", "/")}
+    if isinstance(err, ValueRead):
+        return "reads-a-number"
+    if isinstance(err, NotImplementedError) and "create_arg" in fx:
+        return "non-tensor-argument"
+    if isinstance(err, torch.fx.proxy.TraceError) and "to_bool" in fx:
+        return "branches-on-values"
+    if isinstance(err, torch.fx.proxy.TraceError) and "iter" in fx:
+        return "iterates"
+    return "untraceable"
 
 
 def module_of(block: str) -> str:
@@ -755,7 +778,7 @@ def trace_denoiser(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: dic
             raise TraceError(f"tracing {type(denoiser).__name__}: the traced code made constant {name!r} "
                              f"({type(value).__name__}{' on meta' if isinstance(value, torch.Tensor) else ''}) "
                              "whose value the trace cannot know; make the module that builds it a block "
-                             "(policy='coarse' or a predicate)")
+                             "(policy='coarse' or a predicate)", "unknown-constant")
     _order_updates(graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     _share_device_nodes(graph, placeholders[0] if placeholders else None)
@@ -782,12 +805,12 @@ def _run_tracer(tracer: _BlockTracer, root: _Root, names: list[str], tensors: li
     except Exception as err:
         if caught:  # the first value without a shape is the cause; the error is where it was used
             raise _meta_error(denoiser, *caught[0]) from err
-        where = _innermost_module(err, skeleton)
+        where, reason = _innermost_module(err, skeleton), _trace_reason(err)
         raise TraceError(
             f"tracing {type(denoiser).__name__} at {'predicate' if policy.predicate else f'depth={policy.depth}'} "
             f"granularity failed{f' inside {where}' if where else ''}: {type(err).__name__}: {err}. "
-            f"{_trace_hint(err)}: make the module that contains it a block (policy='coarse', or a "
-            "predicate that returns True for it)"
+            f"{TRACE_REASONS[reason]}: make the module that contains it a block (policy='coarse', or a "
+            "predicate that returns True for it)", reason
         ) from err
     if caught:
         raise _meta_error(denoiser, *caught[0])
@@ -796,7 +819,8 @@ def _run_tracer(tracer: _BlockTracer, root: _Root, names: list[str], tensors: li
 
 def _meta_error(denoiser: torch.nn.Module, target: str, reason: str) -> TraceError:
     return TraceError(f"tracing {type(denoiser).__name__}: {target.removeprefix(f'{ROOT}.')!r} cannot run on meta "
-                      f"tensors to infer its output shape ({reason.strip().splitlines()[0][:200]}); {_meta_hint(reason)}")
+                      f"tensors to infer its output shape ({reason.strip().splitlines()[0][:200]}); {_meta_hint(reason)}",
+                      "no-meta-shape")
 
 
 def _meta_hint(reason: str) -> str:

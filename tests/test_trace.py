@@ -291,3 +291,18 @@ def test_a_module_called_twice_merges_into_its_block():
         got = run_split(split_graph(traced, Plan(stages=(("a", "blocks.0"), ("blocks.1", "out")))), model,
                         traced.flatten_call(args, {}))
         torch.testing.assert_close(traced.unflatten_output(list(got))[0], model(*args)[0], rtol=0, atol=0)
+
+
+
+def test_a_trace_failure_has_a_stable_reason():
+    """Issue 25: the cause is told by the exception's type (our proxies raise ``ValueRead``; fx's
+    ``create_arg``, ``to_bool`` and ``iter`` by where they raise), not by its text, and kept as
+    ``TraceError.reason``."""
+    from toys import ReadsAFloat
+
+    module = ReadsAFloat()
+    skeleton = meta_copy(module, {})  # weights on meta: the meta trace, no value trace to fall back on
+    with pytest.raises(TraceError) as caught:
+        trace_denoiser(module, (torch.randn(2, 4),), {}, latent="sample", skeleton=skeleton)
+    assert caught.value.reason == "reads-a-number", caught.value
+    assert "reads a tensor's value as a Python number" in str(caught.value)
