@@ -246,3 +246,46 @@ def test_api_settings_are_engine_config_fields():
     assert engine_config(given, model_n=2, warm_up=1) is given  # the seed API's defaults do not override it
     with pytest.raises(ValueError, match="warm_up=2 given beside config"):
         engine_config(given, warm_up=2)
+
+
+@pytest.fixture(scope="module")
+def sd15_folder(tmp_path_factory):
+    from asyncdiff.models.sd import build_sd15
+
+    folder = tmp_path_factory.mktemp("sd15-checkpoint")
+    build_sd15("tiny", 0).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_generate_a_checkpoint_with_dtype_size_and_negative_prompt(sd15_folder, tmp_path, capsys):
+    """Issue 24 item 2, first part: a saved checkpoint in bfloat16 at 48x32 with a negative prompt,
+    on one process and on two with every step a warm-up step: the same pixels."""
+    args = ("generate", "--model", str(sd15_folder), "--steps", "2", "--dtype", "bfloat16", "--height", "32",
+            "--width", "48", "--negative-prompt", "blurry", "--guidance-scale", "7")
+    one = cli_here(capsys, *args, "--devices", "1", "--out", str(tmp_path / "one.png"))
+    two = cli_here(capsys, *args, "--devices", "2", "--warm-up", "2", "--out", str(tmp_path / "two.png"))
+    assert one["dtype"] == two["dtype"] == "bfloat16"
+    with Image.open(tmp_path / "one.png") as one, Image.open(tmp_path / "two.png") as two:
+        assert one.size == (48, 32)
+        assert np.array_equal(np.asarray(one), np.asarray(two))
+    # the negative prompt reaches the pipeline: another picture than without it
+    cli_here(capsys, *args[:-4], "--guidance-scale", "7", "--devices", "1", "--out", str(tmp_path / "plain.png"))
+    with Image.open(tmp_path / "one.png") as one, Image.open(tmp_path / "plain.png") as plain:
+        assert not np.array_equal(np.asarray(one), np.asarray(plain))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--height", "30"], "height=30 must be a multiple of 8, at least 8 (the VAE's factor); e.g. --height 32"),
+    (["--dtype", "float16"], "dtype='float16' applies to weights loaded with --model; the built-in systems are "
+                             "float32: drop --dtype or pass --model"),
+])
+@pytest.mark.parametrize("devices", ["1", "2"])
+def test_bad_call_settings_are_one_line_at_any_device_count(args, message, devices, capsys):
+    assert main(["generate", "--devices", devices, *args]) == 2
+    assert capsys.readouterr().err == f"asyncdiff generate: error: {message}\n"
+
+
+def test_a_call_setting_the_pipeline_lacks_names_the_flag(capsys):
+    assert main(["generate", "--pipeline", "digits", "--devices", "1", "--steps", "1", "--negative-prompt", "x"]) == 2
+    assert "takes no negative_prompt; drop --negative-prompt" in capsys.readouterr().err

@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--pipeline", default="sd15", choices=list(SYSTEMS), help=systems)
     gen.add_argument("--size", default="tiny", choices=SIZE_NAMES, help="built-in model size")
     gen.add_argument("--model", default=None, help="local folder or hub id to load real weights from")
+    gen.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                     help="with --model: the dtype to load the weights in (default: as saved)")
     gen.add_argument("--devices", type=_positive, default=2, help="processes; 1 runs the plain pipeline")
     gen.add_argument("--steps", type=_positive, default=20, help="denoising steps")
     gen.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
@@ -169,6 +171,11 @@ def _add_call_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="the pipeline's guidance_scale (default: the pipeline's; <= 1 turns guidance off)")
     parser.add_argument("--images-per-prompt", type=_positive, default=1, help="the pipeline's num_images_per_prompt")
+    parser.add_argument("--negative-prompt", default=None, help="the pipeline's negative_prompt")
+    parser.add_argument("--height", type=_positive, default=None, help="picture height in pixels (default: the "
+                        "pipeline's)")
+    parser.add_argument("--width", type=_positive, default=None, help="picture width in pixels (default: the "
+                        "pipeline's)")
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -196,6 +203,7 @@ def _bench(args: argparse.Namespace) -> int:
     spec = GenerateSpec(pipeline=args.pipeline, size=args.size, steps=args.steps, seed=args.seed, prompt=args.prompt,
                         threads_per_device=args.threads_per_device, devices=1, out=None,
                         images_per_prompt=args.images_per_prompt, guidance_scale=args.guidance_scale,
+                        negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                         engine=_engine_settings(args))
     rows = bench(spec, devices, strides, slices)
     print(format_rows(rows))
@@ -252,6 +260,7 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed, prompt=args.prompt, out=args.out, threads_per_device=args.threads_per_device, plan=args.plan,
         image=args.image, mask=args.mask, images_per_prompt=args.images_per_prompt,
         guidance_scale=args.guidance_scale, text_encoders=args.text_encoders, engine=_engine_settings(args),
+        negative_prompt=args.negative_prompt, height=args.height, width=args.width, dtype=args.dtype,
     )
     result = run(spec)
     if int(os.environ.get("RANK", 0)) == 0:

@@ -26,6 +26,9 @@ from asyncdiff.models.builders import VIDEO_SYSTEMS as VIDEO_PIPELINES
 __all__ = ["VIDEO_PIPELINES", "GenerateSpec", "final_latents", "run", "save_output", "worker"]
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 @dataclass(frozen=True)
 class GenerateSpec:
     """One run: which pipeline, how it is called, on how many processes; ``engine``: the engine's
@@ -48,6 +51,10 @@ class GenerateSpec:
     plan: str | None = None  # a plan JSON file to use instead of planning
     images_per_prompt: int = 1  # the pipeline's num_images_per_prompt
     guidance_scale: float | None = None  # the pipeline's guidance_scale (None: its default)
+    negative_prompt: str | None = None  # the pipeline's negative_prompt
+    height: int | None = None  # the picture's size in pixels (None: the pipeline's default)
+    width: int | None = None
+    dtype: str | None = None  # the weights' dtype with --model: float32, bfloat16, float16 (None: as saved)
     text_encoders: str = "every"  # "rank0": only rank 0 keeps them (Note [encoders on one rank])
     engine: Mapping[str, Any] = field(default_factory=dict)
 
@@ -87,6 +94,17 @@ class GenerateSpec:
         for name in ("devices", "steps", "threads_per_device", "images_per_prompt"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (value < 8 or value % 8):
+                raise ValueError(f"{name}={value} must be a multiple of 8, at least 8 (the VAE's factor); "
+                                 f"e.g. --{name} {max(8, (value + 7) // 8 * 8)}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}; pass --dtype float32, "
+                             f"bfloat16 or float16")
+        if self.dtype is not None and self.model is None:
+            raise ValueError(f"dtype={self.dtype!r} applies to weights loaded with --model; the built-in systems "
+                             f"are float32: drop --dtype or pass --model")
         config = self.config  # the engine's own checks
         if self.devices > 1:
             data = config.data
@@ -149,7 +167,7 @@ def _load_pipeline(spec: GenerateSpec) -> Any:
     if spec.model is not None:
         from diffusers import DiffusionPipeline
 
-        return DiffusionPipeline.from_pretrained(spec.model)
+        return DiffusionPipeline.from_pretrained(spec.model, torch_dtype=DTYPES.get(spec.dtype))
     return system(spec.pipeline).build(spec.size, spec.seed)
 
 
@@ -176,6 +194,12 @@ def _call_kwargs(spec: GenerateSpec, pipe: Any, keep: dict[str, torch.Tensor]) -
         if "guidance_scale" not in params:
             raise ValueError(f"{type(pipe).__name__} takes no guidance_scale; drop --guidance-scale")
         kwargs["guidance_scale"] = spec.guidance_scale
+    for name, value, flag in (("negative_prompt", spec.negative_prompt, "--negative-prompt"),
+                              ("height", spec.height, "--height"), ("width", spec.width, "--width")):
+        if value is not None:
+            if name not in params:
+                raise ValueError(f"{type(pipe).__name__} takes no {name}; drop {flag}")
+            kwargs[name] = value
     if spec.images_per_prompt > 1:
         if "num_images_per_prompt" not in params:
             raise ValueError(f"{type(pipe).__name__} takes no num_images_per_prompt; drop --images-per-prompt")
@@ -294,7 +318,8 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
         if spec.model is not None:  # each rank reads only its stage's weights (Note [stage-only loading])
             planned = config if config.cost == "bytes" else dataclasses.replace(config, cost="flops")
             async_diff = AsyncDiff.from_pretrained(spec.model, config=planned, plan=plan,
-                                                   text_encoders=spec.text_encoders)
+                                                   text_encoders=spec.text_encoders,
+                                                   torch_dtype=DTYPES.get(spec.dtype))
             pipe = async_diff.pipeline
         else:
             pipe = _load_pipeline(spec)
@@ -324,6 +349,7 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
         # the loop's wall time without the one-off trace/profile/plan of the first call (plan_s)
         "denoise_s": round(timer.seconds - plan_s, 4), "plan_s": round(plan_s, 4),
         "denoiser_calls": timer.calls, "out": spec.out, **memory,
+        "dtype": str(next(denoiser.parameters()).dtype).removeprefix("torch."),  # the denoiser's weights
     }
     if async_diff is not None:
         from asyncdiff.partition.report import LINKS
