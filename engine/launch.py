@@ -11,8 +11,8 @@ the peer failure that caused it, if one did) instead of dying with a traceback; 
 process group, so its peers' waits end at once (Note [failures reach every rank]). ``launch``
 then raises one :class:`RankFailed` whose message is the root failure's line, e.g.
 ``[rank 1 | stage 1 | step 3] RuntimeError: injected failure`` (where every rank failed on a
-bad-input ``ValueError``, a ``ValueError`` with that line: the commands' exit status 2). Each rank's full traceback is
-logged at DEBUG (``ASYNCDIFF_LOG=debug``). A rank that dies without an exception (a signal)
+bad-input ``ValueError``, a ``ValueError`` with that line: the commands' exit status 2). Each
+rank's full traceback is logged at DEBUG (``ASYNCDIFF_LOG=debug``). A rank that dies without an exception (a signal)
 ends the run through torchrun's launcher, reported in one line too.
 
 Example (starts processes, so not run as a doctest)::

@@ -36,6 +36,8 @@ def _non_negative(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     from asyncdiff.models.builders import SYSTEMS
     from asyncdiff.models.common import SIZE_NAMES
+    from asyncdiff.generate import DTYPES
+    from asyncdiff.logs import LEVELS
     from asyncdiff.partition.report import LINKS
 
     from importlib.metadata import version
@@ -43,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asyncdiff", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"asyncdiff {version('asyncdiff')}")
     logs = argparse.ArgumentParser(add_help=False)  # every command takes --log-level (Note [log lines])
-    logs.add_argument("--log-level", default=None, choices=("debug", "info", "warning", "error"),
+    logs.add_argument("--log-level", default=None, choices=LEVELS,
                       help="how much the library logs on stderr (default: ASYNCDIFF_LOG, else warning)")
     commands = parser.add_subparsers(dest="command", required=True)
     defaults = argparse.ArgumentDefaultsHelpFormatter  # every option's help ends with its default
@@ -61,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--pipeline", default="sd15", choices=list(SYSTEMS), help=systems)
     gen.add_argument("--size", default="tiny", choices=SIZE_NAMES, help="built-in model size")
     gen.add_argument("--model", default=None, help="local folder or hub id to load real weights from")
-    gen.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+    gen.add_argument("--dtype", default=None, choices=list(DTYPES),
                      help="with --model: the dtype to load the weights in (default: as saved)")
     gen.add_argument("--devices", type=_positive, default=2, help="processes; 1 runs the plain pipeline")
     gen.add_argument("--steps", type=_positive, default=20, help="denoising steps")
