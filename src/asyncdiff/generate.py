@@ -87,7 +87,7 @@ class GenerateSpec:
             raise ValueError(f"model={self.model!r} is a folder but not a diffusers pipeline (no model_index.json); "
                              f"pass the folder a pipeline's save_pretrained wrote")
         if self.plan is not None:
-            self._check_plan()
+            self.read_plan()  # a bad file fails here, before any process starts
         if self.text_encoders not in ("every", "rank0"):
             raise ValueError(f"text_encoders={self.text_encoders!r} must be 'every' (each rank keeps its own) "
                              f"or 'rank0' (rank 0 keeps them and broadcasts the prompt embeddings)")
@@ -118,12 +118,14 @@ class GenerateSpec:
         elif config.data > 1 or config.parallel is not None:
             raise ValueError("guidance/batch parallelism and parallel='auto' need devices >= 2")
 
-    def _check_plan(self) -> None:
-        """The plan file is a plan of this run's stage count (its block names are checked against
-        the traced denoiser at the first call, on every rank alike)."""
+    def read_plan(self) -> Any:
+        """The ``plan`` file's :class:`~asyncdiff.partition.plan.Plan` (None without one), checked
+        to be a plan of this run's stage count (its block names are checked against the traced
+        denoiser at the first call, on every rank alike)."""
         from asyncdiff.partition.plan import Plan
 
-        assert self.plan is not None
+        if self.plan is None:
+            return None
         try:
             with open(self.plan) as f:
                 plan = Plan.from_json(f.read())
@@ -133,6 +135,7 @@ class GenerateSpec:
         if self.devices > 1 and self.engine.get("parallel") != "auto" and len(plan.stages) != self.model_n:
             raise ValueError(f"plan={self.plan!r} has {len(plan.stages)} stages but this run has {self.model_n} "
                              f"(devices={self.devices}); plan for {self.model_n} stages or change --devices")
+        return plan
 
     @property
     def model_n(self) -> int:
@@ -308,12 +311,7 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
     if spec.devices > 1:
         from asyncdiff.adapters.api import AsyncDiff
 
-        plan = None
-        if spec.plan is not None:
-            from asyncdiff.partition.plan import Plan
-
-            with open(spec.plan) as f:
-                plan = Plan.from_json(f.read())
+        plan = spec.read_plan()
         config = spec.config
         if spec.model is not None:  # each rank reads only its stage's weights (Note [stage-only loading])
             planned = config if config.cost == "bytes" else dataclasses.replace(config, cost="flops")
