@@ -66,9 +66,17 @@ from asyncdiff.kernels.pack import PackLayout, pack, unpack
 from asyncdiff.partition.split import StageProgram, Transfer
 from asyncdiff.partition.trace import TensorSpec
 
-__all__ = ["Pending", "StageChannel"]
+__all__ = ["Pending", "StageChannel", "posted"]
 
 log = logging.getLogger(__name__)
+
+_POSTED = [0]  # transfers this process has posted so far (Note [serving loop] in asyncdiff/service.py)
+
+
+def posted() -> int:
+    """How many point-to-point transfers this process has posted: a call that failed before
+    posting any left nothing in flight."""
+    return _POSTED[0]
 
 Key = tuple[int, int]  # (source segment, destination segment)
 
@@ -164,6 +172,7 @@ class StageChannel:
                 ops.append(dist.P2POp(dist.irecv, self.buffers[key, exact], src, self.group, self._tag(key)))
                 pending.recvs.append(key)
             if ops:
+                _POSTED[0] += len(ops)
                 pending.works = dist.batch_isend_irecv(ops)
         if ops and log.isEnabledFor(logging.DEBUG):
             sent = [f"send {a}>{b} ({layouts[a, b].nbytes} B) to rank(s) "

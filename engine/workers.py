@@ -12,6 +12,10 @@ raises :class:`WorkerError` naming that rank; the next call starts a fresh group
 failed call may leave messages in flight that the next call would receive. A call that outlives
 ``timeout_s`` stops the group the same way.
 
+A call can report while it runs: :func:`emit` on a rank puts an event (any picklable value) on
+the group's event queue, which the driver reads with :meth:`WorkerGroup.events` (a server's
+progress of a video job, its per-step times).
+
 Example (starts processes, so not run as a doctest)::
 
     with WorkerGroup(2) as workers:
@@ -38,9 +42,17 @@ import torch.distributed as dist
 
 from asyncdiff.engine.launch import init_from_env
 
-__all__ = ["WorkerError", "WorkerGroup"]
+__all__ = ["WorkerError", "WorkerGroup", "emit"]
 
 log = logging.getLogger(__name__)
+
+_EVENTS: Any = None  # in a worker: its group's event queue
+
+
+def emit(event: Any) -> None:
+    """Put ``event`` on the driver's event queue (nothing outside a worker group)."""
+    if _EVENTS is not None:
+        _EVENTS.put(event)
 
 
 class WorkerError(RuntimeError):
@@ -63,21 +75,26 @@ class WorkerGroup:
         self._procs: list[mp.process.BaseProcess] = []
         self._inboxes: list[Any] = []
         self._outbox: Any = None
+        self._events: Any = None
         self.starts = 0  # groups started so far
 
     @property
     def alive(self) -> bool:
         return bool(self._procs) and all(p.is_alive() for p in self._procs)
 
-    def run(self, fn: Callable[..., Any], *args: Any, timeout_s: float | None = None) -> dict[int, Any]:
+    def run(self, fn: Callable[..., Any], *args: Any, timeout_s: float | None = None,
+            failure: Callable[[Any], str | None] | None = None, grace_s: float = 2.0) -> dict[int, Any]:
         """``fn(*args)`` on every rank; ``{rank: result}``. ``fn`` must be importable by the workers;
-        ``timeout_s``: this call's deadline (default: the group's)."""
+        ``timeout_s``: this call's deadline (default: the group's). ``failure``: tells a result
+        that reports a failure (its message; None for success): once one arrives the other ranks
+        have ``grace_s`` to reply (a failure every rank met), else the group stops as for an error."""
         if not self.alive:
             self._start()
         payload = pickle.dumps((fn, args))
         for inbox in self._inboxes:
             inbox.put(payload)
-        replies, failed = self._collect(time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s))
+        replies, failed = self._collect(time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s),
+                                        failure, grace_s)
         if failed is not None:
             self.close()
             raise WorkerError(*failed)
@@ -93,10 +110,24 @@ class WorkerGroup:
             if p.is_alive():
                 p.kill()
                 p.join(5.0)
-        for q in (*self._inboxes, *([self._outbox] if self._outbox is not None else [])):
+        for q in (*self._inboxes, *[q for q in (self._outbox, self._events) if q is not None]):
             q.close()
             q.join_thread()
-        self._procs, self._inboxes, self._outbox = [], [], None
+        self._procs, self._inboxes, self._outbox, self._events = [], [], None, None
+
+    def events(self) -> list[Any]:
+        """The events the ranks emitted since the last look (:func:`emit`), in arrival order."""
+        found = []
+        while self._events is not None:
+            try:
+                found.append(self._events.get_nowait())
+            except (queue.Empty, OSError, ValueError):
+                break
+        return found
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p.pid is not None]
 
     def __enter__(self) -> WorkerGroup:
         return self
@@ -113,11 +144,11 @@ class WorkerGroup:
         self.close()
         context = mp.get_context("spawn")
         port = _free_port()
-        self._outbox = context.Queue()
+        self._outbox, self._events = context.Queue(), context.Queue()
         self._inboxes = [context.Queue() for _ in range(self.nprocs)]
         self._procs = [context.Process(target=_loop, name=f"asyncdiff-worker-{rank}", daemon=True,
                                        args=(rank, self.nprocs, port, self._inboxes[rank], self._outbox,
-                                             self.threads, self.timeout_s))
+                                             self._events, self.threads, self.timeout_s))
                        for rank in range(self.nprocs)]
         for p in self._procs:
             p.start()
@@ -128,13 +159,17 @@ class WorkerGroup:
             raise WorkerError(*failed)
         log.info("started %d workers (group %d) on port %d", self.nprocs, self.starts, port)
 
-    def _collect(self, deadline: float) -> tuple[dict[int, bytes], tuple[int, str] | None]:
+    def _collect(self, deadline: float, failure: Callable[[Any], str | None] | None = None,
+                 grace_s: float = 2.0) -> tuple[dict[int, bytes], tuple[int, str] | None]:
         """Every rank's reply, or the first failure: ``(rank, details)``."""
         replies: dict[int, bytes] = {}
         failed: tuple[int, str] | None = None
+        reported: tuple[int, str] | None = None  # the first result that reports a failure
         while len(replies) < self.nprocs and failed is None:
             left = deadline - time.monotonic()
             if left <= 0:
+                if reported is not None:
+                    return replies, reported
                 silent = sorted(set(range(self.nprocs)) - set(replies))
                 return replies, (silent[0], f"no reply from rank(s) {silent} by the call's deadline "
                                             f"(timeout_s); every rank was stopped")
@@ -148,6 +183,10 @@ class WorkerGroup:
                 continue
             if ok:
                 replies[rank] = data
+                message = failure(pickle.loads(data)) if failure is not None and reported is None else None
+                if message is not None:
+                    reported = (rank, message)
+                    deadline = min(deadline, time.monotonic() + grace_s)
             else:
                 failed = (rank, data)
         return replies, failed
@@ -159,8 +198,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _loop(rank: int, world: int, port: int, inbox: Any, outbox: Any, threads: int, timeout_s: float) -> None:
+def _loop(rank: int, world: int, port: int, inbox: Any, outbox: Any, events: Any, threads: int,
+          timeout_s: float) -> None:
     """A rank's loop: join the group, then run each submitted call and reply, until told to stop."""
+    global _EVENTS
+    _EVENTS = events
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))

@@ -276,7 +276,7 @@ def test_generate_a_checkpoint_with_dtype_size_and_negative_prompt(sd15_folder, 
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--height", "30"], "height=30 must be a multiple of 8, at least 8 (the VAE's factor); e.g. --height 32"),
+    (["--height", "30"], "height=30 must be a multiple of 8, at least 8 (the VAE's factor); e.g. height=32"),
     (["--dtype", "float16"], "dtype='float16' applies to weights loaded with --model; the built-in systems are "
                              "float32: drop --dtype or pass --model"),
 ])
@@ -288,4 +288,4 @@ def test_bad_call_settings_are_one_line_at_any_device_count(args, message, devic
 
 def test_a_call_setting_the_pipeline_lacks_names_the_flag(capsys):
     assert main(["generate", "--pipeline", "digits", "--devices", "1", "--steps", "1", "--negative-prompt", "x"]) == 2
-    assert "takes no negative_prompt; drop --negative-prompt" in capsys.readouterr().err
+    assert "takes no negative_prompt; leave negative_prompt out (--negative-prompt)" in capsys.readouterr().err

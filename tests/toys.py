@@ -259,7 +259,7 @@ def system_scenarios(name: str, steps: int, stride: int) -> dict[str, Any]:
     """For built-in system ``name`` on this process group: the plain pipeline's final latents,
     then under AsyncDiff with every step a warm-up step, with warm-up 1, and with time shift."""
     from asyncdiff import AsyncDiff
-    from asyncdiff.generate import GenerateSpec, _call_kwargs
+    from asyncdiff.generate import GenerateSpec, pipeline_call
     from asyncdiff.generate import final_latents as latents_of
     from asyncdiff.models.builders import BUILDERS
 
@@ -270,7 +270,7 @@ def system_scenarios(name: str, steps: int, stride: int) -> dict[str, Any]:
     def final_latents() -> torch.Tensor:
         keep: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            output = pipe(**_call_kwargs(spec, pipe, keep))
+            output = pipe(**pipeline_call(spec, pipe, keep))
         return latents_of(output, keep)
 
     results: dict[str, Any] = {"reference": final_latents()}
@@ -640,7 +640,7 @@ def encoder_scenarios(name: str, steps: int) -> dict[str, Any]:
     checksum of their weights after ``remove()``."""
     from asyncdiff import AsyncDiff
     from asyncdiff.adapters.encoders import text_encoders
-    from asyncdiff.generate import GenerateSpec, _call_kwargs
+    from asyncdiff.generate import GenerateSpec, pipeline_call
     from asyncdiff.generate import final_latents as latents_of
     from asyncdiff.models.builders import system
 
@@ -650,7 +650,7 @@ def encoder_scenarios(name: str, steps: int) -> dict[str, Any]:
     def run() -> torch.Tensor:
         keep: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            return latents_of(pipe(**_call_kwargs(spec, pipe, keep)), keep)
+            return latents_of(pipe(**pipeline_call(spec, pipe, keep)), keep)
 
     def held() -> int:
         return sum(t.numel() for e in text_encoders(pipe).values() for t in e.parameters())

@@ -57,27 +57,34 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--warm-up", type=_non_negative, default=2, help="sequential steps before stale inputs")
     demo.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     demo.add_argument("--out", default="digits.png", help="the picture: sequential grid left, parallel grid right")
-    gen = commands.add_parser("generate", parents=[logs], help="generate an image on N processes",
-                              formatter_class=defaults)
+    loaded = argparse.ArgumentParser(add_help=False)  # what generate and serve load and on how many processes
     systems = "built-in system: " + "; ".join(f"{name}: {s.about}" for name, s in SYSTEMS.items())
-    gen.add_argument("--pipeline", default="sd15", choices=list(SYSTEMS), help=systems)
-    gen.add_argument("--size", default="tiny", choices=SIZE_NAMES, help="built-in model size")
-    gen.add_argument("--model", default=None, help="local folder or hub id to load real weights from")
-    gen.add_argument("--dtype", default=None, choices=list(DTYPES),
-                     help="with --model: the dtype to load the weights in (default: as saved)")
-    gen.add_argument("--devices", type=_positive, default=2, help="processes; 1 runs the plain pipeline")
+    loaded.add_argument("--pipeline", default="sd15", choices=list(SYSTEMS), help=systems)
+    loaded.add_argument("--size", default="tiny", choices=SIZE_NAMES, help="built-in model size")
+    loaded.add_argument("--model", default=None, help="local folder or hub id to load real weights from")
+    loaded.add_argument("--dtype", default=None, choices=list(DTYPES),
+                        help="with --model: the dtype to load the weights in (default: as saved)")
+    loaded.add_argument("--devices", type=_positive, default=2, help="processes; 1 runs the plain pipeline")
+    loaded.add_argument("--threads-per-device", type=_positive, default=1, help="torch threads per process")
+    loaded.add_argument("--plan", default=None, help="plan JSON (from asyncdiff inspect --json) to use instead of "
+                        "planning")
+    loaded.add_argument("--text-encoders", default="every", choices=("every", "rank0"),
+                        help="rank0: only rank 0 keeps the text encoders and broadcasts the prompt embeddings")
+    loaded.add_argument("--scheduler", default=None, help="a diffusers scheduler class (e.g. EulerDiscreteScheduler), "
+                        "configured from the pipeline's own scheduler")
+    gen = commands.add_parser("generate", parents=[logs, loaded], help="generate an image on N processes",
+                              formatter_class=defaults)
     gen.add_argument("--steps", type=_positive, default=20, help="denoising steps")
     gen.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     gen.add_argument("--prompt", default="a photo of a cat", help="text prompt (pipelines that take one)")
     gen.add_argument("--out", default=None, help="image (.png) or video (.gif, .mp4) written by rank 0; "
                      "default out.png, or out.gif for video pipelines")
-    gen.add_argument("--threads-per-device", type=_positive, default=1, help="torch threads per process")
-    gen.add_argument("--plan", default=None, help="plan JSON (from asyncdiff inspect --json) to use instead of planning")
     gen.add_argument("--image", default=None, help="input picture: first frame, control picture, picture to "
                      "inpaint or upscale (default: a built-in picture)")
     gen.add_argument("--mask", default=None, help="inpainting mask picture (default: a built-in mask)")
-    gen.add_argument("--text-encoders", default="every", choices=("every", "rank0"),
-                     help="rank0: only rank 0 keeps the text encoders and broadcasts the prompt embeddings")
+    gen.add_argument("--prompts-file", default=None, help="one request per line, a prompt or a JSON object of "
+                     "request fields ({\"prompt\": \"a dog\", \"seed\": 4}); writes --out numbered (out-0000.png, ...) "
+                     "and out.manifest.json, loading and planning once")
     _add_call_options(gen)
     _add_engine_options(gen, title="engine settings (the fields of EngineConfig; with --model, --cost time plans "
                         "on FLOPs and bytes makes each rank load about 1/N of the denoiser)")
@@ -122,6 +129,39 @@ def _parser() -> argparse.ArgumentParser:
                         title="engine settings (the fields of EngineConfig)", warm_up=2)
     bench.add_argument("--json", dest="json_path", default=None, help="write the rows as JSON")
     bench.add_argument("--plot", default=None, help="write a PNG of speed-up against devices")
+    bench.add_argument("--scheduler", default=None, help="a diffusers scheduler class, configured from the "
+                       "pipeline's own scheduler")
+
+    srv = commands.add_parser("serve", parents=[logs, loaded], formatter_class=defaults,
+                              help="persistent workers behind an OpenAI-style HTTP API (pip install '.[serve]')",
+                              description="Load, trace and plan once on N processes, then answer POST "
+                              "/v1/images/generations, POST /v1/videos, GET /v1/models, /health and /metrics "
+                              "until SIGINT/SIGTERM (SIGTERM drains). Example: curl -s 127.0.0.1:8000/v1/images/"
+                              "generations -H 'Content-Type: application/json' -d '{\"prompt\": \"a cat\", "
+                              "\"size\": \"64x64\", \"seed\": 3}'")
+    srv.add_argument("--steps", type=_positive, default=20, help="denoising steps of a request that names none")
+    srv.add_argument("--host", default="127.0.0.1", help="the address to listen on (another than 127.0.0.1 "
+                     "exposes the server to the network)")
+    srv.add_argument("--port", type=_positive, default=8000)
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: "
+                     "ASYNCDIFF_API_KEY, else none)")
+    srv.add_argument("--served-model-name", default=None, help="the model id of /v1/models (default: the "
+                     "pipeline's name)")
+    srv.add_argument("--max-batch", type=_positive, default=4, help="images in one pipeline call, at most")
+    srv.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long the first request of a batch "
+                     "waits for alike ones")
+    srv.add_argument("--max-queue", type=_positive, default=64, help="waiting requests before 429")
+    srv.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request answers 504")
+    srv.add_argument("--worker-timeout", type=float, default=300.0, help="seconds a pipeline call may take "
+                     "before the workers restart")
+    srv.add_argument("--max-restarts", type=_non_negative, default=3, help="worker restarts in a row before "
+                     "the server gives up (503)")
+    srv.add_argument("--max-body-bytes", type=_positive, default=16 * 2**20)
+    srv.add_argument("--max-steps", type=_positive, default=200, help="a request's num_inference_steps, at most")
+    srv.add_argument("--max-images", type=_positive, default=8, help="a request's prompts x n, at most")
+    srv.add_argument("--max-pixels", type=_positive, default=2048 * 2048, help="a request's width x height, "
+                     "at most")
+    _add_engine_options(srv, title="engine settings (the fields of EngineConfig)")
     return parser
 
 
@@ -172,7 +212,8 @@ def _engine_settings(args: argparse.Namespace) -> dict[str, Any]:
 def _add_call_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="the pipeline's guidance_scale (default: the pipeline's; <= 1 turns guidance off)")
-    parser.add_argument("--images-per-prompt", type=_positive, default=1, help="the pipeline's num_images_per_prompt")
+    parser.add_argument("--num-images", "--images-per-prompt", dest="images_per_prompt", type=_positive, default=1,
+                        help="images per prompt, image i drawn with seed + i")
     parser.add_argument("--negative-prompt", default=None, help="the pipeline's negative_prompt")
     parser.add_argument("--height", type=_positive, default=None, help="picture height in pixels (default: the "
                         "pipeline's)")
@@ -206,7 +247,7 @@ def _bench(args: argparse.Namespace) -> int:
                         threads_per_device=args.threads_per_device, devices=1, out=None,
                         images_per_prompt=args.images_per_prompt, guidance_scale=args.guidance_scale,
                         negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                        engine=_engine_settings(args))
+                        scheduler=args.scheduler, engine=_engine_settings(args))
     rows = bench(spec, devices, strides, slices)
     print(format_rows(rows))
     if args.json_path:
@@ -263,10 +304,38 @@ def _generate(args: argparse.Namespace) -> int:
         image=args.image, mask=args.mask, images_per_prompt=args.images_per_prompt,
         guidance_scale=args.guidance_scale, text_encoders=args.text_encoders, engine=_engine_settings(args),
         negative_prompt=args.negative_prompt, height=args.height, width=args.width, dtype=args.dtype,
+        scheduler=args.scheduler, prompts_file=args.prompts_file,
     )
     result = run(spec)
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(summary(result)), flush=True)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from asyncdiff.generate import GenerateSpec
+    from asyncdiff.request import Limits
+
+    try:
+        from asyncdiff.server import ServeOptions, serve
+        import fastapi, prometheus_client, uvicorn  # noqa: E401, F401 -- the serve extra
+    except ImportError as err:
+        raise ValueError(f"serve needs the serve extra ({err.name} is missing): pip install 'asyncdiff[serve]'") \
+            from None
+    for name in ("batch_wait_ms", "request_timeout", "worker_timeout"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be a number > 0")
+    spec = GenerateSpec(pipeline=args.pipeline, size=args.size, model=args.model, devices=args.devices,
+                        steps=args.steps, threads_per_device=args.threads_per_device, plan=args.plan,
+                        text_encoders=args.text_encoders, dtype=args.dtype, scheduler=args.scheduler,
+                        engine=_engine_settings(args))
+    options = ServeOptions(host=args.host, port=args.port, api_key=args.api_key, model_name=args.served_model_name,
+                           max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
+                           request_timeout=args.request_timeout, worker_timeout=args.worker_timeout,
+                           max_restarts=args.max_restarts, max_body_bytes=args.max_body_bytes,
+                           limits=Limits(max_steps=args.max_steps, max_images=args.max_images,
+                                         max_pixels=args.max_pixels))
+    serve(spec, options)
     return 0
 
 
@@ -300,6 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _inspect(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "serve":
+            return _serve(args)
     except ValueError as err:
         print(f"asyncdiff {args.command}: error: {err}", file=sys.stderr)
         return 2

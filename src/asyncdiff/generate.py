@@ -10,10 +10,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,10 +22,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from asyncdiff.request import GenerationRequest, call_arguments
+
 from asyncdiff.models.builders import VIDEO_SYSTEMS as VIDEO_PIPELINES
 
-__all__ = ["VIDEO_PIPELINES", "GenerateSpec", "final_latents", "run", "save_output", "worker"]
+__all__ = ["VIDEO_PIPELINES", "GenerateSpec", "build", "final_latents", "pipeline_call", "run", "save_output", "worker"]
 
+
+# a built-in system's random weights and example pictures: always the same, whatever the run's
+# seed (which seeds the noise only), so that a seed names one picture in generate and serve alike
+BUILT_IN_SEED = 0
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,12 +56,14 @@ class GenerateSpec:
     image: str | None = None  # input picture (first frame, control picture, picture to inpaint or upscale)
     mask: str | None = None  # inpainting mask
     plan: str | None = None  # a plan JSON file to use instead of planning
-    images_per_prompt: int = 1  # the pipeline's num_images_per_prompt
+    images_per_prompt: int = 1  # images per prompt (image i of a prompt: seed + i; Note [one request record])
     guidance_scale: float | None = None  # the pipeline's guidance_scale (None: its default)
     negative_prompt: str | None = None  # the pipeline's negative_prompt
     height: int | None = None  # the picture's size in pixels (None: the pipeline's default)
     width: int | None = None
     dtype: str | None = None  # the weights' dtype with --model: float32, bfloat16, float16 (None: as saved)
+    scheduler: str | None = None  # a diffusers scheduler class, configured from the pipeline's own
+    prompts_file: str | None = None  # one request per line: a prompt, or a JSON object of request fields
     text_encoders: str = "every"  # "rank0": only rank 0 keeps them (Note [encoders on one rank])
     engine: Mapping[str, Any] = field(default_factory=dict)
 
@@ -65,7 +74,7 @@ class GenerateSpec:
         system(self.pipeline)  # a ValueError naming the choices
         if self.size not in SIZE_NAMES:
             raise ValueError(f"size={self.size!r} is not a built-in size; use one of {list(SIZE_NAMES)}")
-        for name in ("image", "mask", "plan"):
+        for name in ("image", "mask", "plan", "prompts_file"):
             path = getattr(self, name)
             if path is not None and not os.path.isfile(path):
                 raise ValueError(f"{name}={path!r} is not a file; pass an existing path to --{name}")
@@ -91,14 +100,12 @@ class GenerateSpec:
         if self.text_encoders not in ("every", "rank0"):
             raise ValueError(f"text_encoders={self.text_encoders!r} must be 'every' (each rank keeps its own) "
                              f"or 'rank0' (rank 0 keeps them and broadcasts the prompt embeddings)")
-        for name in ("devices", "steps", "threads_per_device", "images_per_prompt"):
+        for name in ("devices", "threads_per_device"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and (value < 8 or value % 8):
-                raise ValueError(f"{name}={value} must be a multiple of 8, at least 8 (the VAE's factor); "
-                                 f"e.g. --{name} {max(8, (value + 7) // 8 * 8)}")
+        self.requests  # the request fields' own checks (Note [one request record]), a bad prompts file's
+        if self.scheduler is not None:
+            scheduler_class(self.scheduler)
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}; pass --dtype float32, "
                              f"bfloat16 or float16")
@@ -117,6 +124,21 @@ class GenerateSpec:
                                  f"use devices >= {data * (config.stride + (1 if data == 1 else 0))}")
         elif config.data > 1 or config.parallel is not None:
             raise ValueError("guidance/batch parallelism and parallel='auto' need devices >= 2")
+
+    @property
+    def request(self) -> GenerationRequest:
+        """The call this spec's fields describe (Note [one request record])."""
+        return GenerationRequest(prompt=self.prompt, negative_prompt=self.negative_prompt, height=self.height,
+                                 width=self.width, steps=self.steps, guidance_scale=self.guidance_scale,
+                                 seed=self.seed, n=self.images_per_prompt, image=self.image, mask=self.mask)
+
+    @property
+    def requests(self) -> list[GenerationRequest]:
+        """The calls of this run: :attr:`request`, or one per line of ``prompts_file`` (a prompt,
+        or a JSON object of request fields over this spec's)."""
+        if self.prompts_file is None:
+            return [self.request]
+        return read_prompts(self.prompts_file, self.request)
 
     def read_plan(self) -> Any:
         """The ``plan`` file's :class:`~asyncdiff.partition.plan.Plan` (None without one), checked
@@ -159,6 +181,43 @@ class GenerateSpec:
         return engine_config(None, **{**self.engine, "model_n": max(1, self.model_n)})
 
 
+def read_prompts(path: str, base: GenerationRequest) -> list[GenerationRequest]:
+    """The requests of a prompts file: each non-blank line a prompt, or a JSON object of
+    :class:`GenerationRequest` fields that replace ``base``'s (``{"prompt": "a dog", "seed": 4}``)."""
+    fields = {f.name for f in dataclasses.fields(GenerationRequest)}
+    requests = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if not line.lstrip().startswith("{"):
+                requests.append(base.replace(prompt=line.strip()))
+                continue
+            try:
+                changes = json.loads(line)
+                unknown = sorted(set(changes) - fields)
+                if unknown:
+                    raise ValueError(f"unknown field(s) {unknown}; the fields are {sorted(fields)}")
+                requests.append(base.replace(**changes))
+            except ValueError as err:  # json.JSONDecodeError is a ValueError
+                raise ValueError(f"prompts_file={path!r} line {number}: {err}") from None
+    if not requests:
+        raise ValueError(f"prompts_file={path!r} has no prompt; write one prompt (or JSON object) per line")
+    return requests
+
+
+def scheduler_class(name: str) -> type:
+    """The diffusers scheduler class ``name`` (a ValueError naming the choices otherwise)."""
+    import diffusers
+
+    cls = getattr(diffusers, name, None) if name.endswith("Scheduler") else None
+    if not isinstance(cls, type) or not hasattr(cls, "from_config"):
+        names = sorted(n for n in dir(diffusers) if n.endswith("Scheduler"))
+        raise ValueError(f"scheduler={name!r} is not a diffusers scheduler; use a class name such as "
+                         f"{', '.join(n for n in names if 'Euler' in n or n.startswith('DDIM'))}")
+    return cls
+
+
 def _looks_local(model: str) -> bool:
     """A path rather than a hub id (``owner/name``): absolute, relative, or more than one slash."""
     return model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep != "/" and os.sep in model
@@ -171,42 +230,26 @@ def _load_pipeline(spec: GenerateSpec) -> Any:
         from diffusers import DiffusionPipeline
 
         return DiffusionPipeline.from_pretrained(spec.model, torch_dtype=DTYPES.get(spec.dtype))
-    return system(spec.pipeline).build(spec.size, spec.seed)
+    return system(spec.pipeline).build(spec.size, BUILT_IN_SEED)
 
 
-def _call_kwargs(spec: GenerateSpec, pipe: Any, keep: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The pipeline call: prompt, steps, seed, built-in example inputs, and a hook on the final latents."""
+def use_scheduler(pipe: Any, name: str | None) -> None:
+    """Give ``pipe`` the scheduler class ``name``, configured from its own scheduler's config."""
+    if name is not None:
+        pipe.scheduler = scheduler_class(name).from_config(pipe.scheduler.config)
+
+
+def pipeline_call(spec: GenerateSpec, pipe: Any, keep: dict[str, torch.Tensor],
+                 requests: Sequence[GenerationRequest] | None = None) -> dict[str, Any]:
+    """The pipeline call of ``requests`` (default: the spec's; Note [one request record]) over the
+    built-in system's example inputs, and a hook on the final latents."""
     import inspect
 
     from asyncdiff.models.builders import example_inputs
 
     params = inspect.signature(type(pipe).__call__).parameters
-    kwargs: dict[str, Any] = {"num_inference_steps": spec.steps, "generator": torch.Generator().manual_seed(spec.seed)}
-    if spec.model is None:
-        kwargs.update(example_inputs(spec.pipeline, spec.size, spec.seed))
-    for name, path in (("image", spec.image), ("mask_image", spec.mask)):
-        if path is not None:
-            from PIL import Image
-
-            if name not in params:
-                raise ValueError(f"{type(pipe).__name__} takes no {name}; drop --{name.removesuffix('_image')}")
-            kwargs[name] = Image.open(path).convert("RGB")
-    if "prompt" in params:
-        kwargs["prompt"] = spec.prompt
-    if spec.guidance_scale is not None:
-        if "guidance_scale" not in params:
-            raise ValueError(f"{type(pipe).__name__} takes no guidance_scale; drop --guidance-scale")
-        kwargs["guidance_scale"] = spec.guidance_scale
-    for name, value, flag in (("negative_prompt", spec.negative_prompt, "--negative-prompt"),
-                              ("height", spec.height, "--height"), ("width", spec.width, "--width")):
-        if value is not None:
-            if name not in params:
-                raise ValueError(f"{type(pipe).__name__} takes no {name}; drop {flag}")
-            kwargs[name] = value
-    if spec.images_per_prompt > 1:
-        if "num_images_per_prompt" not in params:
-            raise ValueError(f"{type(pipe).__name__} takes no num_images_per_prompt; drop --images-per-prompt")
-        kwargs["num_images_per_prompt"] = spec.images_per_prompt
+    kwargs: dict[str, Any] = {} if spec.model is not None else example_inputs(spec.pipeline, spec.size, BUILT_IN_SEED)
+    kwargs.update(call_arguments(requests or [spec.request], type(pipe)))
 
     if "callback_on_step_end" in params:
         def on_step_end(_pipe: Any, _i: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
@@ -228,7 +271,7 @@ def _call_kwargs(spec: GenerateSpec, pipe: Any, keep: dict[str, torch.Tensor]) -
 
 
 def final_latents(output: Any, keep: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The final latents of a call made with :func:`_call_kwargs`: what its callback put in
+    """The final latents of a call made with :func:`pipeline_call`: what its callback put in
     ``keep``, else the tensor output (Note [output as latents])."""
     if "latents" in keep:
         return keep["latents"]
@@ -303,10 +346,14 @@ class _StepTimer:
     def seconds(self) -> float:
         return self.last - (self.first or self.last)
 
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
 
-def worker(spec: GenerateSpec) -> dict[str, Any]:
-    """Build, (maybe) parallelize and run the pipeline on this process; rank 0 returns results."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
+
+def build(spec: GenerateSpec) -> tuple[Any, Any]:
+    """This rank's pipeline of ``spec``, loaded or built, with the engine attached where
+    ``spec.devices > 1``: ``(pipeline, AsyncDiff or None)``."""
     async_diff = None
     if spec.devices > 1:
         from asyncdiff.adapters.api import AsyncDiff
@@ -325,12 +372,24 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
         async_diff.reset_state()
     else:
         pipe = _load_pipeline(spec)
+    use_scheduler(pipe, spec.scheduler)
+    return pipe, async_diff
+
+
+def worker(spec: GenerateSpec) -> dict[str, Any]:
+    """Build, (maybe) parallelize and run the pipeline on this process; rank 0 returns results."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    pipe, async_diff = build(spec)
     pipe.set_progress_bar_config(disable=rank != 0, leave=True)  # the bar ends its line: the JSON stays alone
     denoiser = getattr(pipe, (async_diff.adapter if async_diff else _adapter(pipe)).denoiser)
+    requests = spec.requests
     timer = _StepTimer(denoiser)
     final: dict[str, torch.Tensor] = {}
+    started = time.perf_counter()
     with torch.no_grad():
-        output = pipe(**_call_kwargs(spec, pipe, final))
+        output = pipe(**pipeline_call(spec, pipe, final, requests[:1]))
+    seconds = [time.perf_counter() - started]
+    timer.close()
     engines = async_diff.engines if async_diff is not None else {}  # Note [several denoisers]
     plan_s = sum(engine.compile_seconds for engine in engines.values())
     for engine in engines.values():
@@ -381,10 +440,38 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
         if others:  # the pipeline's other denoisers, each with its own plan (Note [several denoisers])
             result["other_denoisers"] = {name: {"plan": [len(s) for s in e.plan.stages], "plan_source": e.plan_source}
                                          for name, e in others.items()}
-    if rank == 0 and spec.out:
-        save_output(output, spec.out)
     result["latents"] = final_latents(output, final).cpu()
+    outs = [spec.out] if len(requests) == 1 else [numbered(spec.out, i) if spec.out else None
+                                                    for i in range(len(requests))]
+    if rank == 0 and spec.out:
+        save_output(output, outs[0])
+    for request, out in zip(requests[1:], outs[1:]):  # a prompts file: the loaded, planned pipeline again
+        started = time.perf_counter()
+        with torch.no_grad():
+            output = pipe(**pipeline_call(spec, pipe, {}, [request]))
+        seconds.append(time.perf_counter() - started)
+        if rank == 0 and out:
+            save_output(output, out)
+        for engine in engines.values():
+            engine.drain()
+    if spec.prompts_file is not None:
+        result["manifest"] = manifest = [{"out": out, "seconds": round(s, 4), **dataclasses.asdict(r)}
+                                         for r, out, s in zip(requests, outs, seconds)]
+        if rank == 0 and spec.out:
+            with open(manifest_path(spec.out), "w") as f:
+                json.dump(manifest, f, indent=1)
     return result
+
+
+def numbered(out: str, index: int) -> str:
+    """The ``index``-th output of a prompts file: ``out.png`` -> ``out-0003.png``."""
+    stem, suffix = os.path.splitext(out)
+    return f"{stem}-{index:04d}{suffix}"
+
+
+def manifest_path(out: str) -> str:
+    """Where a prompts file's manifest goes: ``out.png`` -> ``out.manifest.json``."""
+    return os.path.splitext(out)[0] + ".manifest.json"
 
 
 def _adapter(pipe: Any) -> Any:
