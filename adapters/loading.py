@@ -120,6 +120,10 @@ def load_stage_only(path: str, *, denoiser_attr: str | None, latent: str | None,
     skeleton.eval()
     files = _checkpoint_files(folder / attr, variant)
     dtypes = _dtypes(files, torch_dtype)
+    keep = getattr(skeleton, "_keep_in_fp32_modules", None) or []
+    for name, dtype in dtypes.items():  # as diffusers' from_pretrained: these modules stay float32 (Wan's norms)
+        if torch_dtype is not None and dtype.is_floating_point and set(name.split(".")) & set(keep):
+            dtypes[name] = torch.float32
     for name, t in (*skeleton.named_parameters(), *skeleton.named_buffers()):
         if t.is_meta and name in dtypes:
             _set_tensor(skeleton, name, torch.empty_like(t, dtype=dtypes[name]))  # still meta, right dtype

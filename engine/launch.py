@@ -119,7 +119,7 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, threads: int = 1,
         results = elastic_launch(config, _worker)(fn, threads, timeout_s, args)
     except ChildFailedError as err:  # a rank died without a Python exception (a signal, os._exit)
         rank, failure = min(err.failures.items())
-        how = f"signal {failure.signal_name()}" if failure.signal > 0 else f"exit code {failure.exitcode}"
+        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
         raise RankFailed(f"[rank {rank}] exited with {how} (pid {failure.pid}) before finishing",
                          err.failures) from None
     failures = {rank: r for rank, r in results.items() if isinstance(r, Failure)}

@@ -289,3 +289,50 @@ def test_bad_call_settings_are_one_line_at_any_device_count(args, message, devic
 def test_a_call_setting_the_pipeline_lacks_names_the_flag(capsys):
     assert main(["generate", "--pipeline", "digits", "--devices", "1", "--steps", "1", "--negative-prompt", "x"]) == 2
     assert "takes no negative_prompt; leave negative_prompt out (--negative-prompt)" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def wan_folder(tmp_path_factory):
+    from asyncdiff.models.wan import build_wan
+
+    folder = tmp_path_factory.mktemp("wan-checkpoint")
+    build_wan("tiny", 0).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_a_prompts_file_loads_once_and_writes_each_picture_with_a_manifest(sd15_folder, tmp_path, capsys):
+    """Issue 24 item 2: one output per line, numbered, and a manifest; each picture is the one that
+    line gives alone (its prompt, seed, scheduler), and a line's second image is seed + 1's."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('a cat\n{"prompt": "a dog", "seed": 4, "n": 2}\n')
+    common = ("generate", "--model", str(sd15_folder), "--steps", "2", "--devices", "2", "--warm-up", "2",
+              "--scheduler", "EulerDiscreteScheduler")
+    record = cli_here(capsys, *common, "--prompts-file", str(prompts), "--out", str(tmp_path / "many.png"))
+    manifest = json.loads((tmp_path / "many.manifest.json").read_text())
+    assert [m["out"] for m in manifest] == [str(tmp_path / "many-0000.png"), str(tmp_path / "many-0001.png")]
+    assert [(m["prompt"], m["seed"], m["n"]) for m in manifest] == [("a cat", 0, 1), ("a dog", 4, 2)]
+    assert record["manifest"] == manifest
+    cli_here(capsys, *common, "--prompt", "a dog", "--seed", "4", "--out", str(tmp_path / "dog.png"))
+    with Image.open(tmp_path / "many-0001.png") as many, Image.open(tmp_path / "dog.png") as alone:
+        assert np.array_equal(np.asarray(many), np.asarray(alone))
+    # the scheduler reached the pipeline: another picture than the checkpoint's own (PNDM) scheduler
+    cli_here(capsys, *common[:-2], "--prompt", "a dog", "--seed", "4", "--out", str(tmp_path / "own.png"))
+    with Image.open(tmp_path / "own.png") as own, Image.open(tmp_path / "dog.png") as euler:
+        assert not np.array_equal(np.asarray(own), np.asarray(euler))
+
+
+@pytest.mark.slow
+def test_generate_a_dit_checkpoint_on_two_processes_as_on_one(wan_folder, tmp_path, capsys):
+    """Issue 24 item 2: a DiT-shaped checkpoint (Wan 2.1's text-to-video transformer, its guidance
+    two denoiser calls per step) saved here, loaded in bfloat16 at a size with a negative prompt:
+    two processes with every step a warm-up step give the one-process frames."""
+    import imageio.v3 as iio
+
+    args = ("generate", "--model", str(wan_folder), "--steps", "2", "--dtype", "bfloat16", "--height", "32",
+            "--width", "48", "--negative-prompt", "blurry", "--guidance-scale", "5")
+    one = cli_here(capsys, *args, "--devices", "1", "--out", str(tmp_path / "one.gif"))
+    two = cli_here(capsys, *args, "--devices", "2", "--warm-up", "2", "--out", str(tmp_path / "two.gif"))
+    assert one["dtype"] == two["dtype"] == "bfloat16" and two["stages"] == 2
+    first, second = iio.imread(tmp_path / "one.gif"), iio.imread(tmp_path / "two.gif")
+    assert first.shape[1:3] == (32, 48) and np.array_equal(first, second)

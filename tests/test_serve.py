@@ -196,3 +196,28 @@ def test_queue_full_timeout_sigkill_restart_and_sigterm_drain():
         last.join(60)
         assert replies["d"][0] == 200
         assert server.stop() == 0 and time.monotonic() - started < 60
+
+
+@pytest.mark.slow
+def test_a_video_job_reports_progress_and_gives_generate_s_video(tmp_path, capsys):
+    import imageio.v3 as iio
+
+    settings = ("--devices", "2", "--pipeline", "animatediff", "--cost", "flops")
+    cli_here(capsys, "generate", *settings, "--steps", "3", "--seed", "2", "--prompt", "a dog",
+             "--out", str(tmp_path / "generated.mp4"))
+    with Server(*settings, "--steps", "3") as server:
+        job = server.client.video("a dog", seed=2, wait=False)
+        assert job["status"] == "queued" and job["steps"] == {"done": 0, "total": 3}
+        seen = []
+        while job["status"] not in ("completed", "failed"):
+            time.sleep(0.05)
+            job = server.client.job(job["id"])
+            seen.append(job["steps"]["done"])
+        assert job["status"] == "completed" and job["progress"] == 100 and seen == sorted(seen)
+        video = server.client.content(job["id"])
+        assert video[4:8] == b"ftyp"
+        served = iio.imread(video, extension=".mp4")
+        generated = iio.imread(tmp_path / "generated.mp4")
+        assert served.shape == generated.shape and np.array_equal(served, generated)
+        with pytest.raises(Exception, match="HTTP 400: animatediff-tiny makes videos; POST /v1/videos"):
+            server.client.generate("a dog")

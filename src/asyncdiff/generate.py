@@ -406,7 +406,7 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
         # the loop's wall time without the one-off trace/profile/plan of the first call (plan_s)
         "denoise_s": round(timer.seconds - plan_s, 4), "plan_s": round(plan_s, 4),
         "denoiser_calls": timer.calls, "out": spec.out, **memory,
-        "dtype": str(next(denoiser.parameters()).dtype).removeprefix("torch."),  # the denoiser's weights
+        "dtype": str(_weights_dtype(denoiser)).removeprefix("torch."),
     }
     if async_diff is not None:
         from asyncdiff.partition.report import LINKS
@@ -472,6 +472,14 @@ def numbered(out: str, index: int) -> str:
 def manifest_path(out: str) -> str:
     """Where a prompts file's manifest goes: ``out.png`` -> ``out.manifest.json``."""
     return os.path.splitext(out)[0] + ".manifest.json"
+
+
+def _weights_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype most of ``module``'s weights have (a few modules may stay float32: Wan's norms)."""
+    count: dict[torch.dtype, int] = {}
+    for t in module.parameters():
+        count[t.dtype] = count.get(t.dtype, 0) + t.numel()
+    return max(count, key=count.get)
 
 
 def _adapter(pipe: Any) -> Any:

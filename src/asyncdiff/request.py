@@ -195,11 +195,13 @@ def call_arguments(requests: Sequence[GenerationRequest], pipeline: type) -> dic
         negatives = [r.negative_prompt for r in requests for _ in range(r.images)]
         kwargs["negative_prompt"] = negatives[0] if len(negatives) == 1 else negatives
     for field, arg in (("height", "height"), ("width", "width"), ("guidance_scale", "guidance_scale"),
-                       ("frames", "num_frames"), ("fps", "fps")):
+                       ("frames", "num_frames")):
         value = getattr(first, field)
         if value is not None:
             _takes(params, arg, name, field)
             kwargs[arg] = value
+    if first.fps is not None and "fps" in params:  # else only the video file's rate
+        kwargs["fps"] = first.fps
     for field, arg in (("image", "image"), ("mask", "mask_image")):
         value = getattr(first, field)
         if value is not None:
