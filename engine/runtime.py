@@ -33,6 +33,7 @@ step it ran.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import inspect
@@ -66,6 +67,7 @@ __all__ = ["TRANSFER_DTYPES", "AsyncEngine", "EngineConfig", "StageError", "Stag
 
 log = logging.getLogger(__name__)
 
+MAX_SIGNATURES = 16  # compiled call signatures an engine keeps (least recently used first to go)
 
 _ENGINES = itertools.count()
 
@@ -141,7 +143,9 @@ class AsyncEngine:
         self._calls = 0  # pipeline calls so far (reset_state), to key errors by (Note [first error])
         self._engine = next(_ENGINES)  # engines made in this process; every rank makes them in one order
         self._step_seconds: list[float] = []  # step times, all calls (Note [deadlines])
-        self._compiled: dict[CallSignature | tuple[CallSignature, int], CompiledCall] = {}
+        # the most recent MAX_SIGNATURES compiled calls (a server meets many sizes): least recently used goes
+        self._compiled: collections.OrderedDict[CallSignature | tuple[CallSignature, int], CompiledCall] = \
+            collections.OrderedDict()
         self._deferred_release: list[torch.nn.Module] | None = None  # Note [value trace]: until step 1
 
     # what the first calls decided (Note [plan cache], Note [choosing the mesh]), and what it cost
@@ -370,8 +374,10 @@ class AsyncEngine:
         real values holds for its own branch only (Note [value trace]: the guidance calls of a
         step may differ in value-dependent lengths), so those are kept per branch."""
         signature, _ = call_signature(self.denoiser, args, kwargs)
-        compiled = self._compiled.get(signature) or self._compiled.get((signature, branch))
+        key = signature if signature in self._compiled else (signature, branch)
+        compiled = self._compiled.get(key)
         if compiled is not None:
+            self._compiled.move_to_end(key)
             return compiled
         start = time.perf_counter()
         traced, split = self.planning.split(self.config, args, kwargs)
@@ -395,6 +401,8 @@ class AsyncEngine:
                                                             device, transfer_dtype, branch=branch),
                                 PackLayout.of([(s.shape, s.torch_dtype) for s in out_specs]), device, Layout.of(split))
         self._compiled[(signature, branch) if traced.by_values else signature] = compiled
+        while len(self._compiled) > MAX_SIGNATURES:
+            self._compiled.popitem(last=False)
         seconds = time.perf_counter() - start
         self.planning.compile_seconds += seconds
         log.info("compiled call signature %d (branch %d) in %.2f s: %d segment(s), %d bytes sent per step",

@@ -10,6 +10,7 @@ from asyncdiff.engine.launch import local_device
 from pool import launch
 from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
 from toys import (
+    two_loops_with_one_signature_kept,
     strided_engine,
     late_branch_stride_2,
     stalled_peer,
@@ -304,6 +305,15 @@ def test_a_second_denoising_loop_in_one_call_starts_with_its_own_warm_up():
         torch.testing.assert_close(r["exact"], r["plain"], rtol=1e-5, atol=1e-5)
         assert r["kinds"] == ["warm-up", "async", "async"] * 2
         assert 0 < ((r["stale"] - r["plain"]).norm() / r["plain"].norm()).item() < 0.5
+
+
+def test_compiled_signatures_are_bounded_least_recently_used_first():
+    """A server meets many sizes: an engine keeps MAX_SIGNATURES compiled calls and compiles an
+    evicted one again when it comes back (here one kept, two signatures a call, two calls)."""
+    for r in launch_fresh(two_loops_with_one_signature_kept, 2, 2).values():
+        assert r["kept"] == 1
+        for exact in r["exact"]:
+            torch.testing.assert_close(exact, r["plain"], rtol=1e-5, atol=1e-5)
 
 
 def test_named_calls_keep_their_branch_when_a_step_skips_one():

@@ -708,6 +708,25 @@ def two_loop_scenarios(steps: int) -> dict[str, Any]:
     return results
 
 
+def two_loops_with_one_signature_kept(steps: int) -> dict[str, Any]:
+    """The two-loop pipeline (two call signatures a call) with room for one compiled signature:
+    each loop compiles again when its turn comes, and the pictures stay exact."""
+    from asyncdiff import AsyncDiff
+    from asyncdiff.engine import runtime
+    from asyncdiff.models.sd import build_sd15
+
+    runtime.MAX_SIGNATURES = 1
+    sd = build_sd15("tiny", seed=0)
+    pipe = TwoLoops(sd.unet, sd.scheduler)
+    cond = torch.randn(1, 77, sd.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    plain = pipe(cond, steps)
+    async_diff = AsyncDiff(pipe, model_n=dist.get_world_size(), warm_up=steps, cost="flops")
+    exact = [pipe(cond, steps) for _ in range(2)]
+    kept = len(async_diff.engine._compiled)
+    async_diff.remove()
+    return {"plain": plain, "exact": exact, "kept": kept}
+
+
 class TwoExperts(DiffusionPipeline):
     """Wan 2.2's shape (Note [several denoisers]): ``unet`` takes the first ``switch`` steps of the
     loop, its low-noise expert ``unet_2`` the rest."""
