@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from asyncdiff.engine.launch import launch
-from asyncdiff.generate import peak_rss_bytes
+from asyncdiff.memory import peak_rss_bytes
 
 __all__ = ["main"]
 

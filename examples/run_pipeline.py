@@ -17,7 +17,7 @@ from asyncdiff.engine.runtime import stages_for
 from PIL import Image
 
 from asyncdiff import AsyncDiff
-from asyncdiff.generate import save_output
+from asyncdiff.outputs import save_output
 from asyncdiff.models.builders import SYSTEMS, system
 
 parser = argparse.ArgumentParser()

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from asyncdiff.generate import GenerateSpec, read_prompts, scheduler_class
+from asyncdiff.generate import GenerateSpec, scheduler_class
+from asyncdiff.request import read_prompts
 from asyncdiff.request import GenerationRequest, Limits, batch_key, call_arguments, decode_picture
 
 

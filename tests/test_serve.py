@@ -30,6 +30,13 @@ from commands import Server, cli_here
 
 pytest.importorskip("fastapi", reason="the serve extra: pip install -e '.[serve]'")
 
+def _png(size: tuple[int, int] = (8, 8)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 10, 10)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+PICTURE = _png()
 BATCH_NOISE = 2  # pixel levels (of 255) a batched picture may differ from the same request alone
 KEY = "test-key"
 
@@ -128,6 +135,8 @@ def test_the_openai_client_and_ours(server):
     ({"prompt": "x", "colour": "red"}, KEY, 400, "colour='red': Extra inputs are not permitted"),
     ({"prompt": "x", "n": 9}, KEY, 400, "n=9 x 1 prompt(s) = 9 images is over this server's limit of 8"),
     ({"prompt": "x", "model": "dall-e-3"}, KEY, 404, "model='dall-e-3' is not served here"),
+    ({"prompt": "x", "image": "no picture"}, KEY, 400, "image='no picture' is neither a file nor a base64 picture"),
+    ({"prompt": "x", "image": PICTURE}, KEY, 400, "StableDiffusionPipeline takes no image; leave image out"),
     ({"prompt": "x"}, None, 401, "missing or wrong API key"),
     ({"prompt": "x"}, "wrong", 401, "missing or wrong API key"),
 ])

@@ -51,13 +51,14 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["AsyncDiff", "EngineConfig", "Plan"]
+__all__ = ["AsyncDiff", "EngineConfig", "GenerationRequest", "Plan"]
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from asyncdiff.adapters.api import AsyncDiff
     from asyncdiff.engine.runtime import EngineConfig
     from asyncdiff.partition.plan import Plan
+    from asyncdiff.request import GenerationRequest
 
 
 if os.environ.get("ASYNCDIFF_LOG"):  # Note [log lines] in asyncdiff/logs.py
@@ -79,4 +80,8 @@ def __getattr__(name: str) -> Any:  # lazy: `import asyncdiff` stays cheap for t
         from asyncdiff.partition.plan import Plan
 
         return Plan
+    if name == "GenerationRequest":
+        from asyncdiff.request import GenerationRequest
+
+        return GenerationRequest
     raise AttributeError(f"module 'asyncdiff' has no attribute {name!r}")

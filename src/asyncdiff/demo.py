@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from asyncdiff.generate import GenerateSpec, _grid, run
+from asyncdiff.generate import GenerateSpec, run
+from asyncdiff.outputs import grid
 
 __all__ = ["demo"]
 
@@ -46,7 +47,7 @@ def demo(devices: int = 2, steps: int = 25, warm_up: int = 2, seed: int = 0, out
         "plan": parallel.get("plan"), "out": out,
     }
     if out:
-        left, right = _grid(a, scale=4, gap=4), _grid(b, scale=4, gap=4)
+        left, right = grid(a, scale=4, gap=4), grid(b, scale=4, gap=4)
         from PIL import Image
 
         canvas = Image.new(left.mode, (left.width + right.width + 24, left.height), 255)

@@ -18,11 +18,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from asyncdiff.request import GenerationRequest, call_arguments
+from asyncdiff.memory import memory_per_rank
+from asyncdiff.outputs import manifest_path, numbered, save_output
+from asyncdiff.request import GenerationRequest, call_arguments, read_prompts
 
 from asyncdiff.models.builders import VIDEO_SYSTEMS as VIDEO_PIPELINES
 
@@ -181,31 +182,6 @@ class GenerateSpec:
         return engine_config(None, **{**self.engine, "model_n": max(1, self.model_n)})
 
 
-def read_prompts(path: str, base: GenerationRequest) -> list[GenerationRequest]:
-    """The requests of a prompts file: each non-blank line a prompt, or a JSON object of
-    :class:`GenerationRequest` fields that replace ``base``'s (``{"prompt": "a dog", "seed": 4}``)."""
-    fields = {f.name for f in dataclasses.fields(GenerationRequest)}
-    requests = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if not line.lstrip().startswith("{"):
-                requests.append(base.replace(prompt=line.strip()))
-                continue
-            try:
-                changes = json.loads(line)
-                unknown = sorted(set(changes) - fields)
-                if unknown:
-                    raise ValueError(f"unknown field(s) {unknown}; the fields are {sorted(fields)}")
-                requests.append(base.replace(**changes))
-            except ValueError as err:  # json.JSONDecodeError is a ValueError
-                raise ValueError(f"prompts_file={path!r} line {number}: {err}") from None
-    if not requests:
-        raise ValueError(f"prompts_file={path!r} has no prompt; write one prompt (or JSON object) per line")
-    return requests
-
-
 def scheduler_class(name: str) -> type:
     """The diffusers scheduler class ``name`` (a ValueError naming the choices otherwise)."""
     import diffusers
@@ -280,49 +256,6 @@ def final_latents(output: Any, keep: dict[str, torch.Tensor]) -> torch.Tensor:
         return images
     raise RuntimeError(f"{type(output).__name__} carries no tensor and the pipeline took no step callback; "
                        "the pipeline needs callback_on_step_end, callback or output_type='pt'")
-
-
-def _grid(images: torch.Tensor, gap: int = 2, scale: int = 1) -> Any:
-    """A ``(N, C, H, W)`` batch in ``[0, 1]`` tiled into one near-square PIL image, ``gap`` white
-    pixels between tiles, each pixel ``scale`` x ``scale``."""
-    import math
-
-    from PIL import Image
-
-    images = images.repeat_interleave(scale, -1).repeat_interleave(scale, -2) if scale > 1 else images
-    count, channels, height, width = images.shape
-    columns = math.ceil(math.sqrt(count))
-    rows = math.ceil(count / columns)
-    canvas = images.new_ones(channels, rows * (height + gap) - gap, columns * (width + gap) - gap)
-    for i, image in enumerate(images):
-        row, column = divmod(i, columns)
-        top, left = row * (height + gap), column * (width + gap)
-        canvas[:, top:top + height, left:left + width] = image
-    pixels = (canvas.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
-
-
-def save_output(output: Any, path: str) -> None:
-    """Save an image, a tensor batch as one grid (Note [output as latents]), or a video as GIF
-    (``.gif``) or MP4 (``.mp4``)."""
-    frames = getattr(output, "frames", None)
-    if frames is None:
-        images = output.images
-        (_grid(images) if isinstance(images, torch.Tensor) else images[0]).save(path)
-        return
-    from diffusers.utils import export_to_gif, export_to_video
-
-    frames = frames[0]
-    if not isinstance(frames, list):  # an array of frames in [0, 1] (output_type="np", Wan's default)
-        from diffusers.image_processor import VaeImageProcessor
-
-        frames = VaeImageProcessor.numpy_to_pil(np.asarray(frames))
-    if path.endswith(".mp4"):
-        export_to_video(frames, path, fps=7)
-    elif path.endswith(".gif"):
-        export_to_gif(frames, path)
-    else:
-        raise ValueError(f"out={path!r}: a video pipeline writes .gif or .mp4; use one of those suffixes")
 
 
 class _StepTimer:
@@ -463,17 +396,6 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
     return result
 
 
-def numbered(out: str, index: int) -> str:
-    """The ``index``-th output of a prompts file: ``out.png`` -> ``out-0003.png``."""
-    stem, suffix = os.path.splitext(out)
-    return f"{stem}-{index:04d}{suffix}"
-
-
-def manifest_path(out: str) -> str:
-    """Where a prompts file's manifest goes: ``out.png`` -> ``out.manifest.json``."""
-    return os.path.splitext(out)[0] + ".manifest.json"
-
-
 def _weights_dtype(module: torch.nn.Module) -> torch.dtype:
     """The dtype most of ``module``'s weights have (a few modules may stay float32: Wan's norms)."""
     count: dict[torch.dtype, int] = {}
@@ -521,43 +443,6 @@ def _warn_oversubscribed(spec: GenerateSpec) -> None:
         warnings.warn(f"devices={spec.devices} x threads-per-device={spec.threads_per_device} = {need} threads on "
                       f"{cores} CPU cores: the processes share cores, so times are not what {spec.devices} devices "
                       f"would give", stacklevel=2)
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size: ``VmHWM`` of ``/proc/self/status`` (of this program
-    only; ``ru_maxrss`` keeps the high-water mark of the process a launcher forked from), else
-    ``ru_maxrss``."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def memory_per_rank(denoiser: torch.nn.Module, encoders: list[torch.nn.Module] = ()) -> dict[str, Any]:
-    """Per rank (a list in rank order; every rank must call this): the denoiser's weights the rank
-    holds (released stages hold none), the text encoders' (Note [encoders on one rank]), and the
-    process's peak memory: CUDA's most allocated on a GPU, else the peak resident set size (the
-    whole process: libraries and other components too)."""
-    def nbytes(module: torch.nn.Module) -> int:
-        return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-
-    held, text = nbytes(denoiser), sum(nbytes(e) for e in encoders)
-    device = next((p.device for p in denoiser.parameters()), torch.device("cpu"))
-    if device.type == "cuda":
-        peak, kind = torch.cuda.max_memory_allocated(device), "CUDA max_memory_allocated"
-    else:
-        peak, kind = peak_rss_bytes(), "peak RSS"
-    mine = (held, text, peak)
-    every = [mine]
-    if dist.is_initialized():
-        every = [None] * dist.get_world_size()
-        dist.all_gather_object(every, mine)
-    return {"denoiser_mb": [round(h / 1e6, 2) for h, _, _ in every],
-            "text_encoder_mb": [round(t / 1e6, 2) for _, t, _ in every],
-            "peak_mb": [round(p / 1e6, 1) for _, _, p in every], "peak_memory": kind}
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:

@@ -33,13 +33,15 @@ import base64
 import binascii
 import dataclasses
 import io
+import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FORMATS", "GenerationRequest", "Limits", "batch_key", "call_arguments", "decode_picture"]
+__all__ = ["ARGUMENTS", "FORMATS", "GenerationRequest", "Limits", "as_data_url", "batch_key", "call_arguments",
+           "check_arguments", "decode_picture", "read_prompts"]
 
 FORMATS = ("png", "jpeg", "webp")  # output_format: how the server encodes a picture
 
@@ -158,7 +160,7 @@ def decode_picture(text: str, field: str = "image") -> Any:
     """A PIL picture from a file path, base64 text or a ``data:`` URL."""
     from PIL import Image, UnidentifiedImageError
 
-    if os.path.isfile(text):
+    if not text.startswith("data:") and os.path.isfile(text):
         return Image.open(text).convert("RGB")
     data = text.split(",", 1)[1] if text.startswith("data:") else text
     try:
@@ -169,18 +171,69 @@ def decode_picture(text: str, field: str = "image") -> Any:
                          f"or a data: URL") from None
 
 
+def read_prompts(path: str, base: GenerationRequest) -> list[GenerationRequest]:
+    """The requests of a prompts file: each non-blank line a prompt, or a JSON object of
+    :class:`GenerationRequest` fields that replace ``base``'s (``{"prompt": "a dog", "seed": 4}``)."""
+    fields = {f.name for f in dataclasses.fields(GenerationRequest)}
+    requests = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if not line.lstrip().startswith("{"):
+                requests.append(base.replace(prompt=line.strip()))
+                continue
+            try:
+                changes = json.loads(line)
+                unknown = sorted(set(changes) - fields)
+                if unknown:
+                    raise ValueError(f"unknown field(s) {unknown}; the fields are {sorted(fields)}")
+                requests.append(base.replace(**changes))
+            except ValueError as err:  # json.JSONDecodeError is a ValueError
+                raise ValueError(f"prompts_file={path!r} line {number}: {err}") from None
+    if not requests:
+        raise ValueError(f"prompts_file={path!r} has no prompt; write one prompt (or JSON object) per line")
+    return requests
+
+
+def as_data_url(text: str, field: str = "image") -> str:
+    """``text`` (base64 or a ``data:`` URL, never a path: what a server accepts) checked to be a
+    picture, as a ``data:`` URL, which :func:`decode_picture` never reads as a file name."""
+    url = text if text.startswith("data:") else "data:image/png;base64," + text
+    decode_picture(url, field)
+    return url
+
+
+# request field -> the pipeline argument it becomes (where one is given)
+ARGUMENTS = {"negative_prompt": "negative_prompt", "height": "height", "width": "width",
+             "guidance_scale": "guidance_scale", "frames": "num_frames", "image": "image", "mask": "mask_image"}
+FLAGS = {"n": "--num-images", "frames": "--frames", "mask": "--mask"}  # the generate flag of a field, where not --field
+
+
+def check_arguments(request: GenerationRequest, params: Collection[str], pipeline: str) -> None:
+    """A ValueError naming the first field of ``request`` that the pipeline (its ``__call__``
+    taking ``params``) cannot take, e.g. a negative prompt for an unconditional pipeline."""
+    if "prompt" not in params and request.images > 1 and "batch_size" not in params:
+        _lacks(pipeline, "batch_size", "n")
+    for field, arg in ARGUMENTS.items():
+        if getattr(request, field) is not None and arg not in params:
+            _lacks(pipeline, arg, field)
+
+
 def call_arguments(requests: Sequence[GenerationRequest], pipeline: type) -> dict[str, Any]:
     """The call of ``pipeline`` (a pipeline class) for ``requests`` (alike by :func:`batch_key`,
-    or one; Note [one request record]). A field the pipeline lacks is a ValueError naming it; a
-    pipeline without ``prompt`` (unconditional) makes prompts x ``n`` images and reads no prompt."""
+    or one; Note [one request record]). A field the pipeline lacks is a ValueError naming it
+    (:func:`check_arguments`); a pipeline without ``prompt`` (unconditional) makes prompts x
+    ``n`` images and reads no prompt."""
     import inspect
 
     import torch
 
-    params, name = inspect.signature(pipeline.__call__).parameters, pipeline.__name__
+    params = inspect.signature(pipeline.__call__).parameters
     first, keys = requests[0], {batch_key(r) for r in requests}
     if len(requests) > 1 and (len(keys) != 1 or None in keys):
         raise ValueError("requests of one call must agree in size, steps, guidance and video settings (batch_key)")
+    check_arguments(first, params, pipeline.__name__)
     generators = [torch.Generator().manual_seed(r.seed + i) for r in requests for i in range(r.images)]
     kwargs: dict[str, Any] = {"num_inference_steps": first.steps,
                               "generator": generators[0] if len(generators) == 1 else generators}
@@ -188,29 +241,22 @@ def call_arguments(requests: Sequence[GenerationRequest], pipeline: type) -> dic
         prompts = [p for r in requests for p in r.prompts for _ in range(r.n)]
         kwargs["prompt"] = prompts[0] if len(prompts) == 1 else prompts
     elif len(generators) > 1:
-        _takes(params, "batch_size", name, "n")
+        if "batch_size" not in params:
+            _lacks(pipeline.__name__, "batch_size", "n")
         kwargs["batch_size"] = len(generators)
     if first.negative_prompt is not None:
-        _takes(params, "negative_prompt", name)
         negatives = [r.negative_prompt for r in requests for _ in range(r.images)]
         kwargs["negative_prompt"] = negatives[0] if len(negatives) == 1 else negatives
-    for field, arg in (("height", "height"), ("width", "width"), ("guidance_scale", "guidance_scale"),
-                       ("frames", "num_frames")):
-        value = getattr(first, field)
-        if value is not None:
-            _takes(params, arg, name, field)
-            kwargs[arg] = value
+    for field in ("height", "width", "guidance_scale", "frames"):
+        if getattr(first, field) is not None:
+            kwargs[ARGUMENTS[field]] = getattr(first, field)
     if first.fps is not None and "fps" in params:  # else only the video file's rate
         kwargs["fps"] = first.fps
-    for field, arg in (("image", "image"), ("mask", "mask_image")):
-        value = getattr(first, field)
-        if value is not None:
-            _takes(params, arg, name, field)
-            kwargs[arg] = decode_picture(value, field)
+    for field in ("image", "mask"):
+        if getattr(first, field) is not None:
+            kwargs[ARGUMENTS[field]] = decode_picture(getattr(first, field), field)
     return kwargs
 
 
-def _takes(params: Any, arg: str, pipeline: str, field: str | None = None) -> None:
-    if arg not in params:
-        field = field or arg
-        raise ValueError(f"{pipeline} takes no {arg}; leave {field} out (--{field.replace('_', '-')})")
+def _lacks(pipeline: str, arg: str, field: str) -> None:
+    raise ValueError(f"{pipeline} takes no {arg}; leave {field} out ({FLAGS.get(field, '--' + field.replace('_', '-'))})")

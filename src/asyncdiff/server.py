@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import signal
 import time
@@ -38,7 +39,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from asyncdiff.generate import GenerateSpec
-from asyncdiff.request import FORMATS, GenerationRequest, Limits
+from asyncdiff.request import FORMATS, GenerationRequest, Limits, as_data_url, check_arguments
 from asyncdiff.serving import Busy, Failed, Metrics, Unavailable, Workers
 
 __all__ = ["ServeOptions", "app", "serve"]
@@ -97,6 +98,8 @@ def _image_body() -> type:
         num_inference_steps: int | None = None
         negative_prompt: str | None = None
         guidance_scale: float | int | None = None
+        image: str | None = None  # base64 or a data: URL: img2img, inpainting, ControlNet's picture
+        mask: str | None = None
 
     class VideoBody(BaseModel):
         model_config = ConfigDict(extra="forbid", strict=True)
@@ -145,12 +148,18 @@ def _parse(raw: bytes, model: type) -> Any:
         raise HTTPError(400, f"{param}{shown}: {first['msg']}", param) from None
 
 
-def _request(body: Any, steps: int, **video: Any) -> GenerationRequest:
+def _request(body: Any, steps: int, **fields: Any) -> GenerationRequest:
+    """The request record of an HTTP body (Note [one request record]); ``fields``: more of its fields."""
     height, width = _size(body.size)
+    pictures = {"image": fields.pop("image", None) or getattr(body, "image", None), "mask": getattr(body, "mask", None)}
+    steps = steps if body.num_inference_steps is None else body.num_inference_steps
     try:
+        for name, text in pictures.items():
+            if text is not None:  # base64 only: a server reads no file its client names
+                fields[name] = as_data_url(text, name)
         return GenerationRequest(prompt=getattr(body, "prompt", None), negative_prompt=body.negative_prompt,
-                                 height=height, width=width, steps=steps if body.num_inference_steps is None else body.num_inference_steps,
-                                 guidance_scale=body.guidance_scale, seed=body.seed, **video)
+                                 height=height, width=width, steps=steps, guidance_scale=body.guidance_scale,
+                                 seed=body.seed, **fields)
     except ValueError as err:
         raise _bad_field(err) from None
 
@@ -161,7 +170,8 @@ _FIELDS = {"steps": "num_inference_steps", "frames": "num_frames", "height": "si
 def _bad_field(err: ValueError) -> HTTPError:
     """A request record's error (Note [one request record]) in the body's field names."""
     message = str(err)
-    field = message.split("=")[0].split(":")[0]
+    named = re.match(r"(\w+)[=:]", message)
+    field = named.group(1) if named else None
     if field in ("steps", "frames"):
         message = message.replace(f"{field}=", f"{_FIELDS[field]}=")
     return HTTPError(400, message, _FIELDS.get(field, field))
@@ -200,19 +210,24 @@ class _Server:
             raise HTTPError(404, f"model={model!r} is not served here; this server serves {self.model!r} "
                                  f"(GET /v1/models)", "model")
 
-    async def generate(self, request: GenerationRequest, job: str | None = None) -> tuple[list[bytes], str]:
+    def submit(self, request: GenerationRequest, job: str | None = None) -> Any:
+        """Check ``request`` against the limits and queue it: its :class:`~asyncdiff.serving.Ticket`."""
         try:
             self.options.limits.check(request)
+            if "params" in self.workers.info:  # what the loaded pipeline takes (known once the workers are up)
+                check_arguments(request, self.workers.info["params"], self.workers.info["pipeline"])
         except ValueError as err:
             raise _bad_field(err) from None
         try:
-            ticket = self.workers.submit(request, job)
+            return self.workers.submit(request, job)
         except Busy as err:
             raise HTTPError(429, str(err), headers={"Retry-After": "1"}) from None
         except Unavailable as err:
             raise HTTPError(503, str(err)) from None
-        if job is not None:
-            return ticket  # type: ignore[return-value]
+
+    async def generate(self, request: GenerationRequest) -> tuple[list[bytes], str]:
+        """The files of ``request`` (per image) and their media type, or the HTTP error."""
+        ticket = self.submit(request)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(ticket.future), self.options.request_timeout)
         except asyncio.TimeoutError:
@@ -315,7 +330,7 @@ def app(spec: GenerateSpec, options: ServeOptions | None = None) -> Any:
                                             "created_at": int(time.time()), "done": 0, "total": request_.steps}
         while len(state.workers.jobs) > options.kept_files:
             state.workers.jobs.pop(next(iter(state.workers.jobs)))
-        ticket = await state.generate(request_, job)
+        ticket = state.submit(request_, job)
 
         def finished(future: Any) -> None:
             err = future.exception()

@@ -67,8 +67,7 @@ def load(spec: GenerateSpec) -> dict[str, Any]:
     _LOADED.update(spec=spec, pipe=pipe, async_diff=async_diff)
     params = inspect.signature(type(pipe).__call__).parameters
     log.info("loaded %s in %.1f s", type(pipe).__name__, time.perf_counter() - started)
-    return {"pipeline": type(pipe).__name__, "video": _is_video(spec, pipe),
-            "takes_prompt": "prompt" in params, "takes_image": "image" in params}
+    return {"pipeline": type(pipe).__name__, "video": _is_video(spec, pipe), "params": sorted(params)}
 
 
 def generate(requests: Sequence[GenerationRequest], job: str | None = None) -> Reply:

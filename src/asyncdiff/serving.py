@@ -224,7 +224,7 @@ class Workers:
         self.metrics.batch.observe(sum(r.images for r in requests))
         try:
             replies = self._group.run(service.generate, requests, job, timeout_s=self.worker_timeout,
-                                      failure=lambda reply: reply.error)
+                                      failure=_error_of)
         except WorkerError as err:
             line = str(err).splitlines()[0]
             log.error("the workers failed under a batch of %d request(s): %s; restarting them", len(batch), line)
@@ -233,6 +233,12 @@ class Workers:
             self.reason = line
             for ticket in batch:
                 _fail(ticket, Unavailable(f"{line}; the workers restart"))
+            return
+        except Exception as err:  # noqa: BLE001 -- the driver's own failure (say, a request it cannot send)
+            log.exception("a batch of %d request(s) failed in the driver", len(batch))
+            self._group.close()
+            for ticket in batch:
+                _fail(ticket, Failed(f"{type(err).__name__}: {err}"))
             return
         errors = {rank: reply for rank, reply in replies.items() if reply.error}
         if errors:
@@ -261,6 +267,10 @@ class Workers:
                     if job in self.jobs:
                         self.jobs[job].update(done=done, total=total)
             time.sleep(0.05)
+
+
+def _error_of(reply: Any) -> str | None:
+    return reply.error  # a service.Reply (module-level: the group's early stop reads it)
 
 
 def _fail(ticket: Ticket, err: Exception) -> None:
