@@ -3,6 +3,7 @@
     python -m benchmarks.fidelity_sweep [--steps 50] [--seeds 4] [--json results/fidelity.json] [--plot results/fidelity.png]
     python -m benchmarks.fidelity_sweep --sweep transfer [--json results/fidelity-transfer.json]
     python -m benchmarks.fidelity_sweep --sweep plans [--model digits-dit] [--json results/fidelity-plans.json]
+    python -m benchmarks.fidelity_sweep --sweep compensation --devices 2,3 --steps 25 [--model digits-dit]
 
 The shipped trained digits model (``asyncdiff.models.digits``, a DDIM pipeline) generates the same
 batches (fixed seeds) sequentially and under every setting: devices N in {2, 3, 4}, stride {1, 2},
@@ -46,6 +47,7 @@ class Setting:
     transfer_dtype: str | None = None
     plan: str = "flops"  # flops (the sweeps above), or in the plans sweep: default, fastest, contiguous, wrapped, mid
     plan_json: str | None = None  # the plans sweep: the plan itself, made once in the main process
+    compensate: str = "none"  # Note [compensation]
 
 
 def _after_mid_block(blocks: tuple[str, ...]) -> int:
@@ -95,6 +97,7 @@ def sweep_worker(settings: list[Setting], steps: int, seeds: int,
         async_diff = AsyncDiff(pipe, model_n=model_n, stride=setting.stride, warm_up=setting.warm_up,
                                time_shift=setting.time_shift, refresh_every=setting.refresh_every,
                                refresh_drift=setting.refresh_drift, transfer_dtype=setting.transfer_dtype,
+                               compensate=setting.compensate,
                                **_plan_options(setting, pipe, model_n))
         _generate(pipe, 2, 1, model=model)  # plan once, outside the timing
         refreshes = 0
@@ -183,7 +186,7 @@ def _depth(async_diff: Any) -> int:
 
 
 def main() -> None:
-    from asyncdiff.fidelity import deviation, digit_metrics
+    from asyncdiff.fidelity import classify, deviation, digit_metrics
     from asyncdiff.models.builders import system
 
     parser = argparse.ArgumentParser()
@@ -192,8 +195,9 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     parser.add_argument("--devices", default="2,3,4", help="comma-separated device counts to sweep")
-    parser.add_argument("--sweep", default="all", choices=("all", "transfer", "plans"),
-                        help="all: devices x stride x warm-up x time shift, and refresh; transfer: wire dtypes")
+    parser.add_argument("--sweep", default="all", choices=("all", "transfer", "plans", "compensation"),
+                        help="all: devices x stride x warm-up x time shift, and refresh; transfer: wire dtypes; "
+                             "compensation: devices x warm-up 1, 2 x compensate none, linear, auto")
     parser.add_argument("--model", default="digits", choices=sorted(MIDDLE),
                         help="the trained model: the digits UNet or the digits DiT")
     args = parser.parse_args()
@@ -217,6 +221,8 @@ def main() -> None:
         plans[2] += [Setting(1, 1, False, None, d) for d in (0.02, 0.05, 0.1)]
     if args.sweep == "transfer":
         plans = {2: [Setting(1, 1, transfer_dtype=wire) for wire in (None, "bfloat16", "float16", "float8")]}
+    if args.sweep == "compensation":
+        plans = {n: [Setting(1, w, compensate=c) for w in (1, 2) for c in ("none", "linear", "auto")] for n in devices}
     predicted: dict[tuple[int, int, str], float] = {}
     layouts: dict[tuple[int, str], str] = {}
     if args.sweep == "plans":
@@ -231,7 +237,8 @@ def main() -> None:
             rows.append({"devices": n, **asdict(setting), "refreshes": refreshes, "seconds": seconds, "depth": depth,
                          "predicted_drift": predicted.get((n, setting.warm_up, setting.plan)),
                          "layout": layouts.get((n, setting.plan), "contiguous"),
-                         **digit_metrics(images), **deviation(images, reference)})
+                         **digit_metrics(images), **deviation(images, reference),
+                         "same_digit": float((classify(images)[0] == classify(reference)[0]).float().mean())})
             row = rows[-1]
             print(f"N={n} {setting} depth {depth}: confidence {row['confidence']:.3f} classes {row['classes']} "
                   f"frechet {row['frechet']:.2f} psnr {row['psnr']:.1f} dB max_abs {row['max_abs']:.3f} "
@@ -244,15 +251,16 @@ def main() -> None:
             print(f"| {r['devices']} | {r['warm_up']} | {r['plan']} | {r['layout']} | {r['depth']} | "
                   f"{r['predicted_drift']:.4f} | {r['confidence']:.3f} | {r['frechet']:.2f} | {r['psnr']:.1f} | "
                   f"{r['max_abs']:.3f} | {r['seconds']:.2f} |")
-    print("\n| devices | stride | warm-up | time shift | refresh | transfer | confidence | classes | Fréchet | PSNR dB "
-          "| max abs | seconds |")
-    print("|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| devices | stride | warm-up | time shift | refresh | transfer | compensate | confidence | classes | "
+          "Fréchet | PSNR dB | same digit | max abs | seconds |")
+    print("|---:|---:|---:|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         refresh = f"every {r['refresh_every']}" if r["refresh_every"] else \
             f"drift {r['refresh_drift']} ({r['refreshes']:.1f} steps)" if r["refresh_drift"] is not None else "-"
         print(f"| {r['devices']} | {r['stride']} | {r['warm_up']} | {'on' if r['time_shift'] else 'off'} | "
-              f"{refresh} | {r['transfer_dtype'] or 'float32'} | {r['confidence']:.3f} | {r['classes']} | {r['frechet']:.2f} | "
-              f"{r['psnr']:.1f} | {r['max_abs']:.3f} | {r['seconds']:.2f} |")
+              f"{refresh} | {r['transfer_dtype'] or 'float32'} | {r.get('compensate', 'none')} | "
+              f"{r['confidence']:.3f} | {r['classes']} | {r['frechet']:.2f} | {r['psnr']:.1f} | "
+              f"{r.get('same_digit', 1.0):.3f} | {r['max_abs']:.3f} | {r['seconds']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1, default=str)

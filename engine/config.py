@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from asyncdiff.engine.compensation import COMPENSATE
 from asyncdiff.engine.schedule import Schedule
 from asyncdiff.kernels.pack import FP8
 from asyncdiff.partition.auto import COSTS
@@ -80,6 +81,9 @@ class EngineConfig:
                                        type="positive", metavar="K")
     refresh_drift: float | None = option(None, "run a step sequentially when the boundary values moved by more "
                                                "than this (relative) over the last step (stride 1)", type=float)
+    compensate: str = option("none", "linear: extrapolate each stale input from the last two received, scaled by "
+                                     "the timestep spacing; auto: per value, where it has predicted better so far "
+                                     "(stride 1; Note [compensation])", choices=COMPENSATE)
     compile: bool = option(False, "run each rank's stage programs under torch.compile")
     max_slowdown: float = option(MAX_SLOWDOWN, "take the least stale plan within this fraction of the fastest "
                                                "modelled step (0: the fastest; Note [staleness])", type=float)
@@ -116,6 +120,12 @@ class EngineConfig:
         if self.refresh_drift is not None and (self.refresh_drift < 0 or self.stride != 1):
             raise ValueError(f"refresh_drift={self.refresh_drift!r} must be >= 0, with stride=1 "
                              f"(stride={self.stride}); or None: never")
+        if self.compensate not in COMPENSATE:
+            raise ValueError(f"compensate={self.compensate!r} must be one of {', '.join(COMPENSATE)}")
+        if self.compensate != "none" and (self.stride != 1 or self.time_shift):
+            raise ValueError(f"compensate={self.compensate!r} extrapolates stale inputs one step old: it needs "
+                             f"stride=1 without time_shift (stride={self.stride}, time_shift={self.time_shift}); "
+                             f"use compensate='none' there")
         if not isinstance(self.max_slowdown, (int, float)) or not self.max_slowdown >= 0:
             raise ValueError(f"max_slowdown={self.max_slowdown!r} must be a number >= 0 (0: the fastest plan)")
         for flag in ("compile", "replan", "verify"):

@@ -49,6 +49,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from asyncdiff.engine.comm import StageChannel
+from asyncdiff.engine.compensation import spacing_ratio
 from asyncdiff.engine.config import TRANSFER_DTYPES, EngineConfig, check_warm_up, stages_for
 from asyncdiff.engine.errors import StageError, announce, located
 from asyncdiff.engine.mesh import ProcessMesh, TwoCalls, batch_size, exchange_outputs, gather_batch, split_batch
@@ -281,6 +282,9 @@ class AsyncEngine:
                                                                  self.config.refresh_drift, self.collective):
                 kind = StepKind.REFRESH
             program = self.schedule.program(step, self.rank, compiled.layout, kind)  # Note [schedule as program]
+            if self.config.compensate != "none":  # Note [compensation]
+                state.stale = state.extrapolation.step(state.stale, self.config.compensate, self._spacing(step),
+                                                       kind == StepKind.ASYNC)
             if program.timestep != step:
                 args, kwargs = self._with_timestep(args, kwargs, program.timestep)
             check = fresh and self.planning.stage_only and self.config.verify and kind.synchronous \
@@ -340,6 +344,14 @@ class AsyncEngine:
         recv = [sum(t.spec.nbytes for t in compiled.split.transfers if t.dst == k) for k in range(self.plan.model_n)]
         stage = max(cost + nbytes / bytes_per_s for cost, nbytes in zip(self.plan.costs, recv))
         return stage + compiled.output_layout.nbytes / bytes_per_s
+
+    def _spacing(self, step: int) -> float | None:
+        """Note [compensation]: r at ``step`` (None before a trend exists)."""
+        if step < 2:
+            return None
+        if self.timesteps is None:
+            return 1.0
+        return spacing_ratio([float(self.timesteps(s)) for s in (step - 2, step - 1, step)])
 
     def _with_timestep(self, args: tuple[Any, ...], kwargs: dict[str, Any], step: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
         assert self.timesteps is not None and self.timestep_arg is not None

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.fx
 
 from asyncdiff.engine.comm import Pending, StageChannel, finish
+from asyncdiff.engine.compensation import Extrapolation
 from asyncdiff.engine.schedule import Exchange, Layout, Recv, Reuse, Run, Send, Share, StepKind, StepProgram
 from asyncdiff.kernels.pack import PackLayout, pack, unpack
 from asyncdiff.partition.split import SplitDenoiser, StageProgram
@@ -39,6 +40,7 @@ class StageState:
     channel: StageChannel | None = None  # where ``pending`` was posted
     reuse: tuple[Any, ...] = ()  # stride 2: the last stage's round output, the next step's prediction
     previous: dict[str, torch.Tensor] = field(default_factory=dict)  # last step's stale values (adaptive refresh)
+    extrapolation: Extrapolation = field(default_factory=Extrapolation)  # Note [compensation]
 
     def drain(self) -> None:
         if self.pending is not None and self.channel is not None:
@@ -49,6 +51,7 @@ class StageState:
 
     def reset(self) -> None:
         self.stale, self.pending, self.inflight, self.channel, self.reuse, self.previous = {}, None, [], None, (), {}
+        self.extrapolation = Extrapolation()
 
 
 @dataclass

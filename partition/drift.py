@@ -29,13 +29,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
-from asyncdiff.engine.schedule import Exchange, Layout, Message, Recv, Run, Schedule, Send
+from asyncdiff.engine.compensation import Extrapolation, spacing_ratio
+from asyncdiff.engine.schedule import Exchange, Layout, Message, Recv, Run, Schedule, Send, StepKind
 from asyncdiff.partition.split import SplitDenoiser
 from asyncdiff.partition.trace import TracedDenoiser
 
@@ -51,8 +52,12 @@ class AsyncSimulator:
     A step in which no rank can go on is a schedule that would hang: an error."""
 
     def __init__(self, traced: TracedDenoiser, split: SplitDenoiser, denoiser: torch.nn.Module,
-                 warm_up: int = 1) -> None:
+                 warm_up: int = 1, compensate: str = "none", timesteps: Callable[[int], float] | None = None) -> None:
+        """``compensate``, ``timesteps(step)``: as the engine's (Note [compensation]; without
+        ``timesteps`` the spacing is taken as uniform)."""
         self.traced, self.split = traced, split
+        self.compensate, self.timesteps = compensate, timesteps
+        self.extrapolations = [Extrapolation() for _ in split.stages]
         self.schedule = Schedule(split.plan.model_n, warm_up)
         self.layout = Layout.of(split)
         self.segments = {seg.index: (seg, seg.module(denoiser)) for seg in split.segments}
@@ -68,6 +73,11 @@ class AsyncSimulator:
         """One step on flat call tensors: the output leaves."""
         n = len(self.split.stages)
         programs = [self.schedule.program(self.step, rank, self.layout) for rank in range(n)]
+        if self.compensate != "none":  # Note [compensation], as the engine's _call_stages
+            ratio = None if self.step < 2 else 1.0 if self.timesteps is None else \
+                spacing_ratio([float(self.timesteps(s)) for s in range(self.step - 2, self.step + 1)])
+            self.stale = [e.step(stale, self.compensate, ratio, p.kind == StepKind.ASYNC)
+                          for e, stale, p in zip(self.extrapolations, self.stale, programs)]
         sent: dict[Message, dict[str, Any]] = {}
         env: list[dict[str, Any]] = [{} for _ in range(n)]
         received: list[dict[str, Any]] = [{} for _ in range(n)]

@@ -200,6 +200,51 @@ def toy_engine(model_n: int, transfer_dtype: str | None = None, steps: int = 1, 
     return out
 
 
+class AffineInTime(torch.nn.Module):
+    """Note [compensation]'s exact case: every value between the blocks is affine in the timestep
+    (the sample joins only at the end), so stale inputs extrapolated linearly are the fresh ones."""
+
+    def __init__(self, width: int = 8, depth: int = 4) -> None:
+        super().__init__()
+        self.embed = torch.nn.Linear(1, width)
+        self.body = torch.nn.ModuleList([torch.nn.Linear(width, width) for _ in range(depth)])
+        self.head = torch.nn.Linear(width, 4)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, return_dict: bool = True) -> Any:
+        h = self.embed(timestep.reshape(-1, 1).float())
+        for layer in self.body:
+            h = layer(h)
+        out = self.head(h)[:, :, None, None] + 0.5 * sample
+        return {"sample": out} if return_dict else (out,)
+
+
+def compensation_scenarios(steps: int, warm_up: int) -> dict[str, Any]:
+    """The affine-in-time toy sequentially and on this group's stages with each compensation mode:
+    every step's output (the timesteps are the engine's, uniformly spaced)."""
+    from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
+
+    torch.manual_seed(0)
+    toy = AffineInTime()
+
+    def outputs(denoiser: Any) -> list[torch.Tensor]:
+        x, seen = torch.ones(1, 4, 2, 2), []
+        with torch.no_grad():
+            for t in range(steps):
+                out = denoiser(x, torch.tensor([float(steps - t) * 10]), return_dict=False)[0]
+                x = x - 0.1 * out
+                seen.append(out)
+        return seen
+
+    results = {"sequential": outputs(toy)}
+    for mode in ("none", "linear", "auto"):
+        config = EngineConfig(model_n=dist.get_world_size(), warm_up=warm_up, cost="flops", compensate=mode)
+        engine = AsyncEngine(toy, config, latent="sample", timestep_arg="timestep",
+                             timesteps=lambda s: float(steps - s) * 10)
+        results[mode] = outputs(engine)
+        results[f"{mode}_kinds"] = [kind.name for kind, _ in engine.call.seconds]
+    return results
+
+
 def toy_steps(denoiser: Any, steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
     torch.manual_seed(1)
     x = torch.randn(1, 4, 8, 8).to(device)
