@@ -67,7 +67,8 @@ def _live(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def server():
     with Server("--devices", "2", "--steps", "4", "--cost", "flops", "--max-batch", "4", "--batch-wait-ms", "400",
-                "--max-steps", "50", "--max-pixels", str(256 * 256), api_key=KEY) as running:
+                "--max-steps", "50", "--max-pixels", str(256 * 256), "--max-body-bytes", "100000",
+                api_key=KEY) as running:
         yield running
 
 
@@ -135,8 +136,10 @@ def test_the_openai_client_and_ours(server):
     ({"prompt": "x", "colour": "red"}, KEY, 400, "colour='red': Extra inputs are not permitted"),
     ({"prompt": "x", "n": 9}, KEY, 400, "n=9 x 1 prompt(s) = 9 images is over this server's limit of 8"),
     ({"prompt": "x", "model": "dall-e-3"}, KEY, 404, "model='dall-e-3' is not served here"),
-    ({"prompt": "x", "image": "no picture"}, KEY, 400, "image='no picture' is neither a file nor a base64 picture"),
+    ({"prompt": "x", "image": "no picture"}, KEY, 400, "image='no picture' is not a base64 picture; send base64"),
     ({"prompt": "x", "image": PICTURE}, KEY, 400, "StableDiffusionPipeline takes no image; leave image out"),
+    ({"prompt": "x" * 2001}, KEY, 400, "prompt: 2001 characters is over this server's limit of 2000"),
+    ({"prompt": "x" * 200_000}, KEY, 413, "over --max-body-bytes=100000"),
     ({"prompt": "x"}, None, 401, "missing or wrong API key"),
     ({"prompt": "x"}, "wrong", 401, "missing or wrong API key"),
 ])

@@ -78,7 +78,7 @@ class GenerateSpec:
         for name in ("image", "mask", "plan", "prompts_file"):
             path = getattr(self, name)
             if path is not None and not os.path.isfile(path):
-                raise ValueError(f"{name}={path!r} is not a file; pass an existing path to --{name}")
+                raise ValueError(f"{name}={path!r} is not a file; pass an existing path to --{name.replace('_', '-')}")
         if self.out and self.pipeline in VIDEO_PIPELINES and self.model is None \
                 and not self.out.endswith((".gif", ".mp4")):
             raise ValueError(f"out={self.out!r}: {self.pipeline} makes a video; write .gif or .mp4")

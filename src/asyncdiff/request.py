@@ -200,7 +200,11 @@ def as_data_url(text: str, field: str = "image") -> str:
     """``text`` (base64 or a ``data:`` URL, never a path: what a server accepts) checked to be a
     picture, as a ``data:`` URL, which :func:`decode_picture` never reads as a file name."""
     url = text if text.startswith("data:") else "data:image/png;base64," + text
-    decode_picture(url, field)
+    try:
+        decode_picture(url, field)
+    except ValueError:
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        raise ValueError(f"{field}={shown!r} is not a base64 picture; send base64 PNG/JPEG or a data: URL") from None
     return url
 
 
