@@ -54,8 +54,8 @@ from asyncdiff.engine.config import TRANSFER_DTYPES, EngineConfig, check_warm_up
 from asyncdiff.engine.errors import StageError, announce, located
 from asyncdiff.engine.mesh import ProcessMesh, TwoCalls, batch_size, exchange_outputs, gather_batch, split_batch
 from asyncdiff.engine.planning import Planning, device_of
-from asyncdiff.engine.schedule import Layout, StepKind
-from asyncdiff.engine.stage import CompiledCall, StageState, drifted, output_template, run_stage
+from asyncdiff.engine.schedule import Layout, Signals, StepDecision, StepKind, decide_step, needs_drift
+from asyncdiff.engine.stage import CompiledCall, StageState, boundary_drift, output_template, run_stage
 from asyncdiff.engine.weights import block_tensors, foreign_tensors, release_foreign, reload, restore
 from asyncdiff.kernels.pack import PackLayout
 from asyncdiff.partition.plan import Plan
@@ -86,6 +86,7 @@ class CallState:
     branch_log: list[int] = dataclasses.field(default_factory=list)  # the branch of every denoiser call
     calls_at_step_end: int = 0  # len(branch_log) when the last step ended
     seconds: list[tuple[StepKind, float]] = dataclasses.field(default_factory=list)  # (step kind, wall time) per call
+    decisions: list[StepDecision] = dataclasses.field(default_factory=list)  # per call (Note [step decision])
 
     def drain(self) -> None:
         """Wait for the transfers still in flight (the last step's sends)."""
@@ -261,27 +262,28 @@ class AsyncEngine:
                 self._release(self._deferred_release)
                 self._deferred_release = None
             compiled = self._compile(args, kwargs, branch)
+            new_loop = branch == 0 and step > 0 and compiled is not call.loop  # Note [a second loop]
+            if new_loop:
+                self._new_loop()
             if branch == 0:
-                if step > 0 and compiled is not call.loop:  # Note [a second loop]
-                    self._new_loop()
-                    step = 0
                 call.loop = compiled
             while len(call.branches) <= branch:
                 call.branches.append(StageState())
             state = call.branches[branch]
             state.drain()  # the previous step's sends, an asynchronous step's receives
-            kind = self.schedule.kind(step)
-            if state.channel is not compiled.channel(branch) and kind != StepKind.WARM_UP:
-                # Note [late branches]: this branch has no stale values of this signature yet
-                kind = self._first_of_branch(kind)
+            # Note [late branches]: a branch (or a signature on it) without stale values yet
+            signals = Signals(new_loop=new_loop, new_branch=state.channel is not compiled.channel(branch))
             state.channel = compiled.channel(branch)
             fresh = compiled.calls == 0  # this rank (and so every rank) traced, planned and checked it just now
             compiled.calls += 1
             state.channel.deadline = self.config.deadline(self._step_seconds[-64:], new=fresh)
-            if self.config.refresh_drift is not None and drifted(state, compiled, kind == StepKind.ASYNC,
-                                                                 self.config.refresh_drift, self.collective):
-                kind = StepKind.REFRESH
-            program = self.schedule.program(step, self.rank, compiled.layout, kind)  # Note [schedule as program]
+            if self.config.refresh_drift is not None:  # Note [adaptive refresh]: every step keeps its values
+                drift = boundary_drift(state, compiled, needs_drift(self.schedule, step, signals), self.collective)
+                signals = dataclasses.replace(signals, drift=drift, drift_limit=self.config.refresh_drift)
+            decision = decide_step(self.schedule, step, signals)  # Note [step decision]
+            step, kind = decision.step, decision.kind
+            call.decisions.append(decision)
+            program = self.schedule.program(step, self.rank, compiled.layout, decision)  # Note [schedule as program]
             if self.config.compensate != "none":  # Note [compensation]
                 state.stale = state.extrapolation.step(state.stale, self.config.compensate, self._spacing(step),
                                                        kind == StepKind.ASYNC)
@@ -304,16 +306,6 @@ class AsyncEngine:
         elif counted:
             call.step += 1
         return output
-
-    def _first_of_branch(self, kind: StepKind) -> StepKind:
-        """Note [late branches]: a call whose branch (or whose signature on this branch) first
-        appears after warm-up (skip-layer guidance on some steps only) has no values from a last
-        step to run on: it runs sequentially (a refresh step), and the next one asynchronously."""
-        if self.config.stride == 2:
-            raise ValueError("this pipeline makes a new kind of denoiser call after the warm-up steps (a call "
-                             "with another signature, or an extra call per step, on some steps only); stride 2 "
-                             "cannot start it there: use stride=1, or warm_up covering those steps")
-        return StepKind.REFRESH
 
     def _new_loop(self) -> None:
         """Note [a second loop]: a step's first call has another call signature than the last

@@ -33,6 +33,13 @@ message is ``(source segment, destination segment)`` (one per segment pair per s
 [overlap] in comm.py); segments come from the plan's :class:`Layout` (a wrapped plan gives stage 0
 a head and a tail segment, whose stale inputs are older than its head's).
 
+Note [step decision]: a step's kind is decided once, by the pure :func:`decide_step`, from the
+schedule, the step's index and the engine's :class:`Signals` (a new loop, a branch without stale
+values, the measured drift); the decision carries its reason (``why="drift 0.12 > 0.05"``), the
+program is made from it (``StepProgram.why``), and nothing rewrites the kind after. The grid
+:meth:`Schedule.format` prints is the decision without signals; a run's decisions are its own
+(the engine keeps them: ``AsyncEngine.call.decisions``, logged at DEBUG with each program).
+
 Example (the contiguous chain of two stages; every rank receives the output that rank 1 shares):
     >>> print(Schedule(model_n=2, warm_up=2).format(4))
     step | kind    | rank 0           | rank 1
@@ -68,7 +75,7 @@ if TYPE_CHECKING:
     from asyncdiff.partition.split import SplitDenoiser
 
 __all__ = ["Action", "Exchange", "Layout", "Message", "Recv", "Reuse", "Run", "Schedule", "SegmentIO", "Send",
-           "Share", "StepKind", "StepProgram"]
+           "Share", "Signals", "StepDecision", "StepKind", "StepProgram", "decide_step", "needs_drift"]
 
 Message = tuple[int, int]  # (source segment, destination segment): one packed message per step
 
@@ -202,6 +209,7 @@ class StepProgram:
     kind: StepKind
     timestep: int
     actions: tuple[Action, ...]
+    why: str = ""  # the reason for its kind (Note [step decision])
 
     @property
     def owner(self) -> int | None:
@@ -274,10 +282,11 @@ class Schedule:
         previous = step - self.stride
         return previous if previous >= first else first - 1
 
-    def program(self, step: int, rank: int, layout: Layout | None = None, kind: StepKind | None = None) -> StepProgram:
+    def program(self, step: int, rank: int, layout: Layout | None = None,
+                decision: StepDecision | None = None) -> StepProgram:
         """Note [schedule as program]: what ``rank`` executes at ``step`` for ``layout`` (default:
-        the contiguous chain). ``kind`` overrides the step's kind (the engine turns a step into a
-        refresh: Notes [late branches] and [adaptive refresh])."""
+        the contiguous chain), as ``decision`` decided it (default: :func:`decide_step` without
+        signals; Note [step decision])."""
         layout = layout or Layout.chain(self.model_n)
         if len(layout.stages) != self.model_n:
             raise ValueError(f"the layout has {len(layout.stages)} stages, the schedule {self.model_n}")
@@ -285,7 +294,8 @@ class Schedule:
             raise ValueError("stride=2 repeats the last stage on an extra rank, so the last stage must send nothing "
                              "(a contiguous plan); this plan's last stage sends to another stage: use a contiguous "
                              "plan (layouts=('contiguous',)) or stride=1")
-        kind = kind or self.kind(step)
+        decision = decision or decide_step(self, step)
+        step, kind = decision.step, decision.kind
         stage = min(rank, self.model_n - 1)
         extra = rank >= self.model_n  # stride 2's second copy of the last stage
         owner = self.n_ranks - 1 if kind == StepKind.ROUND else layout.output_stage
@@ -310,7 +320,7 @@ class Schedule:
                 actions.append(Exchange(sends, recvs))
         if self.model_n > 1:
             actions.append(Share(owner))
-        return StepProgram(step, rank, kind, self.timestep_step(step, rank, kind), tuple(actions))
+        return StepProgram(step, rank, kind, self.timestep_step(step, rank, kind), tuple(actions), decision.why)
 
     def programs(self, n_steps: int, layout: Layout | None = None) -> list[list[StepProgram]]:
         """Every rank's program for steps ``0 .. n_steps - 1``, by step then rank."""
@@ -323,7 +333,7 @@ class Schedule:
         timestep when it is not this step's, ``out``/``outR`` shares the output (from rank R)."""
         programs = self.programs(n_steps, layout)
         header = ["step", "kind", *(f"rank {r}" for r in range(self.n_ranks))]
-        rows = [[f"{t:>4}", str(self.kind(t)), *(str(p) for p in row)] for t, row in enumerate(programs)]
+        rows = [[f"{t:>4}", str(row[0].kind), *(str(p) for p in row)] for t, row in enumerate(programs)]
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         widths[-1] = 0  # no padding after the last column
         return "\n".join(" | ".join(f"{c:<{w}}" for c, w in zip(r, widths)).rstrip() for r in [header, *rows])
@@ -335,3 +345,72 @@ def _messages(messages: Iterable[Message]) -> str:
 
 def _offset(delta: int) -> str:
     return "t" if delta == 0 else f"t{delta:+d}"
+
+
+# -- what a step runs as ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Signals:
+    """What a step's kind depends on beyond its index (Note [step decision]): measured by the
+    engine before it decides, the same on every rank."""
+
+    new_loop: bool = False  # the step's first call has another signature than the loop's (Note [a second loop])
+    new_branch: bool = False  # this branch (or its signature) has no stale values yet (Note [late branches])
+    drift: float | None = None  # how far the boundary values moved over the last step (Note [adaptive refresh])
+    drift_limit: float | None = None
+
+
+@dataclass(frozen=True)
+class StepDecision:
+    """A step's index in its loop, its kind, and why: what the engine runs, unchanged after."""
+
+    step: int
+    kind: StepKind
+    why: str
+
+    def __str__(self) -> str:
+        return f"step {self.step} {self.kind} ({self.why})"
+
+
+def decide_step(schedule: Schedule, step: int, signals: Signals = Signals()) -> StepDecision:
+    """Note [step decision]: the kind of ``step`` of ``schedule`` given ``signals``, with the reason.
+
+    Every override the engine makes is here, in order: a new loop starts again at step 0 (so it
+    warms up); a branch first met after warm-up runs sequentially (stride 2 cannot: an error);
+    an asynchronous step whose boundary values moved more than the limit runs sequentially.
+    Pure: the same inputs give the same decision on every rank.
+
+    Example:
+        >>> s = Schedule(model_n=2, warm_up=1)
+        >>> str(decide_step(s, 0)), str(decide_step(s, 3))
+        ('step 0 warm-up (step 0 < warm_up=1)', 'step 3 async (after warm-up: stale inputs)')
+        >>> str(decide_step(s, 3, Signals(drift=0.12, drift_limit=0.05)))
+        'step 3 refresh (drift 0.12 > 0.05)'
+    """
+    if signals.new_loop and step > 0:
+        step, restart = 0, "a new loop (another call signature): "
+    else:
+        restart = ""
+    kind = schedule.kind(step)
+    if kind == StepKind.WARM_UP:
+        why = f"step {step} < warm_up={max(1, schedule.warm_up)}"
+    elif kind == StepKind.REFRESH:
+        why = f"refresh_every={schedule.refresh_every}"
+    elif kind == StepKind.ASYNC:
+        why = "after warm-up: stale inputs"
+    else:
+        why = "stride 2: " + ("a round, every rank computes" if kind == StepKind.ROUND else "the round's output")
+    if signals.new_branch and kind != StepKind.WARM_UP:
+        if schedule.stride == 2:
+            raise ValueError("this pipeline makes a new kind of denoiser call after the warm-up steps (a call "
+                             "with another signature, or an extra call per step, on some steps only); stride 2 "
+                             "cannot start it there: use stride=1, or warm_up covering those steps")
+        kind, why = StepKind.REFRESH, "a branch without stale values yet (Note [late branches])"
+    elif kind == StepKind.ASYNC and signals.drift is not None and signals.drift_limit is not None \
+            and signals.drift > signals.drift_limit:
+        kind, why = StepKind.REFRESH, f"drift {signals.drift:.3g} > {signals.drift_limit:g}"
+    return StepDecision(step, kind, restart + why)
+
+
+def needs_drift(schedule: Schedule, step: int, signals: Signals) -> bool:
+    """Whether :func:`decide_step` would read a drift measurement (an asynchronous step)."""
+    return decide_step(schedule, step, signals).kind == StepKind.ASYNC

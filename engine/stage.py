@@ -2,7 +2,7 @@
 
 :func:`run_stage` runs this rank's segments for one step (Notes [stale inputs] and [stride 2] in
 :mod:`asyncdiff.engine.schedule`); :func:`share_output` gives every rank of the slice the step's
-output; :func:`drifted` is Note [adaptive refresh]'s test.
+output; :func:`boundary_drift` is Note [adaptive refresh]'s measure.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from asyncdiff.kernels.pack import PackLayout, pack, unpack
 from asyncdiff.partition.split import SplitDenoiser, StageProgram
 from asyncdiff.partition.trace import TracedDenoiser
 
-__all__ = ["CompiledCall", "StageState", "drifted", "output_template", "run_stage", "share_output"]
+__all__ = ["CompiledCall", "StageState", "boundary_drift", "output_template", "run_stage", "share_output"]
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def run_stage(compiled: CompiledCall, state: StageState, tensors: list[torch.Ten
     """
     channel, split = state.channel, compiled.split
     assert channel is not None
-    log.debug("%s step: %s", program.kind.name.lower(), program)
+    log.debug("%s step (%s): %s", program.kind, program.why, program)
     segments = {seg.index: (seg, module) for seg, module in zip(compiled.program.segments, compiled.modules)}
     env: dict[str, torch.Tensor] = {}
     received: dict[str, torch.Tensor] = {}
@@ -123,17 +123,17 @@ def run_stage(compiled: CompiledCall, state: StageState, tensors: list[torch.Ten
     return output if owner is not None else compiled.traced.unflatten_output(list(leaves))
 
 
-def drifted(state: StageState, compiled: CompiledCall, decide: bool, limit: float,
-            group: dist.ProcessGroup | None) -> bool:
-    """Note [adaptive refresh]: whether the boundary values changed, over the last step, by more
-    than ``limit`` (relative L2 norm, the largest over all values and ranks). Stale
-    inputs are one step old, so this is how wrong they are about to be. All ranks take the
-    same decision (an all-reduce of one number), as a sequential step needs every rank. Every
-    step keeps a copy of the values it received; only ``decide`` steps compare and reduce."""
+def boundary_drift(state: StageState, compiled: CompiledCall, decide: bool,
+                   group: dist.ProcessGroup | None) -> float | None:
+    """Note [adaptive refresh]: how far the boundary values moved over the last step (relative L2
+    norm, the largest over all values and ranks); None unless ``decide``. Stale inputs are one
+    step old, so this is how wrong they are about to be. Every rank gets the same number (an
+    all-reduce), as a sequential step needs every rank. Every step keeps a copy of the values it
+    received; only ``decide`` steps compare and reduce."""
     previous = state.previous
     state.previous = {name: value.clone() for name, value in state.stale.items()}  # receive buffers get reused
     if not decide:
-        return False
+        return None
     drift = 0.0
     for name, value in state.stale.items():
         if name in previous:
@@ -143,7 +143,7 @@ def drifted(state: StageState, compiled: CompiledCall, decide: bool, limit: floa
         flag = torch.tensor([drift], dtype=torch.float64, device=compiled.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         drift = flag.item()
-    return drift > limit
+    return drift
 
 
 def share_output(compiled: CompiledCall, leaves: tuple[Any, ...], owner: int, me: int,

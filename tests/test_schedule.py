@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from asyncdiff.engine.schedule import Exchange, Layout, Recv, Run, Schedule, Send, Share, StepKind
+from asyncdiff.engine.schedule import (Exchange, Layout, Recv, Run, Schedule, Send, Share, Signals, StepKind,
+                                       decide_step, needs_drift)
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.split import split_graph
 from asyncdiff.partition.trace import trace_denoiser
@@ -89,7 +90,8 @@ def test_refresh_runs_every_kth_step_after_warm_up_sequentially():
     grid = cells(schedule, 6)
     assert grid[4][1] == "recv 0>1 s1 out" and grid[5][1] == "@t-1 s1[t-1] next 0>1 out"
     # a step the engine turns into a refresh (a late branch, adaptive refresh) runs as one, unshifted
-    assert str(schedule.program(3, 1, kind=StepKind.REFRESH)) == "recv 0>1 s1 out"
+    refresh = decide_step(schedule, 3, Signals(drift=0.5, drift_limit=0.1))
+    assert str(schedule.program(3, 1, decision=refresh)) == "recv 0>1 s1 out"
 
 
 def test_one_stage_runs_alone():
@@ -104,3 +106,25 @@ def test_one_stage_runs_alone():
 def test_bad_schedule(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Schedule(**kwargs)
+
+
+def test_every_override_is_decided_in_one_place_with_its_reason():
+    """Note [step decision]: a new loop, a late branch and drift are signals of one pure decision;
+    the program carries the reason, and without signals the decision is the printed grid's."""
+    s = Schedule(model_n=2, warm_up=2)
+    assert [decide_step(s, t).kind for t in range(4)] == [s.kind(t) for t in range(4)]
+    assert decide_step(s, 1).why == "step 1 < warm_up=2"
+    loop = decide_step(s, 5, Signals(new_loop=True))
+    assert (loop.step, loop.kind, loop.why) == (0, StepKind.WARM_UP, "a new loop (another call signature): "
+                                                                     "step 0 < warm_up=2")
+    late = decide_step(s, 4, Signals(new_branch=True, drift=0.9, drift_limit=0.1))
+    assert (late.kind, late.why) == (StepKind.REFRESH, "a branch without stale values yet (Note [late branches])")
+    assert decide_step(s, 1, Signals(new_branch=True)).kind == StepKind.WARM_UP  # warm-up needs no stale values
+    drift = decide_step(s, 4, Signals(drift=0.12, drift_limit=0.05))
+    assert (drift.kind, drift.why) == (StepKind.REFRESH, "drift 0.12 > 0.05")
+    assert decide_step(s, 4, Signals(drift=0.01, drift_limit=0.05)).kind == StepKind.ASYNC
+    assert needs_drift(s, 4, Signals()) and not needs_drift(s, 1, Signals())
+    assert not needs_drift(s, 4, Signals(new_branch=True))
+    assert s.program(4, 1, decision=drift).why == "drift 0.12 > 0.05"
+    with pytest.raises(ValueError, match="stride 2 cannot start it there"):
+        decide_step(Schedule(model_n=2, warm_up=1, stride=2), 3, Signals(new_branch=True))
