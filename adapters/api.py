@@ -71,7 +71,8 @@ class AsyncDiff:
                  time_shift: bool = False, *, config: EngineConfig | None = None, plan: Plan | None = None,
                  text_encoders: str = "every", adapter: Adapter | None = None,
                  released: dict[str, tuple[Any, Any, Any]] | None = None,
-                 weights_from: Callable[[list[str]], dict[str, torch.Tensor]] | None = None, **options: Any) -> None:
+                 weights_from: Callable[[list[str]], dict[str, torch.Tensor]] | None = None,
+                 record: str | None = None, **options: Any) -> None:
         if text_encoders not in TEXT_ENCODERS:
             raise ValueError(f"text_encoders={text_encoders!r} must be 'every' (each rank keeps its own) or "
                              f"'rank0' (rank 0 keeps them and broadcasts the prompt embeddings)")
@@ -103,6 +104,8 @@ class AsyncDiff:
                 marks_steps=True, guided=functools.partial(_guided, pipeline), released=released if main else None,
                 weights_from=weights_from if main else None)
         self.engine = self.engines[self.adapter.denoiser]
+        for engine in self.engines.values():
+            engine.record(record)  # Note [run records] in engine/record.py (None: no record)
         if plan_source is not None:
             self.engine.planning.plan_source = plan_source
         self._steps = 0  # denoising steps of the running pipeline call, every denoiser's
@@ -136,7 +139,8 @@ class AsyncDiff:
                         time_shift: bool = False, *, config: EngineConfig | None = None,
                         torch_dtype: torch.dtype | None = None, variant: str | None = None, plan: Plan | None = None,
                         call_kwargs: dict[str, Any] | None = None, text_encoders: str = "every",
-                        components: dict[str, Any] | None = None, **options: Any) -> AsyncDiff:
+                        components: dict[str, Any] | None = None, record: str | None = None,
+                        **options: Any) -> AsyncDiff:
         """Load the diffusers pipeline at ``path`` (folder or hub id) with this rank holding only
         its stage's denoiser weights from the start (Note [stage-only loading] in
         :mod:`asyncdiff.adapters.loading`), the engine attached: ``async_diff.pipeline(prompt)``.
@@ -188,9 +192,10 @@ class AsyncDiff:
         except TraceError as err:
             warnings.warn(_loaded_whole(err), stacklevel=2)
             pipeline = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype, variant=variant, **given)
-            return cls(pipeline, config=config, plan=plan, text_encoders=text_encoders, adapter=registered)
+            return cls(pipeline, config=config, plan=plan, text_encoders=text_encoders, adapter=registered,
+                       record=record)
         async_diff = cls(load.pipeline, config=config, plan=load.plan, text_encoders=text_encoders,
-                         adapter=registered, released=load.released, weights_from=load.checkpoint.read)
+                         adapter=registered, released=load.released, weights_from=load.checkpoint.read, record=record)
         async_diff.engine.planning.plan_source = load.source
         return async_diff
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import dataclasses
 import inspect
 import itertools
@@ -54,7 +55,9 @@ from asyncdiff.engine.config import TRANSFER_DTYPES, EngineConfig, check_warm_up
 from asyncdiff.engine.errors import StageError, announce, located
 from asyncdiff.engine.mesh import ProcessMesh, TwoCalls, batch_size, exchange_outputs, gather_batch, split_batch
 from asyncdiff.engine.planning import Planning, device_of
-from asyncdiff.engine.schedule import Layout, Signals, StepDecision, StepKind, decide_step, needs_drift
+from asyncdiff.engine.record import Recorder, checksum, step_bytes
+from asyncdiff.engine.schedule import (Layout, Signals, StepDecision, StepKind, StepProgram, decide_step,
+                                       needs_drift)
 from asyncdiff.engine.stage import CompiledCall, StageState, boundary_drift, output_template, run_stage
 from asyncdiff.engine.weights import block_tensors, foreign_tensors, release_foreign, reload, restore
 from asyncdiff.kernels.pack import PackLayout
@@ -143,6 +146,7 @@ class AsyncEngine:
         self.branch_name: str | None = None  # the pipeline's name for the running call, if it gives one
         self.call = CallState()
         self._calls = 0  # pipeline calls so far (reset_state), to key errors by (Note [first error])
+        self.recorder: Recorder | None = None  # Note [run records]
         self._engine = next(_ENGINES)  # engines made in this process; every rank makes them in one order
         self._step_seconds: list[float] = []  # step times, all calls (Note [deadlines])
         # the most recent MAX_SIGNATURES compiled calls (a server meets many sizes): least recently used goes
@@ -298,6 +302,8 @@ class AsyncEngine:
                 state.drain()
                 self.planning.verify_streamed(inputs, output, self.ranks, self.group, self.collective,
                                               state.channel.deadline)
+            if self.recorder is not None:  # Note [run records]
+                self._record(compiled, state, program, decision, branch, output, time.perf_counter() - start)
         call.seconds.append((kind, time.perf_counter() - start))
         if not fresh:  # a first call's time is mostly tracing
             self._step_seconds.append(call.seconds[-1][1])
@@ -336,6 +342,26 @@ class AsyncEngine:
         recv = [sum(t.spec.nbytes for t in compiled.split.transfers if t.dst == k) for k in range(self.plan.model_n)]
         stage = max(cost + nbytes / bytes_per_s for cost, nbytes in zip(self.plan.costs, recv))
         return stage + compiled.output_layout.nbytes / bytes_per_s
+
+    def record(self, path: str | None) -> None:
+        """Append a record of every step this rank runs to ``path`` (None: stop; Note [run records])."""
+        if self.recorder is not None:
+            self.recorder.close()
+        self.recorder = Recorder(path) if path is not None else None
+
+    def _record(self, compiled: CompiledCall, state: StageState, program: StepProgram, decision: StepDecision,
+                branch: int, output: Any, seconds: float) -> None:
+        assert self.recorder is not None and state.channel is not None
+        sent, received = step_bytes(program, state.channel)
+        timestep = self.timesteps(program.timestep) if self.timesteps is not None else None
+        self.recorder.write({
+            "call": self._calls, "denoiser": type(self.denoiser).__name__, "index": len(self.call.seconds),
+            "rank": self.global_rank, "stage": self.stage, "step": decision.step, "branch": branch,
+            "timestep": None if timestep is None else float(timestep), "signature": compiled.signature,
+            "kind": str(decision.kind), "why": decision.why, "program": str(program), "bytes_sent": sent,
+            "bytes_received": received, "seconds": round(seconds, 6),
+            "inputs": {name: checksum(value) for name, value in sorted(state.stale.items())},
+            "output": [checksum(leaf) for leaf in pytree.tree_leaves(output)]})
 
     def _spacing(self, step: int) -> float | None:
         """Note [compensation]: r at ``step`` (None before a trend exists)."""
@@ -404,6 +430,7 @@ class AsyncEngine:
                                 lambda branch: StageChannel(program, len(split.segments), destinations, self.group,
                                                             device, transfer_dtype, branch=branch),
                                 PackLayout.of([(s.shape, s.torch_dtype) for s in out_specs]), device, Layout.of(split))
+        compiled.signature = hashlib.sha1(repr(signature).encode()).hexdigest()[:12]
         self._compiled[(signature, branch) if traced.by_values else signature] = compiled
         while len(self._compiled) > MAX_SIGNATURES:
             self._compiled.popitem(last=False)

@@ -68,6 +68,7 @@ class CompiledCall:
     layout: Layout  # the plan's segments, as the schedule reads them (Note [schedule as program])
     channels: list[StageChannel] = field(default_factory=list)
     calls: int = 0  # steps run with it (the first also traced it: Note [deadlines])
+    signature: str = ""  # a short hash of its call signature (Note [run records])
 
     def channel(self, branch: int) -> StageChannel:
         while len(self.channels) <= branch:

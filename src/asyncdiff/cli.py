@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
                      "request fields ({\"prompt\": \"a dog\", \"seed\": 4}); writes --out numbered (out-0000.png, ...) "
                      "and out.manifest.json, loading and planning once")
     _add_call_options(gen)
+    gen.add_argument("--record", default=None, help="write JSON lines of every step every rank ran: kind and why, "
+                     "program, bytes, seconds, checksums of the boundary values (Note [run records])")
     _add_engine_options(gen, title="engine settings (the fields of EngineConfig; with --model, --cost time plans "
                         "on FLOPs and bytes makes each rank load about 1/N of the denoiser)")
 
@@ -304,7 +306,7 @@ def _generate(args: argparse.Namespace) -> int:
         image=args.image, mask=args.mask, images_per_prompt=args.images_per_prompt,
         guidance_scale=args.guidance_scale, text_encoders=args.text_encoders, engine=_engine_settings(args),
         negative_prompt=args.negative_prompt, height=args.height, width=args.width, dtype=args.dtype,
-        scheduler=args.scheduler, prompts_file=args.prompts_file,
+        scheduler=args.scheduler, prompts_file=args.prompts_file, record=args.record,
     )
     result = run(spec)
     if int(os.environ.get("RANK", 0)) == 0:

@@ -65,6 +65,7 @@ class GenerateSpec:
     dtype: str | None = None  # the weights' dtype with --model: float32, bfloat16, float16 (None: as saved)
     scheduler: str | None = None  # a diffusers scheduler class, configured from the pipeline's own
     prompts_file: str | None = None  # one request per line: a prompt, or a JSON object of request fields
+    record: str | None = None  # JSON lines of every step every rank ran (Note [run records]), replaced per run
     text_encoders: str = "every"  # "rank0": only rank 0 keeps them (Note [encoders on one rank])
     engine: Mapping[str, Any] = field(default_factory=dict)
 
@@ -107,6 +108,14 @@ class GenerateSpec:
         self.requests  # the request fields' own checks (Note [one request record]), a bad prompts file's
         if self.scheduler is not None:
             scheduler_class(self.scheduler)
+        if self.record is not None:
+            folder = os.path.dirname(os.path.abspath(self.record))
+            if not os.path.isdir(folder):
+                raise ValueError(f"record={self.record!r}: the folder {folder!r} does not exist; create it or "
+                                 f"record elsewhere")
+            if self.devices == 1:
+                raise ValueError("record needs devices >= 2: one device runs the plain pipeline, without stages "
+                                 "or steps to record")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}; pass --dtype float32, "
                              f"bfloat16 or float16")
@@ -297,11 +306,12 @@ def build(spec: GenerateSpec) -> tuple[Any, Any]:
             planned = config if config.cost == "bytes" else dataclasses.replace(config, cost="flops")
             async_diff = AsyncDiff.from_pretrained(spec.model, config=planned, plan=plan,
                                                    text_encoders=spec.text_encoders,
-                                                   torch_dtype=DTYPES.get(spec.dtype))
+                                                   torch_dtype=DTYPES.get(spec.dtype), record=spec.record)
             pipe = async_diff.pipeline
         else:
             pipe = _load_pipeline(spec)
-            async_diff = AsyncDiff(pipe, config=config, plan=plan, text_encoders=spec.text_encoders)
+            async_diff = AsyncDiff(pipe, config=config, plan=plan, text_encoders=spec.text_encoders,
+                                   record=spec.record)
         async_diff.reset_state()
     else:
         pipe = _load_pipeline(spec)
@@ -425,6 +435,8 @@ def run(spec: GenerateSpec) -> dict[str, Any]:
         torch.set_num_threads(spec.threads_per_device)
         return worker(spec)
     _warn_oversubscribed(spec)
+    if spec.record is not None and os.path.exists(spec.record):
+        os.remove(spec.record)  # the ranks append: a run's record replaces an older one
     results = launch(worker, spec.devices, spec, threads=spec.threads_per_device)
     return results[0]
 

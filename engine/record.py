@@ -1,0 +1,90 @@
+"""Run records: what every rank executed at every step, as JSON lines.
+
+Note [run records]: with ``AsyncDiff(..., record=PATH)`` (``generate --record FILE``) every rank
+appends one JSON object per denoiser call it runs to ``PATH``, each one ``os.write`` of a whole
+line to a file opened for appending (the lines of several ranks do not interleave): the
+pipeline call (``call``, counted per engine), the ``denoiser`` it split, the denoiser call's
+``index`` in the pipeline call, ``rank``, ``stage``, ``step`` and ``branch``, the step's ``timestep`` (the scheduler's value its stage computed with),
+the call ``signature`` (a short hash), the decided ``kind`` and ``why`` (Note [step decision]),
+the ``program`` exactly as ``asyncdiff inspect`` prints it, the ``bytes_sent`` and
+``bytes_received`` by its messages, its wall ``seconds``, and a checksum of each boundary value
+its stage read (``inputs``: this step's received values in a sequential step, the stale, maybe
+compensated, ones in an asynchronous step) and of its ``output``. Two runs that computed the
+same thing have the same checksums, step by step, so the first line where they differ says
+where a run went another way. Recording copies each boundary value to the CPU once per step:
+for inspection, not for timing.
+
+Example:
+    >>> import torch
+    >>> checksum(torch.zeros(2)) == checksum(torch.zeros(2)), checksum(torch.zeros(2)) == checksum(torch.ones(2))
+    (True, False)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import torch
+
+from asyncdiff.engine.schedule import Exchange, Recv, Send, StepProgram
+
+__all__ = ["Recorder", "checksum", "read_record", "step_bytes"]
+
+
+def checksum(value: Any) -> str | None:
+    """A short hash of a tensor's dtype, shape and bytes (None for anything else)."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    data = value.detach().contiguous().cpu()
+    digest = hashlib.sha1(f"{data.dtype}{tuple(data.shape)}".encode())
+    digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def step_bytes(program: StepProgram, channel: Any) -> tuple[int, int]:
+    """The bytes ``program``'s messages send and receive over ``channel`` (its layouts: exact
+    dtypes for synchronous sends and receives, the transfer dtype for an asynchronous exchange)."""
+    sent = received = 0
+    for action in program.actions:
+        if isinstance(action, Send):
+            sent += sum(channel.exact_layouts[m].nbytes * len(channel.destinations[channel.send_groups[m][0].dst])
+                        for m in action.messages)
+        elif isinstance(action, Recv):
+            received += sum(channel.exact_layouts[m].nbytes for m in action.messages)
+        elif isinstance(action, Exchange):
+            sent += sum(channel.layouts[m].nbytes * len(channel.destinations[channel.send_groups[m][0].dst])
+                        for m in action.sends)
+            received += sum(channel.layouts[m].nbytes for m in action.recvs)
+    return sent, received
+
+
+class Recorder:
+    """Appends records to ``path`` (Note [run records])."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise ValueError(f"record={str(path)!r}: the folder {folder!r} does not exist; create it or record elsewhere")
+        self.path = os.fspath(path)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, entry: dict[str, Any]) -> None:
+        os.write(self._fd, (json.dumps(entry, sort_keys=True) + "\n").encode())
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def read_record(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of ``path``, ordered by call, denoiser, step, branch and rank."""
+    with open(path) as f:
+        entries = [json.loads(line) for line in f if line.strip()]
+    return sorted(entries, key=lambda e: (e["call"], e["denoiser"], e["index"], e["rank"]))
