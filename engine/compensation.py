@@ -30,11 +30,13 @@ Example:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-__all__ = ["COMPENSATE", "Extrapolation", "spacing_ratio"]
+__all__ = ["COMPENSATE", "Extrapolation", "spacing_at", "spacing_ratio"]
 
 log = logging.getLogger(__name__)
 
@@ -96,3 +98,13 @@ def spacing_ratio(timesteps: list[float | None]) -> float | None:
     if last == older:
         return None
     return (now - last) / (last - older)
+
+
+def spacing_at(timesteps: Callable[[int], Any] | None, step: int) -> float | None:
+    """r at ``step`` of a call whose step timesteps ``timesteps(step)`` gives (None: uniform);
+    None before a trend exists."""
+    if step < 2:
+        return None
+    if timesteps is None:
+        return 1.0
+    return spacing_ratio([float(timesteps(s)) for s in (step - 2, step - 1, step)])

@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-from asyncdiff.engine.schedule import Exchange, Recv, Send, StepProgram
+from asyncdiff.engine.schedule import Exchange, Recv, Send, StepDecision, StepProgram
 
-__all__ = ["Recorder", "checksum", "read_record", "step_bytes"]
+__all__ = ["Recorder", "checksum", "read_record", "step_bytes", "step_entry"]
 
 
 def checksum(value: Any) -> str | None:
@@ -42,6 +42,24 @@ def checksum(value: Any) -> str | None:
     digest = hashlib.sha1(f"{data.dtype}{tuple(data.shape)}".encode())
     digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()[:16]
+
+
+def step_entry(engine: Any, compiled: Any, state: Any, program: StepProgram, decision: StepDecision, branch: int,
+               output: Any, seconds: float) -> dict[str, Any]:
+    """The record of one denoiser call an :class:`~asyncdiff.engine.runtime.AsyncEngine` ran
+    (Note [run records]): after ``run_stage``, ``state.stale`` holds the values the step read."""
+    import torch.utils._pytree as pytree
+
+    sent, received = step_bytes(program, state.channel)
+    timestep = engine.timesteps(program.timestep) if engine.timesteps is not None else None
+    return {
+        "call": engine._calls, "denoiser": type(engine.denoiser).__name__, "index": len(engine.call.seconds),
+        "rank": engine.global_rank, "stage": engine.stage, "step": decision.step, "branch": branch,
+        "timestep": None if timestep is None else float(timestep), "signature": compiled.signature,
+        "kind": str(decision.kind), "why": decision.why, "program": str(program), "bytes_sent": sent,
+        "bytes_received": received, "seconds": round(seconds, 6),
+        "inputs": {name: checksum(value) for name, value in sorted(state.stale.items())},
+        "output": [checksum(leaf) for leaf in pytree.tree_leaves(output)]}
 
 
 def step_bytes(program: StepProgram, channel: Any) -> tuple[int, int]:

@@ -50,19 +50,18 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from asyncdiff.engine.comm import StageChannel
-from asyncdiff.engine.compensation import spacing_ratio
+from asyncdiff.engine.compensation import spacing_at
 from asyncdiff.engine.config import TRANSFER_DTYPES, EngineConfig, check_warm_up, stages_for
 from asyncdiff.engine.errors import StageError, announce, located
 from asyncdiff.engine.mesh import ProcessMesh, TwoCalls, batch_size, exchange_outputs, gather_batch, split_batch
 from asyncdiff.engine.planning import Planning, device_of
-from asyncdiff.engine.record import Recorder, checksum, step_bytes
-from asyncdiff.engine.schedule import (Layout, Signals, StepDecision, StepKind, StepProgram, decide_step,
-                                       needs_drift)
+from asyncdiff.engine.record import Recorder, step_entry
+from asyncdiff.engine.schedule import Layout, Signals, StepDecision, StepKind, decide_step, needs_drift
 from asyncdiff.engine.stage import CompiledCall, StageState, boundary_drift, output_template, run_stage
 from asyncdiff.engine.weights import block_tensors, foreign_tensors, release_foreign, reload, restore
 from asyncdiff.kernels.pack import PackLayout
 from asyncdiff.partition.plan import Plan
-from asyncdiff.partition.trace import CallSignature, call_signature
+from asyncdiff.partition.trace import call_signature
 from asyncdiff.partition.verify import fresh as fresh_copy
 
 # EngineConfig, StageError, StageState and the weight helpers are re-exported: they were defined here.
@@ -149,9 +148,7 @@ class AsyncEngine:
         self.recorder: Recorder | None = None  # Note [run records]
         self._engine = next(_ENGINES)  # engines made in this process; every rank makes them in one order
         self._step_seconds: list[float] = []  # step times, all calls (Note [deadlines])
-        # the most recent MAX_SIGNATURES compiled calls (a server meets many sizes): least recently used goes
-        self._compiled: collections.OrderedDict[CallSignature | tuple[CallSignature, int], CompiledCall] = \
-            collections.OrderedDict()
+        self._compiled: collections.OrderedDict[Any, CompiledCall] = collections.OrderedDict()  # LRU, MAX_SIGNATURES
         self._deferred_release: list[torch.nn.Module] | None = None  # Note [value trace]: until step 1
 
     # what the first calls decided (Note [plan cache], Note [choosing the mesh]), and what it cost
@@ -289,7 +286,7 @@ class AsyncEngine:
             call.decisions.append(decision)
             program = self.schedule.program(step, self.rank, compiled.layout, decision)  # Note [schedule as program]
             if self.config.compensate != "none":  # Note [compensation]
-                state.stale = state.extrapolation.step(state.stale, self.config.compensate, self._spacing(step),
+                state.stale = state.extrapolation.step(state.stale, self.config.compensate, spacing_at(self.timesteps, step),
                                                        kind == StepKind.ASYNC)
             if program.timestep != step:
                 args, kwargs = self._with_timestep(args, kwargs, program.timestep)
@@ -303,7 +300,8 @@ class AsyncEngine:
                 self.planning.verify_streamed(inputs, output, self.ranks, self.group, self.collective,
                                               state.channel.deadline)
             if self.recorder is not None:  # Note [run records]
-                self._record(compiled, state, program, decision, branch, output, time.perf_counter() - start)
+                self.recorder.write(step_entry(self, compiled, state, program, decision, branch, output,
+                                               time.perf_counter() - start))
         call.seconds.append((kind, time.perf_counter() - start))
         if not fresh:  # a first call's time is mostly tracing
             self._step_seconds.append(call.seconds[-1][1])
@@ -345,31 +343,7 @@ class AsyncEngine:
 
     def record(self, path: str | None) -> None:
         """Append a record of every step this rank runs to ``path`` (None: stop; Note [run records])."""
-        if self.recorder is not None:
-            self.recorder.close()
-        self.recorder = Recorder(path) if path is not None else None
-
-    def _record(self, compiled: CompiledCall, state: StageState, program: StepProgram, decision: StepDecision,
-                branch: int, output: Any, seconds: float) -> None:
-        assert self.recorder is not None and state.channel is not None
-        sent, received = step_bytes(program, state.channel)
-        timestep = self.timesteps(program.timestep) if self.timesteps is not None else None
-        self.recorder.write({
-            "call": self._calls, "denoiser": type(self.denoiser).__name__, "index": len(self.call.seconds),
-            "rank": self.global_rank, "stage": self.stage, "step": decision.step, "branch": branch,
-            "timestep": None if timestep is None else float(timestep), "signature": compiled.signature,
-            "kind": str(decision.kind), "why": decision.why, "program": str(program), "bytes_sent": sent,
-            "bytes_received": received, "seconds": round(seconds, 6),
-            "inputs": {name: checksum(value) for name, value in sorted(state.stale.items())},
-            "output": [checksum(leaf) for leaf in pytree.tree_leaves(output)]})
-
-    def _spacing(self, step: int) -> float | None:
-        """Note [compensation]: r at ``step`` (None before a trend exists)."""
-        if step < 2:
-            return None
-        if self.timesteps is None:
-            return 1.0
-        return spacing_ratio([float(self.timesteps(s)) for s in (step - 2, step - 1, step)])
+        self.recorder = Recorder(path) if path is not None else None  # an older one closes when collected
 
     def _with_timestep(self, args: tuple[Any, ...], kwargs: dict[str, Any], step: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
         assert self.timesteps is not None and self.timestep_arg is not None

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from asyncdiff.engine.compensation import Extrapolation, spacing_ratio
+from asyncdiff.engine.compensation import Extrapolation, spacing_at
 from asyncdiff.engine.schedule import Exchange, Layout, Message, Recv, Run, Schedule, Send, StepKind
 from asyncdiff.partition.split import SplitDenoiser
 from asyncdiff.partition.trace import TracedDenoiser
@@ -74,8 +74,7 @@ class AsyncSimulator:
         n = len(self.split.stages)
         programs = [self.schedule.program(self.step, rank, self.layout) for rank in range(n)]
         if self.compensate != "none":  # Note [compensation], as the engine's _call_stages
-            ratio = None if self.step < 2 else 1.0 if self.timesteps is None else \
-                spacing_ratio([float(self.timesteps(s)) for s in range(self.step - 2, self.step + 1)])
+            ratio = spacing_at(self.timesteps, self.step)
             self.stale = [e.step(stale, self.compensate, ratio, p.kind == StepKind.ASYNC)
                           for e, stale, p in zip(self.extrapolations, self.stale, programs)]
         sent: dict[Message, dict[str, Any]] = {}
