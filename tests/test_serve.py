@@ -65,10 +65,12 @@ def _live(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(tmp_path_factory):
+    record = tmp_path_factory.mktemp("serve") / "record.jsonl"
     with Server("--devices", "2", "--steps", "4", "--cost", "flops", "--max-batch", "4", "--batch-wait-ms", "400",
                 "--max-steps", "50", "--max-pixels", str(256 * 256), "--max-body-bytes", "100000",
-                api_key=KEY) as running:
+                "--record", str(record), api_key=KEY) as running:
+        running.record = record
         yield running
 
 
@@ -99,6 +101,12 @@ def test_a_served_picture_is_generate_s_and_batches_keep_each_request_s_picture(
     sizes = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
              if line.startswith("asyncdiff_batch_images_bucket")}
     assert sizes['asyncdiff_batch_images_bucket{le="+Inf"}'] - sizes['asyncdiff_batch_images_bucket{le="2.0"}'] >= 1
+    # --record: every rank's steps of every call, the batched call's input checksums among them
+    from asyncdiff.engine.record import read_record
+
+    records = read_record(server.record)
+    assert {r["rank"] for r in records} == {0, 1} and {r["step"] for r in records} == {0, 1, 2, 3}
+    assert len({r["call"] for r in records}) >= 5 and all(r["output"] for r in records)
     # a second image of a request is the same picture as seed + 1 alone (Note [one request record])
     _, second, _ = _post(server.url, {"prompt": "a photo of thing 1", "seed": 12})
     assert np.abs(_pixels(second) - _pixels(alone[1], 1)).max() <= BATCH_NOISE

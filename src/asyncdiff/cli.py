@@ -163,6 +163,8 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-images", type=_positive, default=8, help="a request's prompts x n, at most")
     srv.add_argument("--max-pixels", type=_positive, default=2048 * 2048, help="a request's width x height, "
                      "at most")
+    srv.add_argument("--record", default=None, help="append JSON lines of every step every rank runs, request "
+                     "after request (Note [run records]; needs --devices >= 2)")
     _add_engine_options(srv, title="engine settings (the fields of EngineConfig)")
     return parser
 
@@ -330,7 +332,7 @@ def _serve(args: argparse.Namespace) -> int:
     spec = GenerateSpec(pipeline=args.pipeline, size=args.size, model=args.model, devices=args.devices,
                         steps=args.steps, threads_per_device=args.threads_per_device, plan=args.plan,
                         text_encoders=args.text_encoders, dtype=args.dtype, scheduler=args.scheduler,
-                        engine=_engine_settings(args))
+                        record=args.record, engine=_engine_settings(args))
     options = ServeOptions(host=args.host, port=args.port, api_key=args.api_key, model_name=args.served_model_name,
                            max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
                            request_timeout=args.request_timeout, worker_timeout=args.worker_timeout,
