@@ -26,6 +26,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -343,13 +344,12 @@ _SUBCLASSES: dict[type, type] = {}
 
 
 _STEP_END: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("asyncdiff_step_end", default=None)
-_MARKING: dict[type, type] = {}
+_MARKING: dict[type, Callable[..., Any]] = {}
 
 
-def _marking_class(cls: type) -> type:
-    """``cls`` whose ``step`` calls the running pipeline call's step-end callback afterwards. A
-    class, not an instance attribute: a pipeline that deep-copies its scheduler (one per latent
-    frame, as SkyReels-V2's diffusion forcing does) gets copies that step themselves."""
+def _marking_step(cls: type) -> Callable[..., Any]:
+    """``cls.step`` followed by the running pipeline call's step-end callback, with ``cls.step``'s
+    signature (pipelines read it: ``"eta" in inspect.signature(self.scheduler.step).parameters``)."""
     if cls not in _MARKING:
         def step(self: Any, *args: Any, **kwargs: Any) -> Any:
             out = cls.step(self, *args, **kwargs)
@@ -358,7 +358,7 @@ def _marking_class(cls: type) -> type:
                 end_step()
             return out
 
-        _MARKING[cls] = type(cls.__name__, (cls,), {"step": functools.wraps(cls.step)(step), "__module__": cls.__module__})
+        _MARKING[cls] = functools.wraps(cls.step)(step)
     return _MARKING[cls]
 
 
@@ -367,17 +367,21 @@ def _marking_steps(schedulers: list[Any], end_step: Callable[[], None]) -> Itera
     """For the duration of one pipeline call, ``end_step()`` after every ``step`` of one of
     ``schedulers`` (and of a copy of one): the scheduler's step is where a pipeline's denoising
     step ends, whatever its loop looks like. The engine ends a step only once per denoiser call,
-    so several schedulers stepping after one call (one per frame) end one step."""
-    originals = [type(s) for s in schedulers]
-    for scheduler, original in zip(schedulers, originals):
-        scheduler.__class__ = _marking_class(original)
+    so several schedulers stepping after one call (one per frame) end one step.
+
+    An instance attribute (a bound method), not another class: no object changes its type (Bria
+    tests ``type(self.scheduler) != FlowMatchEulerDiscreteScheduler``), and a deep copy of a
+    scheduler (SkyReels-V2's diffusion forcing makes one per latent frame) gets the method bound
+    to the copy (``copy`` rebinds bound methods), so copies step themselves."""
+    for scheduler in schedulers:
+        scheduler.step = types.MethodType(_marking_step(type(scheduler)), scheduler)
     token = _STEP_END.set(end_step)
     try:
         yield
     finally:
         _STEP_END.reset(token)
-        for scheduler, original in zip(schedulers, originals):
-            scheduler.__class__ = original
+        for scheduler in schedulers:
+            scheduler.__dict__.pop("step", None)
 
 
 def _resetting_subclass(cls: type) -> type:

@@ -77,3 +77,28 @@ def test_stride_2_hands_over_to_the_second_expert_inside_a_round():
     for r in launch(two_expert_stride_2, 3, 6, 2).values():
         assert r["kinds"] == {"unet": ["warm-up", "round"], "unet_2": ["warm-up", "round", "reuse", "round"]}
         assert r["repeatable"] and 0 < r["deviation"] < 0.5
+
+
+def test_step_ends_are_heard_without_changing_the_scheduler_s_type():
+    """Issue 25 item 6 (Bria tests ``type(self.scheduler)``): the step-end hook is a bound method
+    on the instance, with the scheduler's own signature (pipelines read ``eta`` from it), gone
+    after the call; a deep copy made during the call (SkyReels-V2) steps itself and is heard."""
+    import copy
+    import inspect
+
+    from diffusers import DDIMScheduler
+
+    from asyncdiff.adapters.api import _marking_steps
+
+    scheduler, heard = DDIMScheduler(), []
+    scheduler.set_timesteps(2)
+    x = torch.zeros(1, 1, 2, 2)
+    with _marking_steps([scheduler], lambda: heard.append(1)):
+        assert type(scheduler) is DDIMScheduler and "eta" in inspect.signature(scheduler.step).parameters
+        twin = copy.deepcopy(scheduler)
+        assert twin.step.__self__ is twin
+        scheduler.step(x, scheduler.timesteps[0], x)
+        twin.step(x, twin.timesteps[0], x)
+    assert heard == [1, 1] and "step" not in scheduler.__dict__
+    scheduler.step(x, scheduler.timesteps[1], x)
+    assert heard == [1, 1]
