@@ -246,6 +246,18 @@ class AsyncDiff:
     def plan(self) -> Plan | None:
         return self.engine.plan
 
+    def summary(self, steps: int) -> dict[str, Any]:
+        """What the last pipeline call ran (:func:`~asyncdiff.engine.summary.summary` of the main
+        engine), with the plans of the pipeline's other denoisers (Note [several denoisers])."""
+        from asyncdiff.engine.summary import summary
+
+        result = summary(self.engine, steps)
+        others = {name: e for name, e in self.engines.items() if e is not self.engine and e.plan is not None}
+        if others:
+            result["other_denoisers"] = {name: {"plan": [len(s) for s in e.plan.stages], "plan_source": e.plan_source}
+                                         for name, e in others.items()}
+        return result
+
     def remove(self) -> None:
         """Detach the engines; released weights come back from the checkpoint they were loaded
         from, else from their owners (all ranks call it)."""

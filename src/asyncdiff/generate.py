@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -352,37 +351,7 @@ def worker(spec: GenerateSpec) -> dict[str, Any]:
         "dtype": str(_weights_dtype(denoiser)).removeprefix("torch."),
     }
     if async_diff is not None:
-        from asyncdiff.partition.report import LINKS
-
-        config = async_diff.engine.config  # parallel="auto" chose its degrees at the first call
-        result.update(stages=config.model_n, guidance=config.guidance, batch=config.batch)
-        if async_diff.engine.parallel_options:
-            result["parallel_options"] = [
-                {"guidance": o.guidance, "batch": o.batch, "stages": o.stages, "modeled_step": round(o.step, 6),
-                 "main_path_depth": o.depth} for o in async_diff.engine.parallel_options]
-
-        # stage runs per step: 2 where guidance is two calls (Note [branches]), 1 again where two
-        # guidance slices run one call each (Note [two-call guidance])
-        calls_per_step = max(1, round(len(async_diff.engine.seconds) / spec.steps))
-        kinds = [kind for kind, _ in async_diff.engine.seconds]
-        result["refresh_steps"] = kinds.count("refresh") // calls_per_step
-        steady = [s for kind, s in async_diff.engine.seconds if kind != "warm-up"]
-        if steady:  # the mean, so stride 2's compute-free reuse steps and refreshes count as they cost
-            result["step_s"] = round(statistics.fmean(steady) * calls_per_step, 4)
-        predicted = async_diff.engine.predicted_step_seconds(LINKS["gloo"].bytes_per_s)
-        if predicted is not None:
-            result["predicted_step_s"] = round(predicted * calls_per_step, 4)
-    if async_diff is not None and async_diff.plan is not None:
-        result["plan"] = [len(s) for s in async_diff.plan.stages]
-        result["plan_source"] = async_diff.engine.plan_source
-        if "main_path_depth" in async_diff.plan.notes:
-            result["main_path_depth"] = int(async_diff.plan.notes["main_path_depth"])
-        result["bytes_sent_per_step"] = async_diff.engine.bytes_sent_per_step
-        result["released_weights"] = len(async_diff.engine.released_weights)
-        others = {name: e for name, e in engines.items() if e is not async_diff.engine and e.plan is not None}
-        if others:  # the pipeline's other denoisers, each with its own plan (Note [several denoisers])
-            result["other_denoisers"] = {name: {"plan": [len(s) for s in e.plan.stages], "plan_source": e.plan_source}
-                                         for name, e in others.items()}
+        result.update(async_diff.summary(spec.steps))
     result["latents"] = final_latents(output, final).cpu()
     outs = [spec.out] if len(requests) == 1 else [numbered(spec.out, i) if spec.out else None
                                                     for i in range(len(requests))]
