@@ -248,13 +248,18 @@ def test_api_settings_are_engine_config_fields():
         engine_config(given, warm_up=2)
 
 
+def _saved(tmp_path_factory, name: str):
+    """A built-in system's tiny pipeline saved with ``save_pretrained``: a checkpoint folder."""
+    from asyncdiff.models.builders import system
+
+    folder = tmp_path_factory.mktemp(f"{name}-checkpoint")
+    system(name).build("tiny", 0).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def sd15_folder(tmp_path_factory):
-    from asyncdiff.models.sd import build_sd15
-
-    folder = tmp_path_factory.mktemp("sd15-checkpoint")
-    build_sd15("tiny", 0).save_pretrained(folder)
-    return folder
+    return _saved(tmp_path_factory, "sd15")
 
 
 @pytest.mark.slow
@@ -298,11 +303,7 @@ def test_a_call_setting_the_pipeline_lacks_names_the_flag(capsys):
 
 @pytest.fixture(scope="module")
 def wan_folder(tmp_path_factory):
-    from asyncdiff.models.wan import build_wan
-
-    folder = tmp_path_factory.mktemp("wan-checkpoint")
-    build_wan("tiny", 0).save_pretrained(folder)
-    return folder
+    return _saved(tmp_path_factory, "wan")
 
 
 @pytest.mark.slow

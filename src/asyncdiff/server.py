@@ -80,42 +80,35 @@ _KIND = {400: "invalid_request_error", 401: "authentication_error", 404: "not_fo
 def _image_body() -> type:
     from pydantic import BaseModel, ConfigDict
 
-    class ImageBody(BaseModel):  # OpenAI's fields (quality, style, ... accepted and ignored) and ours
+    class Body(BaseModel):  # the fields both endpoints take; an unknown field is a 400 naming it
         model_config = ConfigDict(extra="forbid", strict=True)
-        prompt: str | list[str]
         model: str | None = None
-        n: int = 1
         size: str | None = None
+        user: str | None = None
+        seed: int = 0
+        num_inference_steps: int | None = None
+        negative_prompt: str | None = None
+        guidance_scale: float | int | None = None
+        image: str | None = None  # base64 or a data: URL: img2img, inpainting, ControlNet's picture, a first frame
+
+    class ImageBody(Body):  # OpenAI's fields (quality, style, ... accepted and ignored) and ours
+        prompt: str | list[str]
+        n: int = 1
         response_format: Literal["b64_json", "url"] = "b64_json"
         output_format: Literal[FORMATS] = "png"  # type: ignore[valid-type]
         quality: str | None = None
         style: str | None = None
-        user: str | None = None
         background: str | None = None
         moderation: str | None = None
         output_compression: int | None = None
-        seed: int = 0
-        num_inference_steps: int | None = None
-        negative_prompt: str | None = None
-        guidance_scale: float | int | None = None
-        image: str | None = None  # base64 or a data: URL: img2img, inpainting, ControlNet's picture
         mask: str | None = None
 
-    class VideoBody(BaseModel):
-        model_config = ConfigDict(extra="forbid", strict=True)
+    class VideoBody(Body):
         prompt: str | None = None
-        model: str | None = None
-        size: str | None = None
         seconds: float | int | str | None = None
         num_frames: int | None = None
         fps: int | None = None
-        seed: int = 0
-        num_inference_steps: int | None = None
-        negative_prompt: str | None = None
-        guidance_scale: float | int | None = None
-        image: str | None = None
         input_reference: str | None = None  # OpenAI's name for the first frame
-        user: str | None = None
 
     return ImageBody, VideoBody
 
