@@ -34,7 +34,7 @@ import socket
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -169,17 +169,14 @@ class WorkerGroup:
             left = deadline - time.monotonic()
             if left <= 0:
                 if reported is not None:
-                    return replies, reported
+                    return replies, self._died() or reported
                 silent = sorted(set(range(self.nprocs)) - set(replies))
                 return replies, (silent[0], f"no reply from rank(s) {silent} by the call's deadline "
                                             f"(timeout_s); every rank was stopped")
             try:
                 rank, ok, data = self._outbox.get(timeout=min(left, 0.2))
             except queue.Empty:
-                dead = [r for r, p in enumerate(self._procs) if not p.is_alive() and r not in replies]
-                if dead:
-                    code = self._procs[dead[0]].exitcode
-                    failed = (dead[0], f"rank {dead[0]} exited with code {code} during the call")
+                failed = self._died(exclude=replies)
                 continue
             if ok:
                 replies[rank] = data
@@ -187,9 +184,21 @@ class WorkerGroup:
                 if message is not None:
                     reported = (rank, message)
                     deadline = min(deadline, time.monotonic() + grace_s)
-            else:
-                failed = (rank, data)
+            else:  # a rank whose peer died fails too (a lost connection): the dead rank is the cause
+                failed = self._died(wait_s=0.5) or (rank, data)
         return replies, failed
+
+    def _died(self, exclude: Collection[int] = (), wait_s: float = 0.0) -> tuple[int, str] | None:
+        """The first rank (not in ``exclude``) whose process has exited, waiting up to ``wait_s`` for one."""
+        until = time.monotonic() + wait_s
+        while True:
+            dead = [r for r, p in enumerate(self._procs) if not p.is_alive() and r not in exclude]
+            if dead or time.monotonic() >= until:
+                break
+            time.sleep(0.05)
+        if not dead:
+            return None
+        return dead[0], f"rank {dead[0]} exited with code {self._procs[dead[0]].exitcode} during the call"
 
 
 def _free_port() -> int:

@@ -67,7 +67,7 @@ def load(spec: GenerateSpec) -> dict[str, Any]:
     _LOADED.update(spec=spec, pipe=pipe, async_diff=async_diff)
     params = inspect.signature(type(pipe).__call__).parameters
     log.info("loaded %s in %.1f s", type(pipe).__name__, time.perf_counter() - started)
-    return {"pipeline": type(pipe).__name__, "video": _is_video(spec, pipe), "params": sorted(params)}
+    return {"pipeline": type(pipe).__name__, "video": "num_frames" in params, "params": sorted(params)}
 
 
 def generate(requests: Sequence[GenerationRequest], job: str | None = None) -> Reply:
@@ -92,9 +92,10 @@ def generate(requests: Sequence[GenerationRequest], job: str | None = None) -> R
     except Exception as err:  # noqa: BLE001 -- Note [serving loop]: a reply, never a dead loop
         failure = Failure.of(err, rank)
         log.debug("%s", failure.line(), exc_info=err)
-        if async_diff is not None:
-            async_diff.reset_state()
-        return Reply(error=failure.cause(), error_type=failure.origin, clean=posted() == before,
+        clean = posted() == before
+        if async_diff is not None and clean:
+            async_diff.reset_state()  # nothing in flight; else the driver restarts the group anyway
+        return Reply(error=failure.cause(), error_type=failure.origin, clean=clean,
                      seconds=time.perf_counter() - started)
 
 
@@ -157,12 +158,3 @@ def _mp4(frames: Any, fps: int) -> bytes:
         export_to_video(frames, path, fps=fps)
         with open(path, "rb") as f:
             return f.read()
-
-
-def _is_video(spec: GenerateSpec, pipe: Any) -> bool:
-    from asyncdiff.generate import VIDEO_PIPELINES
-
-    if spec.model is None:
-        return spec.pipeline in VIDEO_PIPELINES
-    name = type(pipe).__name__
-    return any(word in name for word in ("Video", "AnimateDiff", "Wan", "LTX", "Hunyuan", "Mochi", "CogVideo"))
