@@ -211,7 +211,9 @@ def as_data_url(text: str, field: str = "image") -> str:
 # request field -> the pipeline argument it becomes (where one is given)
 ARGUMENTS = {"negative_prompt": "negative_prompt", "height": "height", "width": "width",
              "guidance_scale": "guidance_scale", "frames": "num_frames", "image": "image", "mask": "mask_image"}
-FLAGS = {"n": "--num-images", "frames": "--frames", "mask": "--mask"}  # the generate flag of a field, where not --field
+# the generate flag of a field, where it has one
+FLAGS = {"n": "--num-images", "negative_prompt": "--negative-prompt", "height": "--height", "width": "--width",
+         "guidance_scale": "--guidance-scale", "image": "--image", "mask": "--mask"}
 
 
 def check_arguments(request: GenerationRequest, params: Collection[str], pipeline: str) -> None:
@@ -263,4 +265,5 @@ def call_arguments(requests: Sequence[GenerationRequest], pipeline: type) -> dic
 
 
 def _lacks(pipeline: str, arg: str, field: str) -> None:
-    raise ValueError(f"{pipeline} takes no {arg}; leave {field} out ({FLAGS.get(field, '--' + field.replace('_', '-'))})")
+    flag = f" ({FLAGS[field]})" if field in FLAGS else ""
+    raise ValueError(f"{pipeline} takes no {arg}; leave {field} out{flag}")
