@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["grid", "manifest_path", "numbered", "save_output"]
+__all__ = ["grid", "manifest_path", "numbered", "save_output", "write_video"]
 
 
 def grid(images: torch.Tensor, gap: int = 2, scale: int = 1) -> Any:
@@ -44,15 +44,20 @@ def save_output(output: Any, path: str) -> None:
         images = output.images
         (grid(images) if isinstance(images, torch.Tensor) else images[0]).save(path)
         return
+    write_video(frames[0], path)
+
+
+def write_video(frames: Any, path: str, fps: int = 7) -> None:
+    """One video's frames (PIL pictures, or an array in ``[0, 1]``: ``output_type="np"``, Wan's
+    default) as GIF (``.gif``) or MP4 (``.mp4``)."""
     from diffusers.utils import export_to_gif, export_to_video
 
-    frames = frames[0]
-    if not isinstance(frames, list):  # an array of frames in [0, 1] (output_type="np", Wan's default)
+    if not isinstance(frames, list):
         from diffusers.image_processor import VaeImageProcessor
 
         frames = VaeImageProcessor.numpy_to_pil(np.asarray(frames))
     if path.endswith(".mp4"):
-        export_to_video(frames, path, fps=7)
+        export_to_video(frames, path, fps=fps)
     elif path.endswith(".gif"):
         export_to_gif(frames, path)
     else:

@@ -7,8 +7,9 @@ to every rank alike, so every rank makes the same pipeline call (the engine's co
 stage transfers need that). A rank never raises out of :func:`generate`: it replies with a
 :class:`Reply`, rank 0's carrying the encoded pictures. A call that failed on every rank before
 posting any stage transfer (the pipeline's own input checks, a denoiser call whose plan every rank
-refused) is *clean*: nothing is in flight, so the group keeps serving; any other failure (a failure on some ranks only, or inside
-denoising, a rank that died, a call past the group's deadline) makes the driver restart the group.
+refused) is *clean*: nothing is in flight, so the group keeps serving; any other failure (on some
+ranks only, or inside denoising, a rank that died, a call past the group's deadline) makes the
+driver restart the group.
 
 Rank 0 emits ``("step", job, done, total, seconds)`` after every denoising step (diffusers'
 ``callback_on_step_end``), which the server turns into a video job's progress and the per-step
@@ -23,7 +24,7 @@ import os
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,13 +34,14 @@ from asyncdiff.engine.comm import posted
 from asyncdiff.engine.errors import Failure
 from asyncdiff.engine.workers import emit
 from asyncdiff.generate import GenerateSpec, build, pipeline_call
+from asyncdiff.outputs import write_video
 from asyncdiff.request import GenerationRequest
 
 __all__ = ["Reply", "encode", "generate", "load"]
 
 log = logging.getLogger(__name__)
 
-_LOADED: dict[str, Any] = {}  # this rank's pipeline, its engine, its spec, its denoiser call count
+_LOADED: dict[str, Any] = {}  # this rank's spec, pipeline and engine
 
 
 @dataclass(frozen=True)
@@ -50,10 +52,7 @@ class Reply:
     outputs: list[list[bytes]] | None = None
     media_type: str = "image/png"
     error: str | None = None
-    error_type: str | None = None
     clean: bool = True
-    seconds: float = 0.0
-    step_seconds: list[float] = field(default_factory=list)
 
 
 def load(spec: GenerateSpec) -> dict[str, Any]:
@@ -75,32 +74,31 @@ def generate(requests: Sequence[GenerationRequest], job: str | None = None) -> R
     rank; never raises (Note [serving loop])."""
     spec, pipe, async_diff = (_LOADED[k] for k in ("spec", "pipe", "async_diff"))
     rank = dist.get_rank() if dist.is_initialized() else 0
-    before, started = posted(), time.perf_counter()
-    steps: list[float] = []
+    before = posted()
     try:
         kwargs = pipeline_call(spec, pipe, {}, list(requests))
         if "batch_size" in kwargs:  # an unconditional pipeline: as many images as the requests ask for
             kwargs["batch_size"] = sum(r.images for r in requests)
         kwargs.pop("output_type", None)  # pictures, not the latents generate keeps (Note [output as latents])
-        _report_steps(kwargs, job, requests[0].steps, steps, rank)
+        if rank == 0:
+            _report_steps(kwargs, job, requests[0].steps)
         with torch.no_grad():
             output = pipe(**kwargs)
         for engine in (async_diff.engines.values() if async_diff is not None else ()):
             engine.drain()
         outputs, media = encode(output, requests) if rank == 0 else (None, "")
-        return Reply(outputs=outputs, media_type=media, seconds=time.perf_counter() - started, step_seconds=steps)
+        return Reply(outputs=outputs, media_type=media)
     except Exception as err:  # noqa: BLE001 -- Note [serving loop]: a reply, never a dead loop
         failure = Failure.of(err, rank)
         log.debug("%s", failure.line(), exc_info=err)
         clean = posted() == before
         if async_diff is not None and clean:
             async_diff.reset_state()  # nothing in flight; else the driver restarts the group anyway
-        return Reply(error=failure.cause(), error_type=failure.origin, clean=clean,
-                     seconds=time.perf_counter() - started)
+        return Reply(error=failure.cause(), clean=clean)
 
 
-def _report_steps(kwargs: dict[str, Any], job: str | None, total: int, steps: list[float], rank: int) -> None:
-    """Time each step (and, on rank 0, emit it) through the call's ``callback_on_step_end``."""
+def _report_steps(kwargs: dict[str, Any], job: str | None, total: int) -> None:
+    """Emit each step's end and seconds (rank 0) through the call's ``callback_on_step_end``."""
     inner = kwargs.get("callback_on_step_end")
     if inner is None:
         return
@@ -108,10 +106,8 @@ def _report_steps(kwargs: dict[str, Any], job: str | None, total: int, steps: li
 
     def on_step_end(pipe: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         now = time.perf_counter()
-        steps.append(now - last[0])
+        emit(("step", job, i + 1, total, now - last[0]))
         last[0] = now
-        if rank == 0:
-            emit(("step", job, i + 1, total, steps[-1]))
         return inner(pipe, i, t, tensors)
 
     kwargs["callback_on_step_end"] = on_step_end
@@ -146,15 +142,8 @@ def _split(files: list[bytes], requests: Sequence[GenerationRequest]) -> list[li
 
 
 def _mp4(frames: Any, fps: int) -> bytes:
-    import numpy as np
-    from diffusers.utils import export_to_video
-
-    if not isinstance(frames, list):  # an array of frames in [0, 1]
-        from diffusers.image_processor import VaeImageProcessor
-
-        frames = VaeImageProcessor.numpy_to_pil(np.asarray(frames))
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "video.mp4")
-        export_to_video(frames, path, fps=fps)
+        write_video(frames, path, fps)
         with open(path, "rb") as f:
             return f.read()
