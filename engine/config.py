@@ -21,14 +21,15 @@ from asyncdiff.engine.schedule import Schedule
 from asyncdiff.kernels.pack import FP8
 from asyncdiff.partition.auto import COSTS
 from asyncdiff.partition.blocks import BlockPolicy
-from asyncdiff.partition.planner import LAYOUTS, MAX_SLOWDOWN
+from asyncdiff.partition.planner import FIDELITY_SLOWDOWN, LAYOUTS, MAX_SLOWDOWN
 from asyncdiff.partition.report import LINKS
 
-__all__ = ["DEADLINE_FACTOR", "DEADLINE_FLOOR_S", "TRANSFER_DTYPES", "EngineConfig", "check_warm_up", "option",
+__all__ = ["DEADLINE_FACTOR", "DEADLINE_FLOOR_S", "PLAN_RULES", "TRANSFER_DTYPES", "EngineConfig", "check_warm_up", "option",
            "stages_for"]
 
 DEADLINE_FACTOR = 10.0  # Note [deadlines] (EngineConfig.deadline): a wait may take this many median steps
 DEADLINE_FLOOR_S = 30.0  # and at least this long (a loaded machine's step varies)
+PLAN_RULES = ("fidelity", "depth")  # Note [fidelity rule], Note [staleness]
 TRANSFER_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float8": FP8}  # wire dtypes by name
 
 
@@ -85,8 +86,13 @@ class EngineConfig:
                                      "the timestep spacing; auto: per value, where it has predicted better so far "
                                      "(stride 1; Note [compensation])", choices=COMPENSATE)
     compile: bool = option(False, "run each rank's stage programs under torch.compile")
-    max_slowdown: float = option(MAX_SLOWDOWN, "take the least stale plan within this fraction of the fastest "
-                                               "modelled step (0: the fastest; Note [staleness])", type=float)
+    plan_rule: str = option("fidelity", "how the default plan is chosen among those within max_slowdown of the "
+                                        "fastest modelled step: fidelity: the lowest error predicted on the warm-up "
+                                        "steps (Note [fidelity rule]); depth: the least stale main path",
+                            choices=PLAN_RULES)
+    max_slowdown: float | None = option(None, "the fraction of the fastest modelled step a more faithful plan may "
+                                              "cost (0: the fastest; default 0.15 under the fidelity rule, 0.05 "
+                                              "under the depth rule)", type=float)
     replan: bool = option(False, "plan anew instead of reusing the cached plan of this call (Note [plan cache])")
     verify: bool = option(True, "on the first call, check that the split reproduces the denoiser (Note [verify])")
     guidance: int = option(1, "split each denoiser call's guidance halves over two slices of processes (exact; "
@@ -126,8 +132,12 @@ class EngineConfig:
             raise ValueError(f"compensate={self.compensate!r} extrapolates stale inputs one step old: it needs "
                              f"stride=1 without time_shift (stride={self.stride}, time_shift={self.time_shift}); "
                              f"use compensate='none' there")
-        if not isinstance(self.max_slowdown, (int, float)) or not self.max_slowdown >= 0:
-            raise ValueError(f"max_slowdown={self.max_slowdown!r} must be a number >= 0 (0: the fastest plan)")
+        if self.max_slowdown is not None and (not isinstance(self.max_slowdown, (int, float))
+                                              or not self.max_slowdown >= 0):
+            raise ValueError(f"max_slowdown={self.max_slowdown!r} must be a number >= 0 (0: the fastest plan) or "
+                             f"None (the plan rule's default)")
+        if self.plan_rule not in PLAN_RULES:
+            raise ValueError(f"plan_rule={self.plan_rule!r} must be one of {', '.join(PLAN_RULES)}")
         for flag in ("compile", "replan", "verify"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag}={getattr(self, flag)!r} must be True or False")
@@ -157,6 +167,12 @@ class EngineConfig:
             return datetime.timedelta(seconds=self.timeout_s)
         median = sorted(measured)[len(measured) // 2]
         return datetime.timedelta(seconds=min(self.timeout_s, max(DEADLINE_FLOOR_S, DEADLINE_FACTOR * median)))
+
+    def slowdown(self, rule: str) -> float:
+        """The window of ``rule`` (Note [fidelity rule]): ``max_slowdown``, else the rule's default."""
+        if self.max_slowdown is not None:
+            return float(self.max_slowdown)
+        return FIDELITY_SLOWDOWN if rule == "fidelity" else MAX_SLOWDOWN
 
     def schedule(self, warm_up: int) -> Schedule:
         return Schedule(self.model_n, warm_up, self.stride, self.time_shift, self.refresh_every)

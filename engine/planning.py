@@ -30,8 +30,9 @@ import torch.utils._pytree as pytree
 from asyncdiff.engine.config import EngineConfig
 from asyncdiff.engine.errors import Failure, PeerFailed, decided
 from asyncdiff.engine.mesh import model_option, split_difference, verify_batch_split
+from asyncdiff.engine.pilot import PlanPilot, horizon_for, unmeasured
 from asyncdiff.engine.weights import streamed
-from asyncdiff.partition.cache import cached_plan, device_kind
+from asyncdiff.partition.cache import cached_choice, cached_plan, device_kind
 from asyncdiff.partition.hybrid import ParallelOption, choose_parallel, parallel_degrees, two_calls
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.profile import profile_blocks
@@ -64,6 +65,8 @@ class Planning:
         self.decisions = dist.new_group(list(range(world)), timeout=timeout) if world > 1 else None
         self.plan_source = "given" if plan is not None else ""  # where the plan came from (Note [plan cache])
         self.parallel_options: list[ParallelOption] = []  # what parallel="auto" chose from
+        self.pilot: PlanPilot | None = None  # the plan's choice while it is measured (Note [measured plan choice])
+        self.measured: list[tuple[Plan, float]] = []  # the candidates it measured, with their predicted errors
         self.compile_seconds = 0.0
         self._split_checked: set[CallSignature] = set()  # call signatures whose batch split is verified
         self.streamed_checks = 0  # Note [verify on stage-only loads] run so far
@@ -83,8 +86,14 @@ class Planning:
                  len(traced.blocks))
         if self.plan is None:
             start = time.perf_counter()
-            text, self.plan_source = self.from_rank0(lambda: self._plan_here(config, traced, args, kwargs))
+            unmeasurable = unmeasured(config, self.stage_only)  # Note [measured plan choice]
+            text, self.plan_source, drafts = self.from_rank0(
+                lambda: self._plan_here(config, traced, args, kwargs, unmeasurable))
             self.plan = Plan.from_json(text)
+            if drafts is not None:
+                key, plans = drafts
+                self.pilot = PlanPilot([Plan.from_json(p) for p in plans], key, self.plan_source, config.warm_up,
+                                       horizon_for(config))
             log.info("plan (%s) in %.2f s: %s blocks per stage", self.plan_source, time.perf_counter() - start,
                      " + ".join(str(len(stage)) for stage in self.plan.stages))
         # a call may skip planned blocks (skip-layer guidance): the others keep their stages
@@ -98,16 +107,26 @@ class Planning:
         return traced, split
 
     def _plan_here(self, config: EngineConfig, traced: TracedDenoiser, args: tuple[Any, ...],
-                   kwargs: dict[str, Any]) -> tuple[str, str]:
-        """(plan JSON, where it came from): the cached plan of this call and options, or a new one."""
+                   kwargs: dict[str, Any], unmeasurable: str | None) -> tuple[str, str, Any]:
+        """(plan JSON, where it came from, (cache key, candidate plans' JSON) or None): the cached
+        plan of this call and options, or a new one, or candidates to measure (Note [measured plan
+        choice]; ``unmeasurable``: why the fidelity rule cannot measure here)."""
         device = device_of(traced.flatten_call(args, kwargs))
-        plan, source = cached_plan(
-            traced, config.model_n,
-            lambda: profile_blocks(traced, self.denoiser, args, kwargs, repeats=config.profile_repeats,
-                                   measure_time=config.cost == "time"),
-            cost=config.cost, bandwidth=config.planner_bandwidth(device), layouts=config.plan_layouts,
-            max_slowdown=config.max_slowdown, device=device_kind(device), replan=config.replan)
-        return plan.to_json(), source
+
+        def profile() -> Any:
+            return profile_blocks(traced, self.denoiser, args, kwargs, repeats=config.profile_repeats,
+                                  measure_time=config.cost == "time")
+
+        options = dict(cost=config.cost, bandwidth=config.planner_bandwidth(device), layouts=config.plan_layouts,
+                       device=device_kind(device), replan=config.replan)
+        if unmeasurable is None:
+            plan, source, candidates, key = cached_choice(traced, config.model_n, profile,
+                                                          max_slowdown=config.slowdown("fidelity"), **options)
+            return plan.to_json(), source, (key, [c.to_json() for c in candidates]) if candidates else None
+        plan, source = cached_plan(traced, config.model_n, profile, max_slowdown=config.slowdown("depth"), **options)
+        if config.plan_rule == "fidelity" and config.model_n > 1:
+            source = f"{source}; depth rule (fidelity not measured: {unmeasurable})"
+        return plan.to_json(), source, None
 
     def check_split(self, config: EngineConfig, n: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """That this call's batch ``n`` splits evenly over the slices; the first call of each call
@@ -158,12 +177,12 @@ class Planning:
             bandwidth = config.planner_bandwidth(device_of(tensors))
             return [model_option(self.denoiser, args, kwargs, d, n, policy=config.policy, latent=self.latent,
                                  skeleton=self.skeleton, cost=config.cost, bandwidth=bandwidth,
-                                 layouts=config.plan_layouts, max_slowdown=config.max_slowdown,
+                                 layouts=config.plan_layouts, max_slowdown=config.slowdown("depth"),
                                  repeats=config.profile_repeats, profiles=profiles,
                                  two_calls=two_calls(n, guided)) for d in degrees]
 
         self.parallel_options = self.from_rank0(model)
-        chosen = choose_parallel(self.parallel_options, config.max_slowdown)
+        chosen = choose_parallel(self.parallel_options, config.slowdown(config.plan_rule))
         log.info("parallel='auto' chose %s in %.2f s", chosen.name, time.perf_counter() - start)
         if chosen.plan is not None:
             self.plan, self.plan_source = Plan.from_json(chosen.plan), "measured now (parallel='auto')"

@@ -272,6 +272,9 @@ class AsyncEngine:
                 call.branches.append(StageState())
             state = call.branches[branch]
             state.drain()  # the previous step's sends, an asynchronous step's receives
+            if self.planning.pilot is not None:  # Note [measured plan choice]
+                compiled = self.planning.pilot.step(self, compiled, state, args, kwargs, step, branch)
+                call.loop = compiled if branch == 0 else call.loop
             # Note [late branches]: a branch (or a signature on it) without stale values yet
             signals = Signals(new_loop=new_loop, new_branch=state.channel is not compiled.channel(branch))
             state.channel = compiled.channel(branch)
@@ -330,17 +333,6 @@ class AsyncEngine:
         call.calls_at_step_end = len(call.branch_log)
         return True
 
-    def predicted_step_seconds(self, bytes_per_s: float) -> float | None:
-        """The step-time model for an asynchronous step: the slowest stage's profiled time plus the
-        bytes it receives, plus the final output's broadcast, over ``bytes_per_s``. Needs a plan
-        made with ``cost="time"`` (None otherwise)."""
-        if self.plan is None or self.plan.cost_unit != "s" or not self._compiled:
-            return None
-        compiled = next(reversed(self._compiled.values()))
-        recv = [sum(t.spec.nbytes for t in compiled.split.transfers if t.dst == k) for k in range(self.plan.model_n)]
-        stage = max(cost + nbytes / bytes_per_s for cost, nbytes in zip(self.plan.costs, recv))
-        return stage + compiled.output_layout.nbytes / bytes_per_s
-
     def record(self, path: str | None) -> None:
         """Append a record of every step this rank runs to ``path`` (None: stop; Note [run records])."""
         self.recorder = Recorder(path) if path is not None else None  # an older one closes when collected
@@ -387,13 +379,14 @@ class AsyncEngine:
         traced, split = self.planning.split(self.config, args, kwargs)
         program = split.stages[self.stage]
         modules = [seg.module(self.denoiser) for seg in program.segments]
-        if traced.by_values and not self.config.compile and self.call.step == 0:
+        if self.planning.pilot is not None:  # Note [measured plan choice]: every weight stays until it chose
+            pass
+        elif traced.by_values and not self.config.compile and self.call.step == 0:
             # the other branches of this step trace with real values too: release after it
             self._deferred_release = modules
         else:
             self._release(modules)
-        if self.config.compile:  # after the release: compiled code must not capture released weights
-            modules = [torch.compile(m) for m in modules]
+            modules = self._compiled_modules(modules)
         device = device_of(traced.flatten_call(args, kwargs))
         out_specs = [traced.specs[n.name] for n in output_template(traced) if isinstance(n, torch.fx.Node)]
         destinations = {k: [self.ranks[k]] for k in range(self.config.model_n)}
@@ -415,10 +408,18 @@ class AsyncEngine:
                  compiled.channel(branch).bytes_sent_per_step)
         return compiled
 
-    def _release(self, modules: list[torch.nn.Module]) -> None:
-        """Free the weights of other stages' blocks that ``modules`` (this stage's programs) do not use."""
-        release_foreign(self.denoiser, self.plan, self.stage, modules, self._released)
+    def _release(self, modules: list[torch.nn.Module] | CompiledCall) -> None:
+        """Free the weights of other stages' blocks that ``modules`` (this stage's programs) do not
+        use; a whole compiled call's modules are compiled after (Note [measured plan choice])."""
+        compiled = modules if isinstance(modules, CompiledCall) else None
+        release_foreign(self.denoiser, self.plan, self.stage, compiled.modules if compiled else modules, self._released)
         self.planning.complete = False  # on every rank at the same call
+        if compiled is not None:
+            compiled.modules = self._compiled_modules(compiled.modules)
+
+    def _compiled_modules(self, modules: list[Any]) -> list[Any]:
+        """After the release: compiled code must not capture released weights."""
+        return [torch.compile(m) for m in modules] if self.config.compile else modules
 
     # -- weights ----------------------------------------------------------------------------
     @property

@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-__all__ = ["summary"]
+__all__ = ["predicted_step_seconds", "summary"]
 
 
 def summary(engine: Any, steps: int) -> dict[str, Any]:
@@ -35,7 +35,7 @@ def summary(engine: Any, steps: int) -> dict[str, Any]:
     steady = [s for kind, s in engine.seconds if kind != "warm-up"]
     if steady:
         result["step_s"] = round(statistics.fmean(steady) * calls_per_step, 4)
-    predicted = engine.predicted_step_seconds(LINKS["gloo"].bytes_per_s)
+    predicted = predicted_step_seconds(engine, LINKS["gloo"].bytes_per_s)
     if predicted is not None:
         result["predicted_step_s"] = round(predicted * calls_per_step, 4)
     if engine.plan is not None:
@@ -46,3 +46,15 @@ def summary(engine: Any, steps: int) -> dict[str, Any]:
         result["bytes_sent_per_step"] = engine.bytes_sent_per_step
         result["released_weights"] = len(engine.released_weights)
     return result
+
+
+def predicted_step_seconds(engine: Any, bytes_per_s: float) -> float | None:
+    """The step-time model for an asynchronous step of ``engine``: the slowest stage's profiled
+    time plus the bytes it receives, plus the final output's broadcast, over ``bytes_per_s``.
+    Needs a plan made with ``cost="time"`` (None otherwise)."""
+    if engine.plan is None or engine.plan.cost_unit != "s" or not engine._compiled:
+        return None
+    compiled = next(reversed(engine._compiled.values()))
+    recv = [sum(t.spec.nbytes for t in compiled.split.transfers if t.dst == k) for k in range(engine.plan.model_n)]
+    stage = max(cost + nbytes / bytes_per_s for cost, nbytes in zip(engine.plan.costs, recv))
+    return stage + compiled.output_layout.nbytes / bytes_per_s

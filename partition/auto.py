@@ -22,6 +22,7 @@ import torch.fx
 
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.planner import (
+    FIDELITY_SLOWDOWN,
     LAYOUTS,
     MAX_SLOWDOWN,
     Candidate,
@@ -29,13 +30,14 @@ from asyncdiff.partition.planner import (
     candidates,
     choose,
     main_path_depth,
+    nearby_candidates,
     stage_times,
 )
 from asyncdiff.partition.profile import BlockCost
 from asyncdiff.partition.split import place_latent_nodes
 from asyncdiff.partition.trace import TracedDenoiser, updated_base
 
-__all__ = ["COSTS", "COST_UNITS", "auto_plan", "block_cost", "block_values", "inplace_spans", "untransferable_spans", "plan_candidates", "plan_depth", "plan_layout"]
+__all__ = ["COSTS", "COST_UNITS", "auto_plan", "block_cost", "block_values", "candidate_plans", "inplace_spans", "untransferable_spans", "plan_candidates", "plan_depth", "plan_layout"]
 
 COSTS = ("time", "flops", "bytes")  # measured seconds, counted FLOPs, or weight bytes (memory balance)
 COST_UNITS = {"time": "s", "flops": "flop", "bytes": "byte"}
@@ -145,12 +147,28 @@ def auto_plan(traced: TracedDenoiser, costs: Mapping[str, BlockCost], model_n: i
     """
     problem = _Problem(traced, costs, cost)
     chosen = choose(candidates(problem.costs, problem.values, model_n, bandwidth, layouts), max_slowdown)
+    return _plan_of(traced, problem, chosen, cost, bandwidth)
+
+
+def candidate_plans(traced: TracedDenoiser, costs: Mapping[str, BlockCost], model_n: int, *,
+                    cost: str = "time", bandwidth: float | None = None, layouts: Sequence[str] = LAYOUTS,
+                    max_slowdown: float = FIDELITY_SLOWDOWN) -> list[Plan]:
+    """Note [fidelity rule]: the plans whose fidelity the engine measures, fastest first, each
+    with its layout, modelled step and main-path depth in ``notes``."""
+    problem = _Problem(traced, costs, cost)
+    return [_plan_of(traced, problem, c, cost, bandwidth)
+            for c in nearby_candidates(problem.costs, problem.values, model_n, bandwidth, layouts, max_slowdown)]
+
+
+def _plan_of(traced: TracedDenoiser, problem: _Problem, chosen: Candidate, cost: str,
+             bandwidth: float | None) -> Plan:
+    model_n = max(chosen.assignment) + 1
     assignment = problem.blocks(chosen.assignment)
     stages = tuple(tuple(b for b, s in zip(traced.blocks, assignment) if s == k) for k in range(model_n))
     stage_costs = tuple(sum(c for c, s in zip(problem.costs, chosen.assignment) if s == k) for k in range(model_n))
     modeled = stage_times(problem.costs, problem.values, chosen.assignment, bandwidth)
     return Plan(stages=stages, costs=stage_costs, cost_unit=COST_UNITS[cost],
-                notes={"modeled_step": max(modeled), "main_path_depth": chosen.depth})
+                notes={"modeled_step": max(modeled), "main_path_depth": chosen.depth, "layout": chosen.layout})
 
 
 def plan_depth(traced: TracedDenoiser, plan: Plan) -> int:

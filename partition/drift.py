@@ -14,6 +14,19 @@ pipeline with the simulator standing in for the denoiser: the final latents are 
 for that call and seed, so their distance from the sequential run's is the deviation the plan
 will add, at the cost of one sequential run per candidate (needs the real weights).
 
+Note [predicted error]: what the engine measures to choose a plan (Note [fidelity rule] in
+:mod:`asyncdiff.partition.planner`), on the real call and with no pipeline at hand: the flat
+inputs of the warm-up calls and of the first asynchronous call (recorded as they arrive), then
+``horizon`` more calls continued on the line of the last step (:func:`extrapolated_calls`: the
+latents and the timestep move on as they last moved). Each candidate plan runs these calls under
+the engine's schedule in one process (:class:`AsyncSimulator`), and its error is the mean
+relative distance of its outputs from the sequential ones over the asynchronous steps. The
+horizon is ``model_n + 1`` steps, so that staleness compounding through the stages (a value as
+old as the main path is deep) shows. What it rests on: the measured movement between the last
+warm-up call and the first asynchronous one (with ``warm_up=1``, the only two calls there are) and
+the assumption that the next few steps move alike; the loop is open (the plan's own errors do not
+feed back through the scheduler), which is why it ranks plans, not predicts PSNR.
+
 Example:
     >>> import torch
     >>> from asyncdiff.partition.plan import Plan
@@ -40,7 +53,8 @@ from asyncdiff.engine.schedule import Exchange, Layout, Message, Recv, Run, Sche
 from asyncdiff.partition.split import SplitDenoiser
 from asyncdiff.partition.trace import TracedDenoiser
 
-__all__ = ["AsyncSimulator", "predicted_drift", "record_calls", "simulate_async"]
+__all__ = ["AsyncSimulator", "extrapolated_calls", "predicted_drift", "predicted_error", "record_calls",
+           "sequential_outputs", "simulate_async"]
 
 
 class AsyncSimulator:
@@ -140,6 +154,50 @@ def predicted_drift(traced: TracedDenoiser, split: SplitDenoiser, denoiser: torc
     for got, want in list(zip(asynchronous, sequential))[warm_up:]:
         g = torch.cat([t.float().flatten() for t in got if isinstance(t, torch.Tensor)])
         w = torch.cat([t.float().flatten() for t in want if isinstance(t, torch.Tensor)])
+        errors.append(float((g - w).norm() / w.norm().clamp_min(1e-30)))
+    return sum(errors) / len(errors) if errors else 0.0
+
+
+def extrapolated_calls(calls: Sequence[list[Any]], horizon: int) -> list[list[Any]]:
+    """``calls`` (flat call tensors, two or more) and ``horizon`` more: every tensor that changed
+    over the last recorded step continues on its line (integers rounded), the rest repeats."""
+    if len(calls) < 2:
+        raise ValueError(f"extrapolating needs two recorded calls, got {len(calls)}")
+    before, last = calls[-2], calls[-1]
+    out = [list(c) for c in calls]
+    for k in range(1, horizon + 1):
+        nxt = []
+        for a, b in zip(last, before):
+            moving = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                      and a.dtype == b.dtype and a.dtype != torch.bool and not torch.equal(a, b))
+            if not moving:
+                nxt.append(a)
+                continue
+            x = a.double() + k * (a.double() - b.double())
+            nxt.append((x if a.is_floating_point() else x.round()).to(a.dtype))
+        out.append(nxt)
+    return out
+
+
+def sequential_outputs(traced: TracedDenoiser, denoiser: torch.nn.Module, calls: Sequence[list[Any]]) -> list[list[Any]]:
+    """The denoiser's outputs (leaves) for flat ``calls``, through its one-stage split."""
+    from asyncdiff.partition.plan import Plan
+    from asyncdiff.partition.split import split_graph
+
+    whole = split_graph(traced, Plan(stages=(tuple(traced.blocks),)))
+    return simulate_async(whole, denoiser, calls, len(calls), traced)
+
+
+def predicted_error(traced: TracedDenoiser, split: SplitDenoiser, denoiser: torch.nn.Module,
+                    calls: Sequence[list[Any]], warm_up: int, reference: Sequence[list[Any]] | None = None) -> float:
+    """Note [predicted error]: mean relative L2 distance of ``split``'s outputs under the engine's
+    schedule (warm-up ``warm_up``) from the sequential ``reference`` outputs, over the
+    asynchronous steps of flat ``calls``."""
+    reference = sequential_outputs(traced, denoiser, calls) if reference is None else reference
+    errors = []
+    for got, want in list(zip(simulate_async(split, denoiser, calls, warm_up, traced), reference))[warm_up:]:
+        g = torch.cat([t.double().flatten() for t in got if isinstance(t, torch.Tensor)])
+        w = torch.cat([t.double().flatten() for t in want if isinstance(t, torch.Tensor)])
         errors.append(float((g - w).norm() / w.norm().clamp_min(1e-30)))
     return sum(errors) / len(errors) if errors else 0.0
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 __all__ = ["Plan"]
 
@@ -26,7 +27,7 @@ class Plan:
     stages: tuple[tuple[str, ...], ...]
     costs: tuple[float, ...] = ()
     cost_unit: str = ""
-    notes: dict[str, float] = field(default_factory=dict, compare=False)
+    notes: dict[str, Any] = field(default_factory=dict, compare=False)  # numbers, and the layout
 
     def __post_init__(self) -> None:
         if not self.stages or any(not s for s in self.stages):

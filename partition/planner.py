@@ -25,7 +25,18 @@ main path leaves stage 0 and comes back), so at equal speed the wrapped plan is 
 as stale as a contiguous plan with one more stage. The planner therefore takes, among the plans
 whose modelled step is within ``max_slowdown`` of the fastest, the one with the smallest depth
 (then the faster one; then contiguous). Measured on the trained digits model (issue 10), the
-wrapped 2-stage plan lost about twice the fidelity of a contiguous one.
+wrapped 2-stage plan lost about twice the fidelity of a contiguous one. This *depth rule* is the
+fallback; where the engine can measure, the fidelity rule decides (Note [fidelity rule]).
+
+Note [fidelity rule]: depth counts stage crossings, not how much the values that cross move
+between steps or how much the output cares. So where the engine can measure, the default plan is
+the one with the lowest *predicted error* among the plans whose modelled step is within
+``max_slowdown`` (default 15 %, :data:`FIDELITY_SLOWDOWN`) of the fastest: the best plan of each
+layout and the contiguous plans whose cuts lie up to :data:`NEARBY_SHIFT` units from the best
+contiguous cut (at most :data:`MAX_CANDIDATES`, fastest first). The error is measured on the real
+call by the engine's own one-process execution (Note [predicted error] in
+:mod:`asyncdiff.partition.drift`); ties (within 1e-9, relatively) go to the faster plan. The
+choice is a pure function of the candidates and their errors (:func:`choose_faithful`).
 
 Example:
     >>> best_contiguous([1, 1, 1, 1, 4], [], 2)
@@ -39,16 +50,21 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["LAYOUTS", "MAX_SLOWDOWN", "Candidate", "Value", "best_assignment", "best_contiguous", "best_wrapped",
-           "candidates", "choose", "main_path_depth", "stage_times"]
+__all__ = ["FIDELITY_SLOWDOWN", "LAYOUTS", "MAX_CANDIDATES", "MAX_SLOWDOWN", "NEARBY_SHIFT", "Candidate", "Value",
+           "best_assignment", "best_contiguous", "best_wrapped", "candidates", "choose", "choose_faithful",
+           "main_path_depth", "nearby_candidates", "stage_times"]
 
 LAYOUTS = ("contiguous", "wrapped")
-MAX_SLOWDOWN = 0.05  # default: a less stale plan may be up to 5 % slower (modelled) than the fastest
+MAX_SLOWDOWN = 0.05  # depth rule: a less stale plan may be up to 5 % slower (modelled) than the fastest
+FIDELITY_SLOWDOWN = 0.15  # fidelity rule: a more faithful plan may be up to 15 % slower (Note [fidelity rule])
+NEARBY_SHIFT = 2  # fidelity rule: contiguous cuts up to this many units from the best one are candidates
+MAX_CANDIDATES = 6  # fidelity rule: the fastest this many candidates are measured
 
 
 @dataclass(frozen=True)
@@ -249,6 +265,51 @@ def choose(found: Sequence[Candidate], max_slowdown: float = MAX_SLOWDOWN) -> Ca
     limit = fastest * (1 + max_slowdown) * (1 + 1e-12)
     eligible = [c for c in found if c.step <= limit]
     return min(eligible, key=lambda c: (c.depth, c.step, LAYOUTS.index(c.layout)))
+
+
+def nearby_candidates(costs: Sequence[float], values: Sequence[Value], model_n: int, bandwidth: float | None = None,
+                      layouts: Sequence[str] = LAYOUTS, max_slowdown: float = FIDELITY_SLOWDOWN,
+                      limit: int = MAX_CANDIDATES) -> list[Candidate]:
+    """Note [fidelity rule]: the plans to measure, fastest first: the best plan of each layout and
+    the contiguous plans with every cut moved by up to :data:`NEARBY_SHIFT` units, those within
+    ``max_slowdown`` of the fastest modelled step, at most ``limit``."""
+    best = candidates(costs, values, model_n, bandwidth, layouts)
+    found = {c.assignment: c for c in best}
+    contiguous = next((c for c in best if c.layout == "contiguous"), None)
+    if contiguous is not None and model_n > 1:
+        n = len(costs)
+        cuts = [i for i in range(1, n) if contiguous.assignment[i] != contiguous.assignment[i - 1]]
+        shifts = range(-NEARBY_SHIFT, NEARBY_SHIFT + 1)
+        for moved in itertools.product(shifts, repeat=len(cuts)):
+            new = [c + d for c, d in zip(cuts, moved)]
+            if any(b <= a for a, b in zip([0, *new], [*new, n])):
+                continue  # an empty stage
+            starts = [0, *new, n]
+            assignment = tuple(k for k, (i, j) in enumerate(zip(starts, starts[1:])) for _ in range(i, j))
+            if assignment not in found:
+                found[assignment] = Candidate("contiguous", assignment,
+                                              max(stage_times(costs, values, assignment, bandwidth)),
+                                              main_path_depth(values, assignment))
+    fastest = min(c.step for c in found.values())
+    limit_step = fastest * (1 + max_slowdown) * (1 + 1e-12)
+    eligible = sorted((c for c in found.values() if c.step <= limit_step),
+                      key=lambda c: (c.step, LAYOUTS.index(c.layout), c.assignment))
+    return eligible[:limit]
+
+
+def choose_faithful(steps: Sequence[float], errors: Sequence[float]) -> int:
+    """Note [fidelity rule]: the index of the candidate with the lowest predicted error among
+    candidates with modelled ``steps`` (all within the window); near-ties (1e-9 relative) go to
+    the faster one.
+
+    >>> choose_faithful([1.0, 1.1, 1.05], [0.02, 0.01, 0.01])
+    2
+    """
+    if len(steps) != len(errors) or not steps:
+        raise ValueError(f"{len(steps)} candidates but {len(errors)} predicted errors")
+    least = min(errors)
+    tied = [i for i, e in enumerate(errors) if e <= least * (1 + 1e-9) + 1e-30]
+    return min(tied, key=lambda i: (steps[i], i))
 
 
 def best_assignment(costs: Sequence[float], values: Sequence[Value], model_n: int,

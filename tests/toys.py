@@ -1130,3 +1130,39 @@ def failing_decision(kind: str) -> tuple[str, str, str, float]:
     finally:
         planning.cached_plan = working
     return "no error", "", "", time.perf_counter() - started
+
+
+def pilot_scenarios(steps: int, warm_up: int, max_slowdown: float | None, cache: str) -> dict[str, Any]:
+    """Note [measured plan choice] on the toy: every step's output with the plan the fidelity rule
+    measured, with that plan given from the start, and with it read from the plan cache; the
+    candidates, their errors, the provisional plan and where each plan came from."""
+    import dataclasses
+    import os
+
+    from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
+
+    os.environ["ASYNCDIFF_PLAN_CACHE"] = cache
+    torch.manual_seed(0)
+    toy = ToyDenoiser(depth=6)
+
+    def outputs(denoiser: Any) -> list[torch.Tensor]:
+        x, out = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), []
+        with torch.no_grad():
+            for t in range(steps):
+                out.append(denoiser(x, torch.tensor([float(steps - t)]), return_dict=False)[0])
+                x = x - 0.1 * out[-1]
+        return out
+
+    config = EngineConfig(model_n=dist.get_world_size(), warm_up=warm_up, cost="flops", max_slowdown=max_slowdown)
+    results: dict[str, Any] = {"sequential": outputs(toy)}
+    depth = dataclasses.replace(config, plan_rule="depth")
+    for name, plan, rule in (("measured", None, config), ("cached", None, config), ("given", "measured", config),
+                             ("depth", None, depth)):
+        engine = AsyncEngine(toy, rule, latent="sample", plan=results[f"{plan}_plan"] if plan else None)
+        results[name] = outputs(engine)
+        results[f"{name}_plan"], results[f"{name}_source"] = engine.plan, engine.plan_source
+        results[f"{name}_kinds"] = [kind.name for kind, _ in engine.call.seconds]
+        results[f"{name}_candidates"] = [(p.stages, e) for p, e in engine.planning.measured]
+        results[f"{name}_released"] = len(engine.released_weights)
+        engine.restore_weights()
+    return results
