@@ -128,7 +128,7 @@ class AsyncDiff:
             load = stage_in_memory(self.pipeline, self.adapter.denoiser, latent=self.adapter.latent,
                                    model_n=config.model_n, stage=min(rank % config.stage_world, config.model_n - 1),
                                    device=device, plan=plan, policy=config.policy, layouts=config.plan_layouts,
-                                   max_slowdown=config.max_slowdown, bandwidth=config.planner_bandwidth(device),
+                                   max_slowdown=config.slowdown("depth"), bandwidth=config.planner_bandwidth(device),
                                    cost="flops" if config.cost == "time" else config.cost)
         except TraceError as err:  # then it moves whole, and the first call plans with its weights
             warnings.warn(_loaded_whole(err), stacklevel=3)
@@ -187,7 +187,7 @@ class AsyncDiff:
                                    latent=registered.latent if registered else None, model_n=config.model_n,
                                    stage=min(rank % config.stage_world, config.model_n - 1), device=device,
                                    torch_dtype=torch_dtype, variant=variant, plan=plan, policy=config.policy,
-                                   layouts=config.plan_layouts, max_slowdown=config.max_slowdown,
+                                   layouts=config.plan_layouts, max_slowdown=config.slowdown("depth"),
                                    bandwidth=config.planner_bandwidth(device), call_kwargs=call_kwargs,
                                    components=given, cost=config.cost)
         except TraceError as err:

@@ -60,10 +60,11 @@ class PlanPilot:
     """The pending choice among ``candidates`` (Plans, fastest first); ``key``: where the choice is
     cached; ``made``: how the candidates were made (for the plan's source)."""
 
-    def __init__(self, candidates: list[Plan], key: str, made: str, warm_up: int, horizon: int) -> None:
-        self.candidates, self.key, self.made = candidates, key, made
-        self.warm_up, self.horizon = warm_up, horizon
-        self.calls: list[list[Any]] = []  # flat inputs of this call's warm-up steps
+    def __init__(self, candidates: list[Plan], key: str, made: str, horizon: int) -> None:
+        self.candidates, self.key, self.made, self.horizon = candidates, key, made, horizon
+        self.warm_up = 0  # the running call's (reset_state may change it)
+        self.calls: list[list[Any]] = []  # flat inputs of this loop's warm-up steps
+        self.compiled: CompiledCall | None = None  # the call signature they were recorded for
         self.errors: list[float] = []  # measured, per candidate
 
     def step(self, engine: AsyncEngine, compiled: CompiledCall, state: StageState, args: tuple[Any, ...],
@@ -73,14 +74,16 @@ class PlanPilot:
         if branch != 0:
             self._settle(engine, None, "the pipeline calls its denoiser more than once per step")
             return compiled
-        if step == 0:
-            self.calls = []
+        if step == 0 or compiled is not self.compiled:  # a new call, or a new loop (Note [a second loop])
+            self.calls, self.compiled, self.warm_up = [], compiled, engine.schedule.warm_up
+        if self.warm_up < 1:
+            self._settle(engine, None, "warm_up=0")
+            return compiled
         flat = compiled.traced.flatten_call(args, kwargs)
         if step < self.warm_up:
             self.calls.append(fresh_copy(flat))
             return compiled
-        if len(self.calls) != self.warm_up:
-            self._settle(engine, None, "the warm-up calls were not all seen")
+        if len(self.calls) != self.warm_up:  # this loop's warm-up began before the plan was made
             return compiled
         return self._choose(engine, compiled, state, flat, args, kwargs)
 

@@ -92,8 +92,7 @@ class Planning:
             self.plan = Plan.from_json(text)
             if drafts is not None:
                 key, plans = drafts
-                self.pilot = PlanPilot([Plan.from_json(p) for p in plans], key, self.plan_source, config.warm_up,
-                                       horizon_for(config))
+                self.pilot = PlanPilot([Plan.from_json(p) for p in plans], key, self.plan_source, horizon_for(config))
             log.info("plan (%s) in %.2f s: %s blocks per stage", self.plan_source, time.perf_counter() - start,
                      " + ".join(str(len(stage)) for stage in self.plan.stages))
         # a call may skip planned blocks (skip-layer guidance): the others keep their stages
@@ -121,7 +120,8 @@ class Planning:
                        device=device_kind(device), replan=config.replan)
         if unmeasurable is None:
             plan, source, candidates, key = cached_choice(traced, config.model_n, profile,
-                                                          max_slowdown=config.slowdown("fidelity"), **options)
+                                                          max_slowdown=config.slowdown("fidelity"),
+                                                          depth_slowdown=config.slowdown("depth"), **options)
             return plan.to_json(), source, (key, [c.to_json() for c in candidates]) if candidates else None
         plan, source = cached_plan(traced, config.model_n, profile, max_slowdown=config.slowdown("depth"), **options)
         if config.plan_rule == "fidelity" and config.model_n > 1:

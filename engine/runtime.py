@@ -273,7 +273,7 @@ class AsyncEngine:
             state = call.branches[branch]
             state.drain()  # the previous step's sends, an asynchronous step's receives
             if self.planning.pilot is not None:  # Note [measured plan choice]
-                compiled = self.planning.pilot.step(self, compiled, state, args, kwargs, step, branch)
+                compiled = self.planning.pilot.step(self, compiled, state, args, kwargs, call.step, branch)
                 call.loop = compiled if branch == 0 else call.loop
             # Note [late branches]: a branch (or a signature on it) without stale values yet
             signals = Signals(new_loop=new_loop, new_branch=state.channel is not compiled.channel(branch))

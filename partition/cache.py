@@ -125,11 +125,14 @@ def cached_plan(traced: TracedDenoiser, model_n: int, profile: Callable[[], Mapp
 
 def cached_choice(traced: TracedDenoiser, model_n: int, profile: Callable[[], Mapping[str, BlockCost]], *,
                   cost: str, bandwidth: float | None, layouts: Sequence[str], max_slowdown: float, device: str,
-                  replan: bool = False, cache: PlanCache | None = None) -> tuple[Plan, str, list[Plan], str]:
+                  depth_slowdown: float, replan: bool = False,
+                  cache: PlanCache | None = None) -> tuple[Plan, str, list[Plan], str]:
     """Note [fidelity rule]: ``(plan, source, candidates, key)``: the plan the fidelity rule chose
     for this call before (cached; no candidates), or, planned now from ``profile()``, the
-    candidates to measure (the provisional plan is the least stale of them) and the key to store
-    the measured choice under (:meth:`PlanCache.store`). A single candidate is the choice."""
+    candidates to measure and the key to store the measured choice under
+    (:meth:`PlanCache.store`); the plan is then the provisional one, the depth rule's (within
+    ``depth_slowdown``), which runs until the choice and stays where nothing is measured. A
+    single candidate is the choice."""
     cache = cache if cache is not None else PlanCache()
     options = {"stages": model_n, "cost": cost, "bandwidth": bandwidth, "layouts": list(layouts),
                "max_slowdown": float(max_slowdown), "rule": "fidelity"}
@@ -137,14 +140,18 @@ def cached_choice(traced: TracedDenoiser, model_n: int, profile: Callable[[], Ma
     found = None if replan or not cache.enabled else cache.load(key)
     if found is not None and found.model_n == model_n:
         return found, f"cached at {cache.path(key)}", [], key
-    plans = candidate_plans(traced, profile(), model_n, cost=cost, bandwidth=bandwidth, layouts=layouts,
+    costs = profile()
+    plans = candidate_plans(traced, costs, model_n, cost=cost, bandwidth=bandwidth, layouts=layouts,
                             max_slowdown=max_slowdown)
+    provisional = auto_plan(traced, costs, model_n, cost=cost, bandwidth=bandwidth, layouts=layouts,
+                            max_slowdown=depth_slowdown)
+    if all(p.stages != provisional.stages for p in plans):
+        plans.append(provisional)
     made = {"time": "measured now", "flops": "counted now (FLOPs)"}.get(cost, f"counted now ({cost})")
     if len(plans) == 1:
         path = cache.store(key, plans[0])
         return plans[0], f"{made}, the only plan within {max_slowdown:.0%} of the fastest, " + (
             f"saved to {path}" if path else "not cached"), [], key
-    provisional = min(plans, key=lambda p: (p.notes["main_path_depth"], p.notes["modeled_step"]))
     return provisional, f"{made}, {len(plans)} candidates to measure", plans, key
 
 

@@ -80,8 +80,9 @@ class PartitionReport:
     broadcast_bytes: int = 0  # what broadcasting every block's output to every other rank would send
     source: str = ""  # where the plan came from: "given", "measured now, saved to PATH", "cached at PATH"
     main_path_depth: int = 0  # stage crossings from the latent to the output (Note [staleness])
-    # each layout's best plan: (layout, modelled s, main-path depth, predicted drift or None)
-    candidates: tuple[tuple[str, float, int, float | None], ...] = ()
+    # the plans weighed: (layout, modelled s, main-path depth, predicted drift or None, predicted error or None,
+    # chosen); the error is Note [predicted error]'s, the drift Note [predicted drift]'s
+    candidates: tuple[tuple[str, float, int, float | None, float | None, bool], ...] = ()
     trace_notes: tuple[str, ...] = ()  # what the tracer did beyond tracing (TracedDenoiser.notes)
     schedule: str = ""  # the first steps' programs per rank (Note [schedule as program])
 
@@ -105,10 +106,11 @@ class PartitionReport:
             rows.append(f"plan: {self.source}; main-path depth {self.main_path_depth} (the output is "
                         f"{self.main_path_depth} step{'s' if self.main_path_depth != 1 else ''} behind the latent "
                         "after warm-up)")
-        for layout, step, depth, drift in self.candidates:
+        for layout, step, depth, drift, error, chosen in self.candidates:
             rows.append(f"  considered {layout:<10} modelled step {step:.4g} s, speed-up "
                         f"{self.sequential_s / step if step else 1.0:.2f}x, main-path depth {depth}"
-                        + (f", predicted drift {drift:.4f}" if drift is not None else ""))
+                        + (f", predicted error {error:.4g}" if error is not None else "")
+                        + (f", predicted drift {drift:.4f}" if drift is not None else "") + (" <- chosen" if chosen else ""))
         rows.extend(f"trace: {note}" for note in self.trace_notes)
         if self.schedule:
             rows.append("schedule at warm-up 1, stride 1 (what each rank executes; sK runs segment K, [t-a] on "

@@ -78,17 +78,46 @@ def test_inspect_lists_every_layout_with_depth_and_predicted_drift(tmp_path, cap
     and the deviation a simulated asynchronous run adds; the plan source on the first and second run."""
     monkeypatch.setenv("ASYNCDIFF_PLAN_CACHE", str(tmp_path))
     command = ["inspect", "--pipeline", "digits", "--stages", "2", "--cost", "time", "--bandwidth", "gloo",
-               "--drift", "4"]
+               "--plan-rule", "depth", "--drift", "4"]
     assert main(command) == 0
     first = capsys.readouterr().out
     considered = [line for line in first.splitlines() if line.strip().startswith("considered")]
     assert [line.split()[1] for line in considered] == ["contiguous", "wrapped"]
     depths = [int(line.split("main-path depth ")[1].split(",")[0]) for line in considered]
-    drifts = [float(line.split("predicted drift ")[1]) for line in considered]
+    drifts = [float(line.split("predicted drift ")[1].split()[0]) for line in considered]
     assert depths == [1, 2] and all(d > 0 for d in drifts)
     assert "plan: measured now, saved to" in first
     assert main(command[:-2]) == 0  # same call and options: the cached plan
     assert f"plan: cached at {tmp_path}" in capsys.readouterr().out
+
+
+def test_inspect_shows_the_fidelity_rules_choice_with_both_numbers_per_candidate(capsys):
+    """Note [fidelity rule]: on real weights inspect measures as the engine does; every candidate
+    within the window has its modelled step and predicted error, the least error is chosen."""
+    from asyncdiff.inspection import load_for_inspection, measured_errors, partition_report
+    from asyncdiff.models.builders import example_inputs
+    from asyncdiff.partition.drift import record_calls
+
+    assert main(["inspect", "--pipeline", "digits", "--stages", "2", "--cost", "time", "--bandwidth", "gloo",
+                 "--warm-up", "1"]) == 0
+    out = capsys.readouterr().out
+    considered = [line for line in out.splitlines() if line.strip().startswith("considered")]
+    errors = [float(line.split("predicted error ")[1].split(",")[0].split()[0]) for line in considered]
+    steps = [float(line.split("modelled step ")[1].split()[0]) for line in considered]
+    assert len(considered) >= 2 and all(e > 0 for e in errors) and max(steps) <= min(steps) * 1.15 * 1.001
+    chosen = [line for line in considered if line.endswith("<- chosen")]
+    assert len(chosen) == 1 and errors[considered.index(chosen[0])] == min(errors)
+    assert "plan: fidelity rule: predicted error" in out
+    # the errors come from the recorded calls: a different warm-up measures a different step pair
+    pipe = load_for_inspection("digits", "tiny", None, on_meta=False)
+    call = example_inputs("digits", "tiny")
+    calls = record_calls(pipe, "unet", **call)
+    args, kwargs = calls[0]
+    one = partition_report(pipe.unet, args, kwargs, model_n=2, cost="flops",
+                           errors=measured_errors(calls, pipe.unet, 1, 2))[1]
+    two = partition_report(pipe.unet, args, kwargs, model_n=2, cost="flops",
+                           errors=measured_errors(calls, pipe.unet, 2, 2))[1]
+    assert [c[4] for c in one.candidates] != [c[4] for c in two.candidates]
 
 
 def test_inspect_notes_a_value_trace_and_counts_flops_on_it():

@@ -169,10 +169,11 @@ def pipeline_scenarios(steps: int, stale_warm_up: int, layout: str = "contiguous
         reference = latents()
         async_diff = AsyncDiff(pipe, model_n=world, stride=1, warm_up=steps, layouts=(layout,))
         exact = latents()
-        plan = async_diff.plan
-        held = {name: p.numel() for name, p in pipe.unet.named_parameters() if p.numel() > 0}
         async_diff.reset_state(warm_up=stale_warm_up)
         stale = latents()
+        # after the first asynchronous step: the plan is chosen (Note [measured plan choice]), the rest released
+        plan = async_diff.plan
+        held = {name: p.numel() for name, p in pipe.unet.named_parameters() if p.numel() > 0}
         async_diff.remove()
         after_remove = latents()
     return {"rank": rank, "reference": reference, "exact": exact, "stale": stale, "after_remove": after_remove,
@@ -1117,9 +1118,9 @@ def failing_decision(kind: str) -> tuple[str, str, str, float]:
     def broken(*_: Any, **__: Any) -> Any:
         raise getattr(builtins, kind)("injected while planning")
 
-    working = planning.cached_plan
-    if dist.get_rank() == 0:
-        planning.cached_plan = broken  # this process only, until the end of this call
+    working = planning.cached_plan, planning.cached_choice
+    if dist.get_rank() == 0:  # this process only, until the end of this call; either rule's planning
+        planning.cached_plan = planning.cached_choice = broken
     torch.manual_seed(0)
     engine = AsyncEngine(ToyDenoiser(), EngineConfig(model_n=2, warm_up=1, cost="flops"), latent="sample")
     started = time.perf_counter()
@@ -1128,7 +1129,7 @@ def failing_decision(kind: str) -> tuple[str, str, str, float]:
     except BaseException as err:  # noqa: BLE001 -- KeyboardInterrupt is one of the cases
         return type(err).__name__, str(err), type(err.__cause__).__name__, time.perf_counter() - started
     finally:
-        planning.cached_plan = working
+        planning.cached_plan, planning.cached_choice = working
     return "no error", "", "", time.perf_counter() - started
 
 

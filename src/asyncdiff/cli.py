@@ -106,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="flops: on meta tensors, no weights needed; time: measured on this machine")
     ins.add_argument("--bandwidth", default="nvlink", choices=sorted(LINKS), help="link preset for the step model")
     ins.add_argument("--plan", default=None, help="report this plan JSON instead of planning")
-    _add_engine_options(ins, only=("policy", "max_slowdown", "replan"))
+    _add_engine_options(ins, only=("policy", "plan_rule", "max_slowdown", "replan", "warm_up"))
     ins.add_argument("--drift", type=int, default=0, metavar="STEPS",
                      help="run STEPS real steps and predict each plan's drift from stale inputs (loads real weights)")
     ins.add_argument("--prompt", default="a photo of a cat")
@@ -274,7 +274,8 @@ def _inspect(args: argparse.Namespace) -> int:
         from asyncdiff.inspection import parallel_report
 
         _, _, table = parallel_report(pipe, devices=args.devices, cost=args.cost, link=args.bandwidth,
-                                      policy=args.policy, max_slowdown=args.max_slowdown, **call)
+                                      policy=args.policy, max_slowdown=args.max_slowdown, plan_rule=args.plan_rule,
+                                      **call)
         print(table)
         return 0
     plan = None
@@ -285,6 +286,7 @@ def _inspect(args: argparse.Namespace) -> int:
             plan = Plan.from_json(f.read())
     _, report = pipeline_report(pipe, model_n=args.stages, cost=args.cost, link=args.bandwidth, policy=args.policy,
                                 plan=plan, max_slowdown=args.max_slowdown, replan=args.replan, drift_steps=args.drift,
+                                plan_rule=args.plan_rule, warm_up=args.warm_up,
                                 name=f"{args.model or args.pipeline} ({args.size if not args.model else 'loaded'})",
                                 **call)
     print(report.table())

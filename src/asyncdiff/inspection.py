@@ -19,10 +19,16 @@ import torch
 import torch.utils._pytree as pytree
 
 from asyncdiff.engine.schedule import Layout, Schedule
-from asyncdiff.partition.auto import plan_candidates, plan_depth
+from asyncdiff.partition.auto import block_values, candidate_plans, plan_candidates, plan_depth, plan_layout
 from asyncdiff.partition.blocks import BlockPolicy
 from asyncdiff.partition.cache import cached_plan, device_kind
-from asyncdiff.partition.drift import AsyncSimulator
+from asyncdiff.partition.drift import (
+    AsyncSimulator,
+    extrapolated_calls,
+    predicted_error,
+    record_calls,
+    sequential_outputs,
+)
 from asyncdiff.partition.hybrid import (
     ParallelOption,
     choose_parallel,
@@ -30,27 +36,30 @@ from asyncdiff.partition.hybrid import (
     parallel_degrees,
     two_calls,
 )
-from asyncdiff.partition.planner import LAYOUTS, MAX_SLOWDOWN
+from asyncdiff.partition.planner import FIDELITY_SLOWDOWN, LAYOUTS, MAX_SLOWDOWN, choose_faithful, main_path_depth
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.profile import profile_blocks
 from asyncdiff.partition.report import LINKS, PartitionReport, build_report
 from asyncdiff.partition.split import SplitDenoiser, split_graph
 from asyncdiff.partition.trace import TracedDenoiser, trace_denoiser
 
-__all__ = ["final_latents", "load_for_inspection", "parallel_report", "partition_report", "pipeline_report"]
+__all__ = ["final_latents", "load_for_inspection", "measured_errors", "parallel_report", "partition_report",
+           "pipeline_report"]
 
 
 def partition_report(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, model_n: int,
                      cost: str = "flops", link: str = "gloo", policy: str | BlockPolicy = "fine",
                      latent: str | None = None, plan: Plan | None = None, name: str | None = None,
-                     layouts: tuple[str, ...] = LAYOUTS, max_slowdown: float = MAX_SLOWDOWN, replan: bool = False,
+                     layouts: tuple[str, ...] = LAYOUTS, max_slowdown: float | None = None, replan: bool = False,
                      drift: Callable[[TracedDenoiser, SplitDenoiser], float] | None = None,
+                     errors: Callable[[TracedDenoiser, list[Plan]], list[float]] | None = None,
                      ) -> tuple[Plan, PartitionReport]:
     """Trace ``denoiser(*args, **kwargs)``, profile its blocks, plan ``model_n`` stages (or use
-    ``plan``) and report, with every layout's best plan and its staleness (Note [staleness]).
-    ``cost="flops"`` works on ``meta`` tensors (no weights needed). Plans come from the plan cache
-    where it has one for this call and options (Note [plan cache]; ``replan=True``: plan anew).
-    ``drift``: gives each considered plan's predicted drift (Note [predicted drift])."""
+    ``plan``) and report, with the plans weighed, their modelled step and staleness (Note
+    [staleness]). ``errors``: each candidate's predicted error (Note [predicted error]): the plan
+    is then the fidelity rule's (Note [fidelity rule]; needs real weights), else the depth rule's
+    (cached where the plan cache has it; ``replan=True``: plan anew). ``cost="flops"`` works on
+    ``meta`` tensors. ``drift``: gives each plan's predicted drift (Note [predicted drift])."""
     if link not in LINKS:
         raise ValueError(f"link={link!r} is not a preset; use one of {sorted(LINKS)}")
     on_meta = any(isinstance(t, torch.Tensor) and t.is_meta for t in (*denoiser.parameters(), *args))
@@ -61,35 +70,63 @@ def partition_report(denoiser: torch.nn.Module, args: tuple[Any, ...], kwargs: d
     costs = profile_blocks(traced, denoiser, args, kwargs, measure_time=cost == "time")
     unit = "s" if cost == "time" else "flop"
     bandwidth = LINKS[link].planner_bandwidth(unit)
+    window = max_slowdown if max_slowdown is not None else FIDELITY_SLOWDOWN if errors else MAX_SLOWDOWN
+    considered = candidate_plans(traced, costs, model_n, cost=cost, bandwidth=bandwidth, layouts=layouts,
+                                 max_slowdown=window) if errors else [
+        _as_plan(traced, c, model_n) for c in plan_candidates(traced, costs, model_n, cost=cost, bandwidth=bandwidth,
+                                                             layouts=layouts)]
+    predicted = errors(traced, considered) if errors else [None] * len(considered)
     source = "given"
-    if plan is None:
+    if plan is None and errors:
+        index = choose_faithful([p.notes["modeled_step"] for p in considered], predicted)
+        plan, source = considered[index], (f"fidelity rule: predicted error {predicted[index]:.4g}, the least of "
+                                           f"{len(considered)} candidates within {window:.0%} of the fastest")
+    elif plan is None:
         device = next((t.device for t in args if isinstance(t, torch.Tensor)), torch.device("cpu"))
         plan, source = cached_plan(traced, model_n, lambda: costs, cost=cost, bandwidth=bandwidth, layouts=layouts,
-                                   max_slowdown=max_slowdown, device=device_kind(device), replan=replan)
+                                   max_slowdown=window, device=device_kind(device), replan=replan)
+        source += "; depth rule (fidelity needs real weights: --cost time or --drift)"
     split = split_graph(traced, plan)
     report = build_report(name or type(denoiser).__name__, traced, costs, plan, split, LINKS[link])
-    depth = plan_depth(traced, plan)
-    considered = []
-    for c in plan_candidates(traced, costs, model_n, cost=cost, bandwidth=bandwidth, layouts=layouts):
-        predicted = None
-        if drift is not None:
-            candidate = Plan(stages=tuple(tuple(b for b, s in zip(traced.blocks, c.assignment) if s == k)
-                                          for k in range(model_n)))
-            predicted = drift(traced, split_graph(traced, candidate))
-        considered.append((c.layout, LINKS[link].seconds(c.step, unit), c.depth, predicted))
+    rows = []
+    for candidate, error in zip(considered, predicted):
+        blocks = [candidate.stage_of(b) for b in traced.blocks]
+        rows.append((plan_layout(traced, candidate), LINKS[link].seconds(float(candidate.notes["modeled_step"]), unit),
+                     main_path_depth(block_values(traced), blocks),
+                     drift(traced, split_graph(traced, candidate)) if drift is not None else None, error,
+                     candidate.stages == plan.stages))
     schedule = Schedule(plan.model_n, warm_up=1).format(3, Layout.of(split))
-    return plan, dataclasses.replace(report, source=source, main_path_depth=depth, candidates=tuple(considered),
-                                     trace_notes=traced.notes(), schedule=schedule)
+    return plan, dataclasses.replace(report, source=source, main_path_depth=plan_depth(traced, plan),
+                                     candidates=tuple(rows), trace_notes=traced.notes(), schedule=schedule)
+
+
+def _as_plan(traced: TracedDenoiser, c: Any, model_n: int) -> Plan:
+    return Plan(stages=tuple(tuple(b for b, s in zip(traced.blocks, c.assignment) if s == k) for k in range(model_n)),
+                notes={"modeled_step": c.step})
+
+
+def measured_errors(calls: list[tuple[tuple[Any, ...], dict[str, Any]]], denoiser: torch.nn.Module, warm_up: int,
+                    model_n: int) -> Callable[[TracedDenoiser, list[Plan]], list[float]]:
+    """Note [predicted error] as the engine measures it, from a sequential run's recorded ``calls``:
+    the first ``warm_up + 1`` of them, continued for ``model_n + 1`` steps."""
+    def errors(traced: TracedDenoiser, plans: list[Plan]) -> list[float]:
+        flat = [traced.flatten_call(a, k) for a, k in calls[: warm_up + 1]]
+        inputs = extrapolated_calls(flat, model_n + 1)
+        reference = sequential_outputs(traced, denoiser, inputs)
+        return [predicted_error(traced, split_graph(traced, p), denoiser, inputs, warm_up, reference) for p in plans]
+    return errors
 
 
 def pipeline_report(pipeline: Any, *, model_n: int, cost: str = "flops", link: str = "gloo",
                     policy: str | BlockPolicy = "fine", name: str | None = None, plan: Plan | None = None,
-                    max_slowdown: float = MAX_SLOWDOWN, replan: bool = False, drift_steps: int = 0,
-                    **call_kwargs: Any) -> tuple[Plan, PartitionReport]:
+                    max_slowdown: float | None = None, replan: bool = False, drift_steps: int = 0,
+                    plan_rule: str = "fidelity", warm_up: int = 1, **call_kwargs: Any) -> tuple[Plan, PartitionReport]:
     """:func:`partition_report` for a diffusers pipeline's denoiser, called as the pipeline calls it.
     ``drift_steps``: give each considered plan its predicted drift: the relative distance of the
     final latents of a run of that many steps (warm-up 1) under the engine's schedule, simulated
-    in this process (:func:`final_latents`), from the sequential run's (needs real weights)."""
+    in this process (:func:`final_latents`), from the sequential run's (needs real weights).
+    ``plan_rule="fidelity"`` on real weights: the engine's choice (Note [fidelity rule]), from one
+    sequential run of the call with ``warm_up`` warm-up steps."""
     from asyncdiff.adapters.api import other_denoisers
     from asyncdiff.adapters.capture import capture_denoiser_call
     from asyncdiff.adapters.registry import adapter_for
@@ -105,9 +142,13 @@ def pipeline_report(pipeline: Any, *, model_n: int, cost: str = "flops", link: s
             simulated = final_latents(pipeline, adapter.denoiser, AsyncSimulator(traced, split, denoiser),
                                       drift_steps, call_kwargs)
             return float((simulated - reference).norm() / reference.norm().clamp_min(1e-30))
+    real = not any(t.is_meta for t in denoiser.parameters())
+    errors = None
+    if plan_rule == "fidelity" and real and model_n > 1 and warm_up >= 1:
+        errors = measured_errors(record_calls(pipeline, adapter.denoiser, **call_kwargs), denoiser, warm_up, model_n)
     chosen, report = partition_report(denoiser, args, kwargs, model_n=model_n, cost=cost, link=link, policy=policy,
                                       latent=adapter.latent, name=name or adapter.name, plan=plan,
-                                      max_slowdown=max_slowdown, replan=replan, drift=drift)
+                                      max_slowdown=max_slowdown, replan=replan, drift=drift, errors=errors)
     others = [f"{other} ({type(getattr(pipeline, other)).__name__})"
               for other in other_denoisers(pipeline, adapter.denoiser, denoiser)]
     if others:  # Note [several denoisers]
@@ -118,11 +159,12 @@ def pipeline_report(pipeline: Any, *, model_n: int, cost: str = "flops", link: s
 
 
 def parallel_report(pipeline: Any, *, devices: int, stride: int = 1, cost: str = "flops", link: str = "gloo",
-                    policy: str | BlockPolicy = "fine", max_slowdown: float = MAX_SLOWDOWN,
+                    policy: str | BlockPolicy = "fine", max_slowdown: float | None = None, plan_rule: str = "fidelity",
                     **call_kwargs: Any) -> tuple[list[ParallelOption], ParallelOption, str]:
     """Every way to run ``pipeline``'s denoiser call on ``devices`` processes (guidance x batch x
     stages, Note [choosing the mesh]) with its modelled step in seconds on ``link`` and its
-    staleness; the one ``parallel="auto"`` takes; and both as a table."""
+    staleness; the one ``parallel="auto"`` takes (within the window of ``plan_rule``: an exact
+    option has no staleness error, so the fidelity rule's 15 %); and both as a table."""
     from asyncdiff.adapters.api import _guided
     from asyncdiff.adapters.capture import capture_denoiser_call
     from asyncdiff.adapters.registry import adapter_for
@@ -136,10 +178,13 @@ def parallel_report(pipeline: Any, *, devices: int, stride: int = 1, cost: str =
     n, unit = batch_size(denoiser, adapter.latent, args, kwargs), "s" if cost == "time" else "flop"
     guided, profiles = _guided(pipeline), {}
     options = [model_option(denoiser, args, kwargs, degrees, n, policy=policy, latent=adapter.latent, cost=cost,
-                            bandwidth=LINKS[link].planner_bandwidth(unit), max_slowdown=max_slowdown,
+                            bandwidth=LINKS[link].planner_bandwidth(unit),
+                            max_slowdown=MAX_SLOWDOWN if max_slowdown is None else max_slowdown,
                             profiles=profiles, two_calls=two_calls(n, guided))
                for degrees in parallel_degrees(devices, stride, n, guided)]
-    chosen = choose_parallel(options, max_slowdown)
+    window = max_slowdown if max_slowdown is not None else (
+        FIDELITY_SLOWDOWN if plan_rule == "fidelity" else MAX_SLOWDOWN)
+    chosen = choose_parallel(options, window)
     options = [dataclasses.replace(o, step=LINKS[link].seconds(o.step, unit)) for o in options]
     chosen = options[[(o.guidance, o.batch, o.stages) for o in options].index(
         (chosen.guidance, chosen.batch, chosen.stages))]
