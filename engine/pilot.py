@@ -28,6 +28,9 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+import torch
+import torch.utils._pytree as pytree
+
 from asyncdiff.partition.cache import PlanCache
 from asyncdiff.partition.drift import AsyncSimulator, extrapolated_calls, predicted_error, sequential_outputs
 from asyncdiff.partition.plan import Plan
@@ -124,7 +127,8 @@ class PlanPilot:
         for flat in calls:
             simulator.leaves(flat)
         state.channel = compiled.channel(0)
-        state.stale = {name: value.clone() for name, value in simulator.stale[engine.rank].items()}
+        state.stale = pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x,
+                                      simulator.stale[engine.rank])
         state.extrapolation = simulator.extrapolations[engine.rank]
 
     def _settle(self, engine: AsyncEngine, chosen: Plan | None, reason: str | None) -> None:
@@ -142,8 +146,9 @@ class PlanPilot:
         planning.plan = chosen
         path = PlanCache().store(self.key, chosen) if planning.global_rank == 0 else None
         error = chosen.notes["predicted_error"]
-        planning.plan_source = (f"{self.made}, fidelity rule: predicted error {error:.3g}, the least of "
-                                f"{len(self.candidates)} candidates" + (f", saved to {path}" if path else ""))
+        planning.plan_source = (f"{self.made}, " + (f"saved to {path}" if path else "not cached") +
+                                f"; fidelity rule: predicted error {error:.3g}, the least of "
+                                f"{len(self.candidates)} candidates")
         log.info("plan: %s", planning.plan_source)
 
 

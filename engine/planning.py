@@ -93,6 +93,7 @@ class Planning:
             if drafts is not None:
                 key, plans = drafts
                 self.pilot = PlanPilot([Plan.from_json(p) for p in plans], key, self.plan_source, horizon_for(config))
+                self.plan_source += f", {len(plans)} candidates to measure (provisional: the depth rule's)"
             log.info("plan (%s) in %.2f s: %s blocks per stage", self.plan_source, time.perf_counter() - start,
                      " + ".join(str(len(stage)) for stage in self.plan.stages))
         # a call may skip planned blocks (skip-layer guidance): the others keep their stages

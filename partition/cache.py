@@ -131,8 +131,8 @@ def cached_choice(traced: TracedDenoiser, model_n: int, profile: Callable[[], Ma
     for this call before (cached; no candidates), or, planned now from ``profile()``, the
     candidates to measure and the key to store the measured choice under
     (:meth:`PlanCache.store`); the plan is then the provisional one, the depth rule's (within
-    ``depth_slowdown``), which runs until the choice and stays where nothing is measured. A
-    single candidate is the choice."""
+    ``depth_slowdown``), which runs until the choice and stays where nothing is measured, and the
+    source says how the candidates were made. A single candidate is the choice."""
     cache = cache if cache is not None else PlanCache()
     options = {"stages": model_n, "cost": cost, "bandwidth": bandwidth, "layouts": list(layouts),
                "max_slowdown": float(max_slowdown), "rule": "fidelity"}
@@ -152,7 +152,7 @@ def cached_choice(traced: TracedDenoiser, model_n: int, profile: Callable[[], Ma
         path = cache.store(key, plans[0])
         return plans[0], f"{made}, the only plan within {max_slowdown:.0%} of the fastest, " + (
             f"saved to {path}" if path else "not cached"), [], key
-    return provisional, f"{made}, {len(plans)} candidates to measure", plans, key
+    return provisional, made, plans, key
 
 
 def _default_directory() -> Path | None:

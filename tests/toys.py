@@ -608,8 +608,9 @@ def hybrid_scenarios(guidance: int, batch: int, steps: int, prompts: int, plan_j
     results: dict[str, Any] = {"reference": latents()}
     stages = stages_for(dist.get_world_size(), 1, guidance * batch)
     plan = Plan.from_json(plan_json) if plan_json else None
+    # the depth rule's FLOP plan: contiguous, so that stride 2 can run it too (test_hybrid)
     async_diff = AsyncDiff(pipe, model_n=stages, warm_up=steps, guidance=guidance, batch=batch, plan=plan,
-                           cost="flops", parallel=parallel)
+                           cost="flops", parallel=parallel, plan_rule="depth")
     results["exact"] = latents()
     config = async_diff.engine.config
     results["degrees"] = (config.guidance, config.batch, config.model_n)
