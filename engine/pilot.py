@@ -144,7 +144,7 @@ class PlanPilot:
             log.info("plan: %s", planning.plan_source)
             return
         planning.plan = chosen
-        path = PlanCache().store(self.key, chosen) if planning.global_rank == 0 else None
+        path = planning.from_rank0(lambda: PlanCache().store(self.key, chosen))  # rank 0 keeps the cache
         error = chosen.notes["predicted_error"]
         planning.plan_source = (f"{self.made}, " + (f"saved to {path}" if path else "not cached") +
                                 f"; fidelity rule: predicted error {error:.3g}, the least of "

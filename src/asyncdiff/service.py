@@ -9,7 +9,9 @@ stage transfers need that). A rank never raises out of :func:`generate`: it repl
 posting any stage transfer (the pipeline's own input checks, a denoiser call whose plan every rank
 refused) is *clean*: nothing is in flight, so the group keeps serving; any other failure (on some
 ranks only, or inside denoising, a rank that died, a call past the group's deadline) makes the
-driver restart the group.
+driver restart the group. :func:`load` ends with one call of the server's own settings
+(``--steps``, ``--height``/``--width``), so the plan is made (and measured, Note [measured plan
+choice]) and the first signature compiled before the server says it is ready.
 
 Rank 0 emits ``("step", job, done, total, seconds)`` after every denoising step (diffusers'
 ``callback_on_step_end``), which the server turns into a video job's progress and the per-step
@@ -66,6 +68,13 @@ def load(spec: GenerateSpec) -> dict[str, Any]:
     _LOADED.update(spec=spec, pipe=pipe, async_diff=async_diff)
     params = inspect.signature(type(pipe).__call__).parameters
     log.info("loaded %s in %.1f s", type(pipe).__name__, time.perf_counter() - started)
+    # Note [serving loop]: one call of the server's own settings before it is ready, so that the
+    # plan is made (measured: Note [measured plan choice]) and cached, not in the first request
+    started = time.perf_counter()
+    reply = generate([spec.request])
+    if reply.error is not None:
+        raise RuntimeError(f"the warm-up call ({spec.steps} steps, {spec.height}x{spec.width}) failed: {reply.error}")
+    log.info("warm-up call (plan made, compiled) in %.1f s", time.perf_counter() - started)
     return {"pipeline": type(pipe).__name__, "video": "num_frames" in params, "params": sorted(params)}
 
 
