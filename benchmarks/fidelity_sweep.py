@@ -4,6 +4,7 @@
     python -m benchmarks.fidelity_sweep --sweep transfer [--json results/fidelity-transfer.json]
     python -m benchmarks.fidelity_sweep --sweep plans [--model digits-dit] [--json results/fidelity-plans.json]
     python -m benchmarks.fidelity_sweep --sweep compensation --devices 2,3 --steps 25 [--model digits-dit]
+    python -m benchmarks.fidelity_sweep --sweep rule --devices 2,3 --steps 25 --seeds 8 [--model digits-dit]
 
 The shipped trained digits model (``asyncdiff.models.digits``, a DDIM pipeline) generates the same
 batches (fixed seeds) sequentially and under every setting: devices N in {2, 3, 4}, stride {1, 2},
@@ -19,6 +20,13 @@ trained model (a built-in system: ``digits``, the default, or ``digits-dit``); t
 run on either too. For each: the quality metric (digit-classifier confidence, distinct classes,
 Fréchet distance of classifier features to the real digits), the deviation from the sequential
 images (PSNR, max abs), and the denoising loop's time.
+
+``--sweep rule`` (issue 26) runs the default plan as users get it, chosen in the workers on the
+real call (the fidelity rule, Note [fidelity rule]: the first generation measures it), against
+the old default (the depth rule) and a hand cut (``hand``: the mid-block cut on 2 devices, and on
+3 the mid-block cut with the up blocks halved; the DiT's transformer blocks in halves or thirds),
+each with compensation off and ``auto``, at warm-up 1 and 2; with the speed-up against the
+sequential loop in the same run.
 """
 
 from __future__ import annotations
@@ -45,7 +53,8 @@ class Setting:
     refresh_every: int | None = None
     refresh_drift: float | None = None
     transfer_dtype: str | None = None
-    plan: str = "flops"  # flops (the sweeps above), or in the plans sweep: default, fastest, contiguous, wrapped, mid
+    plan: str = "flops"  # flops (the sweeps above); the plans sweep: default, fastest, contiguous, wrapped, mid;
+    # the rule sweep: fidelity, depth (chosen in the workers from measured times), hand
     plan_json: str | None = None  # the plans sweep: the plan itself, made once in the main process
     compensate: str = "none"  # Note [compensation]
 
@@ -60,6 +69,19 @@ def _after_half_the_chain(blocks: tuple[str, ...]) -> int:
     index = [int(m.group(1)) if (m := re.match(r"transformer_blocks\.(\d+)\.", b)) else None for b in blocks]
     half = (max(i for i in index if i is not None) + 1) // 2
     return max(k for k, i in enumerate(index) if i is not None and i < half) + 1
+
+
+def _hand_cut(model: str, blocks: tuple[str, ...], n: int) -> tuple[int, ...]:
+    """The hand cut of ``n`` stages: first-block index of stages 1.. (see the module's docstring)."""
+    if n == 2:
+        return (MIDDLE[model](blocks),)
+    if model == "digits":  # after the mid block, then the up blocks halved by count
+        first = _after_mid_block(blocks)
+        ups = [i for i, b in enumerate(blocks) if b.startswith("up_blocks")]
+        return first, ups[len(ups) // 2]
+    index = [int(m.group(1)) if (m := re.match(r"transformer_blocks\.(\d+)\.", b)) else None for b in blocks]
+    count = max(i for i in index if i is not None) + 1
+    return tuple(max(k for k, i in enumerate(index) if i is not None and i < count * j // n) + 1 for j in range(1, n))
 
 
 # The trained models (built-in systems) the sweep runs on, and where each one's "mid" plan cuts:
@@ -99,7 +121,8 @@ def sweep_worker(settings: list[Setting], steps: int, seeds: int,
                                refresh_drift=setting.refresh_drift, transfer_dtype=setting.transfer_dtype,
                                compensate=setting.compensate,
                                **_plan_options(setting, pipe, model_n))
-        _generate(pipe, 2, 1, model=model)  # plan once, outside the timing
+        # plan once, outside the timing; a plan chosen by measurement measures this real call's warm-up
+        _generate(pipe, steps if setting.plan in ("fidelity", "depth") else 2, 1, model=model)
         refreshes = 0
         images, seconds = [], 0.0
         for seed in range(seeds):
@@ -109,7 +132,8 @@ def sweep_worker(settings: list[Setting], steps: int, seeds: int,
             seconds += spent
         depth = _depth(async_diff)
         async_diff.remove()
-        results.append((setting, torch.cat(images), seconds, refreshes / seeds, depth))
+        results.append((setting, torch.cat(images), seconds, refreshes / seeds, depth,
+                        async_diff.engine.plan.to_json()))
     return results
 
 
@@ -119,6 +143,8 @@ def _plan_options(setting: Setting, pipe: Any, model_n: int) -> dict[str, Any]:
         from asyncdiff.partition.plan import Plan
 
         return {"plan": Plan.from_json(setting.plan_json)}
+    if setting.plan in ("fidelity", "depth"):  # as users get it: measured times, the rule's own choice
+        return {"plan_rule": setting.plan, "replan": True}
     return {"cost": "flops"}
 
 
@@ -195,7 +221,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     parser.add_argument("--devices", default="2,3,4", help="comma-separated device counts to sweep")
-    parser.add_argument("--sweep", default="all", choices=("all", "transfer", "plans", "compensation"),
+    parser.add_argument("--sweep", default="all", choices=("all", "transfer", "plans", "compensation", "rule"),
                         help="all: devices x stride x warm-up x time shift, and refresh; transfer: wire dtypes; "
                              "compensation: devices x warm-up 1, 2 x compensate none, linear, auto")
     parser.add_argument("--model", default="digits", choices=sorted(MIDDLE),
@@ -223,6 +249,14 @@ def main() -> None:
         plans = {2: [Setting(1, 1, transfer_dtype=wire) for wire in (None, "bfloat16", "float16", "float8")]}
     if args.sweep == "compensation":
         plans = {n: [Setting(1, w, compensate=c) for w in (1, 2) for c in ("none", "linear", "auto")] for n in devices}
+    if args.sweep == "rule":
+        blocks = trained_profile(args.model)[3].blocks
+        plans = {}
+        for n in devices:
+            starts = (0, *_hand_cut(args.model, blocks, n), len(blocks))
+            hand = json.dumps({"stages": [list(blocks[a:b]) for a, b in zip(starts, starts[1:])]})
+            plans[n] = [Setting(1, w, plan=kind, plan_json=hand if kind == "hand" else None, compensate=c)
+                        for w in (1, 2) for c in ("none", "auto") for kind in ("fidelity", "depth", "hand")]
     predicted: dict[tuple[int, int, str], float] = {}
     layouts: dict[tuple[int, str], str] = {}
     if args.sweep == "plans":
@@ -232,9 +266,11 @@ def main() -> None:
         predicted = {(n, w, kind): drift[w] for n in made for kind, _, _, drift, _ in made[n] for w in drift}
         layouts = {(n, kind): layout for n in made for kind, _, _, _, layout in made[n]}
     for n, settings in plans.items():
-        for setting, images, seconds, refreshes, depth in launch(sweep_worker, n, settings, args.steps,
-                                                                 args.seeds, args.model)[0]:
+        for setting, images, seconds, refreshes, depth, used in launch(sweep_worker, n, settings, args.steps,
+                                                                       args.seeds, args.model)[0]:
+            stages = [len(s) for s in json.loads(used)["stages"]]
             rows.append({"devices": n, **asdict(setting), "refreshes": refreshes, "seconds": seconds, "depth": depth,
+                         "stages": stages, "speedup": reference_s / seconds,
                          "predicted_drift": predicted.get((n, setting.warm_up, setting.plan)),
                          "layout": layouts.get((n, setting.plan), "contiguous"),
                          **digit_metrics(images), **deviation(images, reference),
@@ -243,6 +279,14 @@ def main() -> None:
             print(f"N={n} {setting} depth {depth}: confidence {row['confidence']:.3f} classes {row['classes']} "
                   f"frechet {row['frechet']:.2f} psnr {row['psnr']:.1f} dB max_abs {row['max_abs']:.3f} "
                   f"{seconds:.2f} s", flush=True)
+    if args.sweep == "rule":
+        print("\n| devices | warm-up | compensate | plan | blocks per stage | depth | PSNR dB | same digit | confidence "
+              "| Fréchet | speed-up |")
+        print("|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|")
+        for r in rows[1:]:
+            print(f"| {r['devices']} | {r['warm_up']} | {r['compensate']} | {r['plan']} | "
+                  f"{'+'.join(map(str, r['stages']))} | {r['depth']} | {r['psnr']:.1f} | {r['same_digit']:.3f} | "
+                  f"{r['confidence']:.3f} | {r['frechet']:.1f} | {r['speedup']:.2f}x |")
     if args.sweep == "plans":
         print("\n| devices | warm-up | plan | layout | main-path depth | predicted drift | confidence | Fréchet | PSNR dB "
               "| max abs | seconds |")
