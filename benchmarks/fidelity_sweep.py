@@ -280,21 +280,17 @@ def main() -> None:
                   f"frechet {row['frechet']:.2f} psnr {row['psnr']:.1f} dB max_abs {row['max_abs']:.3f} "
                   f"{seconds:.2f} s", flush=True)
     if args.sweep == "rule":
-        print("\n| devices | warm-up | compensate | plan | blocks per stage | depth | PSNR dB | same digit | confidence "
-              "| Fréchet | speed-up |")
-        print("|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|")
-        for r in rows[1:]:
-            print(f"| {r['devices']} | {r['warm_up']} | {r['compensate']} | {r['plan']} | "
-                  f"{'+'.join(map(str, r['stages']))} | {r['depth']} | {r['psnr']:.1f} | {r['same_digit']:.3f} | "
-                  f"{r['confidence']:.3f} | {r['frechet']:.1f} | {r['speedup']:.2f}x |")
+        _table(["devices", "warm-up", "compensate", "plan", "blocks per stage", "depth", "PSNR dB", "same digit",
+                "confidence", "Fréchet", "speed-up"], "|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|",
+               [[r["devices"], r["warm_up"], r["compensate"], r["plan"], "+".join(map(str, r["stages"])), r["depth"],
+                 f"{r['psnr']:.1f}", f"{r['same_digit']:.3f}", f"{r['confidence']:.3f}", f"{r['frechet']:.1f}",
+                 f"{r['speedup']:.2f}x"] for r in rows[1:]])
     if args.sweep == "plans":
-        print("\n| devices | warm-up | plan | layout | main-path depth | predicted drift | confidence | Fréchet | PSNR dB "
-              "| max abs | seconds |")
-        print("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
-        for r in rows[1:]:
-            print(f"| {r['devices']} | {r['warm_up']} | {r['plan']} | {r['layout']} | {r['depth']} | "
-                  f"{r['predicted_drift']:.4f} | {r['confidence']:.3f} | {r['frechet']:.2f} | {r['psnr']:.1f} | "
-                  f"{r['max_abs']:.3f} | {r['seconds']:.2f} |")
+        _table(["devices", "warm-up", "plan", "layout", "main-path depth", "predicted drift", "confidence", "Fréchet",
+                "PSNR dB", "max abs", "seconds"], "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+               [[r["devices"], r["warm_up"], r["plan"], r["layout"], r["depth"], f"{r['predicted_drift']:.4f}",
+                 f"{r['confidence']:.3f}", f"{r['frechet']:.2f}", f"{r['psnr']:.1f}", f"{r['max_abs']:.3f}",
+                 f"{r['seconds']:.2f}"] for r in rows[1:]])
     print("\n| devices | stride | warm-up | time shift | refresh | transfer | compensate | confidence | classes | "
           "Fréchet | PSNR dB | same digit | max abs | seconds |")
     print("|---:|---:|---:|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -310,6 +306,14 @@ def main() -> None:
             json.dump(rows, f, indent=1, default=str)
     if args.plot:
         _plot(rows, args.plot)
+
+
+def _table(header: list[str], rule: str, cells: list[list[Any]]) -> None:
+    """A markdown table: ``header``, its alignment ``rule``, a row per list of ``cells``."""
+    print("\n| " + " | ".join(header) + " |")
+    print(rule)
+    for row in cells:
+        print("| " + " | ".join(str(c) for c in row) + " |")
 
 
 def _plot(rows: list[dict[str, Any]], path: str) -> None:

@@ -3,7 +3,7 @@
 Note [measured plan choice]: the fidelity rule (Note [fidelity rule] in
 :mod:`asyncdiff.partition.planner`) needs the error each candidate plan would cause, and that
 needs two consecutive steps of the real call. So at the first call without a plan, rank 0 plans
-the candidates and every rank starts with the provisional one (the least stale; the warm-up
+the candidates and every rank starts with the provisional one (the depth rule's plan; the warm-up
 steps are sequential, so their outputs do not depend on the plan) and keeps every weight. Each
 rank records the flat inputs of the warm-up calls. At the first asynchronous step (step
 ``warm_up``), before it runs, rank 0 predicts each candidate's error on the recorded calls (Note
