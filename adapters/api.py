@@ -37,6 +37,7 @@ import torch.distributed as dist
 from asyncdiff.adapters.hooks import attach, detach
 from asyncdiff.adapters.registry import DENOISER_ATTRS, Adapter, adapter_for, registered_adapter, timestep_arg
 from asyncdiff.engine.launch import init_from_env, local_device, under_torchrun
+from asyncdiff.engine.config import WarmUp
 from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.trace import TraceError
@@ -68,7 +69,7 @@ class AsyncDiff:
     not with ``parallel="auto"``, which chooses at the first call, nor for a second denoiser).
     """
 
-    def __init__(self, pipeline: Any, model_n: int = 2, stride: int = 1, warm_up: int = 1,
+    def __init__(self, pipeline: Any, model_n: int = 2, stride: int = 1, warm_up: WarmUp = 1,
                  time_shift: bool = False, *, config: EngineConfig | None = None, plan: Plan | None = None,
                  text_encoders: str = "every", adapter: Adapter | None = None,
                  released: dict[str, tuple[Any, Any, Any]] | None = None,
@@ -103,7 +104,7 @@ class AsyncDiff:
                 timestep_arg=self.adapter.timestep if alike else timestep_arg(module),
                 timesteps=self._timestep_of_step if main else functools.partial(self._timestep_of_later, name),
                 marks_steps=True, guided=functools.partial(_guided, pipeline), released=released if main else None,
-                weights_from=weights_from if main else None)
+                weights_from=weights_from if main else None, loop_steps=functools.partial(self._loop_steps, name))
         self.engine = self.engines[self.adapter.denoiser]
         for engine in self.engines.values():
             engine.record(record)  # Note [run records] in engine/record.py (None: no record)
@@ -136,7 +137,7 @@ class AsyncDiff:
         return load.plan, load.released, load.source
 
     @classmethod
-    def from_pretrained(cls, path: str, model_n: int = 2, stride: int = 1, warm_up: int = 1,
+    def from_pretrained(cls, path: str, model_n: int = 2, stride: int = 1, warm_up: WarmUp = 1,
                         time_shift: bool = False, *, config: EngineConfig | None = None,
                         torch_dtype: torch.dtype | None = None, variant: str | None = None, plan: Plan | None = None,
                         call_kwargs: dict[str, Any] | None = None, text_encoders: str = "every",
@@ -204,6 +205,19 @@ class AsyncDiff:
         """The timestep of denoising step ``step`` of the running call (clamped to the last one)."""
         return _timestep_at(self.pipeline.scheduler, step)
 
+    def _loop_steps(self, name: str) -> int | None:
+        """The steps denoiser ``name``'s loop has from now (Note [relative warm-up]): its scheduler's
+        timesteps from the loop's begin index (a step ends at each scheduler step, so a second-order
+        scheduler's repeated timesteps count), less the pipeline steps already run for one that
+        begins later (Note [several denoisers]); None before the timesteps are set."""
+        prefix = name.split("_")[0]
+        scheduler = getattr(self.pipeline, f"{prefix}_scheduler", None) or self.pipeline.scheduler
+        timesteps = getattr(scheduler, "timesteps", None)
+        if timesteps is None:
+            return None
+        begin = getattr(scheduler, "begin_index", None) or 0
+        return max(1, len(timesteps) - begin - (self._steps if name != self.adapter.denoiser else 0))
+
     def _timestep_of_later(self, name: str, step: int) -> Any:
         """Note [several denoisers]: the timestep of step ``step`` of denoiser ``name``, which began
         at a later step of the pipeline's loop (Wan 2.2's ``transformer_2``) or in a loop of its own
@@ -237,7 +251,7 @@ class AsyncDiff:
         ended = [engine.end_step() for engine in self.engines.values()]  # only the one that ran ends one
         self._steps += any(ended)
 
-    def reset_state(self, warm_up: int | None = None) -> None:
+    def reset_state(self, warm_up: WarmUp | None = None) -> None:
         """Forget all stale state; a new ``warm_up`` applies from the next pipeline call on."""
         for engine in self.engines.values():
             engine.reset_state(warm_up)

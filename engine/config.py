@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import datetime
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,13 +25,15 @@ from asyncdiff.partition.blocks import BlockPolicy
 from asyncdiff.partition.planner import FIDELITY_SLOWDOWN, LAYOUTS, MAX_SLOWDOWN
 from asyncdiff.partition.report import LINKS
 
-__all__ = ["DEADLINE_FACTOR", "DEADLINE_FLOOR_S", "PLAN_RULES", "TRANSFER_DTYPES", "EngineConfig", "check_warm_up", "option",
-           "stages_for"]
+__all__ = ["AUTO_WARM_UP", "DEADLINE_FACTOR", "DEADLINE_FLOOR_S", "PLAN_RULES", "TRANSFER_DTYPES", "EngineConfig",
+           "WarmUp", "check_warm_up", "option", "stages_for", "warm_up_steps"]
 
 DEADLINE_FACTOR = 10.0  # Note [deadlines] (EngineConfig.deadline): a wait may take this many median steps
 DEADLINE_FLOOR_S = 30.0  # and at least this long (a loaded machine's step varies)
 PLAN_RULES = ("fidelity", "depth")  # Note [fidelity rule], Note [staleness]
 TRANSFER_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float8": FP8}  # wire dtypes by name
+WarmUp = int | float | str  # Note [relative warm-up]: steps, a fraction of the loop's steps, or "auto"
+AUTO_WARM_UP = 0.1  # warm_up="auto": this fraction of the loop's steps, rounded up (BENCHMARKS.md "Warm-up")
 
 
 def stages_for(devices: int, stride: int, data: int = 1) -> int:
@@ -63,7 +66,9 @@ class EngineConfig:
     model_n: int  # number of stages (no flag: the command line derives it from --devices)
     stride: int = option(1, "denoising steps per parallel round; with D processes the denoiser is cut into "
                             "D - stride + 1 stages (Note [stride 2])", choices=(1, 2))
-    warm_up: int = option(1, "sequential steps at the start of every pipeline call", type="non_negative")
+    warm_up: WarmUp = option(1, "sequential steps at the start of every pipeline call: a count, a fraction of the "
+                                "loop's steps (0 < f < 1, rounded up), or auto (Note [relative warm-up])",
+                             type="warm_up")
     time_shift: bool = option(False, "feed stages the previous step's timestep after warm-up")
     policy: str | BlockPolicy = option("fine", "block granularity", choices=("coarse", "fine", "finer"))
     cost: str = option("time", "what the planner balances: measured time (rank 0), FLOPs, or the weight bytes each "
@@ -107,8 +112,7 @@ class EngineConfig:
             raise ValueError(f"model_n={self.model_n!r} must be an integer >= 1 (the number of stages)")
         if self.stride not in (1, 2):
             raise ValueError(f"stride={self.stride!r} must be 1 or 2")
-        if not isinstance(self.warm_up, int) or self.warm_up < 0:
-            raise ValueError(f"warm_up={self.warm_up!r} must be an integer >= 0 (sequential steps per call)")
+        check_warm_up(self.warm_up)
         if not isinstance(self.time_shift, bool):
             raise ValueError(f"time_shift={self.time_shift!r} must be True or False")
         if self.cost not in COSTS:
@@ -153,7 +157,7 @@ class EngineConfig:
         if self.profile_repeats < 1:
             raise ValueError(f"profile_repeats={self.profile_repeats} must be >= 1")
         BlockPolicy.parse(self.policy)
-        self.schedule(self.warm_up)  # validates refresh_every against stride
+        self.schedule(warm_up_steps(self.warm_up, None))  # validates refresh_every against stride
 
     def deadline(self, measured: Sequence[float], new: bool) -> datetime.timedelta:
         """Note [deadlines]: how long a step may wait for its peers, given the
@@ -220,8 +224,27 @@ class EngineConfig:
             )
 
 
+# Note [relative warm-up]: the seed's warm_up is a count of sequential steps, the same for a 4-step
+# and a 50-step call. A fraction (0 < f < 1) is ceil(f x steps) of each denoising loop, and "auto"
+# is AUTO_WARM_UP of them, the value the warm-up table in BENCHMARKS.md chose; both at least 1.
+# The engine resolves it at the first step of every loop, from the loop's step count (the
+# scheduler's timesteps from where the loop begins, per scheduler order), so a call of another
+# length gets its own count. An int keeps the seed's meaning exactly.
 
-def check_warm_up(warm_up: int) -> int:
-    if not isinstance(warm_up, int) or warm_up < 0:
-        raise ValueError(f"warm_up={warm_up!r} must be an integer >= 0 (sequential steps per call)")
+
+def check_warm_up(warm_up: WarmUp) -> WarmUp:
+    """``warm_up`` if it is an integer >= 0, a fraction strictly between 0 and 1, or "auto"."""
+    if isinstance(warm_up, bool) or not (isinstance(warm_up, int) and warm_up >= 0 or warm_up == "auto"
+                                         or isinstance(warm_up, float) and 0 < warm_up < 1):
+        raise ValueError(f"warm_up={warm_up!r} must be an integer >= 0 (sequential steps per call), a fraction "
+                         f"0 < f < 1 of each loop's steps, or 'auto' (Note [relative warm-up])")
     return warm_up
+
+
+def warm_up_steps(warm_up: WarmUp, steps: int | None) -> int:
+    """The sequential steps ``warm_up`` means in a loop of ``steps`` steps (None: not known, then a
+    relative warm-up is 1). Note [relative warm-up]."""
+    if isinstance(warm_up, int):
+        return warm_up
+    fraction = AUTO_WARM_UP if warm_up == "auto" else float(warm_up)
+    return max(1, math.ceil(fraction * steps - 1e-9)) if steps else 1

@@ -55,7 +55,7 @@ def unmeasured(config: EngineConfig, stage_only: bool) -> str | None:
                (stage_only, "a stage-only load (rank 0 lacks the other stages' weights)"),
                (config.stride != 1, "stride=2"), (config.time_shift, "time_shift=True"),
                (config.data > 1 or config.parallel is not None, "guidance or batch slices"),
-               (config.refresh_drift is not None, "refresh_drift"), (config.warm_up < 1, "warm_up=0")]
+               (config.refresh_drift is not None, "refresh_drift"), (config.warm_up == 0, "warm_up=0")]
     return next((text for cond, text in reasons if cond), None)
 
 

@@ -37,7 +37,6 @@ import collections
 import contextlib
 import hashlib
 import dataclasses
-import inspect
 import itertools
 import logging
 import time
@@ -51,13 +50,13 @@ import torch.utils._pytree as pytree
 
 from asyncdiff.engine.comm import StageChannel
 from asyncdiff.engine.compensation import spacing_at
-from asyncdiff.engine.config import TRANSFER_DTYPES, EngineConfig, check_warm_up, stages_for
+from asyncdiff.engine.config import TRANSFER_DTYPES, EngineConfig, WarmUp, check_warm_up, stages_for, warm_up_steps
 from asyncdiff.engine.errors import StageError, announce, located
 from asyncdiff.engine.mesh import ProcessMesh, TwoCalls, batch_size, exchange_outputs, gather_batch, split_batch
 from asyncdiff.engine.planning import Planning, device_of
 from asyncdiff.engine.record import Recorder, step_entry
 from asyncdiff.engine.schedule import Layout, Signals, StepDecision, StepKind, decide_step, needs_drift
-from asyncdiff.engine.stage import CompiledCall, StageState, boundary_drift, output_template, run_stage
+from asyncdiff.engine.stage import CompiledCall, StageState, boundary_drift, output_template, run_stage, with_timestep
 from asyncdiff.engine.weights import block_tensors, foreign_tensors, release_foreign, reload, restore
 from asyncdiff.kernels.pack import PackLayout
 from asyncdiff.partition.plan import Plan
@@ -109,7 +108,8 @@ class AsyncEngine:
                  latent: str | None = None, timestep_arg: str | None = None, timesteps: Callable[[int], Any] | None = None,
                  marks_steps: bool = False, guided: Callable[[], bool | None] | None = None,
                  released: dict[str, tuple[torch.Size, torch.dtype, torch.device]] | None = None,
-                 weights_from: Callable[[list[str]], dict[str, torch.Tensor]] | None = None) -> None:
+                 weights_from: Callable[[list[str]], dict[str, torch.Tensor]] | None = None,
+                 loop_steps: Callable[[], int | None] | None = None) -> None:
         """``timestep_arg`` names the denoiser's timestep argument and ``timesteps(step)`` gives the
         timestep of any step of the current call; both are needed for stride 2 and time shift.
         ``marks_steps`` (settable per pipeline call): the caller calls :meth:`end_step` after every
@@ -121,12 +121,14 @@ class AsyncEngine:
         from the checkpoint]); the check of Note [verify] then runs streamed (Note [verify on
         stage-only loads]).
         ``guided()``: whether the running pipeline call batches classifier-free guidance (None:
-        unknown), which ``parallel="auto"`` needs to offer a guidance dimension."""
+        unknown), which ``parallel="auto"`` needs to offer a guidance dimension. ``loop_steps()``:
+        the steps of the denoising loop that begins (None: unknown), for a relative ``warm_up``."""
         self.denoiser, self.config, self.latent = denoiser, config, latent
         if (config.stride == 2 or config.time_shift) and (timestep_arg is None or timesteps is None):
             raise ValueError("stride=2 and time_shift=True feed stages other steps' timesteps: pass "
                              "timestep_arg and timesteps (AsyncDiff does this from the pipeline's scheduler)")
-        self.timestep_arg, self.timesteps = timestep_arg, timesteps
+        self.timestep_arg, self.timesteps, self.loop_steps = timestep_arg, timesteps, loop_steps
+        self.warm_up = self._relative_warm_up(config.warm_up)  # Note [relative warm-up]
         distributed = dist.is_available() and dist.is_initialized()
         self.world = dist.get_world_size() if distributed else 1
         self.global_rank = dist.get_rank() if distributed else 0
@@ -173,7 +175,7 @@ class AsyncEngine:
             self.ranks, self.group, self.collective = list(range(self.world)), None, self.planning.decisions
         self.rank = self.ranks.index(self.global_rank)  # this rank's place in its slice
         self.stage = min(self.rank, config.model_n - 1)  # stride 2: the extra rank repeats the last stage
-        self.schedule = config.schedule(config.warm_up)
+        self.schedule = config.schedule(warm_up_steps(self.warm_up, None))
 
     @staticmethod
     def _placeholder(config: EngineConfig) -> EngineConfig:
@@ -268,6 +270,8 @@ class AsyncEngine:
                 self._new_loop()
             if branch == 0:
                 call.loop = compiled
+            if (step == 0 or new_loop) and branch == 0 and not isinstance(self.warm_up, int):
+                self.schedule = self.config.schedule(warm_up_steps(self.warm_up, self.loop_steps()))
             while len(call.branches) <= branch:
                 call.branches.append(StageState())
             state = call.branches[branch]
@@ -292,7 +296,8 @@ class AsyncEngine:
                 state.stale = state.extrapolation.step(state.stale, self.config.compensate, spacing_at(self.timesteps, step),
                                                        kind == StepKind.ASYNC)
             if program.timestep != step:
-                args, kwargs = self._with_timestep(args, kwargs, program.timestep)
+                args, kwargs = with_timestep(self.denoiser, self.timestep_arg, self.timesteps, args, kwargs,
+                                             program.timestep)
             check = fresh and self.planning.stage_only and self.config.verify and kind.synchronous \
                 and self.config.model_n > 1
             inputs = (fresh_copy(args), fresh_copy(kwargs)) if check else None  # before the step may update them
@@ -337,29 +342,25 @@ class AsyncEngine:
         """Append a record of every step this rank runs to ``path`` (None: stop; Note [run records])."""
         self.recorder = Recorder(path) if path is not None else None  # an older one closes when collected
 
-    def _with_timestep(self, args: tuple[Any, ...], kwargs: dict[str, Any], step: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        assert self.timesteps is not None and self.timestep_arg is not None
-        bound = inspect.signature(self.denoiser.forward).bind(*args, **kwargs)
-        current = bound.arguments[self.timestep_arg]
-        value = self.timesteps(step)
-        if isinstance(current, torch.Tensor):  # no float(value): that would wait for the GPU
-            value = torch.as_tensor(value).to(current.device, current.dtype, non_blocking=True) \
-                .expand(current.shape).clone()
-        bound.arguments[self.timestep_arg] = value
-        return bound.args, bound.kwargs
-
     def drain(self) -> None:
         """Wait for the transfers still in flight (the last step's sends): before the process
         group goes away, or a new call starts."""
         self.call.drain()
 
-    def reset_state(self, warm_up: int | None = None) -> None:
+    def reset_state(self, warm_up: WarmUp | None = None) -> None:
         """Start a new pipeline call (optionally with a new ``warm_up``); drains pending transfers."""
         if warm_up is not None:
-            self.schedule = self.config.schedule(check_warm_up(warm_up))
+            self.warm_up = self._relative_warm_up(check_warm_up(warm_up))
+            self.schedule = self.config.schedule(warm_up_steps(self.warm_up, None))
         self.drain()
         self.call = CallState()
         self._calls += 1
+
+    def _relative_warm_up(self, warm_up: WarmUp) -> WarmUp:
+        if not isinstance(warm_up, int) and self.loop_steps is None:
+            raise ValueError(f"warm_up={warm_up!r} is relative to the steps of each denoising loop, which this engine "
+                             f"is not told: pass loop_steps (AsyncDiff does, from the scheduler) or an integer warm_up")
+        return warm_up
 
     def _batch_size(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
         return batch_size(self.denoiser, self.latent, args, kwargs)
@@ -379,12 +380,10 @@ class AsyncEngine:
         traced, split = self.planning.split(self.config, args, kwargs)
         program = split.stages[self.stage]
         modules = [seg.module(self.denoiser) for seg in program.segments]
-        if self.planning.pilot is not None:  # Note [measured plan choice]: every weight stays until it chose
-            pass
-        elif traced.by_values and not self.config.compile and self.call.step == 0:
-            # the other branches of this step trace with real values too: release after it
-            self._deferred_release = modules
-        else:
+        piloted = self.planning.pilot is not None  # Note [measured plan choice]: every weight stays until it chose
+        if not piloted and traced.by_values and not self.config.compile and self.call.step == 0:
+            self._deferred_release = modules  # the other branches of this step trace with real values too
+        elif not piloted:
             self._release(modules)
             modules = self._compiled_modules(modules)
         device = device_of(traced.flatten_call(args, kwargs))

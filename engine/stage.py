@@ -8,6 +8,7 @@ output; :func:`boundary_drift` is Note [adaptive refresh]'s measure.
 from __future__ import annotations
 
 import datetime
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -168,3 +169,17 @@ def share_output(compiled: CompiledCall, leaves: tuple[Any, ...], owner: int, me
 def output_template(traced: TracedDenoiser) -> tuple[Any, ...]:
     output = next(n for n in traced.graph.nodes if n.op == "output")
     return tuple(output.args[0])
+
+
+def with_timestep(denoiser: torch.nn.Module, timestep_arg: str | None, timesteps: Callable[[int], Any] | None,
+                  args: tuple[Any, ...], kwargs: dict[str, Any], step: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The call ``(args, kwargs)`` with its ``timestep_arg`` set to step ``step``'s timestep
+    ``timesteps(step)`` (stride 2 and time shift feed stages other steps' timesteps)."""
+    assert timesteps is not None and timestep_arg is not None
+    bound = inspect.signature(denoiser.forward).bind(*args, **kwargs)
+    current = bound.arguments[timestep_arg]
+    value = timesteps(step)
+    if isinstance(current, torch.Tensor):  # no float(value): that would wait for the GPU
+        value = torch.as_tensor(value).to(current.device, current.dtype, non_blocking=True).expand(current.shape).clone()
+    bound.arguments[timestep_arg] = value
+    return bound.args, bound.kwargs

@@ -32,6 +32,7 @@ def summary(engine: Any, steps: int) -> dict[str, Any]:
     calls_per_step = max(1, round(len(engine.seconds) / steps))
     kinds = [kind for kind, _ in engine.seconds]
     result["refresh_steps"] = kinds.count("refresh") // calls_per_step
+    result["warm_up_steps"] = engine.schedule.warm_up  # the last loop's (Note [relative warm-up])
     steady = [s for kind, s in engine.seconds if kind != "warm-up"]
     if steady:
         result["step_s"] = round(statistics.fmean(steady) * calls_per_step, 4)

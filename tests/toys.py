@@ -1168,3 +1168,39 @@ def pilot_scenarios(steps: int, warm_up: int, max_slowdown: float | None, cache:
         results[f"{name}_released"] = len(engine.released_weights)
         engine.restore_weights()
     return results
+
+
+def warm_up_scenarios(steps: int) -> dict[str, Any]:
+    """Note [relative warm-up], on every rank: the tiny SD under AsyncDiff with a fixed warm-up
+    count and with fractions of ``steps`` and ``2 * steps``, each call's latents and the kinds it
+    ran; and a fraction's first call under the fidelity rule against the count it means."""
+    from asyncdiff import AsyncDiff
+    from asyncdiff.models.sd import build_sd15
+
+    world = dist.get_world_size()
+    pipe = build_sd15("tiny", seed=0)
+
+    def latents(n: int) -> tuple[torch.Tensor, list[str]]:
+        generator = torch.Generator().manual_seed(0)
+        out = pipe("a photo of a cat", num_inference_steps=n, generator=generator, output_type="latent").images
+        engine = pipe._asyncdiff.engine if hasattr(pipe, "_asyncdiff") else None
+        return out, [str(d.kind) for d in engine.call.decisions] if engine else []
+
+    result: dict[str, Any] = {}
+    with torch.no_grad():
+        result["reference"] = latents(steps)
+        async_diff = AsyncDiff(pipe, model_n=world, warm_up=steps // 2, plan_rule="depth")
+        result["count_half"] = latents(steps)
+        async_diff.reset_state(warm_up=steps)
+        result["count_long"] = latents(2 * steps)
+        for warm_up in (0.5, 0.99, "auto"):
+            async_diff.reset_state(warm_up=warm_up)
+            result[f"{warm_up}"] = latents(steps)
+            result[f"{warm_up}_long"] = latents(2 * steps)
+        result["warm_up_steps"] = async_diff.summary(2 * steps)["warm_up_steps"]
+        async_diff.remove()
+        for warm_up in (steps // 2, 0.5):  # the fidelity rule measures the first call's warm-up
+            async_diff = AsyncDiff(pipe, model_n=world, warm_up=warm_up, cost="flops")  # measured times vary
+            result[f"measured_{warm_up}"] = latents(steps)[0], async_diff.engine.plan_source
+            async_diff.remove()
+    return result

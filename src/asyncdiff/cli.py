@@ -169,7 +169,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-_TYPES: dict[str, Callable[[str], Any]] = {"positive": _positive, "non_negative": _non_negative}
+def _warm_up(text: str) -> int | float | str:
+    """--warm-up: a count (2), a fraction of the loop's steps (0.1) or auto (Note [relative warm-up])."""
+    from asyncdiff.engine.config import check_warm_up
+
+    try:
+        value: int | float | str = text if text == "auto" else int(text) if text.lstrip("-").isdigit() else float(text)
+        return check_warm_up(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+_TYPES: dict[str, Callable[[str], Any]] = {"positive": _positive, "non_negative": _non_negative, "warm_up": _warm_up}
 
 
 def _add_engine_options(parser: argparse.ArgumentParser, only: Sequence[str] = (), exclude: Sequence[str] = (),

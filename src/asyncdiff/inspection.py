@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from asyncdiff.engine.config import WarmUp, warm_up_steps
 from asyncdiff.engine.schedule import Layout, Schedule
 from asyncdiff.partition.auto import block_values, candidate_plans, plan_candidates, plan_depth, plan_layout
 from asyncdiff.partition.blocks import BlockPolicy
@@ -120,7 +121,7 @@ def measured_errors(calls: list[tuple[tuple[Any, ...], dict[str, Any]]], denoise
 def pipeline_report(pipeline: Any, *, model_n: int, cost: str = "flops", link: str = "gloo",
                     policy: str | BlockPolicy = "fine", name: str | None = None, plan: Plan | None = None,
                     max_slowdown: float | None = None, replan: bool = False, drift_steps: int = 0,
-                    plan_rule: str = "fidelity", warm_up: int = 1, **call_kwargs: Any) -> tuple[Plan, PartitionReport]:
+                    plan_rule: str = "fidelity", warm_up: WarmUp = 1, **call_kwargs: Any) -> tuple[Plan, PartitionReport]:
     """:func:`partition_report` for a diffusers pipeline's denoiser, called as the pipeline calls it.
     ``drift_steps``: give each considered plan its predicted drift: the relative distance of the
     final latents of a run of that many steps (warm-up 1) under the engine's schedule, simulated
@@ -144,8 +145,9 @@ def pipeline_report(pipeline: Any, *, model_n: int, cost: str = "flops", link: s
             return float((simulated - reference).norm() / reference.norm().clamp_min(1e-30))
     real = not any(t.is_meta for t in denoiser.parameters())
     errors = None
-    if plan_rule == "fidelity" and real and model_n > 1 and warm_up >= 1:
-        errors = measured_errors(record_calls(pipeline, adapter.denoiser, **call_kwargs), denoiser, warm_up, model_n)
+    if plan_rule == "fidelity" and real and model_n > 1 and warm_up != 0:
+        calls = record_calls(pipeline, adapter.denoiser, **call_kwargs)  # a relative warm-up: of these steps
+        errors = measured_errors(calls, denoiser, warm_up_steps(warm_up, len(calls)), model_n)
     chosen, report = partition_report(denoiser, args, kwargs, model_n=model_n, cost=cost, link=link, policy=policy,
                                       latent=adapter.latent, name=name or adapter.name, plan=plan,
                                       max_slowdown=max_slowdown, replan=replan, drift=drift, errors=errors)
