@@ -5,6 +5,7 @@
     python -m benchmarks.fidelity_sweep --sweep plans [--model digits-dit] [--json results/fidelity-plans.json]
     python -m benchmarks.fidelity_sweep --sweep compensation --devices 2,3 --steps 25 [--model digits-dit]
     python -m benchmarks.fidelity_sweep --sweep rule --devices 2,3 --steps 25 --seeds 8 [--model digits-dit]
+    python -m benchmarks.fidelity_sweep --sweep warmup --devices 2,3 --steps 25 --seeds 8 [--model digits-flow]
 
 The shipped trained digits model (``asyncdiff.models.digits``, a DDIM pipeline) generates the same
 batches (fixed seeds) sequentially and under every setting: devices N in {2, 3, 4}, stride {1, 2},
@@ -27,6 +28,10 @@ the old default (the depth rule) and a hand cut (``hand``: the mid-block cut on 
 3 the mid-block cut with the up blocks halved; the DiT's transformer blocks in halves or thirds),
 each with compensation off and ``auto``, at warm-up 1 and 2; with the speed-up against the
 sequential loop in the same run.
+
+``--sweep warmup`` (issue 26, Note [relative warm-up]) runs the default plan (as users get it) at
+warm-up 1, 2 and the fractions 0.1 and 0.2 of the steps, compensation off, with the speed-up: the
+table ``warm_up="auto"`` was chosen from. ``--model digits-flow`` is the flow-matching MMDiT.
 """
 
 from __future__ import annotations
@@ -41,14 +46,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from asyncdiff.engine.config import warm_up_steps
 from asyncdiff.engine.launch import launch
 from asyncdiff.engine.runtime import stages_for
+
+WARM_UPS: tuple[int | float, ...] = (1, 2, 0.1, 0.2)  # --sweep warmup: counts and fractions of the steps
 
 
 @dataclass(frozen=True)
 class Setting:
     stride: int
-    warm_up: int
+    warm_up: int | float | str  # Note [relative warm-up]
     time_shift: bool = False
     refresh_every: int | None = None
     refresh_drift: float | None = None
@@ -89,6 +97,7 @@ def _hand_cut(model: str, blocks: tuple[str, ...], n: int) -> tuple[int, ...]:
 MIDDLE: dict[str, Callable[[tuple[str, ...]], int]] = {
     "digits": _after_mid_block,
     "digits-dit": _after_half_the_chain,
+    "digits-flow": _after_half_the_chain,
 }
 
 
@@ -221,11 +230,11 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     parser.add_argument("--devices", default="2,3,4", help="comma-separated device counts to sweep")
-    parser.add_argument("--sweep", default="all", choices=("all", "transfer", "plans", "compensation", "rule"),
+    parser.add_argument("--sweep", default="all", choices=("all", "transfer", "plans", "compensation", "rule", "warmup"),
                         help="all: devices x stride x warm-up x time shift, and refresh; transfer: wire dtypes; "
                              "compensation: devices x warm-up 1, 2 x compensate none, linear, auto")
     parser.add_argument("--model", default="digits", choices=sorted(MIDDLE),
-                        help="the trained model: the digits UNet or the digits DiT")
+                        help="the trained model: the digits UNet, the digits DiT or the flow-matching MMDiT")
     args = parser.parse_args()
     devices = [int(n) for n in args.devices.split(",")]
 
@@ -257,6 +266,8 @@ def main() -> None:
             hand = json.dumps({"stages": [list(blocks[a:b]) for a, b in zip(starts, starts[1:])]})
             plans[n] = [Setting(1, w, plan=kind, plan_json=hand if kind == "hand" else None, compensate=c)
                         for w in (1, 2) for c in ("none", "auto") for kind in ("fidelity", "depth", "hand")]
+    if args.sweep == "warmup":
+        plans = {n: [Setting(1, w, plan="fidelity") for w in WARM_UPS] for n in devices}
     predicted: dict[tuple[int, int, str], float] = {}
     layouts: dict[tuple[int, str], str] = {}
     if args.sweep == "plans":
@@ -269,7 +280,8 @@ def main() -> None:
         for setting, images, seconds, refreshes, depth, used in launch(sweep_worker, n, settings, args.steps,
                                                                        args.seeds, args.model)[0]:
             stages = [len(s) for s in json.loads(used)["stages"]]
-            rows.append({"devices": n, **asdict(setting), "refreshes": refreshes, "seconds": seconds, "depth": depth,
+            rows.append({"devices": n, **asdict(setting), "warm_up_steps": warm_up_steps(setting.warm_up, args.steps),
+                         "refreshes": refreshes, "seconds": seconds, "depth": depth,
                          "stages": stages, "speedup": reference_s / seconds,
                          "predicted_drift": predicted.get((n, setting.warm_up, setting.plan)),
                          "layout": layouts.get((n, setting.plan), "contiguous"),
@@ -285,6 +297,12 @@ def main() -> None:
                [[r["devices"], r["warm_up"], r["compensate"], r["plan"], "+".join(map(str, r["stages"])), r["depth"],
                  f"{r['psnr']:.1f}", f"{r['same_digit']:.3f}", f"{r['confidence']:.3f}", f"{r['frechet']:.1f}",
                  f"{r['speedup']:.2f}x"] for r in rows[1:]])
+    if args.sweep == "warmup":
+        _table(["devices", "warm-up", "sequential steps", "blocks per stage", "PSNR dB", "same digit", "confidence",
+                "Fréchet", "speed-up"], "|---:|---|---:|---|---:|---:|---:|---:|---:|",
+               [[r["devices"], r["warm_up"], r["warm_up_steps"], "+".join(map(str, r["stages"])), f"{r['psnr']:.1f}",
+                 f"{r['same_digit']:.3f}", f"{r['confidence']:.3f}", f"{r['frechet']:.1f}", f"{r['speedup']:.2f}x"]
+                for r in rows[1:]])
     if args.sweep == "plans":
         _table(["devices", "warm-up", "plan", "layout", "main-path depth", "predicted drift", "confidence", "Fréchet",
                 "PSNR dB", "max abs", "seconds"], "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",

@@ -12,6 +12,9 @@ Writes, into ``src/asyncdiff/models/assets/`` (or ``--out``):
   the class-conditional ``DiTTransformer2DModel`` of :mod:`asyncdiff.models.digits_dit`, trained
   the same way with the digit labels as classes (its own label dropout, 10 %, teaches it the
   unconditional class too); the classifier is not retrained.
+- with ``--model flow``: ``digits_flow.safetensors`` and ``digits_flow.json``, the class-conditional
+  flow-matching ``SD3Transformer2DModel`` of :mod:`asyncdiff.models.digits_flow` (rectified flow,
+  velocity prediction, logit-normal noise levels, 10 % of the labels dropped).
 
 Deterministic: fixed seeds, 2 threads, ``torch.use_deterministic_algorithms``. About 10 minutes
 on 2 CPU cores for each model.
@@ -20,6 +23,7 @@ Example:
     python scripts/train_digits.py                       # writes the shipped assets
     python scripts/train_digits.py --steps 200 --out /tmp/digits   # a quick trial run
     python scripts/train_digits.py --model dit --steps 3000 --lr 1e-3   # the shipped DiT
+    python scripts/train_digits.py --model flow --steps 3000 --lr 1e-3  # the shipped flow-matching MMDiT
 """
 
 from __future__ import annotations
@@ -115,26 +119,64 @@ def _dit() -> nn.Module:
     return digits_dit(DIT_CONFIG)
 
 
-# What each --model trains: its constructor, its asset name, and whether it takes the digit as a class.
-MODELS: dict[str, tuple[Callable[[], nn.Module], str, bool]] = {
-    "unet": (_unet, "digits_unet", False),
-    "dit": (_dit, "digits_dit", True),
+def _flow() -> nn.Module:
+    from asyncdiff.models.digits_flow import FLOW_CONFIG, digits_flow
+
+    return digits_flow(FLOW_CONFIG)
+
+
+# A training objective: (denoiser, clean images in [-1, 1], their labels or None, generator) -> loss.
+Objective = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None", torch.Generator], torch.Tensor]
+
+
+def _ddpm_loss(denoiser: nn.Module, clean: torch.Tensor, labels: torch.Tensor | None,
+               generator: torch.Generator) -> torch.Tensor:
+    """Epsilon prediction under :data:`SCHEDULE` (the UNet; the DiT with its digit as the class)."""
+    from diffusers import DDPMScheduler
+
+    noise_schedule = DDPMScheduler(**SCHEDULE)
+    noise = torch.randn(clean.shape, generator=generator)
+    timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(clean),), generator=generator)
+    noisy = noise_schedule.add_noise(clean, noise, timesteps)
+    classes = {} if labels is None else {"class_labels": labels}
+    return nn.functional.mse_loss(denoiser(noisy, timesteps, **classes).sample, noise)
+
+
+def _flow_loss(denoiser: nn.Module, clean: torch.Tensor, labels: torch.Tensor | None,
+               generator: torch.Generator) -> torch.Tensor:
+    """Rectified flow as SD3 trains it: velocity ``noise - x_0`` at noise level ``s`` drawn
+    logit-normal, timestep ``1000 s``; 10 % of the labels dropped to the null class."""
+    from asyncdiff.models.digits_flow import NULL_CLASS, class_code
+
+    assert labels is not None
+    noise = torch.randn(clean.shape, generator=generator)
+    level = torch.sigmoid(torch.randn(len(clean), generator=generator))
+    noisy = (1.0 - level.view(-1, 1, 1, 1)) * clean + level.view(-1, 1, 1, 1) * noise
+    dropped = torch.rand(len(clean), generator=generator) < 0.1
+    code = class_code(torch.where(dropped, torch.full_like(labels, NULL_CLASS), labels))
+    velocity = denoiser(noisy, encoder_hidden_states=code, pooled_projections=code[:, 0], timestep=1000.0 * level)
+    return nn.functional.mse_loss(velocity.sample, noise - clean)
+
+
+# What each --model trains: its constructor, its asset name, whether it takes the digit as a class,
+# and its objective.
+MODELS: dict[str, tuple[Callable[[], nn.Module], str, bool, Objective]] = {
+    "unet": (_unet, "digits_unet", False, _ddpm_loss),
+    "dit": (_dit, "digits_dit", True, _ddpm_loss),
+    "flow": (_flow, "digits_flow", True, _flow_loss),
 }
 
 
 def train_denoiser(model: str, images: torch.Tensor, labels: torch.Tensor, steps: int, batch_size: int,
                    lr: float) -> tuple[nn.Module, float]:
-    """The EMA weights of DDPM denoiser ``model`` (a key of :data:`MODELS`) trained for ``steps``
-    steps, and the last 100 steps' mean loss."""
+    """The EMA weights of denoiser ``model`` (a key of :data:`MODELS`) trained for ``steps``
+    steps under its objective, and the last 100 steps' mean loss."""
     import copy
 
-    from diffusers import DDPMScheduler
-
-    make, name, conditional = MODELS[model]
+    make, name, conditional, objective = MODELS[model]
     torch.manual_seed(SEED)
     denoiser = make()
     ema = copy.deepcopy(denoiser).requires_grad_(False)
-    noise_schedule = DDPMScheduler(**SCHEDULE)
     data = images * 2.0 - 1.0
     generator = torch.Generator().manual_seed(SEED)
     optimizer = torch.optim.AdamW(denoiser.parameters(), lr=lr, weight_decay=0.0)
@@ -150,12 +192,7 @@ def train_denoiser(model: str, images: torch.Tensor, labels: torch.Tensor, steps
     start = time.perf_counter()
     for step in range(steps):
         index = torch.randint(0, len(data), (batch_size,), generator=generator)
-        clean = data[index]
-        noise = torch.randn(clean.shape, generator=generator)
-        timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (batch_size,), generator=generator)
-        noisy = noise_schedule.add_noise(clean, noise, timesteps)
-        classes = {"class_labels": labels[index]} if conditional else {}
-        loss = nn.functional.mse_loss(denoiser(noisy, timesteps, **classes).sample, noise)
+        loss = objective(denoiser, data[index], labels[index] if conditional else None, generator)
         optimizer.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(denoiser.parameters(), 1.0)
@@ -176,7 +213,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ASSETS, help="folder for the weights and config")
     parser.add_argument("--model", default="unet", choices=sorted(MODELS),
-                        help="unet: the classifier and the UNet; dit: the DiT only (the classifier is kept)")
+                        help="unet: the classifier and the UNet; dit, flow: that model only (the classifier is kept)")
     parser.add_argument("--steps", type=int, default=2400, help="denoiser training steps")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)

@@ -27,8 +27,9 @@ TINY_LATENTS: dict[str, tuple[int, ...]] = {
     "wan": (1, 16, 2, 4, 4),  # 5 frames -> 2 latent frames (4x causal temporal compression)
     "digits": (16, 1, 16, 16),  # image-space DDIM: the output in [0, 1] is the final sample
     "digits-dit": (16, 1, 16, 16),  # the same, from a pixel-space DiT
+    "digits-flow": (16, 1, 16, 16),  # the same, from a flow-matching MMDiT
 }
-TRAINED = {"digits", "digits-dit"}  # shipped weights: the same for every seed
+TRAINED = {"digits", "digits-dit", "digits-flow"}  # shipped weights: the same for every seed
 NAMES = sorted(BUILDERS)
 
 
@@ -114,5 +115,5 @@ def test_one_record_per_system() -> None:
 
     assert list(BUILDERS) == list(SYSTEMS) and all(s.about for s in SYSTEMS.values())
     assert VIDEO_SYSTEMS == ("svd", "animatediff", "wan")
-    assert [n for n, s in SYSTEMS.items() if not s.prompt] == ["svd", "digits", "digits-dit"]
+    assert [n for n, s in SYSTEMS.items() if not s.prompt] == ["svd", "digits", "digits-dit", "digits-flow"]
     assert system("wan").output == "video" and system("digits").output == "samples"

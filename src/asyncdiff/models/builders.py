@@ -3,9 +3,9 @@
 Adding a system is one module with its builder and inputs, and one line in :data:`SYSTEMS`.
 
 Each builder takes ``(size, seed)`` with ``size`` one of ``tiny``, ``bench``, ``full`` and returns
-a ready diffusers pipeline with seeded random weights; ``digits`` and ``digits-dit`` are the
-exceptions, small trained models that every size name gives (:mod:`asyncdiff.models.digits`,
-:mod:`asyncdiff.models.digits_dit`). :func:`example_inputs`
+a ready diffusers pipeline with seeded random weights; ``digits``, ``digits-dit`` and
+``digits-flow`` are the exceptions, small trained models that every size name gives
+(:mod:`asyncdiff.models.digits`, :mod:`asyncdiff.models.digits_dit`, :mod:`asyncdiff.models.digits_flow`). :func:`example_inputs`
 gives the extra call kwargs a pipeline needs besides the prompt: the resolution (and frame count)
 of the size, plus built-in pictures for pipelines that take images (the first frame, a picture and
 mask to inpaint, a control picture, a low-resolution picture to upscale).
@@ -31,6 +31,7 @@ from asyncdiff.models.animatediff import animatediff_inputs, build_animatediff
 from asyncdiff.models.common import check_size
 from asyncdiff.models.digits import build_digits, digits_inputs
 from asyncdiff.models.digits_dit import build_digits_dit, digits_dit_inputs
+from asyncdiff.models.digits_flow import build_digits_flow, digits_flow_inputs
 from asyncdiff.models.sd3 import build_sd3, sd3_inputs
 from asyncdiff.models.sd21 import build_sd21, sd21_inputs
 from asyncdiff.models.sdxl import (
@@ -82,6 +83,8 @@ SYSTEMS: dict[str, System] = {s.name: s for s in (
            about="a small DDIM model trained here on handwritten digits"),
     System("digits-dit", build_digits_dit, digits_dit_inputs, output="samples", prompt=False,
            about="a small class-conditional pixel-space DiT trained here on the same digits"),
+    System("digits-flow", build_digits_flow, digits_flow_inputs, output="samples", prompt=False,
+           about="a small flow-matching MMDiT (SD3-shaped) trained here on the same digits"),
 )}
 
 BUILDERS: dict[str, Callable[[str, int], Any]] = {name: s.build for name, s in SYSTEMS.items()}

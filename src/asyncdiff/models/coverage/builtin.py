@@ -11,7 +11,8 @@ from asyncdiff.models.coverage import Case
 FAMILIES = {"sd15": "Stable Diffusion", "sd21": "Stable Diffusion", "sdxl": "Stable Diffusion XL",
             "sdxl-inpaint": "Stable Diffusion XL", "controlnet-sdxl": "ControlNet", "sd-upscaler": "Stable Diffusion",
             "sd3": "Stable Diffusion 3", "svd": "Stable Video Diffusion", "animatediff": "AnimateDiff",
-            "wan": "Wan", "digits": "DDIM", "digits-dit": "DiT"}
+            "wan": "Wan", "digits": "DDIM", "digits-dit": "DiT",
+            "digits-flow": "Stable Diffusion 3"}
 REPRESENTATIVE = {"sd15", "sd3", "wan"}
 
 
@@ -31,7 +32,7 @@ def _pipeline_class(name: str) -> str:
             "controlnet-sdxl": "StableDiffusionXLControlNetPipeline", "sd-upscaler": "StableDiffusionUpscalePipeline",
             "sd3": "StableDiffusion3Pipeline", "svd": "StableVideoDiffusionPipeline",
             "animatediff": "AnimateDiffPipeline", "wan": "WanPipeline", "digits": "DDIMPipeline",
-            "digits-dit": "DigitsDiTPipeline"}[name]
+            "digits-dit": "DigitsDiTPipeline", "digits-flow": "DigitsFlowPipeline"}[name]
 
 
 CASES = tuple(Case(name, FAMILIES[name], _pipeline_class(name), partial(_build, name),
