@@ -40,7 +40,7 @@ from asyncdiff.engine.launch import init_from_env, local_device, under_torchrun
 from asyncdiff.engine.config import WarmUp
 from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
 from asyncdiff.partition.plan import Plan
-from asyncdiff.partition.trace import TraceError
+from asyncdiff.partition.diagnose import TraceError
 
 __all__ = ["TEXT_ENCODERS", "AsyncDiff", "engine_config"]
 

@@ -165,7 +165,7 @@ def stage_in_memory(pipeline: Any, attr: str, *, latent: str | None, model_n: in
     from a weight-free copy of the denoiser ``attr`` and the pipeline's own call (the other
     components moved to ``device`` first, so the call is prepared there); then the weights of
     other stages' blocks are freed on the CPU and only what this stage uses moves to ``device``."""
-    from asyncdiff.partition.trace import meta_copy
+    from asyncdiff.partition.specs import meta_copy
 
     denoiser = getattr(pipeline, attr)
     for name, component in pipeline.components.items():

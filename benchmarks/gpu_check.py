@@ -51,7 +51,8 @@ from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.profile import BlockCost, profile_blocks
 from asyncdiff.partition.report import LINKS, build_report
 from asyncdiff.partition.split import SplitDenoiser, split_graph
-from asyncdiff.partition.trace import TracedDenoiser, trace_denoiser
+from asyncdiff.partition.trace import trace_denoiser
+from asyncdiff.partition.traced import TracedDenoiser
 
 __all__ = ["MODELS", "main"]
 

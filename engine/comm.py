@@ -64,7 +64,7 @@ import torch.distributed as dist
 from asyncdiff.engine.config import DEADLINE_FACTOR, DEADLINE_FLOOR_S
 from asyncdiff.kernels.pack import PackLayout, pack, unpack
 from asyncdiff.partition.split import StageProgram, Transfer
-from asyncdiff.partition.trace import TensorSpec
+from asyncdiff.partition.specs import TensorSpec
 
 __all__ = ["Pending", "StageChannel", "posted"]
 

@@ -37,7 +37,9 @@ from asyncdiff.partition.hybrid import ParallelOption, choose_parallel, parallel
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.profile import profile_blocks
 from asyncdiff.partition.split import SplitDenoiser, split_graph
-from asyncdiff.partition.trace import CallSignature, TracedDenoiser, call_signature, meta_copy, trace_denoiser
+from asyncdiff.partition.specs import CallSignature, meta_copy
+from asyncdiff.partition.trace import trace_denoiser
+from asyncdiff.partition.traced import TracedDenoiser, call_signature
 from asyncdiff.partition.verify import ADVICE, compare_outputs, eager, mismatch_text, tensor_leaves, verify_split
 
 __all__ = ["Planning", "device_of"]

@@ -60,7 +60,7 @@ from asyncdiff.engine.stage import CompiledCall, StageState, boundary_drift, out
 from asyncdiff.engine.weights import block_tensors, foreign_tensors, release_foreign, reload, restore
 from asyncdiff.kernels.pack import PackLayout
 from asyncdiff.partition.plan import Plan
-from asyncdiff.partition.trace import call_signature
+from asyncdiff.partition.traced import call_signature
 from asyncdiff.partition.verify import fresh as fresh_copy
 
 # EngineConfig, StageError, StageState and the weight helpers are re-exported: they were defined here.

@@ -23,7 +23,7 @@ from asyncdiff.engine.compensation import Extrapolation
 from asyncdiff.engine.schedule import Exchange, Layout, Recv, Reuse, Run, Send, Share, StepKind, StepProgram
 from asyncdiff.kernels.pack import PackLayout, pack, unpack
 from asyncdiff.partition.split import SplitDenoiser, StageProgram
-from asyncdiff.partition.trace import TracedDenoiser
+from asyncdiff.partition.traced import TracedDenoiser
 
 __all__ = ["CompiledCall", "StageState", "boundary_drift", "output_template", "run_stage", "share_output"]
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from asyncdiff.partition.plan import Plan
-from asyncdiff.partition.trace import module_of
+from asyncdiff.partition.specs import module_of
 
 __all__ = ["Released", "block_tensors", "foreign_tensors", "reload", "release_foreign", "restore", "streamed"]
 

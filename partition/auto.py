@@ -35,7 +35,8 @@ from asyncdiff.partition.planner import (
 )
 from asyncdiff.partition.profile import BlockCost
 from asyncdiff.partition.split import place_latent_nodes
-from asyncdiff.partition.trace import TracedDenoiser, updated_base
+from asyncdiff.partition.passes import updated_base
+from asyncdiff.partition.traced import TracedDenoiser
 
 __all__ = ["COSTS", "COST_UNITS", "auto_plan", "block_cost", "block_values", "candidate_plans", "inplace_spans", "untransferable_spans", "plan_candidates", "plan_depth", "plan_layout"]
 

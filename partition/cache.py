@@ -41,7 +41,7 @@ import torch
 from asyncdiff.partition.auto import auto_plan, candidate_plans
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.profile import BlockCost
-from asyncdiff.partition.trace import TracedDenoiser
+from asyncdiff.partition.traced import TracedDenoiser
 
 __all__ = ["PlanCache", "cached_choice", "cached_plan", "device_kind", "plan_key"]
 

@@ -51,7 +51,7 @@ import torch.utils._pytree as pytree
 from asyncdiff.engine.compensation import Extrapolation, spacing_at
 from asyncdiff.engine.schedule import Exchange, Layout, Message, Recv, Run, Schedule, Send, StepKind
 from asyncdiff.partition.split import SplitDenoiser
-from asyncdiff.partition.trace import TracedDenoiser
+from asyncdiff.partition.traced import TracedDenoiser
 
 __all__ = ["AsyncSimulator", "extrapolated_calls", "predicted_drift", "predicted_error", "record_calls",
            "sequential_outputs", "simulate_async"]

@@ -26,7 +26,9 @@ import torch.fx
 import torch.utils._pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
-from asyncdiff.partition.trace import ROOT, TracedDenoiser, module_of
+from asyncdiff.partition.specs import ROOT, module_of
+
+from asyncdiff.partition.traced import TracedDenoiser
 
 __all__ = ["BlockCost", "profile_blocks"]
 

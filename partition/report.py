@@ -19,7 +19,7 @@ from typing import Mapping
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.profile import BlockCost
 from asyncdiff.partition.split import SplitDenoiser
-from asyncdiff.partition.trace import TracedDenoiser
+from asyncdiff.partition.traced import TracedDenoiser
 
 __all__ = ["LINKS", "Link", "PartitionReport", "StageReport", "build_report"]
 

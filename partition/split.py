@@ -43,7 +43,9 @@ import torch
 import torch.fx
 
 from asyncdiff.partition.plan import Plan
-from asyncdiff.partition.trace import TensorSpec, TracedDenoiser, guard, holder
+from asyncdiff.partition.specs import TensorSpec
+from asyncdiff.partition.trace import guard
+from asyncdiff.partition.traced import TracedDenoiser, holder
 
 __all__ = ["Segment", "SplitDenoiser", "StageProgram", "Transfer", "place_latent_nodes", "split_graph"]
 

@@ -34,7 +34,8 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from asyncdiff.partition.split import SplitDenoiser
-from asyncdiff.partition.trace import TracedDenoiser, module_of
+from asyncdiff.partition.specs import module_of
+from asyncdiff.partition.traced import TracedDenoiser
 
 __all__ = ["ADVICE", "compare_outputs", "difference", "eager", "fresh", "mismatch_text", "run_split", "tensor_leaves", "verify_split"]
 

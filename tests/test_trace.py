@@ -11,7 +11,9 @@ from asyncdiff.partition.blocks import BlockPolicy
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.profile import profile_blocks
 from asyncdiff.partition.split import split_graph
-from asyncdiff.partition.trace import TraceError, meta_copy, trace_denoiser
+from asyncdiff.partition.diagnose import TraceError
+from asyncdiff.partition.specs import meta_copy
+from asyncdiff.partition.trace import trace_denoiser
 from asyncdiff.partition.verify import run_split
 from toys import TopLevelBranchy, ToyDenoiser, WithBranchy
 

@@ -12,7 +12,7 @@ from toys import AliasingToy, adapter_scenarios, aliasing_engine, toy_steps
 from asyncdiff.engine.launch import launch as launch_fresh
 from pool import launch
 from asyncdiff.engine.runtime import AsyncEngine, EngineConfig, StageError
-from asyncdiff.partition import trace as trace_module
+from asyncdiff.partition import passes, proxies
 from asyncdiff.partition.auto import auto_plan, inplace_spans
 from asyncdiff.partition.cache import PlanCache, cached_plan
 from asyncdiff.partition.plan import Plan
@@ -30,8 +30,8 @@ def _call():
 @pytest.fixture
 def naive_trace(monkeypatch):
     """The tracer as it was before Note [in-place updates]: ``x += y`` traced as ``x = x + y``."""
-    for name in trace_module.INPLACE_OPS:
-        monkeypatch.delattr(trace_module._ShapeProxy, name)
+    for name in passes.INPLACE_OPS:
+        monkeypatch.delattr(proxies.ShapeProxy, name)
 
 
 def test_inplace_update_is_traced_in_place_and_kept_on_one_stage():

@@ -438,11 +438,11 @@ def aliasing_engine(model_n: int, warm_up: int, steps: int, naive_trace: bool = 
     """``steps`` steps of :class:`AliasingToy` under an engine on this process group: the last
     output, or the engine's error message. ``naive_trace``: trace ``+=`` out of place (the bug)."""
     from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
-    from asyncdiff.partition import trace
+    from asyncdiff.partition import passes, proxies
 
     if naive_trace:
-        for name in trace.INPLACE_OPS:
-            delattr(trace._ShapeProxy, name)
+        for name in passes.INPLACE_OPS:
+            delattr(proxies.ShapeProxy, name)
     engine = AsyncEngine(AliasingToy(), EngineConfig(model_n=model_n, warm_up=warm_up, cost="flops"), latent="sample")
     try:
         return toy_steps(engine, steps)

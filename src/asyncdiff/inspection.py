@@ -42,7 +42,8 @@ from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.profile import profile_blocks
 from asyncdiff.partition.report import LINKS, PartitionReport, build_report
 from asyncdiff.partition.split import SplitDenoiser, split_graph
-from asyncdiff.partition.trace import TracedDenoiser, trace_denoiser
+from asyncdiff.partition.trace import trace_denoiser
+from asyncdiff.partition.traced import TracedDenoiser
 
 __all__ = ["final_latents", "load_for_inspection", "measured_errors", "parallel_report", "partition_report",
            "pipeline_report"]
