@@ -29,11 +29,13 @@ Example:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -129,12 +131,17 @@ def _flow() -> nn.Module:
 Objective = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None", torch.Generator], torch.Tensor]
 
 
+@functools.cache
+def _ddpm_schedule() -> Any:
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**SCHEDULE)
+
+
 def _ddpm_loss(denoiser: nn.Module, clean: torch.Tensor, labels: torch.Tensor | None,
                generator: torch.Generator) -> torch.Tensor:
     """Epsilon prediction under :data:`SCHEDULE` (the UNet; the DiT with its digit as the class)."""
-    from diffusers import DDPMScheduler
-
-    noise_schedule = DDPMScheduler(**SCHEDULE)
+    noise_schedule = _ddpm_schedule()
     noise = torch.randn(clean.shape, generator=generator)
     timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(clean),), generator=generator)
     noisy = noise_schedule.add_noise(clean, noise, timesteps)
