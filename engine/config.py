@@ -26,7 +26,7 @@ from asyncdiff.partition.planner import FIDELITY_SLOWDOWN, LAYOUTS, MAX_SLOWDOWN
 from asyncdiff.partition.report import LINKS
 
 __all__ = ["AUTO_WARM_UP", "DEADLINE_FACTOR", "DEADLINE_FLOOR_S", "PLAN_RULES", "TRANSFER_DTYPES", "EngineConfig",
-           "WarmUp", "check_warm_up", "option", "stages_for", "warm_up_steps"]
+           "WarmUp", "check_warm_up", "option", "relative_warm_up", "stages_for", "warm_up_steps"]
 
 DEADLINE_FACTOR = 10.0  # Note [deadlines] (EngineConfig.deadline): a wait may take this many median steps
 DEADLINE_FLOOR_S = 30.0  # and at least this long (a loaded machine's step varies)
@@ -87,6 +87,10 @@ class EngineConfig:
                                        type="positive", metavar="K")
     refresh_drift: float | None = option(None, "run a step sequentially when the boundary values moved by more "
                                                "than this (relative) over the last step (stride 1)", type=float)
+    refresh_error: float | None = option(None, "run an asynchronous step sequentially when its predicted error "
+                                               "(the output's motion times the error per motion the fidelity rule "
+                                               "measured) is above this (stride 1; Note [predicted refresh])",
+                                         type=float)
     compensate: str = option("none", "linear: extrapolate each stale input from the last two received, scaled by "
                                      "the timestep spacing; auto: per value, where it has predicted better so far "
                                      "(stride 1; Note [compensation])", choices=COMPENSATE)
@@ -130,6 +134,12 @@ class EngineConfig:
         if self.refresh_drift is not None and (self.refresh_drift < 0 or self.stride != 1):
             raise ValueError(f"refresh_drift={self.refresh_drift!r} must be >= 0, with stride=1 "
                              f"(stride={self.stride}); or None: never")
+        if self.refresh_error is not None and (not isinstance(self.refresh_error, (int, float))
+                                               or not self.refresh_error >= 0 or self.stride != 1
+                                               or self.plan_rule != "fidelity"):
+            raise ValueError(f"refresh_error={self.refresh_error!r} must be a number >= 0, with stride=1 "
+                             f"(stride={self.stride}) and plan_rule='fidelity' (plan_rule={self.plan_rule!r}: its "
+                             f"measurement is the prediction, Note [predicted refresh]); or None: never")
         if self.compensate not in COMPENSATE:
             raise ValueError(f"compensate={self.compensate!r} must be one of {', '.join(COMPENSATE)}")
         if self.compensate != "none" and (self.stride != 1 or self.time_shift):
@@ -238,6 +248,15 @@ def check_warm_up(warm_up: WarmUp) -> WarmUp:
                                          or isinstance(warm_up, float) and 0 < warm_up < 1):
         raise ValueError(f"warm_up={warm_up!r} must be an integer >= 0 (sequential steps per call), a fraction "
                          f"0 < f < 1 of each loop's steps, or 'auto' (Note [relative warm-up])")
+    return warm_up
+
+
+def relative_warm_up(warm_up: WarmUp, loop_steps: Any) -> WarmUp:
+    """``warm_up`` checked, unless it is relative and the engine is not told its loops' steps (``loop_steps`` None)."""
+    check_warm_up(warm_up)
+    if not isinstance(warm_up, int) and loop_steps is None:
+        raise ValueError(f"warm_up={warm_up!r} is relative to the steps of each denoising loop, which this engine "
+                         f"is not told: pass loop_steps (AsyncDiff does, from the scheduler) or an integer warm_up")
     return warm_up
 
 
