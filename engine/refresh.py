@@ -53,7 +53,7 @@ class PredictedRefresh:
         leaf = next((t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)), None)
         if leaf is None:
             return
-        now = leaf.detach().double().flatten().cpu()
+        now = leaf.detach().flatten().double()  # on its device: only the norm comes to the host
         if step == 0 or self.last is None or self.last.shape != now.shape:
             self.motion = None
         else:
