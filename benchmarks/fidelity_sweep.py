@@ -6,6 +6,7 @@
     python -m benchmarks.fidelity_sweep --sweep compensation --devices 2,3 --steps 25 [--model digits-dit]
     python -m benchmarks.fidelity_sweep --sweep rule --devices 2,3 --steps 25 --seeds 8 [--model digits-dit]
     python -m benchmarks.fidelity_sweep --sweep warmup --devices 2,3 --steps 25 --seeds 8 [--model digits-flow]
+    python -m benchmarks.fidelity_sweep --sweep refresh --devices 2,3 --steps 25 --seeds 8 [--model digits-flow]
 
 The shipped trained digits model (``asyncdiff.models.digits``, a DDIM pipeline) generates the same
 batches (fixed seeds) sequentially and under every setting: devices N in {2, 3, 4}, stride {1, 2},
@@ -32,6 +33,10 @@ sequential loop in the same run.
 ``--sweep warmup`` (issue 26, Note [relative warm-up]) runs the default plan (as users get it) at
 warm-up 1, 2 and the fractions 0.1 and 0.2 of the steps, compensation off, with the speed-up: the
 table ``warm_up="auto"`` was chosen from. ``--model digits-flow`` is the flow-matching MMDiT.
+
+``--sweep refresh`` (issue 26, Note [predicted refresh]) runs the default plan at warm-up 1 with
+``refresh_error`` limits, against longer fixed warm-ups, compensation off: each row's sequential
+steps (warm-up plus refreshes, per generation) say which rows cost the same time.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from asyncdiff.engine.launch import launch
 from asyncdiff.engine.runtime import stages_for
 
 WARM_UPS: tuple[int | float, ...] = (1, 2, 0.1, 0.2)  # --sweep warmup: counts and fractions of the steps
+REFRESH_ERRORS = (0.3, 0.1, 0.03)  # --sweep refresh: refresh_error limits at warm-up 1
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,7 @@ class Setting:
     # the rule sweep: fidelity, depth (chosen in the workers from measured times), hand
     plan_json: str | None = None  # the plans sweep: the plan itself, made once in the main process
     compensate: str = "none"  # Note [compensation]
+    refresh_error: float | None = None  # Note [predicted refresh]
 
 
 def _after_mid_block(blocks: tuple[str, ...]) -> int:
@@ -128,7 +135,7 @@ def sweep_worker(settings: list[Setting], steps: int, seeds: int,
         async_diff = AsyncDiff(pipe, model_n=model_n, stride=setting.stride, warm_up=setting.warm_up,
                                time_shift=setting.time_shift, refresh_every=setting.refresh_every,
                                refresh_drift=setting.refresh_drift, transfer_dtype=setting.transfer_dtype,
-                               compensate=setting.compensate,
+                               compensate=setting.compensate, refresh_error=setting.refresh_error,
                                **_plan_options(setting, pipe, model_n))
         # plan once, outside the timing; a plan chosen by measurement measures this real call's warm-up
         _generate(pipe, steps if setting.plan in ("fidelity", "depth") else 2, 1, model=model)
@@ -230,7 +237,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     parser.add_argument("--devices", default="2,3,4", help="comma-separated device counts to sweep")
-    parser.add_argument("--sweep", default="all", choices=("all", "transfer", "plans", "compensation", "rule", "warmup"),
+    parser.add_argument("--sweep", default="all", choices=("all", "transfer", "plans", "compensation", "rule", "warmup",
+                                                          "refresh"),
                         help="all: devices x stride x warm-up x time shift, and refresh; transfer: wire dtypes; "
                              "compensation: devices x warm-up 1, 2 x compensate none, linear, auto")
     parser.add_argument("--model", default="digits", choices=sorted(MIDDLE),
@@ -268,6 +276,9 @@ def main() -> None:
                         for w in (1, 2) for c in ("none", "auto") for kind in ("fidelity", "depth", "hand")]
     if args.sweep == "warmup":
         plans = {n: [Setting(1, w, plan="fidelity") for w in WARM_UPS] for n in devices}
+    if args.sweep == "refresh":
+        plans = {n: [Setting(1, w, plan="fidelity") for w in (1, 2, 3, 4)] +
+                 [Setting(1, 1, plan="fidelity", refresh_error=e) for e in REFRESH_ERRORS] for n in devices}
     predicted: dict[tuple[int, int, str], float] = {}
     layouts: dict[tuple[int, str], str] = {}
     if args.sweep == "plans":
@@ -297,6 +308,13 @@ def main() -> None:
                [[r["devices"], r["warm_up"], r["compensate"], r["plan"], "+".join(map(str, r["stages"])), r["depth"],
                  f"{r['psnr']:.1f}", f"{r['same_digit']:.3f}", f"{r['confidence']:.3f}", f"{r['frechet']:.1f}",
                  f"{r['speedup']:.2f}x"] for r in rows[1:]])
+    if args.sweep == "refresh":
+        _table(["devices", "warm-up", "refresh_error", "sequential steps", "blocks per stage", "PSNR dB", "same digit",
+                "confidence", "Fréchet", "speed-up"], "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+               [[r["devices"], r["warm_up"], r["refresh_error"] if r["refresh_error"] is not None else "-",
+                 f"{r['warm_up_steps'] + r['refreshes']:.1f}", "+".join(map(str, r["stages"])), f"{r['psnr']:.1f}",
+                 f"{r['same_digit']:.3f}", f"{r['confidence']:.3f}", f"{r['frechet']:.1f}", f"{r['speedup']:.2f}x"]
+                for r in rows[1:]])
     if args.sweep == "warmup":
         _table(["devices", "warm-up", "sequential steps", "blocks per stage", "PSNR dB", "same digit", "confidence",
                 "Fréchet", "speed-up"], "|---:|---|---:|---|---:|---:|---:|---:|---:|",

@@ -25,15 +25,16 @@ from asyncdiff.partition.blocks import BlockPolicy
 from asyncdiff.partition.planner import FIDELITY_SLOWDOWN, LAYOUTS, MAX_SLOWDOWN
 from asyncdiff.partition.report import LINKS
 
-__all__ = ["AUTO_WARM_UP", "DEADLINE_FACTOR", "DEADLINE_FLOOR_S", "PLAN_RULES", "TRANSFER_DTYPES", "EngineConfig",
-           "WarmUp", "check_warm_up", "option", "stages_for", "warm_up_steps"]
+__all__ = ["AUTO_MIN_WARM_UP", "AUTO_WARM_UP", "DEADLINE_FACTOR", "DEADLINE_FLOOR_S", "PLAN_RULES", "TRANSFER_DTYPES", "EngineConfig",
+           "WarmUp", "check_warm_up", "option", "relative_warm_up", "stages_for", "warm_up_steps"]
 
 DEADLINE_FACTOR = 10.0  # Note [deadlines] (EngineConfig.deadline): a wait may take this many median steps
 DEADLINE_FLOOR_S = 30.0  # and at least this long (a loaded machine's step varies)
 PLAN_RULES = ("fidelity", "depth")  # Note [fidelity rule], Note [staleness]
 TRANSFER_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float8": FP8}  # wire dtypes by name
 WarmUp = int | float | str  # Note [relative warm-up]: steps, a fraction of the loop's steps, or "auto"
-AUTO_WARM_UP = 0.1  # warm_up="auto": this fraction of the loop's steps, rounded up (BENCHMARKS.md "Warm-up")
+AUTO_WARM_UP = 0.1  # warm_up="auto": this fraction of the loop's steps, rounded up, ...
+AUTO_MIN_WARM_UP = 2  # ... and at least this many (BENCHMARKS.md "Warm-up as a fraction of the steps, and auto")
 
 
 def stages_for(devices: int, stride: int, data: int = 1) -> int:
@@ -87,6 +88,10 @@ class EngineConfig:
                                        type="positive", metavar="K")
     refresh_drift: float | None = option(None, "run a step sequentially when the boundary values moved by more "
                                                "than this (relative) over the last step (stride 1)", type=float)
+    refresh_error: float | None = option(None, "run an asynchronous step sequentially when its predicted error "
+                                               "(the output's motion times the error per motion the fidelity rule "
+                                               "measured) is above this (stride 1; Note [predicted refresh])",
+                                         type=float)
     compensate: str = option("none", "linear: extrapolate each stale input from the last two received, scaled by "
                                      "the timestep spacing; auto: per value, where it has predicted better so far "
                                      "(stride 1; Note [compensation])", choices=COMPENSATE)
@@ -130,6 +135,12 @@ class EngineConfig:
         if self.refresh_drift is not None and (self.refresh_drift < 0 or self.stride != 1):
             raise ValueError(f"refresh_drift={self.refresh_drift!r} must be >= 0, with stride=1 "
                              f"(stride={self.stride}); or None: never")
+        if self.refresh_error is not None and (not isinstance(self.refresh_error, (int, float))
+                                               or not self.refresh_error >= 0 or self.stride != 1
+                                               or self.plan_rule != "fidelity"):
+            raise ValueError(f"refresh_error={self.refresh_error!r} must be a number >= 0, with stride=1 "
+                             f"(stride={self.stride}) and plan_rule='fidelity' (plan_rule={self.plan_rule!r}: its "
+                             f"measurement is the prediction, Note [predicted refresh]); or None: never")
         if self.compensate not in COMPENSATE:
             raise ValueError(f"compensate={self.compensate!r} must be one of {', '.join(COMPENSATE)}")
         if self.compensate != "none" and (self.stride != 1 or self.time_shift):
@@ -225,8 +236,11 @@ class EngineConfig:
 
 
 # Note [relative warm-up]: the seed's warm_up is a count of sequential steps, the same for a 4-step
-# and a 50-step call. A fraction (0 < f < 1) is ceil(f x steps) of each denoising loop, and "auto"
-# is AUTO_WARM_UP of them, the value the warm-up table in BENCHMARKS.md chose; both at least 1.
+# and a 50-step call. A fraction (0 < f < 1) is ceil(f x steps) of each denoising loop, at least 1.
+# "auto" is what the warm-up table in BENCHMARKS.md chose: a tenth of the steps (AUTO_WARM_UP),
+# rounded up, and at least two (AUTO_MIN_WARM_UP: the second sequential step bought the most on
+# every trained model, most of all at 4 and 8 steps), but never every step (at least one step
+# stays asynchronous): 4 steps -> 2, 8 -> 2, 25 -> 3, 50 -> 5.
 # The engine resolves it at the first step of every loop, from the loop's step count (the
 # scheduler's timesteps from where the loop begins, per scheduler order), so a call of another
 # length gets its own count. An int keeps the seed's meaning exactly.
@@ -241,10 +255,22 @@ def check_warm_up(warm_up: WarmUp) -> WarmUp:
     return warm_up
 
 
+def relative_warm_up(warm_up: WarmUp, loop_steps: Any) -> WarmUp:
+    """``warm_up`` checked, unless it is relative and the engine is not told its loops' steps (``loop_steps`` None)."""
+    check_warm_up(warm_up)
+    if not isinstance(warm_up, int) and loop_steps is None:
+        raise ValueError(f"warm_up={warm_up!r} is relative to the steps of each denoising loop, which this engine "
+                         f"is not told: pass loop_steps (AsyncDiff does, from the scheduler) or an integer warm_up")
+    return warm_up
+
+
 def warm_up_steps(warm_up: WarmUp, steps: int | None) -> int:
     """The sequential steps ``warm_up`` means in a loop of ``steps`` steps (None: not known, then a
     relative warm-up is 1). Note [relative warm-up]."""
     if isinstance(warm_up, int):
         return warm_up
-    fraction = AUTO_WARM_UP if warm_up == "auto" else float(warm_up)
-    return max(1, math.ceil(fraction * steps - 1e-9)) if steps else 1
+    if not steps:
+        return 1
+    if warm_up == "auto":
+        return max(1, min(steps - 1, max(AUTO_MIN_WARM_UP, math.ceil(AUTO_WARM_UP * steps - 1e-9))))
+    return max(1, math.ceil(float(warm_up) * steps - 1e-9))

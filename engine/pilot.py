@@ -32,7 +32,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from asyncdiff.partition.cache import PlanCache
-from asyncdiff.partition.drift import AsyncSimulator, extrapolated_calls, predicted_error, sequential_outputs
+from asyncdiff.partition.drift import AsyncSimulator, extrapolated_calls, output_motion, predicted_error, sequential_outputs
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.planner import choose_faithful
 from asyncdiff.partition.split import split_graph
@@ -95,16 +95,18 @@ class PlanPilot:
         start = time.perf_counter()
         traced, denoiser = compiled.traced, engine.denoiser
 
-        def measure() -> list[float]:
+        def measure() -> tuple[list[float], float]:
             calls = extrapolated_calls([*self.calls, flat], self.horizon)
             reference = sequential_outputs(traced, denoiser, calls)
             return [predicted_error(traced, split_graph(traced, plan.restricted_to(traced.blocks)), denoiser, calls,
-                                    self.warm_up, reference) for plan in self.candidates]
+                                    self.warm_up, reference) for plan in self.candidates], \
+                output_motion(reference, self.warm_up)
 
-        self.errors = engine.planning.from_rank0(measure)
+        self.errors, motion = engine.planning.from_rank0(measure)
         index = choose_faithful([p.notes["modeled_step"] for p in self.candidates], self.errors)
         chosen = Plan(self.candidates[index].stages, self.candidates[index].costs, self.candidates[index].cost_unit,
-                      {**self.candidates[index].notes, "predicted_error": self.errors[index]})
+                      {**self.candidates[index].notes, "predicted_error": self.errors[index],
+                       "error_per_motion": self.errors[index] / motion if motion > 0 else None})  # Note [predicted refresh]
         log.info("fidelity rule: %s; chose candidate %d in %.2f s", ", ".join(
             f"{i}: step {p.notes['modeled_step']:.4g} error {e:.4g}" for i, (p, e) in
             enumerate(zip(self.candidates, self.errors))), index, time.perf_counter() - start)

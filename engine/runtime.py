@@ -50,11 +50,12 @@ import torch.utils._pytree as pytree
 
 from asyncdiff.engine.comm import StageChannel
 from asyncdiff.engine.compensation import spacing_at
-from asyncdiff.engine.config import TRANSFER_DTYPES, EngineConfig, WarmUp, check_warm_up, stages_for, warm_up_steps
+from asyncdiff.engine.config import TRANSFER_DTYPES, EngineConfig, WarmUp, relative_warm_up, stages_for, warm_up_steps
 from asyncdiff.engine.errors import StageError, announce, located
 from asyncdiff.engine.mesh import ProcessMesh, TwoCalls, batch_size, exchange_outputs, gather_batch, split_batch
 from asyncdiff.engine.planning import Planning, device_of
 from asyncdiff.engine.record import Recorder, step_entry
+from asyncdiff.engine.refresh import PredictedRefresh
 from asyncdiff.engine.schedule import Layout, Signals, StepDecision, StepKind, decide_step, needs_drift
 from asyncdiff.engine.stage import CompiledCall, StageState, boundary_drift, output_template, run_stage, with_timestep
 from asyncdiff.engine.weights import block_tensors, foreign_tensors, release_foreign, reload, restore
@@ -128,7 +129,7 @@ class AsyncEngine:
             raise ValueError("stride=2 and time_shift=True feed stages other steps' timesteps: pass "
                              "timestep_arg and timesteps (AsyncDiff does this from the pipeline's scheduler)")
         self.timestep_arg, self.timesteps, self.loop_steps = timestep_arg, timesteps, loop_steps
-        self.warm_up = self._relative_warm_up(config.warm_up)  # Note [relative warm-up]
+        self.warm_up = relative_warm_up(config.warm_up, loop_steps)  # Note [relative warm-up]
         distributed = dist.is_available() and dist.is_initialized()
         self.world = dist.get_world_size() if distributed else 1
         self.global_rank = dist.get_rank() if distributed else 0
@@ -176,6 +177,7 @@ class AsyncEngine:
         self.rank = self.ranks.index(self.global_rank)  # this rank's place in its slice
         self.stage = min(self.rank, config.model_n - 1)  # stride 2: the extra rank repeats the last stage
         self.schedule = config.schedule(warm_up_steps(self.warm_up, None))
+        self.refresh = PredictedRefresh(config.refresh_error) if config.refresh_error is not None else None
 
     @staticmethod
     def _placeholder(config: EngineConfig) -> EngineConfig:
@@ -288,6 +290,9 @@ class AsyncEngine:
             if self.config.refresh_drift is not None:  # Note [adaptive refresh]: every step keeps its values
                 drift = boundary_drift(state, compiled, needs_drift(self.schedule, step, signals), self.collective)
                 signals = dataclasses.replace(signals, drift=drift, drift_limit=self.config.refresh_drift)
+            if self.refresh is not None and branch == 0:  # Note [predicted refresh]
+                signals = dataclasses.replace(signals, error=self.refresh.predicted(self.plan.notes),
+                                              error_limit=self.refresh.limit)
             decision = decide_step(self.schedule, step, signals)  # Note [step decision]
             step, kind = decision.step, decision.kind
             call.decisions.append(decision)
@@ -303,6 +308,8 @@ class AsyncEngine:
             inputs = (fresh_copy(args), fresh_copy(kwargs)) if check else None  # before the step may update them
             output = run_stage(compiled, state, compiled.traced.flatten_call(args, kwargs), program, self.ranks,
                                self.collective)
+            if self.refresh is not None and branch == 0:
+                self.refresh.observe(output, step)
             if inputs is not None:  # Note [verify on stage-only loads]
                 state.drain()
                 self.planning.verify_streamed(inputs, output, self.ranks, self.group, self.collective,
@@ -350,17 +357,11 @@ class AsyncEngine:
     def reset_state(self, warm_up: WarmUp | None = None) -> None:
         """Start a new pipeline call (optionally with a new ``warm_up``); drains pending transfers."""
         if warm_up is not None:
-            self.warm_up = self._relative_warm_up(check_warm_up(warm_up))
+            self.warm_up = relative_warm_up(warm_up, self.loop_steps)
             self.schedule = self.config.schedule(warm_up_steps(self.warm_up, None))
         self.drain()
         self.call = CallState()
         self._calls += 1
-
-    def _relative_warm_up(self, warm_up: WarmUp) -> WarmUp:
-        if not isinstance(warm_up, int) and self.loop_steps is None:
-            raise ValueError(f"warm_up={warm_up!r} is relative to the steps of each denoising loop, which this engine "
-                             f"is not told: pass loop_steps (AsyncDiff does, from the scheduler) or an integer warm_up")
-        return warm_up
 
     def _batch_size(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
         return batch_size(self.denoiser, self.latent, args, kwargs)

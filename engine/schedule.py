@@ -357,6 +357,8 @@ class Signals:
     new_branch: bool = False  # this branch (or its signature) has no stale values yet (Note [late branches])
     drift: float | None = None  # how far the boundary values moved over the last step (Note [adaptive refresh])
     drift_limit: float | None = None
+    error: float | None = None  # this step's predicted error (Note [predicted refresh])
+    error_limit: float | None = None
 
 
 @dataclass(frozen=True)
@@ -376,8 +378,8 @@ def decide_step(schedule: Schedule, step: int, signals: Signals = Signals()) -> 
 
     Every override the engine makes is here, in order: a new loop starts again at step 0 (so it
     warms up); a branch first met after warm-up runs sequentially (stride 2 cannot: an error);
-    an asynchronous step whose boundary values moved more than the limit runs sequentially.
-    Pure: the same inputs give the same decision on every rank.
+    an asynchronous step whose boundary values moved more than the limit, or whose predicted
+    error is above its limit (Note [predicted refresh]), runs sequentially. Pure: the same inputs give the same decision on every rank.
 
     Example:
         >>> s = Schedule(model_n=2, warm_up=1)
@@ -385,6 +387,8 @@ def decide_step(schedule: Schedule, step: int, signals: Signals = Signals()) -> 
         ('step 0 warm-up (step 0 < warm_up=1)', 'step 3 async (after warm-up: stale inputs)')
         >>> str(decide_step(s, 3, Signals(drift=0.12, drift_limit=0.05)))
         'step 3 refresh (drift 0.12 > 0.05)'
+        >>> str(decide_step(s, 3, Signals(error=0.08, error_limit=0.05)))
+        'step 3 refresh (predicted error 0.08 > 0.05)'
     """
     if signals.new_loop and step > 0:
         step, restart = 0, "a new loop (another call signature): "
@@ -408,6 +412,9 @@ def decide_step(schedule: Schedule, step: int, signals: Signals = Signals()) -> 
     elif kind == StepKind.ASYNC and signals.drift is not None and signals.drift_limit is not None \
             and signals.drift > signals.drift_limit:
         kind, why = StepKind.REFRESH, f"drift {signals.drift:.3g} > {signals.drift_limit:g}"
+    elif kind == StepKind.ASYNC and signals.error is not None and signals.error_limit is not None \
+            and signals.error > signals.error_limit:
+        kind, why = StepKind.REFRESH, f"predicted error {signals.error:.3g} > {signals.error_limit:g}"
     return StepDecision(step, kind, restart + why)
 
 

@@ -53,7 +53,7 @@ from asyncdiff.engine.schedule import Exchange, Layout, Message, Recv, Run, Sche
 from asyncdiff.partition.split import SplitDenoiser
 from asyncdiff.partition.traced import TracedDenoiser
 
-__all__ = ["AsyncSimulator", "extrapolated_calls", "predicted_drift", "predicted_error", "record_calls",
+__all__ = ["AsyncSimulator", "extrapolated_calls", "output_motion", "predicted_drift", "predicted_error", "record_calls",
            "sequential_outputs", "simulate_async"]
 
 
@@ -200,6 +200,15 @@ def predicted_error(traced: TracedDenoiser, split: SplitDenoiser, denoiser: torc
         w = torch.cat([t.double().flatten() for t in want if isinstance(t, torch.Tensor)])
         errors.append(float((g - w).norm() / w.norm().clamp_min(1e-30)))
     return sum(errors) / len(errors) if errors else 0.0
+
+
+def output_motion(reference: Sequence[list[Any]], warm_up: int) -> float:
+    """How far the first output moved per step over the asynchronous steps of ``reference``
+    (sequential outputs per call): the mean relative L2 distance between consecutive ones, the
+    unit of Note [predicted refresh] in engine/refresh.py."""
+    firsts = [next(t for t in out if isinstance(t, torch.Tensor)).double().flatten() for out in reference]
+    moves = [float((b - a).norm() / a.norm().clamp_min(1e-30)) for a, b in zip(firsts, firsts[1:])][max(0, warm_up - 1):]
+    return sum(moves) / len(moves) if moves else 0.0
 
 
 def record_calls(pipeline: Any, denoiser: str, **call_kwargs: Any) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:

@@ -21,7 +21,8 @@ def test_a_fraction_is_rounded_up_and_at_least_one_step():
     assert [warm_up_steps(0.1, n) for n in (4, 8, 25, 50)] == [1, 1, 3, 5]
     assert [warm_up_steps(0.25, n) for n in (4, 8, 25)] == [1, 2, 7]
     assert warm_up_steps(0.5, 4) == 2 and warm_up_steps(0.99, 4) == 4
-    assert warm_up_steps("auto", 50) == max(1, math.ceil(AUTO_WARM_UP * 50))
+    assert [warm_up_steps("auto", n) for n in (1, 2, 4, 8, 25, 50)] == [1, 1, 2, 2, 3, 5]  # the table's choice
+    assert warm_up_steps("auto", 100) == math.ceil(AUTO_WARM_UP * 100)
     assert warm_up_steps(3, 50) == 3 and warm_up_steps(0, 50) == 0  # a count keeps the seed's meaning
     assert warm_up_steps(0.5, None) == 1  # not known yet: one sequential step
 

@@ -1204,3 +1204,44 @@ def warm_up_scenarios(steps: int) -> dict[str, Any]:
             result[f"measured_{warm_up}"] = latents(steps)[0], async_diff.engine.plan_source
             async_diff.remove()
     return result
+
+
+def predicted_refresh_scenarios(steps: int, limits: list[float | str | None], cache: str) -> dict[str, Any]:
+    """Note [predicted refresh] on the toy, on every rank: for each ``refresh_error`` limit (None:
+    off), every step's output, its decisions (kind, why) and the plan's notes; the sequential
+    outputs; and the same limit with the plan given without its measurement (it warns, no refresh)."""
+    import os
+
+    from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
+
+    os.environ["ASYNCDIFF_PLAN_CACHE"] = cache
+    torch.manual_seed(0)
+    toy = ToyDenoiser(depth=6)
+
+    def outputs(denoiser: Any) -> list[torch.Tensor]:
+        x, out = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), []
+        with torch.no_grad():
+            for t in range(steps):
+                out.append(denoiser(x, torch.tensor([float(steps - t)]), return_dict=False)[0])
+                x = x - 0.1 * out[-1] * (steps - t)  # the first steps move most
+        return out
+
+    results: dict[str, Any] = {"sequential": outputs(toy)}
+    plan = None
+    for key in limits:  # "middle": the median of the predictions the 0.0 run printed
+        limit = key
+        if key == "middle":
+            predicted = sorted(float(why.split()[2]) for _, why in results[0.0][1] if why.startswith("predicted"))
+            limit = results["middle_limit"] = predicted[len(predicted) // 2]
+        config = EngineConfig(model_n=dist.get_world_size(), warm_up=1, cost="flops", refresh_error=limit)
+        engine = AsyncEngine(toy, config, latent="sample")
+        results[key] = outputs(engine), [(str(d.kind), d.why) for d in engine.call.decisions], engine.plan.notes
+        plan = engine.plan
+        engine.restore_weights()
+    assert plan is not None
+    bare = type(plan)(plan.stages, plan.costs, plan.cost_unit, {})  # no measurement: nothing to predict with
+    engine = AsyncEngine(toy, EngineConfig(model_n=dist.get_world_size(), warm_up=1, cost="flops", refresh_error=0.0),
+                         latent="sample", plan=bare)
+    results["bare"] = outputs(engine), [str(d.kind) for d in engine.call.decisions], engine.refresh.warned
+    engine.restore_weights()
+    return results
