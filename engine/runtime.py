@@ -290,7 +290,7 @@ class AsyncEngine:
             if self.config.refresh_drift is not None:  # Note [adaptive refresh]: every step keeps its values
                 drift = boundary_drift(state, compiled, needs_drift(self.schedule, step, signals), self.collective)
                 signals = dataclasses.replace(signals, drift=drift, drift_limit=self.config.refresh_drift)
-            if self.refresh is not None and branch == 0:  # Note [predicted refresh]
+            if self.refresh is not None and branch == 0 and needs_drift(self.schedule, step, signals):
                 signals = dataclasses.replace(signals, error=self.refresh.predicted(self.plan.notes),
                                               error_limit=self.refresh.limit)
             decision = decide_step(self.schedule, step, signals)  # Note [step decision]
@@ -308,7 +308,7 @@ class AsyncEngine:
             inputs = (fresh_copy(args), fresh_copy(kwargs)) if check else None  # before the step may update them
             output = run_stage(compiled, state, compiled.traced.flatten_call(args, kwargs), program, self.ranks,
                                self.collective)
-            if self.refresh is not None and branch == 0:
+            if self.refresh is not None and branch == 0:  # Note [predicted refresh]
                 self.refresh.observe(output, step)
             if inputs is not None:  # Note [verify on stage-only loads]
                 state.drain()
