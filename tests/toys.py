@@ -1134,6 +1134,17 @@ def failing_decision(kind: str) -> tuple[str, str, str, float]:
     return "no error", "", "", time.perf_counter() - started
 
 
+def toy_loop(denoiser: Any, steps: int, pace: Callable[[int], float] = lambda t: 1.0) -> list[torch.Tensor]:
+    """Every step's output of a small denoising loop on the toy denoiser's input shape: the latent
+    moves against the output by ``0.1 * pace(step)`` each step."""
+    x, out = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), []
+    with torch.no_grad():
+        for t in range(steps):
+            out.append(denoiser(x, torch.tensor([float(steps - t)]), return_dict=False)[0])
+            x = x - 0.1 * out[-1] * pace(t)
+    return out
+
+
 def pilot_scenarios(steps: int, warm_up: int, max_slowdown: float | None, cache: str) -> dict[str, Any]:
     """Note [measured plan choice] on the toy: every step's output with the plan the fidelity rule
     measured, with that plan given from the start, and with it read from the plan cache; the
@@ -1148,12 +1159,7 @@ def pilot_scenarios(steps: int, warm_up: int, max_slowdown: float | None, cache:
     toy = ToyDenoiser(depth=6)
 
     def outputs(denoiser: Any) -> list[torch.Tensor]:
-        x, out = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), []
-        with torch.no_grad():
-            for t in range(steps):
-                out.append(denoiser(x, torch.tensor([float(steps - t)]), return_dict=False)[0])
-                x = x - 0.1 * out[-1]
-        return out
+        return toy_loop(denoiser, steps)
 
     config = EngineConfig(model_n=dist.get_world_size(), warm_up=warm_up, cost="flops", max_slowdown=max_slowdown)
     results: dict[str, Any] = {"sequential": outputs(toy)}
@@ -1219,12 +1225,7 @@ def predicted_refresh_scenarios(steps: int, limits: list[float | str | None], ca
     toy = ToyDenoiser(depth=6)
 
     def outputs(denoiser: Any) -> list[torch.Tensor]:
-        x, out = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), []
-        with torch.no_grad():
-            for t in range(steps):
-                out.append(denoiser(x, torch.tensor([float(steps - t)]), return_dict=False)[0])
-                x = x - 0.1 * out[-1] * (steps - t)  # the first steps move most
-        return out
+        return toy_loop(denoiser, steps, pace=lambda t: steps - t)  # the first steps move most
 
     results: dict[str, Any] = {"sequential": outputs(toy)}
     plan = None
