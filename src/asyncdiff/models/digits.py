@@ -79,6 +79,34 @@ SAMPLING: dict[str, Any] = {"timestep_spacing": "leading"}
 SIZES: tuple[str, ...] = ("trained", "tiny", "bench", "full")
 
 
+def class_batch(class_labels: list[int] | torch.Tensor | None, batch_size: int, classes: int = 10) -> torch.Tensor:
+    """The digits a class-conditional digits pipeline draws: ``class_labels``, else ``batch_size``
+    digits ``0, 1, ..., 9, 0, ...``; a ``ValueError`` unless they are a non-empty list of digits."""
+    labels = torch.arange(batch_size) % classes if class_labels is None else torch.as_tensor(class_labels)
+    if labels.ndim != 1 or len(labels) == 0 or labels.min() < 0 or labels.max() >= classes:
+        raise ValueError(f"class_labels={labels.tolist()} must be a non-empty list of digits 0-{classes - 1}")
+    return labels
+
+
+def check_output_type(output_type: str) -> None:
+    if output_type not in ("pt", "np", "pil"):
+        raise ValueError(f"output_type={output_type!r} is not one of 'pt', 'np', 'pil'")
+
+
+def images_out(pipe: Any, image: torch.Tensor, output_type: str, return_dict: bool) -> Any:
+    """A digits pipeline's result from its final sample in ``[-1, 1]``: images in ``[0, 1]`` as
+    ``output_type`` (``"pt"``: ``(N, 1, H, W)``, ``"np"``: ``(N, H, W, 1)``, or ``"pil"``)."""
+    from diffusers import ImagePipelineOutput
+
+    image = (image / 2 + 0.5).clamp(0, 1)
+    if output_type != "pt":
+        image = image.cpu().permute(0, 2, 3, 1).float().numpy()
+        if output_type == "pil":
+            image = pipe.numpy_to_pil(image)
+    pipe.maybe_free_model_hooks()
+    return ImagePipelineOutput(images=image) if return_dict else (image,)
+
+
 def _check_size(size: str) -> None:
     if size not in SIZES:
         raise ValueError(f"size={size!r} is not a size of the digits model; use 'trained' "

@@ -39,7 +39,7 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from asyncdiff.models.digits import ASSETS, BATCH_SIZE, RESOLUTION, SIZES
+from asyncdiff.models.digits import ASSETS, BATCH_SIZE, RESOLUTION, SIZES, check_output_type, class_batch, images_out
 
 if TYPE_CHECKING:
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
@@ -117,11 +117,8 @@ class DigitsFlowPipeline(DiffusionPipeline):
         """``class_labels`` (digits 0-9) give the batch; without them, ``batch_size`` digits
         ``0, 1, ..., 9, 0, ...``. ``output_type``: ``"pt"`` (``(N, 1, H, W)``), ``"np"``
         (``(N, H, W, 1)``) or ``"pil"``."""
-        labels = torch.arange(batch_size) % CLASSES if class_labels is None else torch.as_tensor(class_labels)
-        if labels.ndim != 1 or len(labels) == 0 or labels.min() < 0 or labels.max() >= CLASSES:
-            raise ValueError(f"class_labels={labels.tolist()} must be a non-empty list of digits 0-{CLASSES - 1}")
-        if output_type not in ("pt", "np", "pil"):
-            raise ValueError(f"output_type={output_type!r} is not one of 'pt', 'np', 'pil'")
+        labels = class_batch(class_labels, batch_size, CLASSES)
+        check_output_type(output_type)
         device, dtype = self._execution_device, self.transformer.dtype
         size = self.transformer.config.sample_size
         channels = self.transformer.config.in_channels
@@ -142,13 +139,7 @@ class DigitsFlowPipeline(DiffusionPipeline):
                 velocity = unconditional + guidance_scale * (conditional - unconditional)
             image = self.scheduler.step(velocity, t, image).prev_sample
 
-        image = (image / 2 + 0.5).clamp(0, 1)
-        if output_type != "pt":
-            image = image.cpu().permute(0, 2, 3, 1).float().numpy()
-            if output_type == "pil":
-                image = self.numpy_to_pil(image)
-        self.maybe_free_model_hooks()
-        return ImagePipelineOutput(images=image) if return_dict else (image,)
+        return images_out(self, image, output_type, return_dict)
 
 
 def _check_size(size: str) -> None:
