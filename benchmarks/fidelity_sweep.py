@@ -18,7 +18,7 @@ the fastest modelled plan, the best contiguous and the best wrapped plan (all fr
 times), and on 2 devices a cut right after the mid block (as the reference implementation
 cuts; for ``--model digits-dit``, the class-conditional DiT, a cut after the first half of its
 transformer blocks); each with its main-path depth (Note [staleness]). ``--model`` picks the
-trained model (a built-in system: ``digits``, the default, or ``digits-dit``); the other sweeps
+trained model (a built-in system: ``digits``, the default, ``digits-dit`` or ``digits-flow``); the other sweeps
 run on either too. For each: the quality metric (digit-classifier confidence, distinct classes,
 Fréchet distance of classifier features to the real digits), the deviation from the sequential
 images (PSNR, max abs), and the denoising loop's time.
