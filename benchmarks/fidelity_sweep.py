@@ -243,6 +243,8 @@ def main() -> None:
                              "compensation: devices x warm-up 1, 2 x compensate none, linear, auto")
     parser.add_argument("--model", default="digits", choices=sorted(MIDDLE),
                         help="the trained model: the digits UNet, the digits DiT or the flow-matching MMDiT")
+    parser.add_argument("--refresh-errors", default=",".join(map(str, REFRESH_ERRORS)),
+                        help="--sweep refresh: the refresh_error limits, comma-separated")
     args = parser.parse_args()
     devices = [int(n) for n in args.devices.split(",")]
 
@@ -278,7 +280,8 @@ def main() -> None:
         plans = {n: [Setting(1, w, plan="fidelity") for w in WARM_UPS] for n in devices}
     if args.sweep == "refresh":
         plans = {n: [Setting(1, w, plan="fidelity") for w in (1, 2, 3, 4)] +
-                 [Setting(1, 1, plan="fidelity", refresh_error=e) for e in REFRESH_ERRORS] for n in devices}
+                 [Setting(1, 1, plan="fidelity", refresh_error=float(e)) for e in args.refresh_errors.split(",")]
+                 for n in devices}
     predicted: dict[tuple[int, int, str], float] = {}
     layouts: dict[tuple[int, str], str] = {}
     if args.sweep == "plans":
