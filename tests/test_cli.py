@@ -35,7 +35,7 @@ def test_generate_on_two_processes_writes_image_and_json(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["generate", "--devices", "0"], "argument --devices: 0 must be >= 1"),
-    (["generate", "--warm-up", "-2"], "argument --warm-up: -2 must be >= 0"),
+    (["generate", "--warm-up", "-2"], "argument --warm-up: warm_up=-2 must be an integer >= 0"),
     (["generate", "--stride", "3"], "argument --stride: invalid choice: 3"),
     (["generate", "--size", "huge"], "argument --size: invalid choice: 'huge'"),
 ])
