@@ -321,7 +321,10 @@ def test_a_prompts_file_loads_once_and_writes_each_picture_with_a_manifest(sd15_
     assert record["manifest"] == manifest
     cli_here(capsys, *common, "--prompt", "a dog", "--seed", "4", "--out", str(tmp_path / "dog.png"))
     with Image.open(tmp_path / "many-0001.png") as many, Image.open(tmp_path / "dog.png") as alone:
-        assert np.array_equal(np.asarray(many), np.asarray(alone))
+        # the same picture up to rounding: a batch of two and a batch of one (each split by its own measured
+        # plan) agree to float precision, which can move a pixel by one level; another seed moves them all
+        difference = np.abs(np.asarray(many, dtype=np.int16) - np.asarray(alone, dtype=np.int16))
+        assert difference.max() <= 1 and (difference > 0).mean() < 0.01, (difference.max(), (difference > 0).mean())
     # the scheduler reached the pipeline: another picture than the checkpoint's own (PNDM) scheduler
     cli_here(capsys, *common[:-2], "--prompt", "a dog", "--seed", "4", "--out", str(tmp_path / "own.png"))
     with Image.open(tmp_path / "own.png") as own, Image.open(tmp_path / "dog.png") as euler:
