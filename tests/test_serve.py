@@ -168,12 +168,31 @@ def test_a_failing_call_answers_500_and_the_workers_serve_on(server):
     assert server.client.health()["status"] == "ready"
 
 
+LONG = {"prompt": "x", "size": "256x256", "num_inference_steps": 20}  # about 3 s here on 2 processes, idle
+
+
 @pytest.mark.slow
-def test_queue_full_timeout_sigkill_restart_and_sigterm_drain():
-    long = {"prompt": "x", "size": "256x256", "num_inference_steps": 20}  # about 3 s here on 2 processes
+def test_past_the_request_timeout_504_and_the_workers_finish_that_call_and_serve_on():
+    """A timeout far below any call's time (one second against ~9 s idle), so a loaded machine cannot make
+    the 504 a 200; the next request waits for the workers to finish the dropped call (it may itself pass
+    the timeout while it waits, answering 504 again), then answers 200."""
+    with Server("--devices", "2", "--steps", "2", "--max-batch", "1", "--request-timeout", "1") as server:
+        status, reply, _ = _post(server.url, {**LONG, "num_inference_steps": 60}, None)
+        assert status == 504 and "--request-timeout=1" in reply["error"]["message"]
+        deadline, answers = time.monotonic() + 90, []
+        while time.monotonic() < deadline and 200 not in answers:
+            answers.append(_post(server.url, {"prompt": "x", "size": "32x32"}, None)[0])
+        assert answers[-1] == 200 and set(answers) <= {200, 504}, answers
+        assert server.client.health()["status"] == "ready"
+
+
+@pytest.mark.slow
+def test_queue_full_sigkill_restart_and_sigterm_drain():
+    """A timeout (60 s) well past any call here, so only --max-queue answers anything but 200."""
+    long = LONG
     short = {**long, "num_inference_steps": 8}
     with Server("--devices", "2", "--steps", "2", "--max-batch", "1", "--max-queue", "1",
-                "--request-timeout", "6") as server:
+                "--request-timeout", "60") as server:
         # a full queue: one running, one waiting, the third is told to come back
         replies: dict[str, tuple] = {}
         running = threading.Thread(target=lambda: replies.__setitem__("a", _post(server.url, short, None)))
@@ -186,11 +205,6 @@ def test_queue_full_timeout_sigkill_restart_and_sigterm_drain():
         assert status == 429 and "--max-queue" in reply["error"]["message"] and headers.get("retry-after") == "1"
         running.join(60), waiting.join(60)
         assert replies["a"][0] == replies["b"][0] == 200
-
-        # past --request-timeout: 504, and the workers finish that call and serve on
-        status, reply, _ = _post(server.url, {**long, "num_inference_steps": 60}, None)
-        assert status == 504 and "--request-timeout=6" in reply["error"]["message"]
-        assert _post(server.url, {"prompt": "x", "size": "32x32"}, None)[0] == 200
 
         # SIGKILL of one rank mid-call: 503 at once, the group restarts, the next request runs
         old = server.client.health()["pids"]
