@@ -188,7 +188,7 @@ def sweep_plans(devices: list[int], steps: int,
     kind, all made from one measured profile of ``model``'s denoiser in this process and planned for
     gloo as the engine would; every worker then runs exactly these plans."""
     from asyncdiff.partition.auto import auto_plan, plan_depth, plan_layout
-    from asyncdiff.partition.drift import AsyncSimulator
+    from asyncdiff.engine.local import AsyncSimulator
     from asyncdiff.partition.plan import Plan
     from asyncdiff.partition.report import LINKS
     from asyncdiff.partition.split import split_graph

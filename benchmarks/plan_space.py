@@ -7,7 +7,7 @@ fidelity measures?).
 The trained model's denoiser is traced and its blocks timed once (as the engine plans on CPU,
 for gloo). Every contiguous cut and every wrapped plan (stage 0 runs a head and a tail, stage 1
 the middle) is modelled; those within ``--margin`` of the fastest modelled step run the same
-seeded batches as the sequential pipeline, with :class:`~asyncdiff.partition.drift.AsyncSimulator`
+seeded batches as the sequential pipeline, with :class:`~asyncdiff.engine.local.AsyncSimulator`
 standing in for the denoiser: the engine's own programs for that plan, so the images are the
 engine's (tests/test_drift.py). Each gets the digit metrics (classifier confidence, Fréchet
 distance), the deviation from the sequential images (PSNR), its main-path depth (Note
@@ -49,7 +49,7 @@ def plan_space(model: str = "digits", steps: int = 50, seeds: int = 4, warm_up: 
     from asyncdiff.fidelity import deviation, digit_metrics
     from asyncdiff.inspection import final_latents
     from asyncdiff.partition.auto import _Problem, auto_plan
-    from asyncdiff.partition.drift import AsyncSimulator
+    from asyncdiff.engine.local import AsyncSimulator
     from asyncdiff.partition.plan import Plan
     from asyncdiff.partition.planner import main_path_depth, stage_times
     from asyncdiff.partition.report import LINKS

@@ -57,16 +57,19 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.fx
 
 from asyncdiff.engine.config import DEADLINE_FACTOR, DEADLINE_FLOOR_S
 from asyncdiff.kernels.pack import PackLayout, pack, unpack
 from asyncdiff.partition.split import StageProgram, Transfer
 from asyncdiff.partition.specs import TensorSpec
+from asyncdiff.partition.traced import TracedDenoiser
 
-__all__ = ["Pending", "StageChannel", "posted"]
+__all__ = ["Pending", "StageChannel", "output_template", "posted", "share_output"]
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +111,18 @@ def finish(works: Iterable[dist.Work], deadline: datetime.timedelta | None) -> N
 
 
 class StageChannel:
+    """The point-to-point :class:`~asyncdiff.engine.stage.Transport` (Note [one interpreter] in stage.py)."""
+
     def __init__(self, program: StageProgram, n_segments: int, destinations: Mapping[int, list[int]],
                  group: dist.ProcessGroup | None, device: torch.device,
-                 transfer_dtype: torch.dtype | None = None, branch: int = 0) -> None:
+                 transfer_dtype: torch.dtype | None = None, branch: int = 0,
+                 collective: dist.ProcessGroup | None = None) -> None:
         """``destinations[stage]``: the ranks that run ``stage`` (the first one sends its values);
         ``transfer_dtype``: narrower dtype floating-point values travel in (None: their own);
         ``branch``: which call of a step this channel serves (own tags and buffers, Note [branches]
-        in runtime.py)."""
+        in runtime.py); ``collective``: the group the step's output is broadcast over."""
         self.destinations, self.group, self.device, self.n_segments = destinations, group, device, n_segments
-        self.branch = branch
+        self.branch, self.collective = branch, collective
         self.recv_groups = _grouped(program.recv)
         self.send_groups = _grouped(program.send)
         specs = {key: [(_wire_shape(t.spec), t.spec.torch_dtype) for t in ts]
@@ -157,14 +163,8 @@ class StageChannel:
         layouts = self.exact_layouts if exact else self.layouts
         with self._comm_stream():
             for key in sends:
-                transfers = self.send_groups[key]
-                tensors = [_to_wire(values[t.value] if t.part < 0 else values[t.value][t.part], t.spec.order)
-                           for t in transfers]
-                buffer = pack(tensors, layouts[key])
-                if self.stream is not None:
-                    for t in tensors:
-                        t.record_stream(self.stream)
-                for rank in self.destinations[transfers[0].dst]:
+                buffer = self._pack(values, key, layouts)
+                for rank in self.destinations[self.send_groups[key][0].dst]:
                     ops.append(dist.P2POp(dist.isend, buffer, rank, self.group, self._tag(key)))
                 pending.keep_alive.append(buffer)
             for key in recvs:
@@ -182,14 +182,41 @@ class StageChannel:
             log.debug("posted %s", ", ".join(sent + received))
         return pending
 
+    def ready(self, pending: Pending) -> bool:
+        """Whether :meth:`wait` can return without waiting for a peer: a point-to-point wait
+        blocks instead, so always (Note [one interpreter] in stage.py)."""
+        return True
+
     def wait(self, pending: Pending) -> dict[str, torch.Tensor]:
         """Finish ``pending``; the received values, as views into the receive buffers."""
         finish(pending.works, self.deadline)
+        return self._values(pending, {key: self.buffers[key, pending.exact] for key in pending.recvs})
+
+    def shared(self, owner: int) -> bool:
+        """Whether :meth:`share` can return without waiting for ``owner``: always (it blocks)."""
+        return True
+
+    def share(self, compiled: Any, leaves: tuple[Any, ...], owner: int, me: int) -> Any:
+        """The step's output on every rank of the collective group, from ``owner`` (global ranks)."""
+        return share_output(compiled, leaves, owner, me, self.collective, self.deadline)
+
+    def _pack(self, values: Mapping[str, Any], key: Key, layouts: Mapping[Key, PackLayout]) -> torch.Tensor:
+        """Message ``key``'s values as one buffer, each in its memory order (Note [strides on the wire])."""
+        tensors = [_to_wire(values[t.value] if t.part < 0 else values[t.value][t.part], t.spec.order)
+                   for t in self.send_groups[key]]
+        buffer = pack(tensors, layouts[key])
+        if self.stream is not None:
+            for t in tensors:
+                t.record_stream(self.stream)
+        return buffer
+
+    def _values(self, pending: Pending, buffers: Mapping[Key, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The values of ``pending``'s messages, received in ``buffers``: views with the sender's strides."""
         values: dict[str, torch.Tensor] = {}
         layouts = self.exact_layouts if pending.exact else self.layouts
         for key in pending.recvs:
             parts: dict[str, list[torch.Tensor]] = {}
-            for t, wire in zip(self.recv_groups[key], unpack(self.buffers[key, pending.exact], layouts[key])):
+            for t, wire in zip(self.recv_groups[key], unpack(buffers[key], layouts[key])):
                 view = _from_wire(wire, t.spec.order)
                 if t.part < 0:
                     values[t.value] = view
@@ -207,6 +234,29 @@ class StageChannel:
 
     def _tag(self, key: Key) -> int:
         return (self.branch * self.n_segments + key[0]) * self.n_segments + key[1]
+
+
+def share_output(compiled: Any, leaves: tuple[Any, ...], owner: int, me: int,
+                 group: dist.ProcessGroup | None, deadline: datetime.timedelta | None = None) -> Any:
+    """The step's output on every rank of ``group``: ``owner`` (a global rank) has it as ``leaves``;
+    ``deadline``: how long to wait for it (Note [deadlines] in config.py)."""
+    template = output_template(compiled.traced)
+    mine = me == owner
+    if mine:
+        buffer = pack([x for x in leaves if isinstance(x, torch.Tensor)], compiled.output_layout)
+    else:
+        buffer = torch.empty(compiled.output_layout.nbytes, dtype=torch.uint8, device=compiled.device)
+    finish([dist.broadcast(buffer, src=owner, group=group, async_op=True)], deadline)
+    if mine:
+        return compiled.traced.unflatten_output(list(leaves))
+    received = iter(unpack(buffer, compiled.output_layout))
+    return compiled.traced.unflatten_output(
+        [next(received) if isinstance(x, torch.fx.Node) else x for x in template])
+
+
+def output_template(traced: TracedDenoiser) -> tuple[Any, ...]:
+    output = next(n for n in traced.graph.nodes if n.op == "output")
+    return tuple(output.args[0])
 
 
 def _wire_shape(spec: TensorSpec) -> tuple[int, ...]:

@@ -7,7 +7,7 @@ the candidates and every rank starts with the provisional one (the depth rule's 
 steps are sequential, so their outputs do not depend on the plan) and keeps every weight. Each
 rank records the flat inputs of the warm-up calls. At the first asynchronous step (step
 ``warm_up``), before it runs, rank 0 predicts each candidate's error on the recorded calls (Note
-[predicted error] in :mod:`asyncdiff.partition.drift`) and every rank takes its choice, the
+[predicted error] in :mod:`asyncdiff.engine.drift`) and every rank takes its choice, the
 plan is cached (Note [plan cache]) and the foreign weights are released. Where the choice is
 another plan than the provisional one, every rank re-splits and computes the stale values its
 new stage reads at this step from the last warm-up call's recorded inputs, in one process (the
@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.utils._pytree as pytree
 
+from asyncdiff.engine.drift import extrapolated_calls, output_motion, predicted_error, sequential_outputs
+from asyncdiff.engine.local import AsyncSimulator
 from asyncdiff.partition.cache import PlanCache
-from asyncdiff.partition.drift import AsyncSimulator, extrapolated_calls, output_motion, predicted_error, sequential_outputs
 from asyncdiff.partition.plan import Plan
 from asyncdiff.partition.planner import choose_faithful
 from asyncdiff.partition.split import split_graph
@@ -130,8 +131,8 @@ class PlanPilot:
             simulator.leaves(flat)
         state.channel = compiled.channel(0)
         state.stale = pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x,
-                                      simulator.stale[engine.rank])
-        state.extrapolation = simulator.extrapolations[engine.rank]
+                                      simulator.states[engine.rank].stale)
+        state.extrapolation = simulator.states[engine.rank].extrapolation
 
     def _settle(self, engine: AsyncEngine, chosen: Plan | None, reason: str | None) -> None:
         """The end of the pilot: ``chosen`` becomes the plan and is cached (on rank 0), or the

@@ -5,7 +5,7 @@ Stale inputs cost most where the model's values move most from one step to the n
 steps, AsyncDiff's observation). The fidelity rule's measurement (Note [measured plan choice])
 gives, for the chosen plan, the predicted error ``e`` (Note [predicted error]) and, from the same
 one-process run, how far the sequential outputs moved per step ``m`` (mean relative L2 distance
-between consecutive outputs, :func:`~asyncdiff.partition.drift.output_motion`). Their ratio
+between consecutive outputs, :func:`~asyncdiff.engine.drift.output_motion`). Their ratio
 ``k = e / m``, the error per unit of motion, is a note of the plan (``error_per_motion``) and is
 cached with it. At every later step the engine knows how far the denoiser's output moved over the
 last step, ``m_t`` (the output every rank returns to the pipeline, so the same number on every

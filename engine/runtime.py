@@ -48,7 +48,7 @@ import torch.distributed as dist
 import torch.fx
 import torch.utils._pytree as pytree
 
-from asyncdiff.engine.comm import StageChannel
+from asyncdiff.engine.comm import StageChannel, output_template
 from asyncdiff.engine.compensation import spacing_at
 from asyncdiff.engine.config import TRANSFER_DTYPES, EngineConfig, WarmUp, relative_warm_up, stages_for, warm_up_steps
 from asyncdiff.engine.errors import StageError, announce, located
@@ -57,7 +57,7 @@ from asyncdiff.engine.planning import Planning, device_of
 from asyncdiff.engine.record import Recorder, step_entry
 from asyncdiff.engine.refresh import PredictedRefresh
 from asyncdiff.engine.schedule import Layout, Signals, StepDecision, StepKind, decide_step, needs_drift
-from asyncdiff.engine.stage import CompiledCall, StageState, boundary_drift, output_template, run_stage, with_timestep
+from asyncdiff.engine.stage import CompiledCall, StageState, boundary_drift, run_stage, with_timestep
 from asyncdiff.engine.weights import block_tensors, foreign_tensors, release_foreign, reload, restore
 from asyncdiff.kernels.pack import PackLayout
 from asyncdiff.partition.plan import Plan
@@ -306,8 +306,7 @@ class AsyncEngine:
             check = fresh and self.planning.stage_only and self.config.verify and kind.synchronous \
                 and self.config.model_n > 1
             inputs = (fresh_copy(args), fresh_copy(kwargs)) if check else None  # before the step may update them
-            output = run_stage(compiled, state, compiled.traced.flatten_call(args, kwargs), program, self.ranks,
-                               self.collective)
+            output = run_stage(compiled, state, compiled.traced.flatten_call(args, kwargs), program, self.ranks)
             if self.refresh is not None and branch == 0:  # Note [predicted refresh]
                 self.refresh.observe(output, step)
             if inputs is not None:  # Note [verify on stage-only loads]
@@ -395,7 +394,7 @@ class AsyncEngine:
         transfer_dtype = TRANSFER_DTYPES.get(self.config.transfer_dtype)
         compiled = CompiledCall(traced, split, program, modules,
                                 lambda branch: StageChannel(program, len(split.segments), destinations, self.group,
-                                                            device, transfer_dtype, branch=branch),
+                                                            device, transfer_dtype, branch, self.collective),
                                 PackLayout.of([(s.shape, s.torch_dtype) for s in out_specs]), device, Layout.of(split))
         compiled.signature = hashlib.sha1(repr(signature).encode()).hexdigest()[:12]
         self._compiled[(signature, branch) if traced.by_values else signature] = compiled

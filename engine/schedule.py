@@ -196,6 +196,9 @@ class Share:
 
     owner: int
 
+    def __str__(self) -> str:
+        return f"out{self.owner}"
+
 
 Action = Recv | Run | Send | Exchange | Reuse | Share
 

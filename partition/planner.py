@@ -35,7 +35,7 @@ the one with the lowest *predicted error* among the plans whose modelled step is
 layout and the contiguous plans whose cuts lie up to :data:`NEARBY_SHIFT` units from the best
 contiguous cut (at most :data:`MAX_CANDIDATES`, fastest first). The error is measured on the real
 call by the engine's own one-process execution (Note [predicted error] in
-:mod:`asyncdiff.partition.drift`); ties (within 1e-9, relatively) go to the faster plan. The
+:mod:`asyncdiff.engine.drift`); ties (within 1e-9, relatively) go to the faster plan. The
 choice is a pure function of the candidates and their errors (:func:`choose_faithful`).
 
 Example:

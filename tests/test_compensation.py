@@ -68,7 +68,7 @@ def test_the_one_process_simulator_compensates_as_the_engine_does():
     """Note [predicted drift] runs plans in one process: with compensation too, linear is exact on
     the affine-in-time toy there as on the engine, and plain stale inputs are not."""
     from asyncdiff.partition.auto import auto_plan
-    from asyncdiff.partition.drift import AsyncSimulator
+    from asyncdiff.engine.local import AsyncSimulator
     from asyncdiff.partition.profile import profile_blocks
     from asyncdiff.partition.split import split_graph
     from asyncdiff.partition.trace import trace_denoiser

@@ -10,7 +10,8 @@ from toys import ToyDenoiser, fixed_calls, fixed_input_engine
 from pool import launch
 from asyncdiff.engine.schedule import Layout, SegmentIO
 from asyncdiff.partition.auto import auto_plan
-from asyncdiff.partition.drift import AsyncSimulator, predicted_drift, simulate_async
+from asyncdiff.engine.drift import predicted_drift, simulate_async
+from asyncdiff.engine.local import AsyncSimulator
 from asyncdiff.partition.profile import profile_blocks
 from asyncdiff.partition.report import LINKS
 from asyncdiff.partition.split import split_graph
@@ -32,7 +33,7 @@ def _split(layout: str, model_n: int):
 @pytest.mark.parametrize("layout, model_n", [("contiguous", 2), ("contiguous", 3), ("wrapped", 2), ("wrapped", 3)])
 def test_simulation_is_what_the_engine_computes(layout, model_n):
     toy, calls, traced, split = _split(layout, model_n)
-    simulated = simulate_async(split, toy, [traced.flatten_call(*c) for c in calls], warm_up=1)
+    simulated = simulate_async(traced, split, toy, [traced.flatten_call(*c) for c in calls], warm_up=1)
     engine, plan = launch(fixed_input_engine, model_n, layout, STEPS, 1)[0]
     assert plan == split.plan
     for step, (got, want) in enumerate(zip(engine, simulated)):
@@ -56,7 +57,9 @@ def test_a_schedule_that_would_hang_is_an_error():
     no rank sends in that step is a schedule the engine would hang on."""
     toy, calls, traced, split = _split("contiguous", 2)
     simulator = AsyncSimulator(traced, split, toy)
-    (head,), (tail,) = simulator.layout.stages
-    simulator.layout = Layout(((SegmentIO(head.index),), (tail,)), simulator.layout.output_stage)  # stage 0 never sends
-    with pytest.raises(RuntimeError, match=r"the schedule hangs at step 0: every rank waits \(\{1: 'recv 0>1'\}\)"):
+    layout = simulator.compiled[0].layout
+    (head,), (tail,) = layout.stages
+    for compiled in simulator.compiled:  # stage 0 never sends
+        compiled.layout = Layout(((SegmentIO(head.index),), (tail,)), layout.output_stage)
+    with pytest.raises(RuntimeError, match=r"the schedule hangs at step 0: every rank waits \(\{0: 'out1', 1: 'recv 0>1'\}\)"):
         simulator(*calls[0][0], **calls[0][1])

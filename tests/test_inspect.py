@@ -96,7 +96,7 @@ def test_inspect_shows_the_fidelity_rules_choice_with_both_numbers_per_candidate
     within the window has its modelled step and predicted error, the least error is chosen."""
     from asyncdiff.inspection import load_for_inspection, measured_errors, partition_report
     from asyncdiff.models.builders import example_inputs
-    from asyncdiff.partition.drift import record_calls
+    from asyncdiff.engine.drift import record_calls
 
     assert main(["inspect", "--pipeline", "digits", "--stages", "2", "--cost", "time", "--bandwidth", "gloo",
                  "--warm-up", "1"]) == 0

@@ -9,7 +9,7 @@ import torch
 from asyncdiff.engine.config import EngineConfig
 from asyncdiff.engine.launch import launch
 from asyncdiff.engine.pilot import unmeasured
-from asyncdiff.partition.drift import extrapolated_calls, predicted_error, sequential_outputs
+from asyncdiff.engine.drift import extrapolated_calls, predicted_error, sequential_outputs
 from asyncdiff.partition.planner import Value, candidates, choose_faithful, nearby_candidates
 from toys import pilot_scenarios
 

@@ -19,17 +19,12 @@ import torch
 import torch.utils._pytree as pytree
 
 from asyncdiff.engine.config import WarmUp, warm_up_steps
+from asyncdiff.engine.drift import extrapolated_calls, predicted_error, record_calls, sequential_outputs
+from asyncdiff.engine.local import AsyncSimulator
 from asyncdiff.engine.schedule import Layout, Schedule
 from asyncdiff.partition.auto import block_values, candidate_plans, plan_candidates, plan_depth, plan_layout
 from asyncdiff.partition.blocks import BlockPolicy
 from asyncdiff.partition.cache import cached_plan, device_kind
-from asyncdiff.partition.drift import (
-    AsyncSimulator,
-    extrapolated_calls,
-    predicted_error,
-    record_calls,
-    sequential_outputs,
-)
 from asyncdiff.partition.hybrid import (
     ParallelOption,
     choose_parallel,

@@ -4,8 +4,9 @@ Note [predicted drift]: the main-path depth (Note [staleness]) counts how old th
 the output is, not how much each stale value matters: a wrapped UNet plan keeps the long
 high-resolution skip connections fresh while its main path is two steps old. So measure it: run
 a candidate plan's stage programs in one process exactly as the engine schedules them
-(:class:`AsyncSimulator` executes every rank's program of Note [schedule as program], the lists
-the engine executes; equal to the engine's outputs, tests/test_drift.py).
+(:class:`~asyncdiff.engine.local.AsyncSimulator`: every rank's program of Note [schedule as
+program] through the engine's own interpreter, Note [one interpreter] in stage.py; equal to the
+engine's outputs, tests/test_drift.py and tests/test_local.py).
 Two measures are built on it. ``predicted_drift`` feeds recorded sequential inputs and averages
 the relative distance of the denoiser's outputs per step: cheap, but it ignores how errors
 compound through the scheduler, and on the trained digits model it ranked plans opposite to
@@ -42,104 +43,24 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
-from asyncdiff.engine.compensation import Extrapolation, spacing_at
-from asyncdiff.engine.schedule import Exchange, Layout, Message, Recv, Run, Schedule, Send, StepKind
+from asyncdiff.engine.local import AsyncSimulator
 from asyncdiff.partition.split import SplitDenoiser
 from asyncdiff.partition.traced import TracedDenoiser
 
-__all__ = ["AsyncSimulator", "extrapolated_calls", "output_motion", "predicted_drift", "predicted_error", "record_calls",
+__all__ = ["extrapolated_calls", "output_motion", "predicted_drift", "predicted_error", "record_calls",
            "sequential_outputs", "simulate_async"]
 
 
-class AsyncSimulator:
-    """The engine's schedule (stride 1) for one split, run in one process: call it as the denoiser.
-
-    Every step executes each rank's program of Note [schedule as program] (the very lists the
-    engine executes), the ranks taking turns: a rank runs until it must wait for a message no
-    other rank has sent yet. Messages are the values themselves (no packing, no transfer dtype).
-    A step in which no rank can go on is a schedule that would hang: an error."""
-
-    def __init__(self, traced: TracedDenoiser, split: SplitDenoiser, denoiser: torch.nn.Module,
-                 warm_up: int = 1, compensate: str = "none", timesteps: Callable[[int], float] | None = None) -> None:
-        """``compensate``, ``timesteps(step)``: as the engine's (Note [compensation]; without
-        ``timesteps`` the spacing is taken as uniform)."""
-        self.traced, self.split = traced, split
-        self.compensate, self.timesteps = compensate, timesteps
-        self.extrapolations = [Extrapolation() for _ in split.stages]
-        self.schedule = Schedule(split.plan.model_n, warm_up)
-        self.layout = Layout.of(split)
-        self.segments = {seg.index: (seg, seg.module(denoiser)) for seg in split.segments}
-        self.values: dict[Message, list[str]] = {}  # the values each message carries
-        for t in split.transfers:
-            names = self.values.setdefault((t.src_segment, t.dst_segment), [])
-            if t.value not in names:
-                names.append(t.value)
-        self.stale: list[dict[str, Any]] = [{} for _ in split.stages]  # per rank
-        self.step = 0
-
-    def leaves(self, tensors: list[torch.Tensor]) -> list[Any]:
-        """One step on flat call tensors: the output leaves."""
-        n = len(self.split.stages)
-        programs = [self.schedule.program(self.step, rank, self.layout) for rank in range(n)]
-        if self.compensate != "none":  # Note [compensation], as the engine's _call_stages
-            ratio = spacing_at(self.timesteps, self.step)
-            self.stale = [e.step(stale, self.compensate, ratio, p.kind == StepKind.ASYNC)
-                          for e, stale, p in zip(self.extrapolations, self.stale, programs)]
-        sent: dict[Message, dict[str, Any]] = {}
-        env: list[dict[str, Any]] = [{} for _ in range(n)]
-        received: list[dict[str, Any]] = [{} for _ in range(n)]
-        posted: list[tuple[Message, ...]] = [() for _ in range(n)]
-        done, leaves = [0] * n, ()
-        with torch.no_grad():
-            while any(done[r] < len(programs[r].actions) for r in range(n)):
-                progressed = False
-                for r, program in enumerate(programs):
-                    while done[r] < len(program.actions):
-                        action = program.actions[done[r]]
-                        if isinstance(action, Recv):
-                            if any(m not in sent for m in action.messages):
-                                break  # another rank sends it later in this step
-                            for m in action.messages:
-                                received[r].update(sent[m])
-                        elif isinstance(action, Run):
-                            seg, module = self.segments[action.segment]
-                            values = {**(self.stale[r] if action.age else received[r]), **env[r]}
-                            outs, seg_leaves = module(*tensors, *[values[v] for v in seg.inputs])
-                            env[r].update(zip(seg.outputs, outs))
-                            if seg.index == self.split.output_segment:
-                                leaves = seg_leaves
-                        elif isinstance(action, (Send, Exchange)):
-                            for m in action.messages if isinstance(action, Send) else action.sends:
-                                sent[m] = {v: env[r][v] for v in self.values[m]}
-                            if isinstance(action, Exchange):
-                                posted[r] = action.recvs
-                        done[r] += 1
-                        progressed = True
-                if not progressed:
-                    waiting = {r: str(programs[r].actions[done[r]]) for r in range(n) if done[r] < len(programs[r].actions)}
-                    raise RuntimeError(f"the schedule hangs at step {self.step}: every rank waits ({waiting})")
-        for r, program in enumerate(programs):
-            if program.kind.synchronous:
-                self.stale[r] = received[r]
-            elif posted[r]:
-                self.stale[r] = {v: value for m in posted[r] for v, value in sent[m].items()}
-        self.step += 1
-        return list(leaves)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.traced.unflatten_output(self.leaves(self.traced.flatten_call(args, kwargs)))
-
-
-def simulate_async(split: SplitDenoiser, denoiser: torch.nn.Module, calls: Sequence[list[torch.Tensor]],
-                   warm_up: int = 1, traced: TracedDenoiser | None = None) -> list[list[Any]]:
+def simulate_async(traced: TracedDenoiser, split: SplitDenoiser, denoiser: torch.nn.Module,
+                   calls: Sequence[list[torch.Tensor]], warm_up: int = 1) -> list[list[Any]]:
     """The output leaves of each of ``calls`` (flat call tensors) under :class:`AsyncSimulator`."""
-    simulator = AsyncSimulator(traced, split, denoiser, warm_up)  # type: ignore[arg-type]
+    simulator = AsyncSimulator(traced, split, denoiser, warm_up)
     return [simulator.leaves(tensors) for tensors in calls]
 
 
@@ -148,8 +69,8 @@ def predicted_drift(traced: TracedDenoiser, split: SplitDenoiser, denoiser: torc
     """Note [predicted drift]: mean relative L2 distance of ``split``'s asynchronous outputs from the
     sequential ones over the recorded ``calls`` after ``warm_up``."""
     flat = [traced.flatten_call(args, kwargs) for args, kwargs in calls]
-    asynchronous = simulate_async(split, denoiser, flat, warm_up, traced)
-    sequential = simulate_async(split, denoiser, flat, len(flat), traced)
+    asynchronous = simulate_async(traced, split, denoiser, flat, warm_up)
+    sequential = simulate_async(traced, split, denoiser, flat, len(flat))
     errors = []
     for got, want in list(zip(asynchronous, sequential))[warm_up:]:
         g = torch.cat([t.float().flatten() for t in got if isinstance(t, torch.Tensor)])
@@ -185,7 +106,7 @@ def sequential_outputs(traced: TracedDenoiser, denoiser: torch.nn.Module, calls:
     from asyncdiff.partition.split import split_graph
 
     whole = split_graph(traced, Plan(stages=(tuple(traced.blocks),)))
-    return simulate_async(whole, denoiser, calls, len(calls), traced)
+    return simulate_async(traced, whole, denoiser, calls, len(calls))
 
 
 def predicted_error(traced: TracedDenoiser, split: SplitDenoiser, denoiser: torch.nn.Module,
@@ -195,7 +116,7 @@ def predicted_error(traced: TracedDenoiser, split: SplitDenoiser, denoiser: torc
     asynchronous steps of flat ``calls``."""
     reference = sequential_outputs(traced, denoiser, calls) if reference is None else reference
     errors = []
-    for got, want in list(zip(simulate_async(split, denoiser, calls, warm_up, traced), reference))[warm_up:]:
+    for got, want in list(zip(simulate_async(traced, split, denoiser, calls, warm_up), reference))[warm_up:]:
         g = torch.cat([t.double().flatten() for t in got if isinstance(t, torch.Tensor)])
         w = torch.cat([t.double().flatten() for t in want if isinstance(t, torch.Tensor)])
         errors.append(float((g - w).norm() / w.norm().clamp_min(1e-30)))
