@@ -1246,3 +1246,20 @@ def predicted_refresh_scenarios(steps: int, limits: list[float | str | None], ca
     results["bare"] = outputs(engine), [str(d.kind) for d in engine.call.decisions], engine.refresh.warned
     engine.restore_weights()
     return results
+
+
+def engine_schedule_run(steps: int, warm_up: int, stride: int = 1, time_shift: bool = False,
+                        transfer_dtype: str | None = None, compensate: str = "none",
+                        layout: str = "contiguous") -> tuple[list[torch.Tensor], Any]:
+    """:func:`fixed_calls` through an engine with these schedule settings on this process group
+    (``model_n`` = the world, less one for stride 2); the outputs on this rank and the plan."""
+    from asyncdiff.engine.runtime import AsyncEngine, EngineConfig
+
+    torch.manual_seed(0)
+    config = EngineConfig(model_n=dist.get_world_size() - (stride - 1), warm_up=warm_up, stride=stride,
+                          time_shift=time_shift, transfer_dtype=transfer_dtype, compensate=compensate, cost="flops",
+                          layouts=(layout,), plan_rule="depth")
+    engine = AsyncEngine(ToyDenoiser(), config, latent="sample", timestep_arg="timestep",
+                         timesteps=lambda step: float(steps - step))
+    with torch.no_grad():
+        return [engine(*args, **kwargs)[0] for args, kwargs in fixed_calls(steps)], engine.plan
