@@ -35,7 +35,7 @@ import torch.fx
 from asyncdiff.engine.comm import Key, Pending, StageChannel, output_template
 from asyncdiff.engine.compensation import spacing_at
 from asyncdiff.engine.config import TRANSFER_DTYPES
-from asyncdiff.engine.schedule import Layout, Schedule, StepKind, decide_step
+from asyncdiff.engine.schedule import Layout, Schedule, StepDecision, StepKind, decide_step
 from asyncdiff.engine.stage import CompiledCall, StageState, execute, with_timestep
 from asyncdiff.kernels.pack import PackLayout, pack, unpack
 from asyncdiff.partition.split import SplitDenoiser, StageProgram
@@ -166,16 +166,19 @@ class AsyncSimulator:
                                               make, output_layout, device, layout))
         self.states = [StageState(channel=c.channel(0)) for c in self.compiled]
         self.step = 0
+        self.programs: list[Any] = []  # the last step's, by rank
 
-    def run(self, calls: Sequence[list[Any]]) -> tuple[Any, list[Any]]:
-        """One step; ``calls[rank]``: that rank's flat call tensors. The output and its leaves."""
-        step = self.step
-        decision = decide_step(self.schedule, step)
+    def run(self, calls: Sequence[list[Any]], decision: StepDecision | None = None) -> list[tuple[Any, tuple[Any, ...]]]:
+        """One step; ``calls[rank]``: that rank's flat call tensors; ``decision``: as decided (by
+        default :func:`decide_step` without signals). Every rank's output and output leaves."""
+        decision = decision or decide_step(self.schedule, self.step)
+        step = self.step = decision.step
         self.mailbox.new_step()
-        steps = []
+        steps, programs = [], []
         for rank, (compiled, state) in enumerate(zip(self.compiled, self.states)):
             state.drain()  # the previous step's sends, an asynchronous step's receives
             program = self.schedule.program(step, rank, compiled.layout, decision)
+            programs.append(program)
             if self.compensate != "none":  # Note [compensation], as the engine's _call_stages
                 state.stale = state.extrapolation.step(state.stale, self.compensate,
                                                        spacing_at(self.timesteps, step), decision.kind == StepKind.ASYNC)
@@ -183,6 +186,10 @@ class AsyncSimulator:
         with torch.no_grad():
             results = run_together(steps, self.mailbox, f" at step {step}")
         self.step += 1
+        self.programs = programs
+        return results
+
+    def _owned(self, results: list[tuple[Any, tuple[Any, ...]]]) -> tuple[Any, list[Any]]:
         owner = next((r for r, (_, leaves) in enumerate(results) if leaves), 0)
         return results[owner][0], list(results[owner][1])
 
@@ -192,13 +199,20 @@ class AsyncSimulator:
         if timesteps != {self.step}:
             raise ValueError(f"step {self.step} feeds some stage another step's timestep (stride 2 or time shift): "
                              "call the simulator with the denoiser's arguments, and pass timesteps and timestep_arg")
-        return self.run([tensors] * self.schedule.n_ranks)[1]
+        return self._owned(self.run([tensors] * self.schedule.n_ranks))[1]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._owned(self.call(args, kwargs))[0]
+
+    def call(self, args: tuple[Any, ...], kwargs: dict[str, Any],
+             decision: StepDecision | None = None) -> list[tuple[Any, tuple[Any, ...]]]:
+        """One step on the denoiser's arguments (each rank's timestep set as its program says), as
+        ``decision`` decided: every rank's output and output leaves."""
+        decision = decision or decide_step(self.schedule, self.step)
         calls = []
         for rank in range(self.schedule.n_ranks):
-            timestep = self.schedule.timestep_step(self.step, rank)
-            a, k = (args, kwargs) if timestep == self.step else \
+            timestep = self.schedule.timestep_step(decision.step, rank, decision.kind)
+            a, k = (args, kwargs) if timestep == decision.step else \
                 with_timestep(self.denoiser, self.timestep_arg, self.timesteps, args, kwargs, timestep)
             calls.append(self.traced.flatten_call(a, k))
-        return self.run(calls)[0]
+        return self.run(calls, decision)

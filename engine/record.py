@@ -9,7 +9,8 @@ the call ``signature`` (a short hash), the decided ``kind`` and ``why`` (Note [s
 the ``program`` exactly as ``asyncdiff inspect`` prints it, the ``bytes_sent`` and
 ``bytes_received`` by its messages, its wall ``seconds``, and a checksum of each boundary value
 its stage read (``inputs``: this step's received values in a sequential step, the stale, maybe
-compensated, ones in an asynchronous step) and of its ``output``. Two runs that computed the
+compensated, ones in an asynchronous step) and of its ``output``, and the ``plan`` (its stages' block names) on
+the first entry of each rank and wherever it changed. Two runs that computed the
 same thing have the same checksums, step by step, so the first line where they differ says
 where a run went another way. Recording copies each boundary value to the CPU once per step:
 for inspection, not for timing.
@@ -31,7 +32,7 @@ import torch
 
 from asyncdiff.engine.schedule import Exchange, Recv, Send, StepDecision, StepProgram
 
-__all__ = ["Recorder", "checksum", "read_record", "step_bytes", "step_entry"]
+__all__ = ["Recorder", "checksum", "read_record", "read_run", "step_bytes", "step_entry", "write_header"]
 
 
 def checksum(value: Any) -> str | None:
@@ -40,7 +41,7 @@ def checksum(value: Any) -> str | None:
         return None
     data = value.detach().contiguous().cpu()
     digest = hashlib.sha1(f"{data.dtype}{tuple(data.shape)}".encode())
-    digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()[:16]
 
 
@@ -59,7 +60,8 @@ def step_entry(engine: Any, compiled: Any, state: Any, program: StepProgram, dec
         "kind": str(decision.kind), "why": decision.why, "program": str(program), "bytes_sent": sent,
         "bytes_received": received, "seconds": round(seconds, 6),
         "inputs": {name: checksum(value) for name, value in sorted(state.stale.items())},
-        "output": [checksum(leaf) for leaf in pytree.tree_leaves(output)]}
+        "output": [checksum(leaf) for leaf in pytree.tree_leaves(output)],
+        "plan": [list(stage) for stage in compiled.split.plan.stages]}
 
 
 def step_bytes(program: StepProgram, channel: Any) -> tuple[int, int]:
@@ -87,9 +89,16 @@ class Recorder:
         if not os.path.isdir(folder):
             raise ValueError(f"record={str(path)!r}: the folder {folder!r} does not exist; create it or record elsewhere")
         self.path = os.fspath(path)
+        self._plan: Any = None  # the plan of the last entry written
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(self, entry: dict[str, Any]) -> None:
+        """Append ``entry``; its ``plan`` only where it is not the plan this recorder wrote last."""
+        if "plan" in entry:
+            if entry["plan"] == self._plan:
+                entry = {k: v for k, v in entry.items() if k != "plan"}
+            else:
+                self._plan = entry["plan"]
         os.write(self._fd, (json.dumps(entry, sort_keys=True) + "\n").encode())
 
     def close(self) -> None:
@@ -101,8 +110,23 @@ class Recorder:
         self.close()
 
 
+def write_header(path: str | os.PathLike, run: dict[str, Any]) -> None:
+    """Start the record ``path`` with the ``run`` it records (``asyncdiff generate``'s settings),
+    what ``asyncdiff inspect --replay`` runs again (Note [replay])."""
+    with open(path, "w") as f:
+        f.write(json.dumps({"run": run}, sort_keys=True) + "\n")
+
+
 def read_record(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of ``path``, ordered by call, denoiser, step, branch and rank."""
+    """The step records of ``path``, ordered by call, denoiser, index and rank."""
+    return read_run(path)[1]
+
+
+def read_run(path: str | os.PathLike) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """``path``'s run header (None where it has none) and its step records, ordered by call,
+    denoiser, index and rank."""
     with open(path) as f:
-        entries = [json.loads(line) for line in f if line.strip()]
-    return sorted(entries, key=lambda e: (e["call"], e["denoiser"], e["index"], e["rank"]))
+        lines = [json.loads(line) for line in f if line.strip()]
+    header = next((line["run"] for line in lines if "run" in line), None)
+    entries = [line for line in lines if "run" not in line]
+    return header, sorted(entries, key=lambda e: (e["call"], e["denoiser"], e["index"], e["rank"]))

@@ -38,3 +38,59 @@ def test_recording_needs_stages_and_a_folder(capsys):
     assert "record needs devices >= 2" in capsys.readouterr().err
     assert main(["generate", "--devices", "2", "--record", "/no/such/folder/r.jsonl"]) == 2
     assert "record='/no/such/folder/r.jsonl': the folder '/no/such/folder' does not exist" in capsys.readouterr().err
+
+
+def _replay(capsys, record) -> tuple[int, str]:
+    from asyncdiff.cli import main
+
+    rc = main(["inspect", "--replay", str(record)])
+    captured = capsys.readouterr()
+    return rc, captured.out + captured.err
+
+
+@pytest.mark.slow
+def test_a_stride_2_time_shift_fp8_run_on_3_processes_replays_identically_and_a_changed_value_is_found(
+        tmp_path, capsys):
+    """Note [replay]: the record of 3 processes, replayed in one through the in-process transport,
+    equals the run at every step, rank and boundary value; a checksum changed in the record is
+    named by its step, rank and value."""
+    import json
+
+    record = tmp_path / "run.jsonl"
+    cli_here(capsys, "generate", "--devices", "3", "--stride", "2", "--time-shift", "--transfer-dtype", "float8",
+             "--steps", "7", "--warm-up", "2", "--cost", "flops", "--out", str(tmp_path / "out.png"),
+             "--record", str(record))
+    rc, text = _replay(capsys, record)
+    assert rc == 0 and "replay identical: 7 steps x 3 ranks" in text, text
+    entries = read_record(record)
+    assert {e["kind"] for e in entries} == {"warm-up", "round", "reuse"}
+    lines = record.read_text().splitlines()
+    target = next(i for i, line in enumerate(lines) if '"step": 4' in line and '"rank": 1' in line)
+    entry = json.loads(lines[target])
+    name = sorted(entry["inputs"])[0]
+    entry["inputs"][name] = "0" * 16
+    lines[target] = json.dumps(entry)
+    record.write_text("\n".join(lines) + "\n")
+    rc, text = _replay(capsys, record)
+    assert rc == 1 and f"step 4 ({entry['kind']}), rank 1: boundary value {name!r}" in text, text
+
+
+@pytest.mark.slow
+def test_a_default_run_replays_identically_across_its_measured_plan_choice(tmp_path, capsys):
+    """The default plan rule measures candidates after the warm-up and may switch plans there
+    (Note [measured plan choice]): the replay follows the record's plans."""
+    record = tmp_path / "run.jsonl"
+    cli_here(capsys, "generate", "--devices", "2", "--steps", "5", "--compensate", "linear", "--warm-up", "2",
+             "--refresh-drift", "0.3", "--out", str(tmp_path / "out.png"), "--record", str(record))
+    assert sum("plan" in e for e in read_record(record)) >= 2  # each rank's first entry names its plan
+    rc, text = _replay(capsys, record)
+    assert rc == 0 and "replay identical: 5 steps x 2 ranks" in text, text
+
+
+def test_replay_needs_a_generate_record(tmp_path, capsys):
+    plain = tmp_path / "steps.jsonl"
+    plain.write_text('{"call": 1, "denoiser": "UNet", "index": 0, "rank": 0, "branch": 0}\n')
+    rc, text = _replay(capsys, plain)
+    assert rc == 2 and "has no run line: replay needs a record written by asyncdiff generate --record" in text
+    rc, text = _replay(capsys, tmp_path / "missing.jsonl")
+    assert rc == 2 and "--replay=" in text and "is not a file" in text

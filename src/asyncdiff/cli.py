@@ -102,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--stages", type=_positive, help="plan this many stages and report the split")
     what.add_argument("--devices", type=_positive, help="list every guidance x batch x stages way to use this many "
                       "devices, with its modelled step and staleness, and the one --parallel auto takes")
+    what.add_argument("--replay", default=None, metavar="RECORD", help="run a generate --record file again in this "
+                      "process and report the first step, rank and boundary value that differs (Note [replay])")
     ins.add_argument("--cost", default="flops", choices=("time", "flops"),
                      help="flops: on meta tensors, no weights needed; time: measured on this machine")
     ins.add_argument("--bandwidth", default="nvlink", choices=sorted(LINKS), help="link preset for the step model")
@@ -276,6 +278,15 @@ def _bench(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from asyncdiff.inspection import load_for_inspection, pipeline_report
     from asyncdiff.models.builders import example_inputs
+
+    if args.replay:
+        from asyncdiff.replay import replay
+
+        if not os.path.isfile(args.replay):
+            raise ValueError(f"--replay={args.replay!r} is not a file; pass a record from asyncdiff generate --record")
+        result = replay(args.replay)
+        print(result)
+        return 0 if result.difference is None else 1
 
     pipe = load_for_inspection(args.pipeline, args.size, args.model, on_meta=args.cost == "flops" and not args.drift)
     call = {} if args.model else example_inputs(args.pipeline, args.size)

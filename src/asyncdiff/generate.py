@@ -393,9 +393,13 @@ def run(spec: GenerateSpec) -> dict[str, Any]:
     """Run ``spec`` on ``spec.devices`` local processes (or in this process for one device, or
     on the current process group under torchrun); returns rank 0's result."""
     from asyncdiff.engine.launch import init_from_env, launch, under_torchrun
+    from asyncdiff.engine.record import write_header
+    from asyncdiff.replay import run_header
 
     if under_torchrun():
         init_from_env()
+        if spec.record is not None and dist.get_rank() == 0:
+            write_header(spec.record, run_header(spec))  # Note [replay]; the other ranks append after step 0's plan
         result = worker(spec)
         dist.barrier()  # the group this call joined: leave it together, not at interpreter exit
         dist.destroy_process_group()
@@ -404,8 +408,8 @@ def run(spec: GenerateSpec) -> dict[str, Any]:
         torch.set_num_threads(spec.threads_per_device)
         return worker(spec)
     _warn_oversubscribed(spec)
-    if spec.record is not None and os.path.exists(spec.record):
-        os.remove(spec.record)  # the ranks append: a run's record replaces an older one
+    if spec.record is not None:
+        write_header(spec.record, run_header(spec))  # replaces an older record; the ranks append (Note [replay])
     results = launch(worker, spec.devices, spec, threads=spec.threads_per_device)
     return results[0]
 
