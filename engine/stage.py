@@ -25,7 +25,6 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-import torch.fx
 
 from asyncdiff.engine.comm import Pending, finish
 from asyncdiff.engine.compensation import Extrapolation
