@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from asyncdiff.engine.schedule import Exchange, Recv, Send, StepDecision, StepProgram
+from asyncdiff.engine.schedule import Exchange, Recv, Send, StepDecision, StepKind, StepProgram
 
 __all__ = ["Recorder", "checksum", "read_record", "read_run", "step_bytes", "step_entry", "write_header"]
 
@@ -45,10 +45,19 @@ def checksum(value: Any) -> str | None:
     return digest.hexdigest()[:16]
 
 
+def read_checksums(state: Any, kind: StepKind) -> dict[str, str | None] | None:
+    """Before an asynchronous step: the checksums of the stale values it is about to read. They
+    are views into receive buffers that the step's own ``Exchange`` receives into next (without a
+    transfer dtype the sequential steps' buffers too), so after the step they may already hold
+    the next step's values. None before a sequential step (it reads what it receives)."""
+    return None if kind.synchronous else {name: checksum(value) for name, value in sorted(state.stale.items())}
+
+
 def step_entry(engine: Any, compiled: Any, state: Any, program: StepProgram, decision: StepDecision, branch: int,
-               output: Any, seconds: float) -> dict[str, Any]:
+               output: Any, read: dict[str, str | None] | None, seconds: float) -> dict[str, Any]:
     """The record of one denoiser call an :class:`~asyncdiff.engine.runtime.AsyncEngine` ran
-    (Note [run records]): after ``run_stage``, ``state.stale`` holds the values the step read."""
+    (Note [run records]): ``read``, :func:`read_checksums` before the step; after a sequential
+    ``run_stage``, ``state.stale`` holds the values the step received and read."""
     import torch.utils._pytree as pytree
 
     sent, received = step_bytes(program, state.channel)
@@ -59,7 +68,7 @@ def step_entry(engine: Any, compiled: Any, state: Any, program: StepProgram, dec
         "timestep": None if timestep is None else float(timestep), "signature": compiled.signature,
         "kind": str(decision.kind), "why": decision.why, "program": str(program), "bytes_sent": sent,
         "bytes_received": received, "seconds": round(seconds, 6),
-        "inputs": {name: checksum(value) for name, value in sorted(state.stale.items())},
+        "inputs": read if read is not None else {name: checksum(value) for name, value in sorted(state.stale.items())},
         "output": [checksum(leaf) for leaf in pytree.tree_leaves(output)],
         "plan": [list(stage) for stage in compiled.split.plan.stages]}
 

@@ -54,7 +54,7 @@ from asyncdiff.engine.config import TRANSFER_DTYPES, EngineConfig, WarmUp, relat
 from asyncdiff.engine.errors import StageError, announce, located
 from asyncdiff.engine.mesh import ProcessMesh, TwoCalls, batch_size, exchange_outputs, gather_batch, split_batch
 from asyncdiff.engine.planning import Planning, device_of
-from asyncdiff.engine.record import Recorder, step_entry
+from asyncdiff.engine.record import Recorder, read_checksums, step_entry
 from asyncdiff.engine.refresh import PredictedRefresh
 from asyncdiff.engine.schedule import Layout, Signals, StepDecision, StepKind, decide_step, needs_drift
 from asyncdiff.engine.stage import CompiledCall, StageState, boundary_drift, run_stage, with_timestep
@@ -306,6 +306,7 @@ class AsyncEngine:
             check = fresh and self.planning.stage_only and self.config.verify and kind.synchronous \
                 and self.config.model_n > 1
             inputs = (fresh_copy(args), fresh_copy(kwargs)) if check else None  # before the step may update them
+            read = read_checksums(state, kind) if self.recorder is not None else None  # Note [run records]
             output = run_stage(compiled, state, compiled.traced.flatten_call(args, kwargs), program, self.ranks)
             if self.refresh is not None and branch == 0:  # Note [predicted refresh]
                 self.refresh.observe(output, step)
@@ -314,7 +315,7 @@ class AsyncEngine:
                 self.planning.verify_streamed(inputs, output, self.ranks, self.group, self.collective,
                                               state.channel.deadline)
             if self.recorder is not None:  # Note [run records]
-                self.recorder.write(step_entry(self, compiled, state, program, decision, branch, output,
+                self.recorder.write(step_entry(self, compiled, state, program, decision, branch, output, read,
                                                time.perf_counter() - start))
         call.seconds.append((kind, time.perf_counter() - start))
         if not fresh:  # a first call's time is mostly tracing

@@ -94,3 +94,17 @@ def test_replay_needs_a_generate_record(tmp_path, capsys):
     assert rc == 2 and "has no run line: replay needs a record written by asyncdiff generate --record" in text
     rc, text = _replay(capsys, tmp_path / "missing.jsonl")
     assert rc == 2 and "--replay=" in text and "is not a file" in text
+
+
+@pytest.mark.slow
+def test_two_calls_per_step_replay_identically_each_branch_on_its_own(tmp_path, capsys):
+    """Wan's guidance is two denoiser calls per step, each with its own stale state (Note
+    [branches]). Without a transfer dtype the stale values are views into the buffers the step's
+    own receives reuse, so the record takes their checksums before the step (an earlier record
+    read them after, and this replay found it)."""
+    record = tmp_path / "wan.jsonl"
+    cli_here(capsys, "generate", "--pipeline", "wan", "--devices", "2", "--steps", "4", "--cost", "flops",
+             "--out", str(tmp_path / "wan.gif"), "--record", str(record))
+    assert {(e["branch"], e["kind"]) for e in read_record(record)} == {(b, k) for b in (0, 1) for k in ("warm-up", "async")}
+    rc, text = _replay(capsys, record)
+    assert rc == 0 and "replay identical: 8 steps x 2 ranks" in text, text

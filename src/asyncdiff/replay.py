@@ -19,9 +19,10 @@ record's, so replay needs neither the plan cache nor the fidelity pilot. A plan 
 after the warm-up (Note [measured plan choice]) is replayed as the engine does it: the new
 stages' stale values computed from this call's earlier inputs under the new plan.
 
-Covers stage-parallel runs of one denoiser with one call per step (guidance batched, stride 1
-or 2, time shift, transfer dtypes, compensation, refresh); a record of guidance or batch
-slices, of two calls per step, or of several denoisers is refused before anything runs.
+Covers stage-parallel runs of one denoiser: stride 1 or 2, time shift, transfer dtypes,
+compensation, refresh, guidance batched or as two calls per step (each branch its own
+simulator, as each has its own stale state in the engine, Note [branches]); a record of
+guidance or batch slices, or of several denoisers, is refused before anything runs.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class _Replayer:
         self.traced: dict[Any, Any] = {}
         self.skeleton = meta_copy(denoiser)  # made before the replay hook: a copy would hold it
         self.plan: Plan | None = None
+        self.simulator: AsyncSimulator | None = None  # the running call's
         self.steps = self.checked = 0
         self.difference: str | None = None
 
@@ -102,9 +104,11 @@ class _Replayer:
             raise ValueError(f"the record has {len(self.calls)} pipeline call(s); the run makes more: "
                              "record and replay the same settings")
         self.call = self.by_call[self.calls[number]]
-        self.index, self.simulator, self.inputs = 0, None, []
-        firsts = [group[0] for _, group in sorted(self.call.items())]
-        self.warm_up = next((i for i, e in enumerate(firsts) if e["kind"] != str(StepKind.WARM_UP)), len(firsts))
+        self.index = 0
+        self.simulators: dict[int, tuple[Any, AsyncSimulator]] = {}  # by branch: (plan stages, signature), simulator
+        self.inputs: dict[int, list[tuple[Any, Any]]] = {}  # by branch: this call's denoiser arguments
+        steps = {e["step"]: e["kind"] for group in self.call.values() for e in group if e["branch"] == 0}
+        self.warm_up = next((t for t in sorted(steps) if steps[t] != str(StepKind.WARM_UP)), len(steps))
 
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         group = self.call.get(self.index)
@@ -112,14 +116,23 @@ class _Replayer:
             raise ValueError(f"the run calls its denoiser more often than the record says ({len(self.call)} calls "
                              f"in pipeline call {self.calls[0]}): record and replay the same settings")
         self.index += 1
-        plan = next((Plan(stages=tuple(tuple(stage) for stage in e["plan"])) for e in group if "plan" in e), self.plan)
-        self.inputs.append((args, kwargs))
-        if self.simulator is None or plan is None or self.plan is None or plan.stages != self.plan.stages:
-            self.plan = plan
-            self.simulator = self._simulator(args, kwargs)
-            for a, k in self.inputs[:-1]:  # Note [replay]: a plan chosen after the warm-up
-                self.simulator.call(a, k)
         first = group[0]
+        branch = first["branch"]  # Note [branches]: each has its own stale state, so its own simulator
+        plan = next((Plan(stages=tuple(tuple(stage) for stage in e["plan"])) for e in group if "plan" in e), self.plan)
+        if plan is None:
+            raise ValueError("the record names no plan (a record from before plans were recorded): record again")
+        self.plan = plan
+        inputs = self.inputs.setdefault(branch, [])
+        inputs.append((args, kwargs))
+        key = (plan.stages, call_signature(self.denoiser, args, kwargs)[0])
+        kept = self.simulators.get(branch)
+        if kept is None or kept[0] != key:
+            simulator = self._simulator(args, kwargs, branch)
+            if kept is not None and kept[0][1] == key[1]:  # Note [replay]: a plan chosen after the warm-up
+                for a, k in inputs[:-1]:
+                    simulator.call(a, k)
+            self.simulators[branch] = kept = (key, simulator)
+        self.simulator = kept[1]
         decision = StepDecision(first["step"], StepKind(first["kind"]), first["why"])
         with torch.no_grad():
             results = self.simulator.call(args, kwargs, decision)
@@ -129,14 +142,14 @@ class _Replayer:
         owner = next((r for r, (_, leaves) in enumerate(results) if leaves), 0)
         return results[owner][0]
 
-    def _simulator(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> AsyncSimulator:
-        if self.plan is None:
-            raise ValueError("the record names no plan (a record from before plans were recorded): record again")
-        signature, _ = call_signature(self.denoiser, args, kwargs)
-        if signature not in self.traced:
-            self.traced[signature] = trace_denoiser(self.denoiser, args, kwargs, policy=self.config.policy,
-                                                    latent=self.adapter.latent, skeleton=self.skeleton)
-        traced = self.traced[signature]
+    def _simulator(self, args: tuple[Any, ...], kwargs: dict[str, Any], branch: int) -> AsyncSimulator:
+        """Every rank of this call's split by the record's plan (a value trace holds for its own branch only)."""
+        assert self.plan is not None
+        key = (call_signature(self.denoiser, args, kwargs)[0], branch)
+        if key not in self.traced:
+            self.traced[key] = trace_denoiser(self.denoiser, args, kwargs, policy=self.config.policy,
+                                              latent=self.adapter.latent, skeleton=self.skeleton)
+        traced = self.traced[key]
         split = split_graph(traced, self.plan.restricted_to(traced.blocks))
         c = self.config
         return AsyncSimulator(traced, split, self.denoiser, self.warm_up, c.compensate, self.timesteps, stride=c.stride,
@@ -198,11 +211,10 @@ def replay(path: str | os.PathLike) -> ReplayResult:
     config = spec.config
     refused = [why for why, bad in (
         (f"guidance x batch slices ({config.guidance} x {config.batch})", config.guidance * config.batch > 1),
-        ("several denoisers", len({e["denoiser"] for e in entries}) > 1),
-        ("two calls per step (a branch)", any(e["branch"] for e in entries))) if bad]
+        ("several denoisers", len({e["denoiser"] for e in entries}) > 1)) if bad]
     if refused or not entries:
         raise ValueError(f"replay={str(path)!r}: " + (f"the run has {', '.join(refused)}; replay covers stage-parallel "
-                         "runs of one denoiser with one call per step" if refused else "the record has no steps"))
+                         "runs of one denoiser" if refused else "the record has no steps"))
     threads = torch.get_num_threads()
     torch.set_num_threads(spec.threads_per_device)  # a CPU matrix product rounds by its thread count
     try:
