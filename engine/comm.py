@@ -69,7 +69,7 @@ from asyncdiff.partition.split import StageProgram, Transfer
 from asyncdiff.partition.specs import TensorSpec
 from asyncdiff.partition.traced import TracedDenoiser
 
-__all__ = ["Pending", "StageChannel", "output_template", "posted", "share_output"]
+__all__ = ["Pending", "StageChannel", "output_template", "posted", "share_output", "unpack_output"]
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,6 @@ def share_output(compiled: Any, leaves: tuple[Any, ...], owner: int, me: int,
                  group: dist.ProcessGroup | None, deadline: datetime.timedelta | None = None) -> Any:
     """The step's output on every rank of ``group``: ``owner`` (a global rank) has it as ``leaves``;
     ``deadline``: how long to wait for it (Note [deadlines] in config.py)."""
-    template = output_template(compiled.traced)
     mine = me == owner
     if mine:
         buffer = pack([x for x in leaves if isinstance(x, torch.Tensor)], compiled.output_layout)
@@ -249,9 +248,15 @@ def share_output(compiled: Any, leaves: tuple[Any, ...], owner: int, me: int,
     finish([dist.broadcast(buffer, src=owner, group=group, async_op=True)], deadline)
     if mine:
         return compiled.traced.unflatten_output(list(leaves))
+    return unpack_output(compiled, buffer)
+
+
+def unpack_output(compiled: Any, buffer: torch.Tensor) -> Any:
+    """The step's output from the owner's packed output tensors (``compiled.output_layout``), with
+    the constants of the traced output in their places."""
     received = iter(unpack(buffer, compiled.output_layout))
     return compiled.traced.unflatten_output(
-        [next(received) if isinstance(x, torch.fx.Node) else x for x in template])
+        [next(received) if isinstance(x, torch.fx.Node) else x for x in output_template(compiled.traced)])
 
 
 def output_template(traced: TracedDenoiser) -> tuple[Any, ...]:

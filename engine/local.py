@@ -32,12 +32,12 @@ from typing import Any
 import torch
 import torch.fx
 
-from asyncdiff.engine.comm import Key, Pending, StageChannel, output_template
+from asyncdiff.engine.comm import Key, Pending, StageChannel, output_template, unpack_output
 from asyncdiff.engine.compensation import spacing_at
 from asyncdiff.engine.config import TRANSFER_DTYPES
 from asyncdiff.engine.schedule import Layout, Schedule, StepDecision, StepKind, decide_step
 from asyncdiff.engine.stage import CompiledCall, StageState, execute, with_timestep
-from asyncdiff.kernels.pack import PackLayout, pack, unpack
+from asyncdiff.kernels.pack import PackLayout, pack
 from asyncdiff.partition.split import SplitDenoiser, StageProgram
 from asyncdiff.partition.traced import TracedDenoiser
 
@@ -103,10 +103,7 @@ class LocalChannel(StageChannel):
             self.mailbox.posted += 1
             return compiled.traced.unflatten_output(list(leaves))
         theirs = self.mailbox.outputs[self.branch, owner]
-        received = iter(unpack(pack([x for x in theirs if isinstance(x, torch.Tensor)], compiled.output_layout),
-                               compiled.output_layout))
-        return compiled.traced.unflatten_output(
-            [next(received) if isinstance(x, torch.fx.Node) else x for x in output_template(compiled.traced)])
+        return unpack_output(compiled, pack([x for x in theirs if isinstance(x, torch.Tensor)], compiled.output_layout))
 
 
 def run_together(steps: Sequence[Generator[Any, None, Any]], mailbox: Mailbox, what: str = "") -> list[Any]:
@@ -189,7 +186,8 @@ class AsyncSimulator:
         self.programs = programs
         return results
 
-    def _owned(self, results: list[tuple[Any, tuple[Any, ...]]]) -> tuple[Any, list[Any]]:
+    @staticmethod
+    def owned(results: list[tuple[Any, tuple[Any, ...]]]) -> tuple[Any, list[Any]]:
         owner = next((r for r, (_, leaves) in enumerate(results) if leaves), 0)
         return results[owner][0], list(results[owner][1])
 
@@ -199,10 +197,10 @@ class AsyncSimulator:
         if timesteps != {self.step}:
             raise ValueError(f"step {self.step} feeds some stage another step's timestep (stride 2 or time shift): "
                              "call the simulator with the denoiser's arguments, and pass timesteps and timestep_arg")
-        return self._owned(self.run([tensors] * self.schedule.n_ranks))[1]
+        return self.owned(self.run([tensors] * self.schedule.n_ranks))[1]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._owned(self.call(args, kwargs))[0]
+        return self.owned(self.call(args, kwargs))[0]
 
     def call(self, args: tuple[Any, ...], kwargs: dict[str, Any],
              decision: StepDecision | None = None) -> list[tuple[Any, tuple[Any, ...]]]:

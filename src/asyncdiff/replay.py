@@ -139,8 +139,7 @@ class _Replayer:
         self.steps += 1
         if self.difference is None:
             self.difference = self._compare(group, results)
-        owner = next((r for r, (_, leaves) in enumerate(results) if leaves), 0)
-        return results[owner][0]
+        return AsyncSimulator.owned(results)[0]
 
     def _simulator(self, args: tuple[Any, ...], kwargs: dict[str, Any], branch: int) -> AsyncSimulator:
         """Every rank of this call's split by the record's plan (a value trace holds for its own branch only)."""
