@@ -58,10 +58,10 @@ def capture_denoiser_call(pipeline: Any, denoiser: str, **call_kwargs: Any) -> t
     except _Captured as captured:
         return captured.call
     except RuntimeError as err:
-        if on_meta:  # its own code, not the denoiser (stopped at its first call), ran on meta weights
+        if on_meta and "meta" in str(err):
             raise ValueError(f"{type(pipeline).__name__} cannot prepare its {denoiser!r} call on meta tensors "
-                             f"(weight-free inspection): {type(err).__name__}: {err}. Inspect it with real weights "
-                             "instead (--cost time), or a smaller size") from err
+                             f"(weight-free inspection): {err}. Inspect it with real weights instead "
+                             f"(--cost time), or a smaller size") from err
         raise
     finally:
         handle.remove()

@@ -5,20 +5,18 @@ never from its message (issue 25); and the module it failed in, and the block wi
 from __future__ import annotations
 
 import contextlib
-import sys
+import re
 import traceback
 import warnings
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 import torch.fx
-from torch.overrides import TorchFunctionMode
 
 from asyncdiff.partition.specs import ROOT
 
-__all__ = ["TRACE_REASONS", "TraceError", "MetaValueReads", "ValueRead", "innermost_module", "meta_error",
-           "meta_failures", "trace_reason"]
+__all__ = ["TRACE_REASONS", "TraceError", "ValueRead", "innermost_module", "meta_error", "quiet_meta_warnings",
+           "trace_reason"]
 
 
 class TraceError(RuntimeError):
@@ -62,59 +60,38 @@ def trace_reason(err: BaseException) -> str:
     return "untraceable"
 
 
-def meta_error(denoiser: torch.nn.Module, target: str, failure: BaseException) -> TraceError:
-    """The trace stopped at ``target``, which MetaTracer could not run on meta tensors (``failure``)."""
-    message = str(failure).strip().splitlines()[0][:200] if str(failure).strip() else type(failure).__name__
+def meta_error(denoiser: torch.nn.Module, target: str, reason: str) -> TraceError:
     return TraceError(f"tracing {type(denoiser).__name__}: {target.removeprefix(f'{ROOT}.')!r} cannot run on meta "
-                      f"tensors to infer its output shape ({message}); {meta_hint(target, failure)}",
+                      f"tensors to infer its output shape ({reason.strip().splitlines()[0][:200]}); {meta_hint(reason)}",
                       "no-meta-shape")
 
 
-VALUE_OPS = frozenset({"item", "tolist", "nonzero", "bincount", "unique", "unique_consecutive", "masked_select",
-                       "argwhere", "repeat_interleave"})
-
-
-def meta_hint(target: str, failure: BaseException) -> str:
-    """Why a block cannot run on meta tensors, in words (issue 11: name the real cause), told by
-    the failing op and the exception's type (issue 25), not by its text."""
-    if any(f.name == "proxys_to_metas" for f in traceback.extract_tb(failure.__traceback__)):
-        # an argument is a proxy without a meta value: an upstream op lost it
+def meta_hint(reason: str) -> str:
+    """Why a block cannot run on meta tensors, in words (issue 11: name the real cause)."""
+    if any(k in reason for k in ("item()", "data-dependent", "nonzero", "bincount", "unique", "masked_select",
+                                 "copy out of meta")):
+        return ("its output depends on tensor values (a data-dependent shape or a branch on values), which a "
+                "trace cannot know: asyncdiff cannot partition this denoiser at this block")
+    if "does not have an associated meta" in reason:
         return ("an input's shape was lost earlier in the trace (a data-dependent shape, such as boolean-mask "
                 "indexing, upstream)")
-    if target.rsplit(".", 1)[-1] in VALUE_OPS or isinstance(failure, (ValueRead, NotImplementedError)):
-        return ("its output depends on tensor values (a data-dependent shape, a read of values, or an op without "
-                "a meta kernel), which a trace cannot know: asyncdiff cannot partition this denoiser at this block")
     return "make the code depend on shapes only, or use a policy where it sits inside a larger block"
 
 
-class MetaValueReads(TorchFunctionMode):
-    """A read of a meta tensor's value as a Python value (``bool``, ``item``, ...) raises
-    :class:`ValueRead`, so that a meta failure says by its type that the code reads values
-    (torch raises a plain ``RuntimeError``)."""
-
-    READS = frozenset({torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__int__,
-                       torch.Tensor.__float__, torch.Tensor.__index__})
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        if func in self.READS and isinstance(args[0], torch.Tensor) and args[0].is_meta:
-            raise ValueRead(f"the code reads a tensor's value ({func.__name__}), which meta tensors do not have")
-        return func(*args, **(kwargs or {}))
-
-
 @contextlib.contextmanager
-def meta_failures() -> Iterator[list[BaseException]]:
-    """The exceptions MetaTracer catches when it cannot compute a node's meta value (it only warns
-    with their text): each is the exception being handled when its warning is shown."""
-    caught: list[BaseException] = []
-
-    def show(message: Any, category: type[Warning], *rest: Any) -> None:
-        failure = sys.exc_info()[1]
-        caught.append(failure if failure is not None else RuntimeError(str(message)))
-
-    with warnings.catch_warnings():
+def quiet_meta_warnings() -> Iterator[list[tuple[str, str]]]:
+    """Collect MetaTracer's "could not compute metadata" warnings as (target, reason), also
+    when the trace fails (a value without a shape fails later, elsewhere)."""
+    caught: list[tuple[str, str]] = []
+    with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
-        warnings.showwarning = show
-        yield caught
+        try:
+            yield caught
+        finally:
+            for record in records:
+                found = re.match(r"Could not compute metadata for \w+ target (\S+): (.*)", str(record.message), re.S)
+                if found:
+                    caught.append((found.group(1), found.group(2)))
 
 
 def innermost_module(err: BaseException, root: torch.nn.Module) -> str | None:

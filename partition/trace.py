@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,10 +38,9 @@ from asyncdiff.partition.blocks import CONTAINERS, BlockPolicy
 from asyncdiff.partition.diagnose import (
     TRACE_REASONS,
     TraceError,
-    MetaValueReads,
     innermost_module,
     meta_error,
-    meta_failures,
+    quiet_meta_warnings,
     trace_reason,
 )
 from asyncdiff.partition.passes import order_updates, share_device_nodes
@@ -66,25 +66,25 @@ class _BlockTracer(MetaTracer):
         self.block_paths = {f"{ROOT}.{b}" for b in blocks}
         self.device = device  # where the traced call's tensors live (TracedDevice)
         self.node_meta: dict[torch.fx.Node, Any] = {}
-        self.meta_failures: list[tuple[str, BaseException]] = []  # (target, what MetaTracer caught), in order
 
     def create_proxy(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                      *rest: Any, **options: Any) -> Any:
         forward = getattr(self, "orig_forward", None)  # the leaf's forward; its children's calls replace it
         stack = copy.copy(self.module_stack)  # a failed meta run of a leaf leaves its children on it
-        with meta_failures() as failures, MetaValueReads():
+        with warnings.catch_warnings(record=True) as records:
+            warnings.simplefilter("always")
             proxy = super().create_proxy(kind, target, args, kwargs, *rest, **options)
-        if failures:
+        if records:
             self.module_stack = stack
-        if failures and kind in ("call_function", "call_method", "call_module") and any(
+        if records and kind in ("call_function", "call_method", "call_module") and any(
                 isinstance(v, torch.Tensor) and not v.is_meta for v in pytree.tree_leaves((args, kwargs))):
             # MetaTracer cannot mix a tensor constant (Note [tensor constants]) with meta values
             meta = self._meta_with_constants(kind, target if kind != "call_module" else forward, args, kwargs)
             if meta is not None:
                 proxy.install_tensor_meta(meta)
-                failures = []
-        name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
-        self.meta_failures += [(name, failure) for failure in failures]
+                records = []
+        for record in records:
+            warnings.warn_explicit(record.message, record.category, record.filename, record.lineno)
         meta = getattr(proxy, "_tensor_meta", None)
         if meta is not None and any(isinstance(t, torch.Tensor) and not t.is_meta for t in pytree.tree_leaves(meta)):
             # an op on a tensor constant and a meta value can answer with a real tensor (indexing a
@@ -292,8 +292,7 @@ def _run_tracer(tracer: _BlockTracer, root: TracedRoot, names: list[str], tensor
     meta_args = {n: t if isinstance(tracer, _ValueTracer) else torch.empty_like(t, device="meta")
                  for n, t in zip(names, tensors)}
     try:
-        tracer.meta_failures = caught = []
-        with proxies_are_tensors(), torch.no_grad():
+        with proxies_are_tensors(), torch.no_grad(), quiet_meta_warnings() as caught:
             graph = tracer.trace(root, meta_args=meta_args)
     except Exception as err:
         if caught:  # the first value without a shape is the cause; the error is where it was used
